@@ -1,0 +1,1 @@
+"""tinyml_dagster: the gateway side of Tiny-MLOps, orchestrated by Dagster."""
