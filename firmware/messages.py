@@ -1,0 +1,101 @@
+"""Message envelope inside a frame's payload: type u8 | seq u16 LE | body | crc16 (CCITT-FALSE), and the types."""
+
+import struct
+
+HEADER_SIZE = 3
+CHECK_SIZE = 2
+MAX_BODY = 254 - HEADER_SIZE - CHECK_SIZE  # 249
+
+# device -> gateway
+HELLO = 0x01  # device status: id, champion, version, counters (body: see device engineer's data_comm)
+UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT)
+CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
+DEPLOY_HAVE = 0x21  # what the device holds / where a transfer resumes
+DEPLOY_ACK = 0x23  # acknowledgement of a window of data frames
+DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
+# gateway -> device
+STATUS_REQUEST = 0x02
+UPLOAD_ACK = 0x11  # uploads up to and including an upload number are committed
+CHAMPION_ACK = 0x13
+DEPLOY_OFFER = 0x20  # a package is coming: id, version, size, hash, manifest
+DEPLOY_DATA = 0x22  # one fragment: offset + bytes
+DEPLOY_COMMIT = 0x24  # all fragments sent: verify and install
+# either way
+ERROR = 0x7F
+
+# UPLOAD body: upload number (u32, monotonic per device, survives reboots), window time (u32, s),
+# flags (u8: FLAG_ANOMALY), champion version (u16), champion score (f32), then the features (f32 each).
+UPLOAD_FORMAT = "<IIBHf"
+UPLOAD_HEAD_SIZE = struct.calcsize(UPLOAD_FORMAT)
+FLAG_ANOMALY = 0x01
+
+
+def _crc16_table():
+    table = []
+    for i in range(256):
+        c = i << 8
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1021) & 0xFFFF if c & 0x8000 else (c << 1) & 0xFFFF
+        table.append(c)
+    return tuple(table)
+
+
+CRC16_TABLE = _crc16_table()
+
+
+def crc16(buf, n):
+    """CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF) of the first n bytes of buf."""
+    crc = 0xFFFF
+    t = CRC16_TABLE
+    for i in range(n):
+        crc = ((crc << 8) & 0xFFFF) ^ t[((crc >> 8) ^ buf[i]) & 0xFF]
+    return crc
+
+
+def pack(msg_type, seq, body=b""):
+    """Envelope bytes for a message (ready to be a frame's payload)."""
+    n = len(body)
+    if n > MAX_BODY:
+        raise ValueError("message body of %d bytes exceeds %d" % (n, MAX_BODY))
+    out = bytearray(HEADER_SIZE + n + CHECK_SIZE)
+    out[0] = msg_type
+    out[1] = seq & 0xFF
+    out[2] = (seq >> 8) & 0xFF
+    out[HEADER_SIZE:HEADER_SIZE + n] = body
+    c = crc16(out, HEADER_SIZE + n)
+    out[HEADER_SIZE + n] = c & 0xFF
+    out[HEADER_SIZE + n + 1] = c >> 8
+    return out
+
+
+def unpack(payload):
+    """(type, seq, body memoryview) of an envelope, or None when it is too short or its check fails."""
+    n = len(payload)
+    if n < HEADER_SIZE + CHECK_SIZE:
+        return None
+    c = crc16(payload, n - CHECK_SIZE)
+    if payload[n - 2] != (c & 0xFF) or payload[n - 1] != (c >> 8):
+        return None
+    mv = memoryview(payload)
+    return payload[0], payload[1] | (payload[2] << 8), mv[HEADER_SIZE:n - CHECK_SIZE]
+
+
+def pack_upload(upload_no, window_time, anomaly, champion_version, score, features):
+    """UPLOAD body for one window."""
+    nf = len(features)
+    body = bytearray(UPLOAD_HEAD_SIZE + 4 * nf)
+    struct.pack_into(UPLOAD_FORMAT, body, 0, upload_no, window_time,
+                     FLAG_ANOMALY if anomaly else 0, champion_version, score)
+    for i in range(nf):
+        struct.pack_into("<f", body, UPLOAD_HEAD_SIZE + 4 * i, features[i])
+    return body
+
+
+def unpack_upload(body):
+    """(upload_no, window_time, anomaly, champion_version, score, features tuple) of an UPLOAD body."""
+    if len(body) < UPLOAD_HEAD_SIZE or (len(body) - UPLOAD_HEAD_SIZE) % 4:
+        raise ValueError("UPLOAD body of %d bytes is malformed" % len(body))
+    upload_no, window_time, flags, version, score = struct.unpack_from(UPLOAD_FORMAT, body, 0)
+    nf = (len(body) - UPLOAD_HEAD_SIZE) // 4
+    features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
+    return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features
