@@ -1,0 +1,122 @@
+"""Knowledge Base manager: schema, WAL, dedup of retransmissions, atomic batches, deploy queue, episodes."""
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from tinyml_dagster.knowledge_base import MIGRATIONS, KnowledgeBase, KnowledgeBaseError, Upload
+
+
+def win(device, seq, anomaly=False, champ="v1", f=(0.1, 0.2, 0.3)):
+    return Upload(device, seq, "anomaly" if anomaly else "normal", features=f, champion_id=champ,
+                  champion_score=0.7 if anomaly else 0.4, champion_decision=int(anomaly), window_start=seq * 0.5)
+
+
+def test_schema_is_migrated_and_wal(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    assert kb.schema_version() == len(MIGRATIONS)
+    assert kb.scalar("PRAGMA journal_mode") == "wal"
+    kb.close()
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")  # reopening migrates nothing and keeps the data
+    assert kb.schema_version() == len(MIGRATIONS)
+
+
+def test_newer_schema_is_refused_by_name(tmp_path):
+    path = tmp_path / "kb.sqlite"
+    KnowledgeBase(path).close()
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA user_version=99")
+    con.close()
+    with pytest.raises(KnowledgeBaseError, match="kb.sqlite: schema version 99"):
+        KnowledgeBase(path)
+
+
+def test_retransmission_is_stored_once(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    r1 = kb.ingest([win("d1", 1), win("d1", 2, anomaly=True), win("d2", 1)])
+    assert r1.duplicates == [False, False, False]
+    r2 = kb.ingest([win("d1", 2, anomaly=True), win("d1", 3)])
+    assert r2.duplicates == [True, False]
+    assert r2.upload_ids[0] == r1.upload_ids[1]
+    assert kb.count_uploads() == 4
+    assert kb.count_uploads(kind="anomaly") == 1
+    assert kb.devices() == ["d1", "d2"]
+    assert kb.scalar("SELECT last_seq FROM devices WHERE device_id='d1'") == 3
+
+
+def test_bad_upload_names_the_field_and_stores_nothing_of_the_batch(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    kb.ingest([win("d1", 1)])
+    bad = Upload("d1", 3, "normal", features=(1.0, 2.0), champion_decision=0)
+    with pytest.raises(KnowledgeBaseError, match=r"device='d1' seq=3: field features"):
+        kb.ingest([win("d1", 2), bad])
+    with pytest.raises(KnowledgeBaseError, match="field kind"):
+        kb.ingest([Upload("d1", 4, "weird", features=(0, 0, 0), champion_decision=0)])
+    assert kb.count_uploads() == 1
+    # a database-level failure in the middle of a batch rolls the whole batch back
+    kb._conn.execute("CREATE TRIGGER no_seven BEFORE INSERT ON uploads WHEN NEW.seq = 7 BEGIN SELECT RAISE(ABORT, 'no'); END")
+    with pytest.raises(sqlite3.IntegrityError):
+        kb.ingest([win("d1", 6), win("d1", 7)])
+    assert kb.count_uploads() == 1
+    kb._conn.execute("DROP TRIGGER no_seven")
+    assert kb.ingest([win("d1", 6), win("d1", 7)]).stored == 2
+
+
+def test_committed_upload_survives_sigkill(tmp_path):
+    path = tmp_path / "kb.sqlite"
+    code = (
+        "import os, signal, sys\n"
+        "from tinyml_dagster.knowledge_base import KnowledgeBase, Upload\n"
+        "kb = KnowledgeBase(sys.argv[1])\n"
+        "kb.ingest([Upload('d9', 41, 'normal', features=(1.0, 2.0, 3.0), champion_decision=0)])\n"
+        "print('acked', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -9 and p.stdout.strip() == "acked"
+    kb = KnowledgeBase(path)
+    assert kb.query("SELECT device_id, seq, f_kurtosis FROM uploads") == [("d9", 41, 3.0)]
+
+
+def test_champion_upload_registration_and_episodes(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    kb.ingest([Upload("d1", 1, "champion", model_blob=b"\x01\x02", window_from=0.0, window_to=60.0)])
+    (uid, dev, blob, wfrom, wto, mid), = kb.model_uploads()
+    assert (dev, blob, wto, mid) == ("d1", b"\x01\x02", 60.0, None)
+    kb.register_model_upload(uid, "d1-champion-1")
+    kb.register_model_upload(uid, "d1-champion-1")  # idempotent
+    assert kb.model_uploads() == []
+    assert kb.current_champion("d1")[1:3] == ("d1-champion-1", "device")
+    kb.ingest([win("d1", 2, anomaly=True), win("d1", 3, anomaly=True)])
+    ids = [r[0] for r in kb.undecided()]
+    pid = kb.pool_id(["a", "b"])
+    # upload 2: pool says normal (a false positive, a and b agree); upload 3: pool says anomaly, b disagrees
+    rows = [(ids[0], 0, 2, 0, 1, b"", [True, True]), (ids[1], 1, 2, 1, 0, b"", [True, False])]
+    assert kb.store_decisions(pid, ["a", "b"], rows) == 2
+    assert kb.store_decisions(pid, ["a", "b"], rows) == 0  # already decided: ranking unchanged
+    assert kb.ranking() == [("a", 2, 2, 0), ("b", 0, 1, 1)]
+    (dev, episode, model, fps, last), = kb.episodes()
+    assert (dev, model, fps) == ("d1", "d1-champion-1", 1)
+    assert kb.nth_false_positive_time(episode, 1) == last
+    assert kb.nth_false_positive_time(episode, 2) is None
+
+
+def test_deploy_queue(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    kb.ingest([win("d1", 1)])
+    episode = kb.current_champion("d1")[0]
+    rid = kb.request_deploy("d1", "m7", b"pkg", episode_id=episode, run_id="r1")
+    assert kb.request_deploy("d1", "m7", b"pkg", episode_id=episode, run_id="r2") == rid  # once per episode
+    assert kb.claim_deploy(["d2"]) is None
+    assert kb.claim_deploy(["d1"]) == (rid, "d1", "m7", b"pkg")
+    assert kb.claim_deploy() is None
+    assert kb.requeue_running() == 1  # a killed service's claim goes back to the queue
+    assert kb.claim_deploy()[0] == rid
+    kb.finish_deploy(rid, True, {"wire_seconds": 12.5})
+    d = kb.wait_deploy(rid, timeout=1)
+    assert d["status"] == "done" and d["figures"] == {"wire_seconds": 12.5}
+    assert kb.current_champion("d1")[1:3] == ("m7", "deploy")
+    with pytest.raises(TimeoutError, match="deploy request .* to d1 still pending"):
+        kb.wait_deploy(kb.request_deploy("d1", "m8", episode_id=None), timeout=0.3, poll=0.1)

@@ -1,0 +1,624 @@
+"""Knowledge Base manager: every device upload, the pool's decisions, the ranking, champions, deploys, retraining.
+
+SQLite in WAL mode by default (path from settings.kb_path()); all SQL is plain enough for a server database
+later. An upload is committed before it is acknowledged, and a retransmission (same device, same upload
+number) is stored once: the device's upload number (u32, monotonic, survives reboots) is the dedup key.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tinyml_dagster import settings
+
+KINDS = ("normal", "anomaly", "champion")
+
+# Each entry migrates the schema from version i to i+1; never edit a released entry, append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        last_seq INTEGER NOT NULL
+    );
+    CREATE TABLE uploads (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('normal', 'anomaly', 'champion')),
+        received_at REAL NOT NULL,
+        sent_at REAL,
+        window_start REAL,
+        f_mean REAL,
+        f_skewness REAL,
+        f_kurtosis REAL,
+        champion_id TEXT,
+        champion_score REAL,
+        champion_decision INTEGER,
+        window BLOB,
+        UNIQUE (device_id, seq)
+    );
+    CREATE INDEX uploads_kind ON uploads (kind, id);
+    CREATE TABLE model_uploads (
+        upload_id INTEGER PRIMARY KEY REFERENCES uploads (id),
+        device_id TEXT NOT NULL,
+        blob BLOB NOT NULL,
+        window_from REAL,
+        window_to REAL,
+        model_id TEXT
+    );
+    CREATE TABLE pools (
+        pool_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        model_ids TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE pool_decisions (
+        upload_id INTEGER PRIMARY KEY REFERENCES uploads (id),
+        pool_id INTEGER NOT NULL REFERENCES pools (pool_id),
+        decided_at REAL NOT NULL,
+        votes_anomaly INTEGER NOT NULL,
+        votes_total INTEGER NOT NULL,
+        pool_anomaly INTEGER NOT NULL,
+        false_positive INTEGER NOT NULL,
+        scores BLOB NOT NULL
+    );
+    CREATE INDEX pool_decisions_fp ON pool_decisions (false_positive, upload_id);
+    CREATE TABLE ranking (
+        model_id TEXT PRIMARY KEY,
+        points INTEGER NOT NULL,
+        agree INTEGER NOT NULL,
+        disagree INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE ranking_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        through_upload_id INTEGER NOT NULL,
+        points TEXT NOT NULL
+    );
+    CREATE TABLE champions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        since REAL NOT NULL,
+        since_upload_id INTEGER NOT NULL,
+        deploy_id INTEGER
+    );
+    CREATE INDEX champions_device ON champions (device_id, id);
+    CREATE TABLE deploy_requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        episode_id INTEGER,
+        run_id TEXT,
+        package BLOB,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+        requested_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        error TEXT,
+        figures TEXT,
+        UNIQUE (device_id, episode_id)
+    );
+    CREATE INDEX deploy_requests_status ON deploy_requests (status, id);
+    CREATE TABLE retraining_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id TEXT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        since_upload_id INTEGER NOT NULL,
+        through_upload_id INTEGER NOT NULL,
+        n_windows INTEGER NOT NULL,
+        model_ids TEXT,
+        status TEXT NOT NULL
+    );
+    """,
+)
+
+
+class KnowledgeBaseError(ValueError):
+    """Bad input to the Knowledge Base (names the field and the upload)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One message from a device: a feature window (normal or anomaly) or its self-trained champion."""
+
+    device_id: str
+    seq: int  # the device's upload number (monotonic per device): the dedup key
+    kind: str
+    features: tuple[float, float, float] | None = None
+    champion_id: str | None = None
+    champion_score: float | None = None
+    champion_decision: int | None = None
+    window_start: float | None = None
+    window: bytes | None = None
+    sent_at: float | None = None
+    model_blob: bytes | None = None
+    window_from: float | None = None
+    window_to: float | None = None
+
+    def validate(self) -> None:
+        """Raise KnowledgeBaseError naming the bad field."""
+        where = "upload device=%r seq=%r" % (self.device_id, self.seq)
+        if not isinstance(self.device_id, str) or not self.device_id:
+            raise KnowledgeBaseError("%s: field device_id must be a non-empty string" % where)
+        if not isinstance(self.seq, int) or self.seq < 0:
+            raise KnowledgeBaseError("%s: field seq must be a non-negative int" % where)
+        if self.kind not in KINDS:
+            raise KnowledgeBaseError("%s: field kind must be one of %s, got %r" % (where, KINDS, self.kind))
+        if self.kind == "champion":
+            if not self.model_blob:
+                raise KnowledgeBaseError("%s: field model_blob is required for a champion upload" % where)
+        else:
+            if self.features is None or len(self.features) != 3:
+                raise KnowledgeBaseError("%s: field features must hold 3 values (mean, skewness, kurtosis)" % where)
+            if self.champion_decision not in (0, 1):
+                raise KnowledgeBaseError("%s: field champion_decision must be 0 or 1" % where)
+
+
+@dataclass
+class IngestResult:
+    """What one ingest committed: per upload its KB id and whether it was a retransmission."""
+
+    upload_ids: list[int] = field(default_factory=list)
+    duplicates: list[bool] = field(default_factory=list)
+
+    @property
+    def stored(self) -> int:
+        return sum(1 for d in self.duplicates if not d)
+
+
+class KnowledgeBase:
+    """The Knowledge Base manager over one SQLite database (WAL)."""
+
+    def __init__(self, path: str | Path | None = None, *, synchronous: str = "FULL"):
+        self.path = Path(path) if path is not None else settings.kb_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=%s" % synchronous)
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._last_seq: dict[str, int] = {}
+        self.migrate()
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "KnowledgeBase":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def transaction(self) -> "_Tx":
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); writers are serialised across processes."""
+        return _Tx(self)
+
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> int:
+        """Bring the schema to the newest version; returns it."""
+        with self._lock:
+            with self.transaction():
+                version = self.schema_version()
+                if version > len(MIGRATIONS):
+                    raise KnowledgeBaseError(
+                        "%s: schema version %d is newer than this code knows (%d)" % (self.path, version, len(MIGRATIONS))
+                    )
+                for i in range(version, len(MIGRATIONS)):
+                    for stmt in MIGRATIONS[i].split(";"):
+                        if stmt.strip():
+                            self._conn.execute(stmt)
+                    self._conn.execute("PRAGMA user_version=%d" % (i + 1))
+            return self.schema_version()
+
+    def query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
+        """Read-only query returning rows (tuples)."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def scalar(self, sql: str, params: Sequence = ()):
+        row = self.query(sql, params)
+        return row[0][0] if row else None
+
+    # -- uploads ------------------------------------------------------------------------------------------
+
+    def ingest(self, uploads: Iterable[Upload], now: float | None = None) -> IngestResult:
+        """Store a batch of uploads in one transaction; retransmissions are recognised and stored once."""
+        uploads = list(uploads)
+        for u in uploads:
+            u.validate()
+        now = time.time() if now is None else now
+        result = IngestResult()
+        with self._lock:
+            try:
+                with self.transaction():
+                    c = self._conn
+                    for u in uploads:
+                        seq = self._touch_device(u.device_id, u.seq, now)
+                        f = u.features or (None, None, None)
+                        cur = c.execute(
+                            "INSERT OR IGNORE INTO uploads (device_id, seq, kind, received_at, sent_at, window_start,"
+                            " f_mean, f_skewness, f_kurtosis, champion_id, champion_score, champion_decision, window)"
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            (u.device_id, seq, u.kind, now, u.sent_at, u.window_start, f[0], f[1], f[2],
+                             u.champion_id, u.champion_score, u.champion_decision, u.window),
+                        )
+                        if cur.rowcount:
+                            uid = cur.lastrowid
+                            result.upload_ids.append(uid)
+                            result.duplicates.append(False)
+                            if u.kind == "champion":
+                                c.execute(
+                                    "INSERT INTO model_uploads (upload_id, device_id, blob, window_from, window_to)"
+                                    " VALUES (?,?,?,?,?)",
+                                    (uid, u.device_id, u.model_blob, u.window_from, u.window_to),
+                                )
+                            elif self.current_champion(u.device_id) is None and u.champion_id:
+                                self._add_champion(u.device_id, u.champion_id, "reported", now, uid - 1)
+                        else:
+                            row = c.execute(
+                                "SELECT id FROM uploads WHERE device_id=? AND seq=?", (u.device_id, seq)
+                            ).fetchone()
+                            result.upload_ids.append(row[0])
+                            result.duplicates.append(True)
+            except BaseException:
+                self._last_seq.clear()  # the rollback undid our view of the devices' upload numbers
+                raise
+        return result
+
+    def _touch_device(self, device_id: str, seq: int, now: float) -> int:
+        last = self._last_seq.get(device_id)
+        if last is None:
+            row = self._conn.execute("SELECT last_seq FROM devices WHERE device_id=?", (device_id,)).fetchone()
+            last = row[0] if row else None
+        if last is None:
+            self._conn.execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq) VALUES (?,?,?,?)",
+                (device_id, now, now, seq),
+            )
+            self._last_seq[device_id] = seq
+        elif seq > last:
+            self._conn.execute(
+                "UPDATE devices SET last_seen=?, last_seq=? WHERE device_id=?", (now, seq, device_id)
+            )
+            self._last_seq[device_id] = seq
+        else:
+            self._last_seq[device_id] = last
+        return seq
+
+    def devices(self) -> list[str]:
+        return [r[0] for r in self.query("SELECT device_id FROM devices ORDER BY device_id")]
+
+    def max_upload_id(self) -> int:
+        return self.scalar("SELECT COALESCE(MAX(id), 0) FROM uploads")
+
+    def count_uploads(self, kind: str | None = None, device_id: str | None = None) -> int:
+        sql, params = "SELECT COUNT(*) FROM uploads WHERE 1=1", []
+        if kind:
+            sql += " AND kind=?"
+            params.append(kind)
+        if device_id:
+            sql += " AND device_id=?"
+            params.append(device_id)
+        return self.scalar(sql, params)
+
+    def undecided(self, limit: int = 10_000) -> list[tuple]:
+        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows the pool has not decided."""
+        return self.query(
+            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision FROM uploads u"
+            " WHERE u.kind != 'champion' AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
+            " ORDER BY u.id LIMIT ?",
+            (limit,),
+        )
+
+    def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None):
+        """The normal windows stored after since_upload_id, as a DataFrame (for retraining)."""
+        import pandas as pd
+
+        through = self.max_upload_id() if through_upload_id is None else through_upload_id
+        rows = self.query(
+            "SELECT id, device_id, window_start, f_mean, f_skewness, f_kurtosis FROM uploads"
+            " WHERE kind='normal' AND id > ? AND id <= ? ORDER BY id",
+            (since_upload_id, through),
+        )
+        return pd.DataFrame(rows, columns=["upload_id", "device_id", "window_start", "mean", "skewness", "kurtosis"])
+
+    def model_uploads(self, unregistered_only: bool = True) -> list[tuple]:
+        """(upload_id, device_id, blob, window_from, window_to, model_id) of champions devices uploaded."""
+        sql = "SELECT upload_id, device_id, blob, window_from, window_to, model_id FROM model_uploads"
+        if unregistered_only:
+            sql += " WHERE model_id IS NULL"
+        return self.query(sql + " ORDER BY upload_id")
+
+    def register_model_upload(self, upload_id: int, model_id: str) -> None:
+        """Record that a device's champion entered the repository as model_id; it is now that device's champion."""
+        with self._lock, self.transaction():
+            row = self._conn.execute(
+                "SELECT device_id, model_id FROM model_uploads WHERE upload_id=?", (upload_id,)
+            ).fetchone()
+            if row is None:
+                raise KnowledgeBaseError("model upload %d: no such upload" % upload_id)
+            if row[1] is not None:
+                return
+            self._conn.execute("UPDATE model_uploads SET model_id=? WHERE upload_id=?", (model_id, upload_id))
+            self._add_champion(row[0], model_id, "device", time.time(), upload_id)
+
+    # -- pool decisions and ranking -----------------------------------------------------------------------
+
+    def pool_id(self, model_ids: Sequence[str]) -> int:
+        key = json.dumps(list(model_ids))
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR IGNORE INTO pools (model_ids, created_at) VALUES (?, ?)", (key, time.time())
+            )
+            return self._conn.execute("SELECT pool_id FROM pools WHERE model_ids=?", (key,)).fetchone()[0]
+
+    def store_decisions(self, pool_id: int, model_ids: Sequence[str], rows: Sequence[tuple], now: float | None = None) -> int:
+        """Store (upload_id, votes_anomaly, votes_total, pool_anomaly, false_positive, scores_blob, agree_mask) rows.
+
+        Updates the ranking (+1 per candidate agreeing with the pool, -1 otherwise) in the same transaction;
+        uploads already decided are skipped, so a repeated call changes nothing.
+        """
+        now = time.time() if now is None else now
+        n = len(model_ids)
+        stored = 0
+        with self._lock, self.transaction():
+            c = self._conn
+            agree = [0] * n
+            disagree = [0] * n
+            through = 0
+            for uid, va, vt, pa, fp, blob, mask in rows:
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO pool_decisions (upload_id, pool_id, decided_at, votes_anomaly, votes_total,"
+                    " pool_anomaly, false_positive, scores) VALUES (?,?,?,?,?,?,?,?)",
+                    (uid, pool_id, now, va, vt, pa, fp, blob),
+                )
+                if cur.rowcount:
+                    stored += 1
+                    through = max(through, uid)
+                    for i in range(n):
+                        if mask[i]:
+                            agree[i] += 1
+                        else:
+                            disagree[i] += 1
+            if stored:
+                c.executemany(
+                    "INSERT INTO ranking (model_id, points, agree, disagree, updated_at) VALUES (?,?,?,?,?)"
+                    " ON CONFLICT (model_id) DO UPDATE SET points = points + excluded.points,"
+                    " agree = agree + excluded.agree, disagree = disagree + excluded.disagree,"
+                    " updated_at = excluded.updated_at",
+                    [(m, agree[i] - disagree[i], agree[i], disagree[i], now) for i, m in enumerate(model_ids)],
+                )
+                points = dict(c.execute("SELECT model_id, points FROM ranking").fetchall())
+                c.execute(
+                    "INSERT INTO ranking_history (at, through_upload_id, points) VALUES (?,?,?)",
+                    (now, through, json.dumps(points, sort_keys=True)),
+                )
+        return stored
+
+    def ranking(self, model_ids: Sequence[str] | None = None) -> list[tuple[str, int, int, int]]:
+        """(model_id, points, agree, disagree), best first (ties: model id order)."""
+        rows = self.query("SELECT model_id, points, agree, disagree FROM ranking ORDER BY points DESC, model_id")
+        if model_ids is not None:
+            keep = set(model_ids)
+            rows = [r for r in rows if r[0] in keep]
+        return [tuple(r) for r in rows]
+
+    def ranking_history(self) -> list[tuple[float, int, dict]]:
+        return [(r[0], r[1], json.loads(r[2])) for r in self.query(
+            "SELECT at, through_upload_id, points FROM ranking_history ORDER BY id")]
+
+    def count_false_positives(self, device_id: str | None = None) -> int:
+        if device_id is None:
+            return self.scalar("SELECT COUNT(*) FROM pool_decisions WHERE false_positive=1")
+        return self.scalar(
+            "SELECT COUNT(*) FROM pool_decisions d JOIN uploads u ON u.id = d.upload_id"
+            " WHERE d.false_positive=1 AND u.device_id=?",
+            (device_id,),
+        )
+
+    # -- champions and false-positive episodes -----------------------------------------------------------
+
+    def _add_champion(self, device_id: str, model_id: str, source: str, now: float, since_upload_id: int,
+                      deploy_id: int | None = None) -> int:
+        cur = self._conn.execute(
+            "INSERT INTO champions (device_id, model_id, source, since, since_upload_id, deploy_id)"
+            " VALUES (?,?,?,?,?,?)",
+            (device_id, model_id, source, now, since_upload_id, deploy_id),
+        )
+        return cur.lastrowid
+
+    def set_champion(self, device_id: str, model_id: str, source: str = "manual") -> int:
+        with self._lock, self.transaction():
+            return self._add_champion(device_id, model_id, source, time.time(), self.max_upload_id())
+
+    def current_champion(self, device_id: str) -> tuple | None:
+        """(episode_id, model_id, source, since, since_upload_id) of the device's champion, or None."""
+        row = self._conn.execute(
+            "SELECT id, model_id, source, since, since_upload_id FROM champions WHERE device_id=?"
+            " ORDER BY id DESC LIMIT 1",
+            (device_id,),
+        ).fetchone()
+        return tuple(row) if row else None
+
+    def champions(self, device_id: str | None = None) -> list[tuple]:
+        sql = "SELECT id, device_id, model_id, source, since, since_upload_id, deploy_id FROM champions"
+        if device_id:
+            return self.query(sql + " WHERE device_id=? ORDER BY id", (device_id,))
+        return self.query(sql + " ORDER BY id")
+
+    def episodes(self) -> list[tuple[str, int, str, int, float | None]]:
+        """(device_id, episode_id, champion model_id, false positives so far, time of the latest one) per device.
+
+        An episode is one champion's time on a device; its false positives are the pool-rejected anomalies
+        uploaded since the champion took over.
+        """
+        return [tuple(r) for r in self.query(
+            "SELECT c.device_id, c.id, c.model_id,"
+            " (SELECT COUNT(*) FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id"
+            "   WHERE u.device_id = c.device_id AND u.id > c.since_upload_id AND d.false_positive = 1),"
+            " (SELECT MAX(d.decided_at) FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id"
+            "   WHERE u.device_id = c.device_id AND u.id > c.since_upload_id AND d.false_positive = 1)"
+            " FROM champions c WHERE c.id = (SELECT MAX(id) FROM champions c2 WHERE c2.device_id = c.device_id)"
+            " ORDER BY c.device_id"
+        )]
+
+    def nth_false_positive_time(self, episode_id: int, n: int) -> float | None:
+        """When the pool decided the n-th false positive of an episode (None if not reached)."""
+        row = self.query(
+            "SELECT d.decided_at FROM champions c JOIN uploads u ON u.device_id = c.device_id AND u.id > c.since_upload_id"
+            " JOIN pool_decisions d ON d.upload_id = u.id AND d.false_positive = 1 WHERE c.id = ?"
+            " ORDER BY u.id LIMIT 1 OFFSET ?",
+            (episode_id, n - 1),
+        )
+        return row[0][0] if row else None
+
+    # -- deploy queue (carried out by the link service, which owns the ports) ----------------------------
+
+    def request_deploy(self, device_id: str, model_id: str, package: bytes | None = None,
+                       episode_id: int | None = None, run_id: str | None = None) -> int:
+        """Queue a deploy of model_id to device_id; one request per (device, episode): a repeat returns the first."""
+        with self._lock, self.transaction():
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO deploy_requests (device_id, model_id, episode_id, run_id, package, status,"
+                " requested_at) VALUES (?,?,?,?,?,'pending',?)",
+                (device_id, model_id, episode_id, run_id, package, time.time()),
+            )
+            if cur.rowcount:
+                return cur.lastrowid
+            return self._conn.execute(
+                "SELECT id FROM deploy_requests WHERE device_id=? AND episode_id=?", (device_id, episode_id)
+            ).fetchone()[0]
+
+    def claim_deploy(self, device_ids: Iterable[str] | None = None) -> tuple | None:
+        """Take the oldest pending request (for one of device_ids): (id, device_id, model_id, package) or None."""
+        with self._lock, self.transaction():
+            rows = self._conn.execute(
+                "SELECT id, device_id, model_id, package FROM deploy_requests WHERE status='pending' ORDER BY id"
+            ).fetchall()
+            allowed = None if device_ids is None else set(device_ids)
+            for row in rows:
+                if allowed is None or row[1] in allowed:
+                    self._conn.execute(
+                        "UPDATE deploy_requests SET status='running', started_at=? WHERE id=?", (time.time(), row[0])
+                    )
+                    return tuple(row)
+        return None
+
+    def requeue_running(self) -> int:
+        """Put requests a killed service left 'running' back in the queue (the service calls it at start)."""
+        with self._lock, self.transaction():
+            return self._conn.execute(
+                "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
+            ).rowcount
+
+    def finish_deploy(self, request_id: int, ok: bool, figures: dict | None = None, error: str | None = None) -> None:
+        """Record a deploy's outcome and link figures; on success the model becomes the device's champion."""
+        now = time.time()
+        with self._lock, self.transaction():
+            row = self._conn.execute(
+                "SELECT device_id, model_id FROM deploy_requests WHERE id=?", (request_id,)
+            ).fetchone()
+            if row is None:
+                raise KnowledgeBaseError("deploy request %d: no such request" % request_id)
+            self._conn.execute(
+                "UPDATE deploy_requests SET status=?, finished_at=?, error=?, figures=? WHERE id=?",
+                ("done" if ok else "failed", now, error, json.dumps(figures or {}), request_id),
+            )
+            if ok:
+                self._add_champion(row[0], row[1], "deploy", now, self.max_upload_id(), request_id)
+
+    def deploy(self, request_id: int) -> dict | None:
+        rows = self.query(
+            "SELECT id, device_id, model_id, episode_id, run_id, status, requested_at, started_at, finished_at,"
+            " error, figures FROM deploy_requests WHERE id=?",
+            (request_id,),
+        )
+        if not rows:
+            return None
+        keys = ("id", "device_id", "model_id", "episode_id", "run_id", "status", "requested_at", "started_at",
+                "finished_at", "error", "figures")
+        d = dict(zip(keys, rows[0]))
+        d["figures"] = json.loads(d["figures"]) if d["figures"] else {}
+        return d
+
+    def deploys(self, device_id: str | None = None) -> list[dict]:
+        ids = self.query(
+            "SELECT id FROM deploy_requests" + (" WHERE device_id=?" if device_id else "") + " ORDER BY id",
+            (device_id,) if device_id else (),
+        )
+        return [self.deploy(r[0]) for r in ids]
+
+    def wait_deploy(self, request_id: int, timeout: float = 600.0, poll: float = 0.2) -> dict:
+        """Block until the link service finished the request; raise TimeoutError naming it otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            d = self.deploy(request_id)
+            if d is None:
+                raise KnowledgeBaseError("deploy request %d: no such request" % request_id)
+            if d["status"] in ("done", "failed"):
+                return d
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "deploy request %d to %s still %s after %.0f s: is the link service running?"
+                    % (request_id, d["device_id"], d["status"], timeout)
+                )
+            time.sleep(poll)
+
+    # -- retraining runs ----------------------------------------------------------------------------------
+
+    def last_retrained_through(self) -> int:
+        return self.scalar(
+            "SELECT COALESCE(MAX(through_upload_id), 0) FROM retraining_runs WHERE status='done'"
+        )
+
+    def record_retraining(self, since_upload_id: int, through_upload_id: int, n_windows: int,
+                          model_ids: Sequence[str], status: str = "done", run_id: str | None = None,
+                          started_at: float | None = None) -> int:
+        with self._lock, self.transaction():
+            now = time.time()
+            return self._conn.execute(
+                "INSERT INTO retraining_runs (run_id, started_at, finished_at, since_upload_id, through_upload_id,"
+                " n_windows, model_ids, status) VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, started_at or now, now, since_upload_id, through_upload_id, n_windows,
+                 json.dumps(list(model_ids)), status),
+            ).lastrowid
+
+    def retraining_runs(self) -> list[tuple]:
+        return self.query("SELECT id, run_id, started_at, finished_at, since_upload_id, through_upload_id,"
+                          " n_windows, model_ids, status FROM retraining_runs ORDER BY id")
+
+
+class _Tx:
+    def __init__(self, kb: KnowledgeBase):
+        self.kb = kb
+
+    def __enter__(self):
+        self.kb._conn.execute("BEGIN IMMEDIATE")
+        return self.kb._conn
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.kb._conn.execute("COMMIT")
+        else:
+            self.kb._conn.execute("ROLLBACK")
+        return False
+
+
+def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,131 @@
+"""Pool Inference Engine (paper, steps 6-9): majority vote of the repository's candidates, false positives, ranking.
+
+For every window a device uploads, each candidate of the pool scores it; the majority of the candidates'
+decisions is the pool's decision. An anomaly the champion reported and the pool rejects is a false positive
+of the champion. Each candidate gets +1 when it agrees with the pool and -1 when not (kept in the Knowledge
+Base over time). When a device's champion reaches N_fp false positives, the top-ranked candidate is the next
+champion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from tinyml_dagster.knowledge_base import KnowledgeBase
+
+DEFAULT_THRESHOLD = 0.6  # paper: an Isolation Forest score above 0.6 is an anomaly
+
+
+class Candidate(Protocol):
+    """What the pool needs from a repository model: an id and a vectorised score over (n, 3) feature rows."""
+
+    model_id: str
+
+    def score(self, X: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FunctionCandidate:
+    """A candidate from a model id, a scoring function and its own threshold."""
+
+    model_id: str
+    score_fn: Callable[[np.ndarray], np.ndarray]
+    threshold: float = DEFAULT_THRESHOLD
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.score_fn(X), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class PoolDecision:
+    """The pool's decision on a batch of windows."""
+
+    scores: np.ndarray  # (n, k) candidate scores
+    votes: np.ndarray  # (n, k) bool: candidate says anomaly
+    pool_anomaly: np.ndarray  # (n,) bool: strict majority of candidates say anomaly
+    false_positive: np.ndarray  # (n,) bool: champion said anomaly, pool says normal
+    agree: np.ndarray  # (n, k) bool: candidate agrees with the pool
+
+
+@dataclass(frozen=True)
+class DecideSummary:
+    decided: int
+    anomalies: int
+    false_positives: int
+    through_upload_id: int
+
+
+class PoolInferenceEngine:
+    """Majority vote of the candidates and the +1/-1 ranking, stored in the Knowledge Base."""
+
+    def __init__(self, candidates: Sequence[Candidate], threshold: float = DEFAULT_THRESHOLD):
+        if not candidates:
+            raise ValueError("the pool needs at least one candidate model")
+        ids = [c.model_id for c in candidates]
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate candidate model ids in the pool: %s" % ids)
+        self.candidates = list(candidates)
+        self.model_ids = ids
+        self.thresholds = np.array([getattr(c, "threshold", threshold) for c in candidates], dtype=np.float64)
+
+    def decide(self, X: np.ndarray, champion_decision: np.ndarray) -> PoolDecision:
+        """Vote on feature rows X (n, 3) given the champion's decisions (n,) (1 = anomaly)."""
+        X = np.asarray(X, dtype=np.float64).reshape(-1, 3)
+        scores = np.column_stack([c.score(X) for c in self.candidates]) if len(X) else np.zeros((0, len(self.candidates)))
+        votes = scores > self.thresholds
+        # A tie is not a majority: the pool declares an anomaly only when more than half of the candidates do.
+        pool_anomaly = votes.sum(axis=1) * 2 > votes.shape[1]
+        champ = np.asarray(champion_decision, dtype=bool).reshape(-1)
+        return PoolDecision(
+            scores=scores,
+            votes=votes,
+            pool_anomaly=pool_anomaly,
+            false_positive=champ & ~pool_anomaly,
+            agree=votes == pool_anomaly[:, None],
+        )
+
+    def decide_pending(self, kb: KnowledgeBase, batch: int = 20_000) -> DecideSummary:
+        """Decide every stored window the pool has not decided yet and update the ranking (idempotent)."""
+        pool_id = kb.pool_id(self.model_ids)
+        decided = anomalies = fps = 0
+        through = 0
+        while True:
+            rows = kb.undecided(limit=batch)
+            if not rows:
+                break
+            ids = [r[0] for r in rows]
+            X = np.array([[r[2], r[3], r[4]] for r in rows], dtype=np.float64)
+            champ = np.array([r[5] or 0 for r in rows], dtype=bool)
+            d = self.decide(X, champ)
+            scores32 = d.scores.astype("<f4")
+            va = d.votes.sum(axis=1)
+            out = [
+                (ids[i], int(va[i]), len(self.model_ids), int(d.pool_anomaly[i]), int(d.false_positive[i]),
+                 scores32[i].tobytes(), d.agree[i].tolist())
+                for i in range(len(ids))
+            ]
+            decided += kb.store_decisions(pool_id, self.model_ids, out)
+            anomalies += int(d.pool_anomaly.sum())
+            fps += int(d.false_positive.sum())
+            through = ids[-1]
+            if len(rows) < batch:
+                break
+        return DecideSummary(decided, anomalies, fps, through)
+
+    def top_candidate(self, kb: KnowledgeBase, exclude: Sequence[str] = ()) -> str:
+        """The best-ranked candidate of this pool (excluding e.g. the current champion); ties by model id."""
+        ranked = [r for r in kb.ranking(self.model_ids) if r[0] not in exclude]
+        unranked = sorted(m for m in self.model_ids if m not in exclude and m not in {r[0] for r in ranked})
+        # Unranked candidates count as 0 points.
+        order = sorted([(-r[1], r[0]) for r in ranked] + [(0, m) for m in unranked])
+        if not order:
+            raise ValueError("no candidate left in the pool besides %s" % list(exclude))
+        return order[0][1]
+
+
+def unpack_scores(blob: bytes) -> np.ndarray:
+    """The candidates' scores stored with a decision (float32, pool order)."""
+    return np.frombuffer(blob, dtype="<f4")
