@@ -1,20 +1,58 @@
-"""One place for the gateway's settings: where generated data lives, where the IMS recording is."""
+"""One place for paths and knobs: TINYML_DATA_DIR (generated content) and TINYML_IMS_DIR (real IMS files)."""
+
+from __future__ import annotations
 
 import os
 from pathlib import Path
 
+DATA_DIR_ENV = "TINYML_DATA_DIR"
+IMS_DIR_ENV = "TINYML_IMS_DIR"
+
+# sampling rates of the paper's experiments, and the bearings of IMS set 1
+RATES_HZ: tuple[int, ...] = (500, 1000, 2000)
+BEARINGS: tuple[int, ...] = (1, 2, 3, 4)
+TRAIN_FRACTION = 0.6
+
 
 def data_dir() -> Path:
-    """Everything generated goes here (TINYML_DATA_DIR, default ./data)."""
-    return Path(os.environ.get("TINYML_DATA_DIR", "data")).resolve()
+    """Root of everything generated (TINYML_DATA_DIR, default ./data)."""
+    return Path(os.environ.get(DATA_DIR_ENV) or "data").resolve()
 
 
-def ims_dir() -> Path:
-    """The IMS recording: TINYML_IMS_DIR when set, else the synthetic one under data/generated/."""
-    env = os.environ.get("TINYML_IMS_DIR")
-    if env:
-        return Path(env).resolve()
-    return data_dir() / "generated" / "ims" / "1st_test"
+def generated_ims_dir(root: Path | None = None) -> Path:
+    """Where the synthetic set-1 recording is written."""
+    return (root or data_dir()) / "generated" / "ims" / "1st_test"
+
+
+def ims_dir(override: str | os.PathLike | None = None) -> Path:
+    """The IMS recording to use: override, else TINYML_IMS_DIR, else the synthetic one under data/."""
+    chosen = override or os.environ.get(IMS_DIR_ENV)
+    return Path(chosen).resolve() if chosen else generated_ims_dir()
+
+
+def is_synthetic(directory: Path) -> bool:
+    """True when directory is the generated recording (so the pipeline may (re)create it)."""
+    return Path(directory).resolve() == generated_ims_dir().resolve()
+
+
+def subsampled_dir(root: Path | None = None) -> Path:
+    """Subsampled signals, one .npy per rate."""
+    return (root or data_dir()) / "subsampled"
+
+
+def features_dir(root: Path | None = None) -> Path:
+    """Feature windows: features/rate=<hz>/bearing=<b>.parquet."""
+    return (root or data_dir()) / "features"
+
+
+def feature_path(rate_hz: int, bearing: int, root: Path | None = None) -> Path:
+    """Parquet file of one (rate, bearing) partition."""
+    return features_dir(root) / f"rate={int(rate_hz)}" / f"bearing={int(bearing)}.parquet"
+
+
+def models_dir(root: Path | None = None) -> Path:
+    """The model repository."""
+    return (root or data_dir()) / "models"
 
 
 def kb_path() -> Path:
@@ -23,11 +61,16 @@ def kb_path() -> Path:
     return Path(env).resolve() if env else data_dir() / "kb.sqlite"
 
 
-def bench_dir() -> Path:
+def bench_dir(root: Path | None = None) -> Path:
     """Where benchmarks and the demo write their JSON figures."""
-    return data_dir() / "bench"
+    return (root or data_dir()) / "bench"
 
 
 def n_fp() -> int:
     """False positives of a champion that trigger its replacement (TINYML_N_FP, paper: 5)."""
     return int(os.environ.get("TINYML_N_FP", "5"))
+
+
+def device_flash_dir(device_id: str, root: Path | None = None) -> Path:
+    """An emulated device's flash filesystem."""
+    return (root or data_dir()) / "devices" / device_id / "flash"
