@@ -1,0 +1,229 @@
+"""Embedded Model Deployment Agent: build, sign and version the packages that travel to the devices.
+
+A package is the paper's MicroPython module (model, feature script, config.json, __init__.py) in the
+container that firmware/package.py parses and verifies. Per-device HMAC keys come from TINYML_DEVICE_KEYS
+(``dev-a=<hex>,dev-b=<hex>``) or from key files under <data>/keys/ (created on first use); never from code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from firmware import package as fpkg
+
+from . import settings
+
+ENCODINGS = {"compact": fpkg.ENC_COMPACT, "json": fpkg.ENC_JSON}
+# zlib window of 2**12 bytes: MicroPython's DeflateIO reads it from the zlib header and allocates only that
+ZLIB_WBITS = 12
+INIT_PY = '"""Champion package: the model, features.py, config.json (see config["model_file"])."""\n'
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class PackagingError(ValueError):
+    """A package that cannot be built (bad input), naming what was wrong."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write data to path through a temp file in the same directory and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def deflate(data: bytes) -> bytes:
+    """zlib stream (level 9, 4 KB window) that MicroPython's deflate.DeflateIO(…, ZLIB) inflates."""
+    c = zlib.compressobj(9, zlib.DEFLATED, ZLIB_WBITS, 9)
+    return c.compress(data) + c.flush()
+
+
+def feature_script() -> bytes:
+    """The device's feature extraction script: a copy of firmware/features.py."""
+    return (Path(fpkg.__file__).parent / "features.py").read_bytes()
+
+
+def _check_device_id(device_id: str) -> str:
+    if not _DEVICE_ID.match(device_id or ""):
+        raise PackagingError(f"bad device id {device_id!r}: 1-64 of [A-Za-z0-9_.-]")
+    return device_id
+
+
+class DeviceKeys:
+    """The per-device HMAC keys the gateway holds: TINYML_DEVICE_KEYS, else <root>/<device>.key files."""
+
+    def __init__(self, root: Path | None = None, env: str | None = None) -> None:
+        self.root = Path(root) if root is not None else settings.data_dir() / "keys"
+        self._env = {}
+        spec = os.environ.get("TINYML_DEVICE_KEYS", "") if env is None else env
+        for i, item in enumerate(filter(None, (s.strip() for s in spec.split(",")))):
+            name, sep, hexkey = item.partition("=")
+            try:
+                key = bytes.fromhex(hexkey)
+            except ValueError:
+                key = b""
+            if not sep or len(key) < 16:
+                raise PackagingError(f"TINYML_DEVICE_KEYS item {i + 1} ({name!r}): expected <device>=<hex, >= 16 bytes>")
+            self._env[name] = key
+
+    def key(self, device_id: str) -> bytes:
+        """The device's key; a new random one is created (and kept, mode 0600) for an unknown device."""
+        _check_device_id(device_id)
+        if device_id in self._env:
+            return self._env[device_id]
+        path = self.root / f"{device_id}.key"
+        if not path.exists():
+            atomic_write(path, os.urandom(32).hex().encode() + b"\n")
+            os.chmod(path, 0o600)
+        text = path.read_text().strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError as exc:
+            raise PackagingError(f"{path}: line 1: not a hex key ({exc})") from None
+        if len(key) < 16:
+            raise PackagingError(f"{path}: line 1: key of {len(key)} bytes, need >= 16")
+        return key
+
+    def provision(self, device_id: str, flash_dir: Path) -> Path:
+        """Put the device's key where firmware/transfer.py reads it: <flash>/deploy/key (raw bytes)."""
+        path = Path(flash_dir) / "deploy" / "key"
+        atomic_write(path, self.key(device_id))
+        return path
+
+
+class VersionLedger:
+    """Monotonic package versions per device, kept in <data>/deploy/versions.json."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else settings.data_dir() / "deploy" / "versions.json"
+
+    def _load(self) -> dict[str, int]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PackagingError(f"{self.path}: line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+            raise PackagingError(f"{self.path}: expected an object of device -> int version")
+        return data
+
+    def current(self, device_id: str) -> int:
+        return self._load().get(device_id, 0)
+
+    def next(self, device_id: str) -> int:
+        """Reserve and return the device's next version (never reused, even if that deploy fails)."""
+        _check_device_id(device_id)
+        data = self._load()
+        data[device_id] = data.get(device_id, 0) + 1
+        atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
+        return data[device_id]
+
+
+@dataclass
+class Package:
+    """A built, signed package and what the transfer protocol needs to know of it."""
+
+    data: bytes
+    model_id: str
+    device_id: str
+    version: int
+    encoding: str
+    files: list[dict] = field(default_factory=list)
+    head_size: int = 0
+
+    @property
+    def sha256(self) -> bytes:
+        return self.data[-fpkg.TRAILER_SIZE:-fpkg.TRAILER_SIZE + 32]
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def stream(self, have_mask: int = 0) -> bytes:
+        """The bytes that travel when the device already holds the files in have_mask (bit i = file i)."""
+        parts = [self.data[: self.head_size]]
+        for i, e in enumerate(self.files):
+            if not have_mask & (1 << i):
+                start = self.head_size + e["offset"]
+                parts.append(self.data[start : start + e["size"]])
+        parts.append(self.data[-fpkg.TRAILER_SIZE:])
+        return b"".join(parts)
+
+    def file_sizes(self) -> dict[str, int]:
+        return {e["name"]: e["size"] for e in self.files}
+
+
+def build_package(
+    model_id: str,
+    model_file: tuple[str, bytes],
+    config: dict,
+    *,
+    device_id: str,
+    version: int,
+    key: bytes,
+    encoding: str = "compact",
+    features_src: bytes | None = None,
+) -> Package:
+    """Sign a package of (model file, features.py, config.json, __init__.py) for one device and version."""
+    if encoding not in ENCODINGS:
+        raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)}")
+    _check_device_id(device_id)
+    if not (0 < len(model_id.encode()) < 256):
+        raise PackagingError(f"bad model id {model_id!r}")
+    if not (0 < version < 2**32):
+        raise PackagingError(f"version {version} out of range 1..2**32-1")
+    if len(key) < 16:
+        raise PackagingError("HMAC key shorter than 16 bytes")
+    name, model_bytes = model_file
+    cfg = dict(config, model_id=model_id, version=version, encoding=encoding, model_file=name)
+    raw_files = [
+        (name, model_bytes),
+        ("features.py", features_src if features_src is not None else feature_script()),
+        ("config.json", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()),
+        ("__init__.py", INIT_PY.encode()),
+    ]
+    compress = encoding == "compact"
+    head = bytearray(fpkg.MAGIC)
+    head += struct.pack("<BBIB", fpkg.FORMAT, ENCODINGS[encoding], version, len(raw_files))
+    for text in (model_id, device_id):
+        b = text.encode()
+        head += bytes([len(b)]) + b
+    contents = []
+    files = []
+    offset = 0
+    for fname, raw in raw_files:
+        stored = deflate(raw) if compress else raw
+        flags = fpkg.FLAG_DEFLATED if compress else 0
+        if len(raw) > fpkg.MAX_RAW_FILE:
+            raise PackagingError(f"{model_id}: file {fname} of {len(raw)} bytes > {fpkg.MAX_RAW_FILE}")
+        sha8 = hashlib.sha256(stored).digest()[: fpkg.SHA8]
+        nb = fname.encode()
+        head += bytes([len(nb)]) + nb + struct.pack("<BII", flags, len(stored), len(raw)) + sha8
+        files.append({"name": fname, "flags": flags, "size": len(stored), "raw_size": len(raw),
+                      "sha8": sha8, "offset": offset})
+        contents.append(stored)
+        offset += len(stored)
+    body = bytes(head) + b"".join(contents)
+    data = body + hashlib.sha256(body).digest() + hmac.new(key, body, hashlib.sha256).digest()
+    if len(data) > fpkg.MAX_PACKAGE:
+        raise PackagingError(f"{model_id}: {encoding} package of {len(data)} bytes > device limit {fpkg.MAX_PACKAGE}")
+    return Package(data=data, model_id=model_id, device_id=device_id, version=version,
+                   encoding=encoding, files=files, head_size=len(head))
