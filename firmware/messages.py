@@ -99,3 +99,24 @@ def unpack_upload(body):
     nf = (len(body) - UPLOAD_HEAD_SIZE) // 4
     features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
     return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features
+
+
+# Deploy bodies (firmware/transfer.py <-> tinyml_dagster/link/protocol.py). Replies start with the u16 seq of
+# the message they answer, so the gateway can tell a fresh reply from a stale or duplicated one.
+# DEPLOY_OFFER: package sha256, package size, version, file count, then per file: sha8 + stored size.
+OFFER_FORMAT = "<32sIIB"
+OFFER_FILE_FORMAT = "<8sI"
+# DEPLOY_HAVE: echo, files held (bit i = file i), stream size, resume offset (bytes already acknowledged).
+HAVE_FORMAT = "<HBII"
+# DEPLOY_DATA: stream offset (bit 31: acknowledgement requested), then the fragment (may be empty: a poll).
+DATA_FORMAT = "<I"
+DATA_POLL = 0x80000000
+DEPLOY_FRAG = MAX_BODY - 4  # 245
+# DEPLOY_ACK: echo, contiguous bytes received, bitmap of the next 32 fragments after it (bit i: base + (i+1)*frag).
+ACK_FORMAT = "<HII"
+# DEPLOY_COMMIT: package sha256.
+COMMIT_FORMAT = "<32s"
+# DEPLOY_RESULT: echo, status, champion version, then champion id (u8 length + bytes) and the reason (rest).
+RESULT_FORMAT = "<HBI"
+RESULT_INSTALLED = 0
+RESULT_REFUSED = 1
