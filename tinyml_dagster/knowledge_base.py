@@ -316,13 +316,17 @@ class KnowledgeBase:
             params.append(device_id)
         return self.scalar(sql, params)
 
-    def undecided(self, limit: int = 10_000) -> list[tuple]:
-        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows the pool has not decided."""
+    def undecided(self, limit: int = 10_000, after_id: int = 0) -> list[tuple]:
+        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows the pool has not decided.
+
+        Upload ids grow in commit order, so a caller that decided everything through after_id passes it on.
+        """
         return self.query(
             "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision FROM uploads u"
-            " WHERE u.kind != 'champion' AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
+            " WHERE u.id > ? AND u.kind != 'champion'"
+            " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
-            (limit,),
+            (after_id, limit),
         )
 
     def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None):

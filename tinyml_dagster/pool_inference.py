@@ -70,11 +70,30 @@ class PoolInferenceEngine:
         self.candidates = list(candidates)
         self.model_ids = ids
         self.thresholds = np.array([getattr(c, "threshold", threshold) for c in candidates], dtype=np.float64)
+        self._through: dict[str, int] = {}  # per KB: every window through this upload id is decided
+        self._matrix_scorer: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @classmethod
+    def from_forests(cls, model_ids: Sequence[str], forests: Sequence, thresholds: Sequence[float] | None = None
+                     ) -> "PoolInferenceEngine":
+        """A pool of compact Isolation Forests (firmware.isoforest.Forest), scored all at once by forest.PoolScorer."""
+        from tinyml_dagster.forest import PoolScorer, score_forest
+
+        thresholds = list(thresholds) if thresholds is not None else [DEFAULT_THRESHOLD] * len(model_ids)
+        pool = cls([FunctionCandidate(m, lambda X, f=f: score_forest(f, X), t)
+                    for m, f, t in zip(model_ids, forests, thresholds)])
+        pool._matrix_scorer = PoolScorer(list(forests)).scores
+        return pool
 
     def decide(self, X: np.ndarray, champion_decision: np.ndarray) -> PoolDecision:
         """Vote on feature rows X (n, 3) given the champion's decisions (n,) (1 = anomaly)."""
         X = np.asarray(X, dtype=np.float64).reshape(-1, 3)
-        scores = np.column_stack([c.score(X) for c in self.candidates]) if len(X) else np.zeros((0, len(self.candidates)))
+        if not len(X):
+            scores = np.zeros((0, len(self.candidates)))
+        elif self._matrix_scorer is not None:
+            scores = self._matrix_scorer(X)
+        else:
+            scores = np.column_stack([c.score(X) for c in self.candidates])
         votes = scores > self.thresholds
         # A tie is not a majority: the pool declares an anomaly only when more than half of the candidates do.
         pool_anomaly = votes.sum(axis=1) * 2 > votes.shape[1]
@@ -91,9 +110,9 @@ class PoolInferenceEngine:
         """Decide every stored window the pool has not decided yet and update the ranking (idempotent)."""
         pool_id = kb.pool_id(self.model_ids)
         decided = anomalies = fps = 0
-        through = 0
+        through = self._through.get(str(kb.path), 0)
         while True:
-            rows = kb.undecided(limit=batch)
+            rows = kb.undecided(limit=batch, after_id=through)
             if not rows:
                 break
             ids = [r[0] for r in rows]
@@ -111,6 +130,7 @@ class PoolInferenceEngine:
             anomalies += int(d.pool_anomaly.sum())
             fps += int(d.false_positive.sum())
             through = ids[-1]
+            self._through[str(kb.path)] = through
             if len(rows) < batch:
                 break
         return DecideSummary(decided, anomalies, fps, through)

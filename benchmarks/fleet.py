@@ -1,0 +1,193 @@
+"""Fleet benchmark: 1,000 devices' uploads through the link service into the Knowledge Base and the pool.
+
+A traffic generator speaks the service's ingest interface (Unix socket, JSON lines) for 1,000 devices; the
+service (a separate process) commits, acknowledges and lets a pool of real compact Isolation Forests decide
+every window. Half-way the service is SIGKILLed and restarted; the generator resends what was not acked.
+Figures: uploads/s (first send to last ack, outage included), p99 upload-to-decision (upload's send time to
+the pool's decision committed), lost (sent but not stored), duplicates (stored twice).
+Writes data/bench/fleet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from firmware import isoforest  # noqa: E402
+from tinyml_dagster import settings  # noqa: E402
+from tinyml_dagster.knowledge_base import KnowledgeBase  # noqa: E402
+from tinyml_dagster.link_service import IngestClient  # noqa: E402
+
+POOL_SERVER = """
+import sys, pickle
+from tinyml_dagster import link_service
+from tinyml_dagster.pool_inference import PoolInferenceEngine
+from firmware import isoforest
+spec = pickle.load(open(sys.argv[1], "rb"))
+forests = [isoforest.load(buf, grid) for buf, grid in spec["forests"]]
+factory = lambda: PoolInferenceEngine.from_forests(spec["model_ids"], forests)
+svc = link_service.LinkService(spec["kb"], ingest_socket=spec["sock"], pool_factory=factory, pool_refresh_s=1e9)
+import signal
+signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+svc.run()
+"""
+
+
+def normal_rows(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.column_stack([rng.normal(0, 0.05, n), rng.normal(0, 0.2, n), rng.normal(0, 0.4, n)])
+
+
+def train_pool(n_models: int) -> tuple[list[str], list]:
+    rows = normal_rows(400, 1).tolist()
+    ids, forests = [], []
+    for i in range(n_models):
+        n_trees = 10 * (i % 5 + 1)
+        ids.append("fleet-pool-%02d-t%d" % (i, n_trees))
+        forests.append(isoforest.train(rows, n_trees=n_trees, psi=100, seed=11 + i))
+    return ids, forests
+
+
+def start_service(spec_path: Path, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", POOL_SERVER, str(spec_path)], cwd=ROOT, stdout=log, stderr=log)
+
+
+def generate(client: IngestClient, devices: list[str], per_device: int, window: int, seed: int,
+             acked: list, stop_at: dict) -> None:
+    rng = np.random.default_rng(seed)
+    todo = [(d, s) for s in range(1, per_device + 1) for d in devices]
+    i = 0
+    while i < len(todo) or client.in_flight:
+        if i < len(todo) and len(client.in_flight) < window:
+            chunk = todo[i:i + min(window - len(client.in_flight), 256)]
+            i += len(chunk)
+            feats = normal_rows(len(chunk), int(rng.integers(1 << 30)))
+            anomalous = rng.random(len(chunk)) < 0.05
+            feats[anomalous, 2] += 8.0  # real anomalies: heavy tails
+            champ = anomalous | (rng.random(len(chunk)) < 0.03)  # the champion also flags some normal windows
+            now = time.time()
+            lines = []
+            for (d, s), f, a, c in zip(chunk, feats, anomalous, champ):
+                line = '{"d":"%s","s":%d,"k":"%s","f":[%.6g,%.6g,%.6g],"c":"v1","cs":%.3f,"cd":%d,"t":%.6f}\n' % (
+                    d, s, "anomaly" if c else "normal", f[0], f[1], f[2], 0.7 if c else 0.4, int(c), now)
+                lines.append((d, s, line.encode()))
+            client.send(lines)
+        got = client.receive_acks()
+        acked.extend(got)
+        if stop_at.get("done"):
+            break
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--per-device", type=int, default=30)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--window", type=int, default=1000, help="uploads in flight per connection")
+    ap.add_argument("--models", type=int, default=5, help="candidates in the pool (10..50 trees, psi 100)")
+    ap.add_argument("--no-kill", action="store_true", help="do not SIGKILL the service mid-run")
+    ap.add_argument("--out", default=str(settings.bench_dir() / "fleet.json"))
+    args = ap.parse_args(argv)
+
+    ids, forests = train_pool(args.models)
+    tmp = Path(tempfile.mkdtemp(prefix="fleet-"))
+    spec = {"kb": str(tmp / "kb.sqlite"), "sock": str(tmp / "ingest.sock"), "model_ids": ids,
+            "forests": [(f.buf, f.grid) for f in forests]}
+    import pickle
+
+    spec_path = tmp / "spec.pkl"
+    spec_path.write_bytes(pickle.dumps(spec))
+    log = open(tmp / "service.log", "wb")
+    svc = start_service(spec_path, log)
+    devices = ["dev%04d" % i for i in range(args.devices)]
+    total = args.devices * args.per_device
+    acked_lists = [[] for _ in range(args.connections)]
+    clients = [IngestClient(spec["sock"]) for _ in range(args.connections)]
+    stop = {}
+    t0 = time.time()
+    threads = [threading.Thread(target=generate, args=(clients[c], devices[c::args.connections], args.per_device,
+                                                       args.window, c, acked_lists[c], stop), daemon=True)
+               for c in range(args.connections)]
+    for t in threads:
+        t.start()
+    killed_at = restarted_at = None
+    if not args.no_kill:
+        while sum(map(len, acked_lists)) < total // 2:
+            time.sleep(0.01)
+        svc.send_signal(signal.SIGKILL)
+        svc.wait()
+        killed_at = time.time()
+        svc = start_service(spec_path, log)
+        restarted_at = time.time()
+    for t in threads:
+        t.join(timeout=600)
+    t_last_ack = time.time()
+    acked = {k for lst in acked_lists for k in lst}
+    kb = KnowledgeBase(spec["kb"])
+    deadline = time.time() + 60
+    while kb.scalar("SELECT COUNT(*) FROM pool_decisions") < kb.count_uploads() and time.time() < deadline:
+        time.sleep(0.05)
+    svc.send_signal(signal.SIGTERM)
+    svc.wait(timeout=30)
+    stored = kb.scalar("SELECT COUNT(*) FROM uploads")
+    distinct = kb.scalar("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM uploads)")
+    expected = {(d, s) for d in devices for s in range(1, args.per_device + 1)}
+    rows = kb.query("SELECT device_id, seq FROM uploads")
+    stored_keys = {(d, s) for d, s in rows}
+    lost = len(expected - stored_keys)
+    acked_missing = len(acked - stored_keys)
+    lat = np.array([r[0] for r in kb.query(
+        "SELECT d.decided_at - u.sent_at FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id")])
+    decided = len(lat)
+    fps = kb.count_false_positives()
+    ranking = kb.ranking()
+    kb.close()
+    elapsed = t_last_ack - t0
+    out = {
+        "devices": args.devices,
+        "uploads": total,
+        "connections": args.connections,
+        "pool_models": len(ids),
+        "uploads_per_s": round(total / elapsed, 1),
+        "elapsed_s": round(elapsed, 3),
+        "p50_upload_to_decision_s": round(float(np.percentile(lat, 50)), 4) if decided else None,
+        "p99_upload_to_decision_s": round(float(np.percentile(lat, 99)), 4) if decided else None,
+        "max_upload_to_decision_s": round(float(lat.max()), 4) if decided else None,
+        "decided": decided,
+        "false_positives": fps,
+        "lost": lost,
+        "acked_but_missing": acked_missing,
+        "duplicates": stored - distinct,
+        "killed": not args.no_kill,
+        "restart_spawn_s": round(restarted_at - killed_at, 3) if killed_at else 0.0,
+        "reconnects": sum(c.reconnects for c in clients),
+        "top_candidate": ranking[0][0] if ranking else None,
+        "targets": {"uploads_per_s": ">= 5000", "p99_upload_to_decision_s": "<= 1", "lost": "0"},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = Path(args.out + ".tmp")
+    tmp_out.write_text(json.dumps(out, indent=2))
+    os.replace(tmp_out, args.out)
+    print(json.dumps(out, indent=2))
+    ok = out["uploads_per_s"] >= 5000 and decided and out["p99_upload_to_decision_s"] <= 1 and lost == 0
+    print("fleet: %s (uploads/s %.0f vs >= 5000, p99 %.3f s vs <= 1 s, lost %d vs 0, SIGKILL+restart %s)" % (
+        "targets met" if ok else "TARGETS MISSED", out["uploads_per_s"], out["p99_upload_to_decision_s"] or -1,
+        lost, "yes" if out["killed"] else "no"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

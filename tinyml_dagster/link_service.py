@@ -1,0 +1,477 @@
+"""Gateway link service: the one long-running process that owns the devices' serial ports.
+
+It ingests uploads into the Knowledge Base (acknowledging each only after its commit; a retransmission is
+stored once), lets the Pool Inference Engine decide them, and carries out the deploy requests queued in the
+Knowledge Base, so nothing is lost while Dagster is down and no two processes open one port.
+
+Two ways in:
+- serial ports (`--port DEVICE_ID=/dev/ttyUSB0`, pySerialTransfer frames, `firmware.messages` envelopes);
+- the ingest socket (`--ingest-socket PATH`, a Unix socket; one JSON object per line, see `upload_from_json`;
+  the service answers `ack <device_id> <seq>` per line once committed): traffic generators, other gateways.
+
+    python -m tinyml_dagster.link_service --port dev-1=/dev/pts/3 --ingest-socket data/link.sock
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tinyml_dagster import settings
+from tinyml_dagster.knowledge_base import KnowledgeBase, KnowledgeBaseError, Upload
+
+log = logging.getLogger("tinyml_dagster.link_service")
+
+# (device_id, package bytes, model_id, transport) -> link figures; supplied by the link protocol (tinyml_dagster.link)
+Deployer = Callable[[str, bytes, str, object], dict]
+PoolFactory = Callable[[], object]
+
+
+@dataclass
+class _Item:
+    upload: Upload
+    ack: Callable[[Upload, bool], None]
+
+
+def upload_from_json(line: bytes | str) -> Upload:
+    """An upload from one JSON line: {"d": device, "s": seq, "k": kind, "f": [mean, skewness, kurtosis],
+    "c": champion id, "cs": champion score, "cd": champion decision 0/1, "w": window start, "t": sent at}."""
+    try:
+        o = json.loads(line)
+    except ValueError as e:
+        raise KnowledgeBaseError("ingest line is not JSON: %s" % e) from None
+    if not isinstance(o, dict):
+        raise KnowledgeBaseError("ingest line is not a JSON object")
+    try:
+        return Upload(
+            device_id=o["d"], seq=o["s"], kind=o.get("k", "normal"),
+            features=tuple(o["f"]) if o.get("f") is not None else None,
+            champion_id=o.get("c"), champion_score=o.get("cs"), champion_decision=o.get("cd"),
+            window_start=o.get("w"), sent_at=o.get("t"),
+        )
+    except KeyError as e:
+        raise KnowledgeBaseError("ingest line: missing field %s" % e) from None
+
+
+def upload_to_json(u: Upload) -> bytes:
+    return (json.dumps({"d": u.device_id, "s": u.seq, "k": u.kind, "f": list(u.features or ()),
+                        "c": u.champion_id, "cs": u.champion_score, "cd": u.champion_decision,
+                        "w": u.window_start, "t": u.sent_at}, separators=(",", ":")) + "\n").encode()
+
+
+class LinkService:
+    """Ingest loop, ports, ingest socket and deploy queue of one gateway."""
+
+    def __init__(self, kb_path: str | Path | None = None, *, ports: dict[str, str] | None = None,
+                 ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
+                 deployer: Deployer | None = None, baud: int = 2400, batch_max: int = 5000,
+                 pool_refresh_s: float = 5.0):
+        self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
+        self.ports = dict(ports or {})
+        self.ingest_socket = Path(ingest_socket) if ingest_socket else None
+        self.pool_factory = pool_factory
+        self.deployer = deployer
+        self.baud = baud
+        self.batch_max = batch_max
+        self.pool_refresh_s = pool_refresh_s
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._q: queue.Queue[_Item] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._links: dict[str, "_SerialLink"] = {}
+        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0}
+
+    # -- main loop: commit, acknowledge, decide, deploy --------------------------------------------------
+
+    def run(self) -> None:
+        kb = KnowledgeBase(self.kb_path)
+        kb.requeue_running()
+        for device_id, path in self.ports.items():
+            link = _SerialLink(self, device_id, path, kb)
+            self._links[device_id] = link
+            self._spawn(link.run, "port-%s" % device_id)
+        if self.ingest_socket:
+            self._spawn(self._serve_socket, "ingest-socket")
+        pool, pool_at = None, 0.0
+        next_deploy_check = next_decide = 0.0
+        self.ready.set()
+        log.info("link service up: kb=%s ports=%s socket=%s", self.kb_path, self.ports, self.ingest_socket)
+        try:
+            while not self.stop_event.is_set():
+                batch = self._take_batch(timeout=0.05)
+                if batch:
+                    self._commit(kb, batch)
+                now = time.monotonic()
+                if self.pool_factory is not None and (pool is None or now - pool_at > self.pool_refresh_s):
+                    try:
+                        pool = self.pool_factory()
+                    except Exception as e:  # no repository yet: ingest anyway, decide later
+                        log.warning("pool unavailable: %s", e)
+                        pool = None
+                    pool_at = now
+                if pool is not None and (batch or now >= next_decide):
+                    self.counters["decided"] += pool.decide_pending(kb).decided
+                    next_decide = now + 1.0
+                if now >= next_deploy_check:
+                    self._dispatch_deploys(kb)
+                    next_deploy_check = now + 0.2
+        finally:
+            self.stop_event.set()
+            for t in self._threads:
+                t.join(timeout=5)
+            kb.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def submit(self, upload: Upload, ack: Callable[[Upload, bool], None]) -> None:
+        """Queue an upload; ack(upload, duplicate) is called once it is committed."""
+        self._q.put(_Item(upload, ack))
+
+    def _take_batch(self, timeout: float) -> list[_Item]:
+        try:
+            first = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self.batch_max:
+            try:
+                batch.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, kb: KnowledgeBase, batch: list[_Item]) -> None:
+        good = []
+        for item in batch:
+            try:
+                item.upload.validate()
+                good.append(item)
+            except KnowledgeBaseError as e:
+                self.counters["rejected"] += 1
+                log.warning("rejected: %s", e)
+        if not good:
+            return
+        result = kb.ingest([i.upload for i in good])  # committed when this returns
+        for item, dup in zip(good, result.duplicates):
+            self.counters["duplicates" if dup else "ingested"] += 1
+            try:
+                item.ack(item.upload, dup)
+            except OSError:
+                pass  # the sender went away; it retransmits and the KB recognises the repeat
+
+    def _dispatch_deploys(self, kb: KnowledgeBase) -> None:
+        for device_id, link in self._links.items():
+            if link.deploy_pending is None:
+                req = kb.claim_deploy([device_id])
+                if req is not None:
+                    link.deploy_pending = req
+
+    def _spawn(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- ingest socket ------------------------------------------------------------------------------------
+
+    def _serve_socket(self) -> None:
+        path = self.ingest_socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(str(path))
+        srv.listen(64)
+        srv.setblocking(False)
+        sel = selectors.DefaultSelector()
+        sel.register(srv, selectors.EVENT_READ, None)
+        try:
+            while not self.stop_event.is_set():
+                for key, _ in sel.select(timeout=0.1):
+                    if key.data is None:
+                        conn, _ = srv.accept()
+                        conn.setblocking(True)
+                        sel.register(conn, selectors.EVENT_READ, _SocketConn(self, conn))
+                    else:
+                        if not key.data.read():
+                            sel.unregister(key.fileobj)
+                            key.fileobj.close()
+        finally:
+            sel.close()
+            srv.close()
+
+
+class _SocketConn:
+    def __init__(self, service: LinkService, conn: socket.socket):
+        self.service = service
+        self.conn = conn
+        self.buf = b""
+        self.wlock = threading.Lock()
+
+    def read(self) -> bool:
+        try:
+            data = self.conn.recv(1 << 16)
+        except OSError:
+            return False
+        if not data:
+            return False
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                u = upload_from_json(line)
+            except KnowledgeBaseError as e:
+                self._send(b"error %s\n" % str(e).encode())
+                continue
+            self.service.submit(u, self.ack)
+        return True
+
+    def ack(self, u: Upload, duplicate: bool) -> None:
+        self._send(b"ack %s %d\n" % (u.device_id.encode(), u.seq))
+
+    def _send(self, data: bytes) -> None:
+        with self.wlock:
+            self.conn.sendall(data)
+
+
+class IngestClient:
+    """A sender over the ingest socket that survives service restarts: unacked uploads are resent on reconnect."""
+
+    def __init__(self, socket_path: str | Path, connect_timeout: float = 60.0):
+        self.socket_path = str(socket_path)
+        self.connect_timeout = connect_timeout
+        self.in_flight: dict[tuple[str, int], bytes] = {}
+        self.reconnects = 0
+        self.sock: socket.socket | None = None
+        self._buf = b""
+        self._connect()
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(self.socket_path)
+                s.settimeout(1.0)
+                self.sock, self._buf = s, b""
+                return
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no link service listening on %s" % self.socket_path) from None
+                time.sleep(0.02)
+
+    def _reconnect(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.reconnects += 1
+        self._connect()
+        if self.in_flight:
+            self._sendall(b"".join(self.in_flight.values()))
+
+    def _sendall(self, data: bytes) -> None:
+        while True:
+            try:
+                self.sock.sendall(data)
+                return
+            except OSError:
+                self._reconnect()
+                return  # the resend of everything in flight included data
+
+    def send(self, lines: list[tuple[str, int, bytes]]) -> None:
+        """Send (device_id, seq, JSON line) uploads; they stay in flight until acknowledged."""
+        for d, s_, line in lines:
+            self.in_flight[(d, s_)] = line
+        self._sendall(b"".join(line for _, _, line in lines))
+
+    def receive_acks(self) -> list[tuple[str, int]]:
+        """Acks that arrived (waits up to 1 s); reconnects and resends when the service went away."""
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self._reconnect()
+            return []
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        acked = []
+        for line in lines:
+            parts = line.split(b" ")
+            if parts[0] == b"ack" and len(parts) == 3:
+                key = (parts[1].decode(), int(parts[2]))
+                self.in_flight.pop(key, None)
+                acked.append(key)
+            elif parts[0] == b"error":
+                raise KnowledgeBaseError(line[6:].decode())
+        return acked
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+# -- serial ports ---------------------------------------------------------------------------------------------
+
+class _SerialLink:
+    """One device's port: frames in, uploads to the ingest loop, cumulative UPLOAD_ACKs out, deploys."""
+
+    def __init__(self, service: LinkService, device_id: str, path: str, kb: KnowledgeBase):
+        self.service = service
+        self.device_id = device_id
+        self.path = path
+        self.deploy_pending: tuple | None = None
+        self.lock = threading.Lock()
+        self.tx_seq = 0
+        # highest upload number such that all before it (from the first this gateway saw) are committed
+        self.contiguous = self._contiguous_from_kb(kb)
+        self.committed_above: set[int] = set()
+        self.transport = None
+
+    def _contiguous_from_kb(self, kb: KnowledgeBase) -> int | None:
+        return kb.scalar(
+            "SELECT MIN(seq) FROM uploads u WHERE device_id=? AND kind != 'champion' AND NOT EXISTS"
+            " (SELECT 1 FROM uploads v WHERE v.device_id = u.device_id AND v.seq = u.seq + 1)",
+            (self.device_id,),
+        )
+
+    def run(self) -> None:
+        from pySerialTransfer import pySerialTransfer as txfer
+        from firmware import messages
+
+        st = txfer.SerialTransfer(self.path, baud=self.service.baud, debug=False, restrict_ports=False)
+        st.open()
+        self.transport = st
+        try:
+            while not self.service.stop_event.is_set():
+                if self.deploy_pending is not None:
+                    self._deploy(st)
+                    continue
+                n = st.available()
+                if not n:
+                    time.sleep(0.005)
+                    continue
+                msg = messages.unpack(bytes(st.rx_buff[:n]))
+                if msg is None:
+                    continue
+                mtype, _seq, body = msg
+                if mtype == messages.UPLOAD:
+                    try:
+                        no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
+                    except ValueError as e:
+                        log.warning("%s: %s", self.device_id, e)
+                        continue
+                    u = Upload(self.device_id, no, "anomaly" if anomaly else "normal",
+                               features=tuple(float(x) for x in feats[:3]), champion_id=str(version),
+                               champion_score=float(score), champion_decision=int(anomaly),
+                               window_start=float(wtime), sent_at=time.time())
+                    self.service.submit(u, self.ack)
+        finally:
+            st.close()
+
+    def ack(self, u: Upload, duplicate: bool) -> None:
+        from firmware import messages
+
+        with self.lock:
+            n = u.seq
+            if self.contiguous is None or n <= self.contiguous + 1:
+                self.contiguous = n if self.contiguous is None else max(self.contiguous, n)
+                while self.contiguous + 1 in self.committed_above:
+                    self.committed_above.discard(self.contiguous + 1)
+                    self.contiguous += 1
+            else:
+                self.committed_above.add(n)
+            upto = self.contiguous
+            self.tx_seq = (self.tx_seq + 1) & 0xFFFF
+            payload = messages.pack(messages.UPLOAD_ACK, self.tx_seq, struct.pack("<I", upto))
+            st = self.transport
+            st.tx_buff[:len(payload)] = list(payload)
+            st.send(len(payload))
+
+    def _deploy(self, st) -> None:
+        req_id, device_id, model_id, package = self.deploy_pending
+        kb = KnowledgeBase(self.service.kb_path)
+        try:
+            if self.service.deployer is None:
+                raise RuntimeError("this link service has no deployer configured")
+            figures = self.service.deployer(device_id, package or b"", model_id, st)
+            kb.finish_deploy(req_id, True, figures)
+            self.service.counters["deploys"] += 1
+        except Exception as e:
+            log.exception("deploy %d of %s to %s failed", req_id, model_id, device_id)
+            kb.finish_deploy(req_id, False, error="%s: %s" % (type(e).__name__, e))
+        finally:
+            kb.close()
+            self.deploy_pending = None
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+def repository_pool_factory() -> PoolFactory:
+    """The pool from the model repository under settings (its candidates, as the forest engineer stores them)."""
+
+    def make():
+        from tinyml_dagster.pool_inference import pool_from_repository
+
+        return pool_from_repository()
+
+    return make
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.link_service", description=__doc__.split("\n")[0])
+    ap.add_argument("--kb", help="Knowledge Base path (default: settings.kb_path())")
+    ap.add_argument("--port", action="append", default=[], metavar="DEVICE_ID=PATH", help="a device's serial port")
+    ap.add_argument("--ingest-socket", help="Unix socket for JSON-line uploads")
+    ap.add_argument("--baud", type=int, default=2400)
+    ap.add_argument("--no-pool", action="store_true", help="store uploads only; Dagster's runs decide them")
+    ap.add_argument("--ready-file", help="written once the service listens")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s link_service %(levelname)s %(message)s")
+    ports = {}
+    for spec in args.port:
+        if "=" not in spec:
+            ap.error("--port %r: expected DEVICE_ID=PATH" % spec)
+        dev, path = spec.split("=", 1)
+        ports[dev] = path
+    deployer = None
+    try:
+        from tinyml_dagster.link import service_deployer  # the link engineer's deploy protocol, when present
+
+        deployer = service_deployer
+    except ImportError:
+        log.warning("no deploy protocol (tinyml_dagster.link.service_deployer) found: deploy requests will fail")
+    svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket, baud=args.baud,
+                      pool_factory=None if args.no_pool else repository_pool_factory(), deployer=deployer)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    signal.signal(signal.SIGINT, lambda *_: svc.stop())
+    if args.ready_file:
+        def announce():
+            svc.ready.wait()
+            while args.ingest_socket and not Path(args.ingest_socket).exists():
+                time.sleep(0.01)
+            Path(args.ready_file).write_text(str(os.getpid()))
+        threading.Thread(target=announce, daemon=True).start()
+    svc.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
