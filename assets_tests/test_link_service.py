@@ -1,0 +1,139 @@
+"""Gateway link service: commit-then-ack over the ingest socket and a real pty serial port, SIGKILL + restart."""
+
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tty
+
+import pytest
+
+from firmware import frames, messages
+from tinyml_dagster.knowledge_base import KnowledgeBase
+from tinyml_dagster.link_service import IngestClient, LinkService
+
+
+def line(d, s, k=1.0):
+    return (d, s, (
+        '{"d":"%s","s":%d,"k":"normal","f":[0.0,0.1,%g],"c":"v1","cs":0.4,"cd":0,"t":%f}\n' % (d, s, k, time.time())
+    ).encode())
+
+
+def start_service(tmp_path):
+    sock = tmp_path / "ingest.sock"
+    ready = tmp_path / "ready"
+    if ready.exists():
+        ready.unlink()
+    p = subprocess.Popen([sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(tmp_path / "kb.sqlite"),
+                          "--ingest-socket", str(sock), "--no-pool", "--ready-file", str(ready)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert p.poll() is None and time.time() < deadline, "link service did not start"
+        time.sleep(0.05)
+    return p, sock
+
+
+def drain(client, n, timeout=30):
+    got = []
+    deadline = time.time() + timeout
+    while len(got) < n and time.time() < deadline:
+        got += client.receive_acks()
+    return got
+
+
+def test_socket_ingest_acks_after_commit_and_survives_sigkill(tmp_path):
+    p, sock = start_service(tmp_path)
+    try:
+        c = IngestClient(sock)
+        c.send([line("d1", s) for s in range(1, 51)])
+        acked = drain(c, 50)
+        assert sorted(acked) == [("d1", s) for s in range(1, 51)]
+        # every acked upload is already in the database, seen from another connection
+        kb = KnowledgeBase(tmp_path / "kb.sqlite")
+        assert kb.count_uploads(device_id="d1") == 50
+        # a retransmission is acked again and stored once
+        c.send([line("d1", 7)])
+        assert drain(c, 1) == [("d1", 7)]
+        assert kb.count_uploads() == 50
+        # bad input gets an error naming the field; nothing is stored
+        c.sock.sendall(b'{"d":"d1","k":"normal"}\n')
+        with pytest.raises(Exception, match="missing field 's'"):
+            drain(c, 1, timeout=5)
+        c.close()
+        c = IngestClient(sock)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        restarted = []
+        timer = threading.Timer(0.5, lambda: restarted.append(start_service(tmp_path)[0]))
+        timer.start()
+        c.send([line("d2", s) for s in range(1, 101)])  # reconnects once the service is back, resends
+        acked = drain(c, 100)
+        timer.join()
+        p = restarted[0]
+        assert len(acked) == 100
+        assert c.reconnects >= 1 and not c.in_flight
+        assert kb.count_uploads(device_id="d2") == 100
+        assert kb.scalar("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM uploads)") == 150
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+
+
+def read_frames(fd, decoder, want, timeout=20):
+    got = []
+    deadline = time.time() + timeout
+    while len(got) < want and time.time() < deadline:
+        try:
+            data = os.read(fd, 256)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        for b in data:
+            n = decoder.feed(b)
+            if n:
+                got.append(bytes(decoder.buf[:n]))
+    return got
+
+
+def test_serial_port_upload_is_committed_then_acked(tmp_path):
+    master, slave = pty.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    path = os.ttyname(slave)
+    svc = LinkService(tmp_path / "kb.sqlite", ports={"dev-a": path}, baud=115200)
+    t = threading.Thread(target=svc.run, daemon=True)
+    t.start()
+    try:
+        assert svc.ready.wait(30)
+        time.sleep(0.3)  # the port thread opens the pty
+        dec = frames.FrameDecoder()
+        for no in (10, 11, 13):  # 12 is lost on the line: the ack must not pass it
+            body = messages.pack_upload(no, 1000 + no, no == 11, 3, 0.71 if no == 11 else 0.3, (0.01, -0.2, 1.5))
+            os.write(master, frames.encode(messages.pack(messages.UPLOAD, no, body)))
+        acks = []
+        for payload in read_frames(master, dec, 3):
+            mtype, _, ack_body = messages.unpack(payload)
+            assert mtype == messages.UPLOAD_ACK
+            acks.append(struct.unpack("<I", bytes(ack_body))[0])
+        assert acks == [10, 11, 11]
+        kb = KnowledgeBase(tmp_path / "kb.sqlite")
+        rows = kb.query("SELECT seq, kind, champion_id, champion_decision, window_start FROM uploads ORDER BY seq")
+        assert rows == [(10, "normal", "3", 0, 1010.0), (11, "anomaly", "3", 1, 1011.0), (13, "normal", "3", 0, 1013.0)]
+        # the device retransmits 12 and 13: both acked up to 13, 13 stored once
+        for no in (12, 13):
+            body = messages.pack_upload(no, 1000 + no, False, 3, 0.3, (0.01, -0.2, 1.5))
+            os.write(master, frames.encode(messages.pack(messages.UPLOAD, no, body)))
+        acks = [struct.unpack("<I", bytes(messages.unpack(p)[2]))[0] for p in read_frames(master, dec, 2)]
+        assert acks == [13, 13]
+        assert kb.count_uploads(device_id="dev-a") == 4
+    finally:
+        svc.stop()
+        t.join(timeout=10)
+        os.close(master)
+        os.close(slave)
