@@ -106,7 +106,7 @@ def test_serial_port_upload_is_committed_then_acked(tmp_path):
     tty.setraw(slave)
     os.set_blocking(master, False)
     path = os.ttyname(slave)
-    svc = LinkService(tmp_path / "kb.sqlite", ports={"dev-a": path}, baud=115200)
+    svc = LinkService(tmp_path / "kb.sqlite", ports={"dev-a": path})
     t = threading.Thread(target=svc.run, daemon=True)
     t.start()
     try:

@@ -35,7 +35,7 @@ from tinyml_dagster.knowledge_base import KnowledgeBase, KnowledgeBaseError, Upl
 
 log = logging.getLogger("tinyml_dagster.link_service")
 
-# (device_id, package bytes, model_id, transport) -> link figures; supplied by the link protocol (tinyml_dagster.link)
+# (device_id, package blob, model_id, transport) -> link figures; default: tinyml_dagster.link's Deployer
 Deployer = Callable[[str, bytes, str, object], dict]
 PoolFactory = Callable[[], object]
 
@@ -77,14 +77,18 @@ class LinkService:
 
     def __init__(self, kb_path: str | Path | None = None, *, ports: dict[str, str] | None = None,
                  ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
-                 deployer: Deployer | None = None, baud: int = 2400, batch_max: int = 5000,
+                 deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
                  pool_refresh_s: float = 5.0):
         self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
         self.ports = dict(ports or {})
         self.ingest_socket = Path(ingest_socket) if ingest_socket else None
         self.pool_factory = pool_factory
         self.deployer = deployer
-        self.baud = baud
+        if timing is None:
+            from tinyml_dagster.link.transport import LinkTiming
+
+            timing = LinkTiming()
+        self.timing = timing
         self.batch_max = batch_max
         self.pool_refresh_s = pool_refresh_s
         self.stop_event = threading.Event()
@@ -331,7 +335,7 @@ class IngestClient:
 # -- serial ports ---------------------------------------------------------------------------------------------
 
 class _SerialLink:
-    """One device's port: frames in, uploads to the ingest loop, cumulative UPLOAD_ACKs out, deploys."""
+    """One device's port: uploads in, cumulative UPLOAD_ACKs out, and the deploys queued for this device."""
 
     def __init__(self, service: LinkService, device_id: str, path: str, kb: KnowledgeBase):
         self.service = service
@@ -353,22 +357,17 @@ class _SerialLink:
         )
 
     def run(self) -> None:
-        from pySerialTransfer import pySerialTransfer as txfer
         from firmware import messages
+        from tinyml_dagster.link.transport import SerialTransport
 
-        st = txfer.SerialTransfer(self.path, baud=self.service.baud, debug=False, restrict_ports=False)
-        st.open()
-        self.transport = st
+        self.transport = SerialTransport(self.path, self.service.timing)
         try:
             while not self.service.stop_event.is_set():
                 if self.deploy_pending is not None:
-                    self._deploy(st)
+                    self._deploy()
                     continue
-                n = st.available()
-                if not n:
-                    time.sleep(0.005)
-                    continue
-                msg = messages.unpack(bytes(st.rx_buff[:n]))
+                with self.lock:
+                    msg = self.transport.recv(0.02)
                 if msg is None:
                     continue
                 mtype, _seq, body = msg
@@ -384,7 +383,7 @@ class _SerialLink:
                                window_start=float(wtime), sent_at=time.time())
                     self.service.submit(u, self.ack)
         finally:
-            st.close()
+            self.transport.close()
 
     def ack(self, u: Upload, duplicate: bool) -> None:
         from firmware import messages
@@ -398,20 +397,24 @@ class _SerialLink:
                     self.contiguous += 1
             else:
                 self.committed_above.add(n)
-            upto = self.contiguous
             self.tx_seq = (self.tx_seq + 1) & 0xFFFF
-            payload = messages.pack(messages.UPLOAD_ACK, self.tx_seq, struct.pack("<I", upto))
-            st = self.transport
-            st.tx_buff[:len(payload)] = list(payload)
-            st.send(len(payload))
+            self.transport.send(messages.UPLOAD_ACK, self.tx_seq, struct.pack("<I", self.contiguous))
 
-    def _deploy(self, st) -> None:
-        req_id, device_id, model_id, package = self.deploy_pending
+    def _deploy(self) -> None:
+        req_id, device_id, model_id, blob = self.deploy_pending
         kb = KnowledgeBase(self.service.kb_path)
         try:
-            if self.service.deployer is None:
-                raise RuntimeError("this link service has no deployer configured")
-            figures = self.service.deployer(device_id, package or b"", model_id, st)
+            if self.service.deployer is not None:
+                figures = self.service.deployer(device_id, blob or b"", model_id, self.transport)
+            else:
+                from tinyml_dagster.link.protocol import Deployer
+
+                pkg = package_from_blob(blob)
+                with self.lock:
+                    report = Deployer(self.transport).deploy(pkg)
+                figures = report.as_metadata()
+                if not report.installed:
+                    raise RuntimeError("device refused the package: %s" % report.reason)
             kb.finish_deploy(req_id, True, figures)
             self.service.counters["deploys"] += 1
         except Exception as e:
@@ -420,6 +423,26 @@ class _SerialLink:
         finally:
             kb.close()
             self.deploy_pending = None
+
+
+def package_to_blob(pkg) -> bytes:
+    """A deployment_agent.Package as bytes for the KB's deploy queue (JSON head + the package bytes)."""
+    head = {"model_id": pkg.model_id, "device_id": pkg.device_id, "version": pkg.version,
+            "encoding": pkg.encoding, "head_size": pkg.head_size,
+            "files": [dict(f, sha8=f["sha8"].hex()) for f in pkg.files]}
+    h = json.dumps(head, separators=(",", ":")).encode()
+    return struct.pack("<I", len(h)) + h + pkg.data
+
+
+def package_from_blob(blob: bytes):
+    from tinyml_dagster.deployment_agent import Package
+
+    if not blob or len(blob) < 4:
+        raise KnowledgeBaseError("deploy request has no package")
+    (n,) = struct.unpack_from("<I", blob, 0)
+    head = json.loads(blob[4:4 + n])
+    head["files"] = [dict(f, sha8=bytes.fromhex(f["sha8"])) for f in head["files"]]
+    return Package(data=bytes(blob[4 + n:]), **head)
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------
@@ -441,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", action="append", default=[], metavar="DEVICE_ID=PATH", help="a device's serial port")
     ap.add_argument("--ingest-socket", help="Unix socket for JSON-line uploads")
     ap.add_argument("--baud", type=int, default=2400)
+    ap.add_argument("--time-scale", type=float, default=1.0, help="link time x this = real time (tests: < 1)")
     ap.add_argument("--no-pool", action="store_true", help="store uploads only; Dagster's runs decide them")
     ap.add_argument("--ready-file", help="written once the service listens")
     args = ap.parse_args(argv)
@@ -451,15 +475,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--port %r: expected DEVICE_ID=PATH" % spec)
         dev, path = spec.split("=", 1)
         ports[dev] = path
-    deployer = None
-    try:
-        from tinyml_dagster.link import service_deployer  # the link engineer's deploy protocol, when present
+    from tinyml_dagster.link.transport import LinkTiming
 
-        deployer = service_deployer
-    except ImportError:
-        log.warning("no deploy protocol (tinyml_dagster.link.service_deployer) found: deploy requests will fail")
-    svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket, baud=args.baud,
-                      pool_factory=None if args.no_pool else repository_pool_factory(), deployer=deployer)
+    svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket,
+                      timing=LinkTiming(baud=args.baud, time_scale=args.time_scale),
+                      pool_factory=None if args.no_pool else repository_pool_factory())
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     signal.signal(signal.SIGINT, lambda *_: svc.stop())
     if args.ready_file:
