@@ -108,10 +108,11 @@ OFFER_FORMAT = "<32sIIB"
 OFFER_FILE_FORMAT = "<8sI"
 # DEPLOY_HAVE: echo, files held (bit i = file i), stream size, resume offset (bytes already acknowledged).
 HAVE_FORMAT = "<HBII"
-# DEPLOY_DATA: stream offset (bit 31: acknowledgement requested), then the fragment (may be empty: a poll).
-DATA_FORMAT = "<I"
-DATA_POLL = 0x80000000
-DEPLOY_FRAG = MAX_BODY - 4  # 245
+# DEPLOY_DATA: fragment number (offset / DEPLOY_FRAG; bit 15: acknowledgement requested), then the fragment
+# (empty: a poll).
+DATA_FORMAT = "<H"
+DATA_POLL = 0x8000
+DEPLOY_FRAG = MAX_BODY - 2  # 247
 # DEPLOY_ACK: echo, contiguous bytes received, bitmap of the next 32 fragments after it (bit i: base + (i+1)*frag).
 ACK_FORMAT = "<HII"
 # DEPLOY_COMMIT: package sha256.

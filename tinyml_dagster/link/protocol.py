@@ -1,0 +1,228 @@
+"""Gateway side of the deploy protocol: offer, delta, fragments in windows, selective retransmission, resume, commit.
+
+One exchange per window: the gateway sends up to `window` fragments, the last one asking for an
+acknowledgement; the device answers with its contiguous offset and a bitmap of what it holds beyond it,
+so the half-duplex turnaround is paid once per window and only lost fragments travel again.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from firmware import messages as m
+
+from ..deployment_agent import Package
+from .transport import SerialTransport
+
+ACK_WIRE = 6 + 5 + struct.calcsize(m.ACK_FORMAT)
+RESULT_WIRE_MAX = 6 + 254
+# real seconds added to every reply timeout (thread scheduling on a busy gateway)
+REAL_SLACK_S = 0.25
+# link seconds a device may take to verify and install a package
+INSTALL_S = 30.0
+MAX_WINDOW = 33  # the ack bitmap covers 32 fragments after the contiguous offset
+
+
+class DeployError(RuntimeError):
+    """The link failed (no answer after all retries); the device keeps its champion and can resume."""
+
+
+@dataclass
+class DeployReport:
+    """What a deployment did on the wire and what the device answered."""
+
+    installed: bool
+    reason: str
+    device_champion_id: str = ""
+    device_champion_version: int = 0
+    package_sha256: str = ""
+    package_bytes: int = 0
+    stream_bytes: int = 0  # after the delta
+    delta_saved_bytes: int = 0
+    resumed_from: int = 0
+    payload_bytes: int = 0  # fragment bytes sent, first copies only
+    wire_bytes: int = 0  # every byte on the wire, both directions
+    data_frames: int = 0
+    retransmissions: int = 0
+    timeouts: int = 0
+    windows: int = 0
+    link_seconds: float = 0.0
+    occupation: float = 0.0
+    events: list = field(default_factory=list)
+
+    def as_metadata(self) -> dict:
+        d = asdict(self)
+        d.pop("events")
+        return d
+
+
+class Deployer:
+    """Streams one package to one device over a SerialTransport."""
+
+    def __init__(
+        self,
+        transport: SerialTransport,
+        *,
+        window: int = 32,
+        retries: int = 6,
+        progress: Callable[[dict], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window {window} out of 1..{MAX_WINDOW}")
+        self.t = transport
+        self.window = window
+        self.retries = retries
+        self.progress = progress or (lambda info: None)
+        self.log = log or (lambda msg: None)
+        self.seq = 0
+        self.timeouts = 0
+
+    # --- exchanges
+    def _reply_timeout(self, reply_wire: int, extra_s: float = 0.0) -> float:
+        tm = self.t.timing
+        link_s = 2 * tm.turnaround_s + reply_wire * tm.byte_s + 0.5 + extra_s
+        return self.t.drain_time() + link_s * tm.time_scale + REAL_SLACK_S
+
+    def _exchange(self, msg_type: int, body: bytes, want: tuple[int, ...], reply_wire: int,
+                  extra_s: float = 0.0, tries: int | None = None) -> tuple[int, bytes] | None:
+        """Send, wait for a reply of a wanted type echoing our seq; resend on timeout. None when all tries fail."""
+        for _ in range(tries or self.retries):
+            self.seq = (self.seq + 1) & 0xFFFF
+            self.t.send(msg_type, self.seq, body)
+            got = self._await(want, reply_wire, extra_s)
+            if got is not None:
+                return got
+        return None
+
+    def _await(self, want: tuple[int, ...], reply_wire: int, extra_s: float = 0.0) -> tuple[int, bytes] | None:
+        deadline = time.monotonic() + self._reply_timeout(reply_wire, extra_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.timeouts += 1
+                return None
+            msg = self.t.recv(left)
+            if msg is None:
+                continue
+            mtype, _, body = msg
+            if mtype in want and len(body) >= 2 and struct.unpack_from("<H", body, 0)[0] == self.seq:
+                return mtype, body
+            # stale, duplicated or unrelated: ignore
+
+    @staticmethod
+    def _result(body: bytes) -> tuple[bool, int, str, str]:
+        _, status, version = struct.unpack_from(m.RESULT_FORMAT, body, 0)
+        pos = struct.calcsize(m.RESULT_FORMAT)
+        n = body[pos]
+        champion = body[pos + 1 : pos + 1 + n].decode(errors="replace")
+        reason = body[pos + 1 + n :].decode(errors="replace")
+        return status == m.RESULT_INSTALLED, version, champion, reason
+
+    # --- the deployment
+    def deploy(self, pkg: Package) -> DeployReport:
+        """Deploy pkg; returns the report (installed or refused with the device's reason), or raises DeployError."""
+        t0 = time.monotonic()
+        w0_out, w0_in = self.t.wire_bytes_out, self.t.wire_bytes_in
+        rep = DeployReport(installed=False, reason="", package_sha256=pkg.sha256.hex(), package_bytes=pkg.size)
+        offer = struct.pack(m.OFFER_FORMAT, pkg.sha256, pkg.size, pkg.version, len(pkg.files)) + b"".join(
+            struct.pack(m.OFFER_FILE_FORMAT, e["sha8"], e["size"]) for e in pkg.files)
+        sent_once: set[int] = set()
+        try:
+            for attempt in range(self.retries):
+                got = self._exchange(m.DEPLOY_OFFER, offer, (m.DEPLOY_HAVE, m.DEPLOY_RESULT), 6 + 5 + 11)
+                if got is None:
+                    raise DeployError("link cut: no answer to the offer after %d tries" % self.retries)
+                mtype, body = got
+                if mtype == m.DEPLOY_RESULT:
+                    rep.installed, rep.device_champion_version, rep.device_champion_id, rep.reason = self._result(body)
+                    self.log(f"device refused the offer: {rep.reason}")
+                    return rep
+                _, mask, stream_size, resume = struct.unpack_from(m.HAVE_FORMAT, body, 0)
+                stream = pkg.stream(mask)
+                if len(stream) != stream_size:
+                    raise DeployError(f"device computed a stream of {stream_size} bytes, gateway {len(stream)}")
+                if attempt == 0:
+                    rep.stream_bytes = stream_size
+                    rep.delta_saved_bytes = pkg.size - stream_size
+                    rep.resumed_from = resume
+                    held = [e["name"] for i, e in enumerate(pkg.files) if mask & (1 << i)]
+                    self.log(f"offer accepted: {stream_size} of {pkg.size} bytes to send"
+                             + (f", device holds {', '.join(held)}" if held else "")
+                             + (f", resuming at {resume}" if resume else ""))
+                result = self._send_stream(stream, resume, rep, sent_once, t0)
+                if result is not None:
+                    break
+                self.log("device stopped answering: offering again to resume")
+            else:
+                raise DeployError("link cut: transfer did not complete after %d offers" % self.retries)
+            if result is True:  # the stream was complete before we sent anything: ask for the result
+                got = self._exchange(m.DEPLOY_COMMIT, struct.pack(m.COMMIT_FORMAT, pkg.sha256), (m.DEPLOY_RESULT,),
+                                     RESULT_WIRE_MAX, extra_s=INSTALL_S)
+                if got is None:
+                    raise DeployError("link cut: no result after the commit")
+                result = got[1]
+            rep.installed, rep.device_champion_version, rep.device_champion_id, rep.reason = self._result(result)
+            self.log(("installed: " if rep.installed else "device refused the package: ") + rep.reason)
+            return rep
+        finally:
+            rep.timeouts = self.timeouts
+            tm = self.t.timing
+            rep.link_seconds = (time.monotonic() - t0) / tm.time_scale
+            rep.wire_bytes = self.t.wire_bytes_out - w0_out + self.t.wire_bytes_in - w0_in
+            if rep.link_seconds > 0:
+                rep.occupation = rep.payload_bytes * tm.byte_s / rep.link_seconds
+
+    def _send_stream(self, stream: bytes, base: int, rep: DeployReport, sent_once: set[int],
+                     t0: float) -> bytes | bool | None:
+        """Send from base until the device has everything: its DEPLOY_RESULT body (it installs as soon as the
+        last fragment is in), True when nothing was left to send, None when the device stopped answering."""
+        if base >= len(stream):
+            return True
+        frag = m.DEPLOY_FRAG
+        total = len(stream)
+        n_frags = math.ceil(total / frag)
+        have: set[int] = set()  # fragment indices the device holds beyond base
+        tm = self.t.timing
+        while base < total:
+            first = base // frag
+            todo = [i for i in range(first, min(n_frags, first + self.window)) if i not in have]
+            for k, i in enumerate(todo):
+                off = i * frag
+                word = i | (m.DATA_POLL if k == len(todo) - 1 else 0)
+                if k == len(todo) - 1:
+                    self.seq = (self.seq + 1) & 0xFFFF
+                self.t.send(m.DEPLOY_DATA, self.seq, struct.pack(m.DATA_FORMAT, word) + stream[off : off + frag])
+                rep.data_frames += 1
+                if i in sent_once:
+                    rep.retransmissions += 1
+                else:
+                    sent_once.add(i)
+                    rep.payload_bytes += len(stream[off : off + frag])
+            last = todo and todo[-1] == n_frags - 1
+            want = (m.DEPLOY_ACK, m.DEPLOY_RESULT)
+            extra = INSTALL_S if last else 0.0
+            got = self._await(want, RESULT_WIRE_MAX if last else ACK_WIRE, extra)
+            if got is None:
+                poll = struct.pack(m.DATA_FORMAT, (base // frag) | m.DATA_POLL)
+                got = self._exchange(m.DEPLOY_DATA, poll, want, RESULT_WIRE_MAX, extra, tries=3)
+                if got is None:
+                    return None
+            rep.windows += 1
+            if got[0] == m.DEPLOY_RESULT:
+                return got[1]
+            _, new_base, bits = struct.unpack_from(m.ACK_FORMAT, got[1], 0)
+            if new_base < base:
+                self.log(f"device went back from {base} to {new_base} (restarted?)")
+            base = new_base
+            have = {base // frag + 1 + j for j in range(32) if bits & (1 << j)}
+            elapsed = (time.monotonic() - t0) / tm.time_scale
+            rate = base / elapsed if elapsed > 0 else 0.0
+            self.progress({"bytes": base, "total": total, "frames": rep.data_frames,
+                           "retransmissions": rep.retransmissions, "link_seconds": round(elapsed, 2),
+                           "eta_seconds": round((total - base) / rate, 1) if rate > 0 else None})
+        return True  # not reached: the last acknowledgement is a result

@@ -1,0 +1,88 @@
+"""Gateway end of the power-line link: messages in pySerialTransfer frames over pyserial."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pySerialTransfer import pySerialTransfer as txfer
+
+from firmware import messages
+
+
+@dataclass(frozen=True)
+class LinkTiming:
+    """The channel model: 8N1 at `baud`, a turnaround per direction change, all times x time_scale in real time."""
+
+    baud: int = 2400
+    turnaround_s: float = 0.1
+    time_scale: float = 1.0
+
+    @property
+    def byte_s(self) -> float:
+        """Wire time of one byte (10 bits), in link seconds."""
+        return 10.0 / self.baud
+
+
+class SerialTransport:
+    """Messages (type, seq, body) over the real pySerialTransfer; counts what it puts on and takes off the wire."""
+
+    def __init__(self, port: str, timing: LinkTiming = LinkTiming()) -> None:
+        self.timing = timing
+        self.link = txfer.SerialTransfer(port, baud=115200 if port.startswith("/dev/pts") else timing.baud,
+                                         debug=False, restrict_ports=False, timeout=0.002)
+        self.link.open()
+        self.tx_busy_until = 0.0  # real time when our last frame has left the wire
+        self.wire_bytes_out = 0
+        self.wire_bytes_in = 0
+        self.frames_out = 0
+        self.frames_in = 0
+        self.bad_frames = 0
+
+    def close(self) -> None:
+        self.link.close()
+
+    def send(self, msg_type: int, seq: int, body: bytes = b"") -> int:
+        """Frame and write one message; returns its wire size. The payload is rebuilt on every call."""
+        payload = messages.pack(msg_type, seq, body)
+        n = len(payload)
+        self.link.tx_buff[:n] = list(payload)  # send() stuffs tx_buff in place: refill before every (re)send
+        if not self.link.send(n):
+            raise OSError("pySerialTransfer could not write the frame")
+        wire = n + 6
+        now = time.monotonic()
+        self.tx_busy_until = max(now, self.tx_busy_until) + wire * self.timing.byte_s * self.timing.time_scale
+        self.wire_bytes_out += wire
+        self.frames_out += 1
+        return wire
+
+    def drain_time(self) -> float:
+        """Real seconds until what we sent has left the wire."""
+        return max(0.0, self.tx_busy_until - time.monotonic())
+
+    def recv(self, timeout: float) -> tuple[int, int, memoryview] | None:
+        """The next well-formed message within timeout real seconds, or None."""
+        deadline = time.monotonic() + timeout
+        link = self.link
+        while True:
+            try:
+                n = link.available()
+            except (IndexError, ValueError):  # pySerialTransfer trips over some corrupted stuffing
+                n = 0
+                link.state = txfer.State.FIND_START_BYTE
+                self.bad_frames += 1
+            if n:
+                payload = bytes(link.rx_buff[:n])
+                self.frames_in += 1
+                self.wire_bytes_in += n + 6
+                msg = messages.unpack(payload)
+                if msg is not None:
+                    return msg[0], msg[1], bytes(msg[2])
+                self.bad_frames += 1
+                continue
+            if link.status in (txfer.Status.CRC_ERROR, txfer.Status.PAYLOAD_ERROR, txfer.Status.STOP_BYTE_ERROR):
+                self.bad_frames += 1
+                link.status = txfer.Status.NO_DATA
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.0005)
