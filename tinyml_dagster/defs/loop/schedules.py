@@ -1,0 +1,10 @@
+"""Retraining schedule: new candidates from the Knowledge Base's data, as new asset materializations."""
+
+import dagster as dg
+
+from tinyml_dagster.defs.loop import jobs
+
+retrain_schedule = dg.ScheduleDefinition(
+    name="retrain_schedule", job=jobs.retrain_job, cron_schedule="0 3 * * *", execution_timezone="UTC",
+    description="Nightly: train new candidates on the normal windows stored since the last retraining.",
+)
