@@ -1,0 +1,149 @@
+"""The device's main loop: Data In -> (Local Training | Local Inference) -> Data Comm, with state on flash."""
+
+import json
+import time
+
+from firmware import features, messages
+from firmware._compat import collect, exists, makedirs, read_json, sleep_ms, ticks_ms, write_json
+from firmware.data_comm import PHASE_COLLECTING, PHASE_INFERRING, DataComm, pack_hello
+from firmware.data_in import DataIn
+from firmware.local_inference import LocalInference
+from firmware.local_training import LocalTraining
+from firmware.model_deployment_agent import ModelDeploymentAgent
+
+DEFAULT_CONFIG = {
+    "device_id": "esp32-0",
+    "rate_hz": 1000,
+    "window_ms": features.WINDOW_MS,
+    "n_train": 64,
+    "n_trees": 50,
+    "psi": 64,
+    "seed": 1,
+    "threshold": 0.6,
+    "upload_every": 10,
+    "outbox_max": 64,
+    "baud": 2400,
+    "ack_timeout_ms": 5000,
+    "save_every": 20,
+}
+
+
+def default_root():
+    """/flash in the VM and the emulator, the filesystem root on a board."""
+    return "/flash" if exists("/flash") else ""
+
+
+class State:
+    """Counters and numbers that survive a reboot, in <root>/state.json."""
+
+    def __init__(self, root):
+        self.path = root + "/state.json"
+        self.data = read_json(self.path, {})
+
+    def save(self):
+        write_json(self.path, self.data)
+
+
+def load_config(root):
+    """Device config: defaults overlaid with <root>/config.json; ValueError naming a bad field."""
+    cfg = dict(DEFAULT_CONFIG)
+    user = read_json(root + "/config.json", {})
+    for k in user:
+        if k not in cfg:
+            raise ValueError("%s/config.json: unknown field %s" % (root, k))
+        if type(user[k]) is not type(cfg[k]) and not (isinstance(cfg[k], float) and isinstance(user[k], int)):
+            raise ValueError("%s/config.json: field %s must be %s" % (root, k, type(cfg[k]).__name__))
+        cfg[k] = user[k]
+    return cfg
+
+
+class Device:
+    """Wires the paper's device components together; step() is one turn of the main loop."""
+
+    def __init__(self, data_uart, link_uart, root=None, transfer_factory=None):
+        self.root = default_root() if root is None else root
+        makedirs(self.root + "/deploy")
+        self.cfg = cfg = load_config(self.root)
+        self.state = State(self.root)
+        self.state.data["boots"] = self.state.data.get("boots", 0) + 1
+        self.data_in = DataIn(data_uart, cfg["rate_hz"], cfg["window_ms"])
+        self.inference = LocalInference()
+        self.training = LocalTraining(cfg["n_train"], cfg["n_trees"], cfg["psi"], cfg["seed"])
+        self.agent = ModelDeploymentAgent(self.root, cfg["device_id"], self.inference, self.state,
+                                          cfg["threshold"])
+        self.agent.boot()
+        transfer = None
+        if transfer_factory is None:
+            try:
+                from firmware import transfer as _transfer
+
+                transfer = _transfer.Receiver(self.root, self.agent)
+            except ImportError:
+                transfer = None
+        else:
+            transfer = transfer_factory(self.root, self.agent)
+        self.comm = DataComm(link_uart, self.root, self.state, cfg["baud"], cfg["outbox_max"],
+                             cfg["upload_every"], cfg["ack_timeout_ms"], transfer, self.hello)
+        self.windows = 0
+        self.state.save()
+        self.comm.send(messages.HELLO, self.hello())
+
+    def hello(self):
+        d = self.state.data
+        model_id, version = self.agent.champion_info()
+        phase = PHASE_INFERRING if self.inference.ready() else PHASE_COLLECTING
+        return pack_hello(self.cfg["device_id"], version, model_id, d.get("windows", 0), d.get("anomalies", 0),
+                          d.get("next_upload", 0), d.get("uploads_dropped", 0), len(self.comm.outbox), phase)
+
+    def on_window(self, feats):
+        """One window's features: train towards the first champion, or score and report it."""
+        d = self.state.data
+        d["windows"] = d.get("windows", 0) + 1
+        self.windows += 1
+        if not self.inference.ready():
+            if self.training.add(feats):
+                forest = self.training.train()
+                cfg = self.agent.install_local(forest, self.cfg["threshold"])
+                self.comm.queue_champion(0, json.dumps(cfg).encode(), forest.to_bytes())
+                self.state.save()
+            return None
+        score, anomaly = self.inference.infer(feats)
+        if anomaly:
+            d["anomalies"] = d.get("anomalies", 0) + 1
+        queued = self.comm.queue_upload(int(time.time()), anomaly, self.inference.version, score, feats)
+        # upload numbers must never be reused after a reboot: save with every queued upload
+        if queued or self.windows % self.cfg["save_every"] == 0:
+            self.state.save()
+        return score, anomaly
+
+    def step(self):
+        """One turn: link in, data in (at most one window), link out; True when anything happened."""
+        busy = self.comm.poll() > 0
+        feats = self.data_in.poll()
+        if feats is not None:
+            self.on_window(feats)
+            # collect at this safe point, once per window, so allocation never has to trigger a collection
+            collect()
+            busy = True
+        if self.comm.service(ticks_ms()):
+            busy = True
+        return busy
+
+    def run(self, max_windows=-1, idle_ms=1):
+        """Loop forever (or until max_windows windows were processed)."""
+        while max_windows < 0 or self.windows < max_windows:
+            if not self.step():
+                sleep_ms(idle_ms)
+        self.state.save()
+
+
+def main(data_uart=None, link_uart=None, root=None):
+    """Board entry point: UART 2 carries the sensor's samples, UART 1 the power-line modem (2,400 baud)."""
+    if data_uart is None or link_uart is None:
+        from machine import UART
+
+        if data_uart is None:
+            data_uart = UART(2, 115200, timeout=0)
+        if link_uart is None:
+            link_uart = UART(1, 2400, timeout=0)
+    Device(data_uart, link_uart, root).run()

@@ -1,0 +1,124 @@
+"""The device main loop: first champion trained on device, uploads, outbox bound and acks, reboots."""
+
+import struct
+
+from firmware import frames, messages
+from firmware._compat import exists, sleep_ms, write_json
+from firmware.data_comm import unpack_hello
+from firmware.device import Device
+from firmware.tests.util import FakeUART, samples_bytes, scratch, signal
+
+CFG = {"device_id": "dev-t", "rate_hz": 100, "n_train": 30, "n_trees": 10, "psi": 16, "upload_every": 5,
+       "outbox_max": 6, "baud": 1000000, "ack_timeout_ms": 60000}
+
+
+def _device(root, data=b"", link=None):
+    write_json(root + "/config.json", CFG)
+    return Device(FakeUART(data, burst=128), link or FakeUART(), root)
+
+
+def _sent(link):
+    dec = frames.FrameDecoder()
+    out = []
+    for b in link.tx:
+        n = dec.feed(b)
+        if n:
+            m = messages.unpack(bytes(dec.payload()))
+            assert m is not None
+            out.append((m[0], bytes(m[2])))
+    assert dec.crc_errors == 0 and dec.framing_errors == 0
+    return out
+
+
+def _drain(dev, steps=60, pause_ms=0):
+    """Step until the data UART is exhausted, then `steps` more turns."""
+    while dev.data_in.uart.pos < len(dev.data_in.uart.rx) or dev.data_in.end - dev.data_in.pos >= 4:
+        dev.step()
+    for _ in range(steps):
+        dev.step()
+        if pause_ms:
+            sleep_ms(pause_ms)
+
+
+def test_trains_first_champion_then_infers_and_uploads():
+    root = scratch("dev")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 60)), link)
+    _drain(dev)
+    assert dev.windows == 60
+    assert dev.inference.ready() and dev.inference.version == 0
+    assert exists(root + "/models/champion/forest.bin")
+    sent = _sent(link)
+    types = [t for t, _ in sent]
+    assert types[0] == messages.HELLO
+    hello = unpack_hello(sent[0][1])
+    assert hello["device_id"] == "dev-t" and hello["phase"] == 0
+    assert messages.CHAMPION_CHUNK in types
+    ups = [messages.unpack_upload(b) for t, b in sent if t == messages.UPLOAD]
+    # 30 inferred windows: every 5th normal one plus every anomaly, bounded by the outbox (6)
+    assert len(ups) >= 6
+    assert [u[0] for u in ups] == list(range(len(ups)))
+    assert len(ups[0][5]) == 3
+
+
+def test_outbox_is_bounded_drops_are_counted_and_acks_clear_it():
+    root = scratch("box")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 90)), link)
+    _drain(dev)
+    d = dev.state.data
+    assert len(dev.comm.outbox) == 6
+    assert d["next_upload"] - d.get("uploads_dropped", 0) == 6
+    assert d.get("uploads_dropped", 0) > 0
+    last = dev.comm.outbox[-1][0]
+    link.feed(frames.encode(messages.pack(messages.UPLOAD_ACK, 1, struct.pack("<I", last - 2))))
+    _drain(dev, 10)
+    assert [e[0] for e in dev.comm.outbox] == [last - 1, last]
+    assert dev.comm.uploads_acked == 4
+
+
+def test_state_champion_and_outbox_survive_a_reboot():
+    root = scratch("boot")
+    dev = _device(root, samples_bytes(signal(50 * 50)))
+    _drain(dev)
+    fb = open(root + "/models/champion/forest.bin", "rb").read()
+    box = [e[0] for e in dev.comm.outbox]
+    nxt = dev.state.data["next_upload"]
+    link = FakeUART()
+    dev2 = _device(root, b"", link)
+    assert dev2.inference.ready() and dev2.inference.forest.to_bytes() == fb
+    assert [e[0] for e in dev2.comm.outbox] == box, ([e[0] for e in dev2.comm.outbox], box)
+    assert dev2.state.data["next_upload"] == nxt and dev2.state.data["boots"] == 2, (nxt, dev2.state.data)
+    link.feed(frames.encode(messages.pack(messages.STATUS_REQUEST, 9)))
+    _drain(dev2, 20, pause_ms=3)
+    hellos = [unpack_hello(b) for t, b in _sent(link) if t == messages.HELLO]
+    assert len(hellos) == 2 and hellos[-1]["phase"] == 1 and hellos[-1]["windows"] >= 40, hellos
+
+
+def test_corrupt_champion_falls_back_to_previous():
+    root = scratch("fb")
+    dev = _device(root, samples_bytes(signal(50 * 30)))
+    _drain(dev)
+    first = dev.inference.forest.to_bytes()
+    dev.agent.install_local(dev.inference.forest, 0.7)  # a second champion; the first becomes previous
+    assert exists(root + "/models/previous/forest.bin")
+    with open(root + "/models/champion/forest.bin", "wb") as f:
+        f.write(b"IF\x01garbage")
+    dev2 = _device(root)
+    assert dev2.inference.ready() and dev2.inference.forest.to_bytes() == first
+    assert dev2.agent.fallbacks == 1
+
+
+def test_refused_package_changes_nothing():
+    root = scratch("pkg")
+    dev = _device(root, samples_bytes(signal(50 * 30)))
+    _drain(dev)
+    before = dev.inference.forest
+    with open(root + "/deploy/key", "wb") as f:
+        f.write(b"k" * 32)
+    with open(root + "/deploy/stage.pkg", "wb") as f:
+        f.write(b"TMPK" + bytes(100))
+    ok, reason = dev.agent.install(root + "/deploy/stage.pkg")
+    assert not ok and reason
+    assert dev.inference.forest is before and not exists(root + "/models/new")
+    assert dev.agent.refusals == 1

@@ -1,0 +1,61 @@
+"""Window -> features -> score on the device, with the Data In manager and the Local engines."""
+
+from firmware import features, isoforest
+from firmware.data_in import DataIn
+from firmware.local_inference import LocalInference
+from firmware.local_training import LocalTraining
+from firmware.tests.util import FakeUART, samples_bytes, signal
+
+
+def _close(a, b, tol=1e-6):
+    return abs(a - b) <= tol * (1.0 + abs(b))
+
+
+def test_data_in_windows_like_features_module():
+    xs = signal(50 * 7 + 13)
+    want = features.signal_features(xs, 100)
+    din = DataIn(FakeUART(samples_bytes(xs), burst=37), 100)
+    got = []
+    for _ in range(1000):
+        r = din.poll()
+        if r is not None:
+            got.append(r)
+    assert len(got) == 7 == len(want), (len(got), len(want))
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            assert a == b, (g, w)
+    assert din.samples == 50 * 7 + 13 and din.windows == 7
+
+
+def test_data_in_counts_bad_samples():
+    din = DataIn(FakeUART(samples_bytes([1.0, float("nan"), 2.0, float("inf")])), 100)
+    assert din.poll() is None
+    assert din.bad_samples == 2 and din.samples == 2
+
+
+def test_constant_window_gives_zero_moments():
+    din = DataIn(FakeUART(samples_bytes([0.25] * 50)), 100)
+    got = [din.poll() for _ in range(20)]
+    assert [g for g in got if g is not None] == [(0.25, 0.0, 0.0)], got
+
+
+def test_training_then_inference_flags_spikes():
+    rows = features.signal_features(signal(50 * 40, seed=3), 100)
+    tr = LocalTraining(40, 20, 32, 7)
+    done = False
+    for r in rows:
+        done = tr.add(r)
+    assert done
+    forest = tr.train()
+    assert forest.n_trees == 20 and forest.psi == 32
+    again = isoforest.train(rows, 20, 32, 7)
+    assert again.to_bytes() == forest.to_bytes()
+    inf = LocalInference()
+    inf.set_champion(forest, {"threshold": 0.6, "model_id": "m", "version": 3})
+    normal = [inf.infer(r)[0] for r in rows]
+    spiky = features.signal_features(signal(50 * 5, seed=9, spike_every=7), 100)
+    odd = [inf.infer(r) for r in spiky]
+    assert max(normal) < min(s for s, _ in odd), (max(normal), [s for s, _ in odd])
+    assert all(a for _, a in odd)
+    assert inf.windows == 45 and inf.anomalies >= 5
+
