@@ -117,6 +117,9 @@ class Receiver:
         except OSError as e:  # flash full or failing: refuse, keep the champion, keep the loop alive
             self._clear()
             return self._result(seq, m.RESULT_REFUSED, "flash error: %s" % e)
+        except Exception as e:  # never let a hostile message stop the device
+            self._clear()
+            return self._result(seq, m.RESULT_REFUSED, "refused: %s" % e)
         return []
 
     def _offer(self, body, seq):
@@ -148,6 +151,8 @@ class Receiver:
                 files.append([1, src[0], fsize])
             else:
                 files.append([0, 0, fsize])
+        if stream_size < 12 + package.TRAILER_SIZE or size - stream_size > size - 12 - package.TRAILER_SIZE:
+            return self._result(seq, m.RESULT_REFUSED, "truncated package: %d bytes cannot hold its files" % size)
         hexd = bytes(digest).hex()
         st = self.state
         if st is None or st["digest"] != hexd or st["mask"] != mask or not _exists(self._path("stream.part")):

@@ -159,6 +159,8 @@ class Package:
 
     def stream(self, have_mask: int = 0) -> bytes:
         """The bytes that travel when the device already holds the files in have_mask (bit i = file i)."""
+        if not have_mask:
+            return self.data
         parts = [self.data[: self.head_size]]
         for i, e in enumerate(self.files):
             if not have_mask & (1 << i):

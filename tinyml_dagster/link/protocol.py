@@ -71,6 +71,7 @@ class Deployer:
         retries: int = 6,
         progress: Callable[[dict], None] | None = None,
         log: Callable[[str], None] | None = None,
+        install_s: float = INSTALL_S,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window {window} out of 1..{MAX_WINDOW}")
@@ -79,6 +80,7 @@ class Deployer:
         self.retries = retries
         self.progress = progress or (lambda info: None)
         self.log = log or (lambda msg: None)
+        self.install_s = install_s
         self.seq = 0
         self.timeouts = 0
 
@@ -162,7 +164,7 @@ class Deployer:
                 raise DeployError("link cut: transfer did not complete after %d offers" % self.retries)
             if result is True:  # the stream was complete before we sent anything: ask for the result
                 got = self._exchange(m.DEPLOY_COMMIT, struct.pack(m.COMMIT_FORMAT, pkg.sha256), (m.DEPLOY_RESULT,),
-                                     RESULT_WIRE_MAX, extra_s=INSTALL_S)
+                                     RESULT_WIRE_MAX, extra_s=self.install_s)
                 if got is None:
                     raise DeployError("link cut: no result after the commit")
                 result = got[1]
@@ -205,11 +207,11 @@ class Deployer:
                     rep.payload_bytes += len(stream[off : off + frag])
             last = todo and todo[-1] == n_frags - 1
             want = (m.DEPLOY_ACK, m.DEPLOY_RESULT)
-            extra = INSTALL_S if last else 0.0
+            extra = self.install_s if last else 0.0
             got = self._await(want, RESULT_WIRE_MAX if last else ACK_WIRE, extra)
             if got is None:
                 poll = struct.pack(m.DATA_FORMAT, (base // frag) | m.DATA_POLL)
-                got = self._exchange(m.DEPLOY_DATA, poll, want, RESULT_WIRE_MAX, extra, tries=3)
+                got = self._exchange(m.DEPLOY_DATA, poll, want, RESULT_WIRE_MAX, extra, tries=min(3, self.retries))
                 if got is None:
                     return None
             rep.windows += 1
