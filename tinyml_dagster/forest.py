@@ -1,0 +1,220 @@
+"""Pool scorer: the numpy twin of firmware.isoforest, reading the same compact bytes and giving the same scores.
+
+Every tree of every model in the pool walks all windows at once: the compact bytes are decoded into node arrays
+(feature, threshold, left, right, leaf code; leaves point to themselves), the windows are quantised on each
+model's grid exactly as the firmware does (floor(x * 2**e + 0.5) - base, clipped to 0..65535), and
+`depth` vectorised steps bring every (tree, window) pair to its leaf. Scores are exp(k * sum of leaf codes)
+with the firmware's k, so they match `firmware.isoforest.Forest.score` to float rounding (tested < 1e-9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from firmware import isoforest
+
+CHUNK_WINDOWS = 256  # windows per vectorised step: (windows x trees) temporaries stay in cache
+HEAP_MAX_DEPTH = 12  # deeper trees (only hand-made ones: training caps the height at 7) walk node arrays instead
+
+
+@dataclass(frozen=True)
+class TreeArrays:
+    """A compact forest decoded into node arrays (all trees, node ids global to the forest)."""
+
+    feature: np.ndarray  # int32, 0 for leaves
+    threshold: np.ndarray  # int32, 0 for leaves
+    left: np.ndarray  # int32 node id; a leaf points to itself
+    right: np.ndarray  # int32 node id; a leaf points to itself
+    leaf: np.ndarray  # int64 leaf code (path length in 1/8 steps), 0 for internal nodes
+    roots: np.ndarray  # int32 node id of each tree's root
+    depth: int  # deepest leaf
+
+
+def decode(buf: bytes) -> TreeArrays:
+    """Decode compact bytes (validated by the firmware parser) into node arrays."""
+    starts = isoforest.tree_starts(buf)
+    feature: list[int] = []
+    threshold: list[int] = []
+    left: list[int] = []
+    right: list[int] = []
+    leaf: list[int] = []
+    roots: list[int] = []
+    max_depth = 0
+    for start in starts:
+        roots.append(len(feature))
+        # explicit stack of (byte offset, depth, parent node id or -1 when this node is a left child)
+        stack = [(start, 0, -1)]
+        while stack:
+            p, depth, parent = stack.pop()
+            me = len(feature)
+            if parent >= 0:
+                right[parent] = me
+            f = buf[p]
+            left.append(me + 1)
+            right.append(me)
+            if f & isoforest.LEAF_FLAG:
+                feature.append(0)
+                threshold.append(0)
+                leaf.append(f & 127)
+                left[me] = me
+                max_depth = max(max_depth, depth)
+                continue
+            o = buf[p + 3]
+            if o:
+                child = p + 4
+            else:
+                o = buf[p + 4] | (buf[p + 5] << 8)
+                child = p + 6
+            feature.append(f)
+            threshold.append(buf[p + 1] | (buf[p + 2] << 8))
+            leaf.append(0)
+            stack.append((p + o, depth + 1, me))
+            stack.append((child, depth + 1, -1))
+    return TreeArrays(
+        feature=np.asarray(feature, dtype=np.int32),
+        threshold=np.asarray(threshold, dtype=np.int32),
+        left=np.asarray(left, dtype=np.int32),
+        right=np.asarray(right, dtype=np.int32),
+        leaf=np.asarray(leaf, dtype=np.int64),
+        roots=np.asarray(roots, dtype=np.int32),
+        depth=max_depth,
+    )
+
+
+def quantise(X: np.ndarray, grid: Sequence[Sequence[int]]) -> np.ndarray:
+    """Raw feature matrix (n, d) -> int32 grid integers, exactly as firmware.isoforest.quantise."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(grid):
+        raise ValueError(f"feature matrix has shape {X.shape}, the model's grid has {len(grid)} features")
+    bad = np.argwhere(np.isnan(X))
+    if len(bad):
+        row, col = bad[0]
+        raise ValueError(f"feature matrix row {row} feature {col} is NaN")
+    scale = np.array([2.0 ** int(e) for e, _ in grid])
+    base = np.array([float(b) for _, b in grid])
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.floor(X * scale + 0.5) - base
+    return np.clip(q, 0, isoforest.Q_MAX).astype(np.int32)
+
+
+class PoolScorer:
+    """Scores windows with many compact forests at once (the Pool Inference Engine's hot path).
+
+    Each tree is laid out as a complete binary tree of depth D (heap order: children of slot s are 2s+1, 2s+2;
+    a leaf above depth D is pushed down along always-right slots), so a step needs no child lookup.
+    """
+
+    def __init__(self, forests: Sequence[isoforest.Forest]):
+        if not forests:
+            raise ValueError("PoolScorer needs at least one forest")
+        d = forests[0].n_features
+        for i, f in enumerate(forests):
+            if f.n_features != d:
+                raise ValueError(f"forest {i} has {f.n_features} features, forest 0 has {d}")
+        self.n_features = d
+        self.forests = list(forests)
+        decoded = [decode(f.buf) for f in self.forests]
+        self.depth = max(t.depth for t in decoded)
+        self.k = np.array([f._k for f in self.forests])
+        tree_model = np.concatenate([np.full(len(t.roots), m, dtype=np.intp) for m, t in enumerate(decoded)])
+        # trees of one model are contiguous: reduceat boundaries
+        self.model_first_tree = np.searchsorted(tree_model, np.arange(len(self.forests)))
+        self.n_trees = len(tree_model)
+        if self.depth > HEAP_MAX_DEPTH:
+            self._nodes = _stack_nodes(decoded, d)
+            return
+        self._nodes = None
+        slots = (1 << (self.depth + 1)) - 1
+        n_trees = self.n_trees
+        feature = np.zeros((n_trees, slots), dtype=np.intp)
+        threshold = np.zeros((n_trees, slots), dtype=np.int32)
+        leaf = np.zeros((n_trees, slots), dtype=np.int64)
+        first_leaf_slot = (1 << self.depth) - 1
+        row = 0
+        for m, t in enumerate(decoded):
+            for root in t.roots:
+                stack = [(int(root), 0)]
+                while stack:
+                    node, slot = stack.pop()
+                    if t.left[node] == node:
+                        while slot < first_leaf_slot:  # threshold 0: every window goes right
+                            feature[row, slot] = m * d
+                            slot = 2 * slot + 2
+                        leaf[row, slot] = t.leaf[node]
+                        continue
+                    feature[row, slot] = m * d + t.feature[node]  # column in the stacked quantised matrix
+                    threshold[row, slot] = t.threshold[node]
+                    stack.append((int(t.left[node]), 2 * slot + 1))
+                    stack.append((int(t.right[node]), 2 * slot + 2))
+                row += 1
+        self.slots = slots
+        self.feature = feature.ravel()
+        self.threshold = threshold.ravel()
+        self.leaf = leaf.ravel()
+
+    def quantised(self, X: np.ndarray) -> np.ndarray:
+        """(n_windows, n_models * n_features) grid integers, model after model."""
+        return np.concatenate([quantise(X, f.grid) for f in self.forests], axis=1)
+
+    def path_sums(self, X: np.ndarray) -> np.ndarray:
+        """(n_windows, n_models) int64 sums of leaf codes, as Forest.path_sum on each row."""
+        Q = self.quantised(X)
+        n, width = Q.shape
+        out = np.empty((n, len(self.forests)), dtype=np.int64)
+        if self._nodes is not None:
+            return self._path_sums_nodes(Q, out)
+        tree_base = (np.arange(self.n_trees, dtype=np.intp) * self.slots)[None, :]
+        for lo in range(0, n, CHUNK_WINDOWS):
+            hi = min(n, lo + CHUNK_WINDOWS)
+            flat = Q[lo:hi].ravel()
+            row_base = (np.arange(hi - lo, dtype=np.intp) * width)[:, None]
+            slot = np.zeros((hi - lo, self.n_trees), dtype=np.intp)
+            for _ in range(self.depth):
+                g = slot + tree_base
+                go_right = np.take(flat, np.take(self.feature, g) + row_base) >= np.take(self.threshold, g)
+                slot = 2 * slot + 1 + go_right
+            codes = np.take(self.leaf, slot + tree_base)  # (windows, trees)
+            out[lo:hi] = np.add.reduceat(codes, self.model_first_tree, axis=1)
+        return out
+
+    def _path_sums_nodes(self, Q: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Slower general walk over node arrays (next node = child[2 * node + go_right]), for deep trees."""
+        feature, threshold, child, leaf, roots = self._nodes
+        n, width = Q.shape
+        for lo in range(0, n, CHUNK_WINDOWS):
+            hi = min(n, lo + CHUNK_WINDOWS)
+            flat = Q[lo:hi].ravel()
+            row_base = (np.arange(hi - lo, dtype=np.intp) * width)[:, None]
+            node = np.repeat(roots[None, :], hi - lo, axis=0)
+            for _ in range(self.depth):
+                go_right = np.take(flat, np.take(feature, node) + row_base) >= np.take(threshold, node)
+                node = np.take(child, 2 * node + go_right)
+            out[lo:hi] = np.add.reduceat(np.take(leaf, node), self.model_first_tree, axis=1)
+        return out
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """(n_windows, n_models) anomaly scores in 0..1."""
+        return np.exp(self.path_sums(X) * self.k[None, :])
+
+
+def _stack_nodes(decoded: Sequence[TreeArrays], d: int) -> tuple[np.ndarray, ...]:
+    """Node arrays of all models, node ids made global; features as columns of the stacked quantised matrix."""
+    feats, thrs, childs, leaves, roots = [], [], [], [], []
+    offset = 0
+    for m, t in enumerate(decoded):
+        feats.append(t.feature.astype(np.intp) + m * d)
+        thrs.append(t.threshold)
+        childs.append(np.stack([t.left, t.right], axis=1).ravel().astype(np.intp) + offset)
+        leaves.append(t.leaf)
+        roots.append(t.roots.astype(np.intp) + offset)
+        offset += len(t.feature)
+    return (np.concatenate(feats), np.concatenate(thrs), np.concatenate(childs), np.concatenate(leaves),
+            np.concatenate(roots))
+
+
+def score_forest(forest: isoforest.Forest, X: np.ndarray) -> np.ndarray:
+    """Scores of one forest on a feature matrix (n, d)."""
+    return PoolScorer([forest]).scores(X)[:, 0]
