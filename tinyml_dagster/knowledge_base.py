@@ -248,7 +248,8 @@ class KnowledgeBase:
                 with self.transaction():
                     c = self._conn
                     for u in uploads:
-                        seq = self._touch_device(u.device_id, u.seq, now)
+                        seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now)
+                        seq = u.seq if u.kind == "champion" else seq
                         f = u.features or (None, None, None)
                         cur = c.execute(
                             "INSERT OR IGNORE INTO uploads (device_id, seq, kind, received_at, sent_at, window_start,"
@@ -288,7 +289,7 @@ class KnowledgeBase:
         if last is None:
             self._conn.execute(
                 "INSERT INTO devices (device_id, first_seen, last_seen, last_seq) VALUES (?,?,?,?)",
-                (device_id, now, now, seq),
+                (device_id, now, now, max(seq, -1)),
             )
             self._last_seq[device_id] = seq
         elif seq > last:

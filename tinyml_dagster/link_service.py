@@ -38,6 +38,8 @@ log = logging.getLogger("tinyml_dagster.link_service")
 # (device_id, package blob, model_id, transport) -> link figures; default: tinyml_dagster.link's Deployer
 Deployer = Callable[[str, bytes, str, object], dict]
 PoolFactory = Callable[[], object]
+# a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
+CHAMPION_SEQ_BASE = 1 << 40
 
 
 @dataclass
@@ -348,6 +350,7 @@ class _SerialLink:
         self.contiguous = self._contiguous_from_kb(kb)
         self.committed_above: set[int] = set()
         self.transport = None
+        self.champion_parts: dict[int, dict[int, bytes]] = {}
 
     def _contiguous_from_kb(self, kb: KnowledgeBase) -> int | None:
         return kb.scalar(
@@ -382,8 +385,27 @@ class _SerialLink:
                                champion_score=float(score), champion_decision=int(anomaly),
                                window_start=float(wtime), sent_at=time.time())
                     self.service.submit(u, self.ack)
+                elif mtype == messages.CHAMPION_CHUNK:
+                    self._champion_chunk(bytes(body))
         finally:
             self.transport.close()
+
+    def _champion_chunk(self, body: bytes) -> None:
+        """Reassemble the device's self-trained champion; complete, it is stored once like an upload."""
+        from firmware.data_comm import CHAMPION_CHUNK_FORMAT
+
+        head = struct.calcsize(CHAMPION_CHUNK_FORMAT)
+        if len(body) < head:
+            log.warning("%s: short CHAMPION_CHUNK", self.device_id)
+            return
+        version, index, total = struct.unpack_from(CHAMPION_CHUNK_FORMAT, body, 0)
+        parts = self.champion_parts.setdefault(version, {})
+        parts[index] = body[head:]
+        if len(parts) == total:
+            blob = b"".join(parts[i] for i in range(total))
+            del self.champion_parts[version]
+            self.service.submit(Upload(self.device_id, CHAMPION_SEQ_BASE + version, "champion", model_blob=blob,
+                                       sent_at=time.time()), lambda u, dup: None)
 
     def ack(self, u: Upload, duplicate: bool) -> None:
         from firmware import messages

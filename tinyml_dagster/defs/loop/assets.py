@@ -80,24 +80,25 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
         kb.close()
 
 
-def add_device_champion(repo, device_id: str, blob: bytes, window_from, window_to, upload_id: int) -> str:
-    """Put a device's self-trained champion (compact encoding, zlib or raw) in the repository with its lineage."""
-    import zlib
+def parse_device_champion(blob: bytes):
+    """(config dict, Forest) of a champion a device uploaded: u16 length | config.json | compact forest bytes."""
+    import struct
 
     from firmware import isoforest
 
-    try:
-        raw = zlib.decompress(blob)
-    except zlib.error:
-        raw = blob
-    doc = json.loads(raw) if raw[:1] == b"{" else None
-    if doc is not None:  # {"buf": hex, "grid": [[e, base], ...]}
-        forest = isoforest.load(bytes.fromhex(doc["buf"]), [tuple(g) for g in doc["grid"]])
-    else:
-        raise ValueError("device %s champion upload %d: unknown encoding" % (device_id, upload_id))
-    lineage = {"source": "device", "device_id": device_id, "window_from": window_from, "window_to": window_to,
+    (n,) = struct.unpack_from("<H", blob, 0)
+    cfg = json.loads(blob[2:2 + n])
+    forest = isoforest.load(bytes(blob[2 + n:]), [tuple(g) for g in cfg["grid"]])
+    return cfg, forest
+
+
+def add_device_champion(repo, device_id: str, blob: bytes, window_from, window_to, upload_id: int) -> str:
+    """Put a device's self-trained champion in the repository with its lineage (device, windows' time range)."""
+    cfg, forest = parse_device_champion(blob)
+    lineage = {"source": "device", "device_id": device_id, "device_model_id": cfg.get("model_id"),
+               "device_version": cfg.get("version"), "window_from": window_from, "window_to": window_to,
                "kb_upload_id": upload_id}
-    return repo.add(forest, lineage=lineage)
+    return repo.add(forest, lineage=lineage, threshold=cfg.get("threshold"))
 
 
 class ChampionPackageConfig(dg.Config):
