@@ -1,0 +1,3 @@
+from tinyml_dagster.emulator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""The data UART of an emulated device: one IMS channel, subsampled to rate_hz, as float32 samples in real time."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from firmware import features
+from tinyml_dagster import ims, subsampling
+
+
+def channel_index(bearing: int, axis: str, n_channels: int) -> int:
+    """Column of (bearing, axis) in an IMS file: set 1 has x and y per bearing (8 columns), sets 2-3 one (4)."""
+    if not 1 <= bearing <= 4:
+        raise ValueError(f"bearing must be 1..4, got {bearing}")
+    if n_channels == 8:
+        if axis not in ("x", "y"):
+            raise ValueError(f"axis must be x or y, got {axis!r}")
+        return 2 * (bearing - 1) + (axis == "y")
+    return bearing - 1
+
+
+class DataFeed:
+    """float32 LE samples of one channel at rate_hz, released as the (scaled) clock advances.
+
+    Each file contributes its complete windows only, so the device's windows are the gateway's windows.
+    """
+
+    def __init__(self, files: list[Path], bearing: int, axis: str, rate_hz: int, time_scale: float = 1.0,
+                 window_ms: int = features.WINDOW_MS, loop: bool = False) -> None:
+        if not files:
+            raise ValueError("no IMS files to feed")
+        self.files = list(files)
+        self.bearing, self.axis, self.rate_hz = bearing, axis, rate_hz
+        self.time_scale = time_scale
+        self.window = features.window_length(rate_hz, window_ms)
+        self.loop = loop
+        self._file = 0
+        self._buf = b""
+        self._pos = 0
+        self._released = 0  # samples released so far
+        self._t0: float | None = None
+        self._lock = threading.Lock()
+        self.files_fed = 0
+
+    def file_samples(self, path: Path) -> np.ndarray:
+        """The samples one file contributes (complete windows of the subsampled channel)."""
+        data = ims.read_ims_file(path)
+        col = channel_index(self.bearing, self.axis, data.shape[1])
+        x = subsampling.subsample(data[:, col], self.rate_hz)
+        return x[: len(x) // self.window * self.window]
+
+    def _next_file(self) -> bool:
+        if self._file >= len(self.files):
+            if not self.loop:
+                return False
+            self._file = 0
+        x = self.file_samples(self.files[self._file])
+        self._file += 1
+        self.files_fed += 1
+        self._buf = np.asarray(x, dtype="<f4").tobytes()
+        self._pos = 0
+        return True
+
+    def readinto(self, buf) -> int | None:
+        """Copy the samples due by now (whole samples only) into buf."""
+        with self._lock:
+            now = time.perf_counter()
+            if self._t0 is None:
+                self._t0 = now
+            due = int((now - self._t0) * self.rate_hz * self.time_scale) - self._released
+            n = min(due, len(buf) // 4)
+            if n <= 0:
+                return None
+            if self._pos >= len(self._buf) and not self._next_file():
+                return None
+            n = min(n, (len(self._buf) - self._pos) // 4)
+            buf[0 : 4 * n] = self._buf[self._pos : self._pos + 4 * n]
+            self._pos += 4 * n
+            self._released += n
+            return 4 * n
+
+    def exhausted(self) -> bool:
+        return self._file >= len(self.files) and self._pos >= len(self._buf) and not self.loop
+
+    def read_hex(self, payload: bytes) -> str:
+        """Host function for the VM: payload is the buffer size as ASCII; result the bytes as hex."""
+        buf = bytearray(int(payload or b"256"))
+        n = self.readinto(buf)
+        return buf[: n or 0].hex()
+
+
+def float32_bytes(xs) -> bytes:
+    return b"".join(struct.pack("<f", float(x)) for x in xs)
