@@ -1,0 +1,1 @@
+"""Models domain: the model repository of candidate Isolation Forests, trained from the feature windows."""
