@@ -109,3 +109,44 @@ def test_json_encoding_deploys_too(rig):
     assert rep.installed
     doc = json.loads((root / "models" / "champion" / "model.json").read_text())
     assert isoforest.from_json(doc).to_bytes() == f.to_bytes()
+
+
+def test_interop_gateway_pyserialtransfer_with_firmware_in_micropython_vm(tmp_path):
+    """The device emulator runs the firmware in the real MicroPython 1.27 VM behind a half-duplex pty."""
+    import time
+
+    from tinyml_dagster.emulator import DeviceEmulator
+
+    scale = 20  # the emulator's wire runs 20x faster than 2,400 baud; the gateway's timing says the same
+    flash = tmp_path / "vm-1" / "flash"
+    (flash / "deploy").mkdir(parents=True)
+    (flash / "deploy" / "key").write_bytes(KEY)
+    ims_file = sorted((Path(__file__).parent / "fixtures" / "ims" / "1st_test").iterdir())[0]
+    emu = DeviceEmulator("dev-1", flash_dir=flash, ims_files=[ims_file], runtime="vm", baud=2400,
+                         turnaround_ms=100, time_scale=scale, config={"n_train": 100000})
+    emu.start()
+    transport = None
+    try:
+        out = tmp_path / "vm-1" / "vm.stdout"
+        deadline = time.monotonic() + 120
+        while not (out.exists() and "BOOTED" in out.read_text()):
+            assert time.monotonic() < deadline, emu.errors
+            time.sleep(0.1)
+        transport = SerialTransport(emu.port_path, LinkTiming(time_scale=1 / scale))
+        f = forest(5)
+        logs = []
+        rep = Deployer(transport, install_s=120, log=logs.append).deploy(package(f, 1, "vm-a"))
+        assert rep.installed and (rep.device_champion_id, rep.device_champion_version) == ("vm-a", 1), logs
+        assert (flash / "models" / "champion" / "model.bin").read_bytes() == f.to_bytes()
+        rep = Deployer(transport, install_s=120, log=logs.append).deploy(package(f, 2, "vm-b"))
+        assert rep.installed and rep.delta_saved_bytes > 0 and rep.device_champion_version == 2
+        forged = da.build_package("evil", ("model.bin", f.to_bytes()), {"grid": f.grid}, device_id="dev-1",
+                                  version=3, key=b"attacker-key-0123456789")
+        rep = Deployer(transport, install_s=120, log=logs.append).deploy(forged)
+        assert not rep.installed and "bad signature" in rep.reason and "bad signature" in logs[-1]
+        assert rep.device_champion_id == "vm-b"
+        assert not emu.errors
+    finally:
+        if transport is not None:
+            transport.close()
+        emu.stop()

@@ -200,34 +200,12 @@ def extract(path, info, dest_dir):
     return names
 
 
-class _Slice:
-    """A read-only stream over the next n bytes of f (for DeflateIO)."""
-
-    def __init__(self, f, n):
-        self.f = f
-        self.left = n
-
-    def readinto(self, buf):
-        n = min(len(buf), self.left)
-        if n <= 0:
-            return 0
-        got = self.f.readinto(memoryview(buf)[:n])
-        self.left -= got
-        return got
-
-    def read(self, n=-1):
-        if n < 0 or n > self.left:
-            n = self.left
-        data = self.f.read(n)
-        self.left -= len(data)
-        return data
-
-
 def _inflate(f, size, raw_size, out, name):
     try:
         import deflate  # MicroPython
 
-        stream = deflate.DeflateIO(_Slice(f, size), deflate.ZLIB)
+        # DeflateIO needs a native stream: the file itself, positioned at the entry (it stops at the zlib end)
+        stream = deflate.DeflateIO(f, deflate.ZLIB)
         total = 0
         while True:
             chunk = stream.read(_CHUNK)
