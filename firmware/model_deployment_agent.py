@@ -104,10 +104,6 @@ class ModelDeploymentAgent:
             return False, str(e)
         self.state.data["accepted_version"] = info["version"]
         self.state.save()
-        try:
-            os.remove(package_path)
-        except OSError:
-            pass
         self.last_reason = "installed %s v%d" % (cfg["model_id"], info["version"])
         return True, self.last_reason
 
