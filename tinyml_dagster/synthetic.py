@@ -68,6 +68,11 @@ _TONE_AMP = np.array(
 )
 # structural resonance each bearing's impacts ring (Hz, decay s), for its x and y channel
 _RESONANCE = {3: ((4300.0, 5200.0), 0.0007), 4: ((3500.0, 3900.0), 0.0007)}
+# impacts also move the sensor's low band (the real last files' low-band energy and mean rise): a one-sided
+# response this strong per unit impact; it is what a detector sees once the signal is subsampled to <= 2 kHz
+_SHOCK_GAIN = {3: 0.06, 4: 0.05}
+_SHOCK_DECAY_S = 0.002
+BURST_GAIN = 2.0
 
 
 def set1_timestamps() -> list[datetime]:
@@ -116,13 +121,26 @@ def _ringing(freq_hz: float, decay_s: float) -> np.ndarray:
     return scipy.fft.rfft(np.exp(-t / decay_s) * np.sin(2 * np.pi * freq_hz * t))
 
 
-def _impacts(rng: np.random.Generator, rate_hz: float, mod_hz: float, depth: float, amp: float) -> np.ndarray:
-    """Impact train over one record: jittered period, amplitude modulated by mod_hz and log-normally scattered."""
+@lru_cache(maxsize=4)
+def _shock(decay_s: float) -> np.ndarray:
+    """Spectrum of one unit impact's low-frequency, one-sided response: exp(-t/decay)."""
+    return scipy.fft.rfft(np.exp(-np.arange(N) / FS / decay_s))
+
+
+def _impacts(
+    rng: np.random.Generator, rate_hz: float, mod_hz: float, depth: float, amp: float, bursts_per_s: float, burst_gain: float
+) -> np.ndarray:
+    """Impact train over one record: jittered period, amplitude modulated by mod_hz, log-normally scattered,
+    and raised by burst_gain during short bursts (a spall rolling in and out of contact)."""
     n = int(N / FS * rate_hz) + 2
     t = (np.arange(n) + rng.uniform(0, 1)) / rate_hz + rng.normal(0, 0.01 / rate_hz, n)
     t = t[(t >= 0) & (t < N / FS)]
     a = amp * (1 - depth + depth * np.cos(2 * np.pi * mod_hz * t + rng.uniform(0, 2 * np.pi)))
     a *= rng.lognormal(0.0, 0.35, len(t))
+    starts = rng.uniform(0, N / FS, rng.poisson(bursts_per_s * N / FS))
+    ends = starts + rng.exponential(0.03, len(starts))
+    in_burst = ((t[:, None] >= starts) & (t[:, None] < ends)).any(axis=1)
+    a *= 1.0 + burst_gain * in_burst
     train = np.zeros(N)
     np.add.at(train, (t * FS).astype(int), a)
     return train
@@ -156,18 +174,20 @@ def synthesize_file(index: int, seed: int = DEFAULT_SEED) -> np.ndarray:
     # bearing 3: inner race, impacts at BPFI with the shaft's load-zone modulation, in episodes
     episode3 = rng.lognormal(0.0, 0.35)
     if s3 > 0:
-        train = scipy.fft.rfft(_impacts(rng, BPFI_HZ, SHAFT_HZ, 0.45, 2.6 * s3 * episode3))
+        train = scipy.fft.rfft(_impacts(rng, BPFI_HZ, SHAFT_HZ, 0.45, 2.6 * s3 * episode3, 4.0 * s3, BURST_GAIN))
         (fx, fy), decay = _RESONANCE[3]
-        lines[:, 4] += train * _ringing(fx, decay)
-        lines[:, 5] += 0.85 * train * _ringing(fy, decay)
+        low = _SHOCK_GAIN[3] * _shock(_SHOCK_DECAY_S)
+        lines[:, 4] += train * (_ringing(fx, decay) + low)
+        lines[:, 5] += 0.85 * train * (_ringing(fy, decay) + low)
     # bearing 4: roller, impacts at 2 x BSF modulated by the cage; most impulsive mid-way, then broadband
     episode4 = rng.lognormal(0.0, 0.5)
     if s4 > 0:
         amp4 = 0.6 * np.sin(np.pi * min(s4, 1.0)) ** 2 * episode4
-        train = scipy.fft.rfft(_impacts(rng, 2 * BSF_HZ, FTF_HZ, 0.5, amp4))
+        train = scipy.fft.rfft(_impacts(rng, 2 * BSF_HZ, FTF_HZ, 0.5, amp4, 4.0 * s4, BURST_GAIN))
         (fx, fy), decay = _RESONANCE[4]
-        lines[:, 6] += train * _ringing(fx, decay)
-        lines[:, 7] += 0.9 * train * _ringing(fy, decay)
+        low = _SHOCK_GAIN[4] * _shock(_SHOCK_DECAY_S)
+        lines[:, 6] += train * (_ringing(fx, decay) + low)
+        lines[:, 7] += 0.9 * train * (_ringing(fy, decay) + low)
     x = noise + scipy.fft.irfft(lines, n=N, axis=0) + _OFFSET * run_in
     return np.round(np.clip(x, -CLIP, CLIP), 3)
 

@@ -1,0 +1,1 @@
+"""Data domain: IMS recording -> subsampled signals -> feature windows."""

@@ -1,0 +1,224 @@
+"""Data assets: the IMS recording (real or synthetic), its subsampled signals, and the feature windows."""
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from tinyml_dagster import features, ims, settings, subsampling, synthetic
+from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
+
+RECORDING_MANIFEST = "ims_recording.json"
+SUBSAMPLED_INDEX = "index.json"
+
+
+class IMSRecordingConfig(dg.Config):
+    """Which recording the pipeline reads."""
+
+    ims_dir: str = Field(
+        default="",
+        description="Directory of real IMS files (e.g. a full copy of set 1); empty: TINYML_IMS_DIR, else the synthetic recording.",
+    )
+    n_files: int = Field(default=synthetic.DEFAULT_FILES, description="Files of the synthetic recording (2,156 = full scale).")
+    seed: int = Field(default=synthetic.DEFAULT_SEED, description="Seed of the synthetic recording: same seed, same bytes.")
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_json(path: Path, upstream: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise dg.Failure(f"{path} is missing: materialize {upstream} first") from None
+
+
+def _span(timestamps: Iterable) -> str:
+    ts = pd.to_datetime(list(timestamps))
+    return f"{ts[0]:%Y-%m-%d %H:%M:%S} .. {ts[-1]:%Y-%m-%d %H:%M:%S} ({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)"
+
+
+@dg.asset(group_name="data", kinds={"ascii"})
+def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig) -> dg.MaterializeResult:
+    """The IMS run-to-failure recording: real files from ims_dir, or the synthetic set 1 generated under data/."""
+    directory = settings.ims_dir(config.ims_dir or None)
+    synthetic_run = settings.is_synthetic(directory)
+    if synthetic_run:
+        started = time.perf_counter()
+        fresh = not synthetic.is_generated(directory, config.n_files, config.seed)
+        paths = synthetic.generate_recording(directory, n_files=config.n_files, seed=config.seed)
+        context.log.info(
+            "%s synthetic recording of %d files in %s (%.1f s)",
+            "generated" if fresh else "kept the current", len(paths), directory, time.perf_counter() - started,
+        )
+    else:
+        paths = ims.list_ims_files(directory)
+    first = ims.read_ims_file(paths[0])  # format check; every file is parsed by subsampled_signals
+    stamps = ims.file_timestamps(paths)
+    manifest = {
+        "directory": str(directory),
+        "synthetic": synthetic_run,
+        "seed": config.seed if synthetic_run else None,
+        "n_channels": int(first.shape[1]),
+        "files": [p.name for p in paths],
+    }
+    _write_json(settings.data_dir() / RECORDING_MANIFEST, manifest)
+    rms = np.sqrt((first**2).mean(axis=0))
+    return dg.MaterializeResult(
+        metadata={
+            "directory": dg.MetadataValue.path(str(directory)),
+            "source": "synthetic set 1 (seed %d)" % config.seed if synthetic_run else "real IMS files",
+            "files": len(paths),
+            "channels": int(first.shape[1]),
+            "rows_per_file": ims.ROWS,
+            "time_span": _span(stamps),
+            "size_mb": round(sum(p.stat().st_size for p in paths) / 1e6, 1),
+            "first_file_rms": dg.MetadataValue.md(
+                "| channel | " + " | ".join(str(c + 1) for c in range(len(rms))) + " |\n|---|"
+                + "---:|" * len(rms) + "\n| RMS | " + " | ".join(f"{v:.3f}" for v in rms) + " |"
+            ),
+        }
+    )
+
+
+@dg.asset(group_name="data", deps=[ims_recording], kinds={"numpy"})
+def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Every file at 500 Hz, 1 kHz and 2 kHz: FFT, rectangular low-pass at fs/2, inverse FFT at the new rate."""
+    manifest = _read_json(settings.data_dir() / RECORDING_MANIFEST, "ims_recording")
+    paths = [Path(manifest["directory"]) / name for name in manifest["files"]]
+    started = time.perf_counter()
+    signals = subsampling.subsample_files(paths, settings.RATES_HZ)
+    seconds = time.perf_counter() - started
+    out = settings.subsampled_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for rate, array in signals.items():
+        _save_npy(out / f"rate={rate}.npy", array)
+    stamps = ims.file_timestamps(paths)
+    _write_json(
+        out / SUBSAMPLED_INDEX,
+        {
+            "directory": manifest["directory"],
+            "files": manifest["files"],
+            "timestamps": [str(t) for t in stamps.astype("datetime64[s]")],
+            "n_channels": manifest["n_channels"],
+            "rates_hz": list(signals),
+        },
+    )
+    context.log.info("subsampled %d files to %s Hz in %.2f s", len(paths), list(signals), seconds)
+    table = "| rate (Hz) | samples per file | array | MB |\n|---:|---:|---|---:|\n" + "\n".join(
+        f"| {r} | {a.shape[1]} | {a.shape} | {a.nbytes / 1e6:.1f} |" for r, a in signals.items()
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "files": len(paths),
+            "rates_hz": ", ".join(str(r) for r in signals),
+            "seconds": round(seconds, 2),
+            "files_per_second": round(len(paths) / seconds, 1),
+            "arrays": dg.MetadataValue.md(table),
+            "directory": dg.MetadataValue.path(str(out)),
+        }
+    )
+
+
+def _preview(df: pd.DataFrame, rows: int = 6) -> str:
+    cols = ["timestamp", "file_index", "window_index", "axis", "life_fraction", "split", *features.FEATURE_NAMES]
+    sample = pd.concat([df.head(rows // 2), df.tail(rows // 2)])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in sample.iterrows():
+        cells = [
+            str(r.timestamp), str(r.file_index), str(r.window_index), r.axis, f"{r.life_fraction:.3f}", r.split,
+            *(f"{r[name]:.4f}" for name in features.FEATURE_NAMES),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _split_summary(df: pd.DataFrame) -> str:
+    lines = ["| split | axis | windows | life | " + " | ".join(f"median {n}" for n in features.FEATURE_NAMES) + " |",
+             "|---|---|---:|---|" + "---:|" * len(features.FEATURE_NAMES)]
+    for (split, axis), g in df.groupby(["split", "axis"], sort=False):
+        med = " | ".join(f"{g[n].median():.4f}" for n in features.FEATURE_NAMES)
+        lines.append(f"| {split} | {axis} | {len(g)} | {g.life_fraction.min():.2f}-{g.life_fraction.max():.2f} | {med} |")
+    return "\n".join(lines)
+
+
+@dg.asset(group_name="data", deps=[subsampled_signals], partitions_def=feature_partitions, kinds={"parquet"})
+def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Mean, skewness and excess kurtosis of every non-overlapping 500-ms window, per rate and bearing."""
+    key = context.partition_key.keys_by_dimension
+    rate, bearing = int(key["rate"]), int(key["bearing"])
+    src = settings.subsampled_dir()
+    index = _read_json(src / SUBSAMPLED_INDEX, "subsampled_signals")
+    signals = np.load(src / f"rate={rate}.npy", mmap_mode="r")
+    stamps = np.array(index["timestamps"], dtype="datetime64[ns]")
+    df = features.feature_windows_frame(signals, stamps, rate, bearing)
+    path = features.write_feature_windows(df, settings.feature_path(rate, bearing))
+    train = df[df.split == "train"]
+    test = df[df.split == "test"]
+    split_at = test.timestamp.min() if len(test) else None
+    context.log.info("%d feature windows at %d Hz for bearing %d -> %s", len(df), rate, bearing, path)
+    return dg.MaterializeResult(
+        metadata={
+            "rows": len(df),
+            "files": int(df.file_index.nunique()),
+            "windows_per_file_and_axis": int(df.window_index.max()) + 1,
+            "samples_per_window": features.window_length(rate),
+            "axes": ", ".join(sorted(df.axis.unique())),
+            "time_span": _span([df.timestamp.min(), df.timestamp.max()]),
+            "train_rows": len(train),
+            "test_rows": len(test),
+            "train_test_split": f"train = life_fraction < {settings.TRAIN_FRACTION} (until {train.timestamp.max()}), "
+            f"test from {split_at}",
+            "kurtosis_definition": "excess (Fisher), population moments: m4 / m2**2 - 3",
+            "by_split": dg.MetadataValue.md(_split_summary(df)),
+            "preview": dg.MetadataValue.md(_preview(df)),
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+def materialize_data(
+    rates_hz: Iterable[int] = settings.RATES_HZ,
+    bearings: Iterable[int] = settings.BEARINGS,
+    ims_dir: str = "",
+    n_files: int = synthetic.DEFAULT_FILES,
+    seed: int = synthetic.DEFAULT_SEED,
+    instance: dg.DagsterInstance | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """Materialize the recording, its subsampled signals and the feature windows of every (rate, bearing) given."""
+    config = {"ops": {"ims_recording": {"config": {"ims_dir": ims_dir, "n_files": n_files, "seed": seed}}}}
+    results = [dg.materialize([ims_recording, subsampled_signals], run_config=config, instance=instance)]
+    for rate in rates_hz:
+        for bearing in bearings:
+            results.append(
+                dg.materialize(
+                    [feature_windows, subsampled_signals, ims_recording],
+                    selection=[feature_windows],
+                    partition_key=feature_partition_key(rate, bearing),
+                    instance=instance,
+                )
+            )
+    return results
