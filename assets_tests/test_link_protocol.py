@@ -85,7 +85,7 @@ def test_resume_after_cut_link_and_device_restart(rig):
     cut_after = []
 
     def progress(info):
-        if not cut_after:
+        if not cut_after and info["what"] == "acknowledged":
             cut_after.append(info["bytes"])
             link.cut()
 

@@ -229,3 +229,22 @@ def build_package(
         raise PackagingError(f"{model_id}: {encoding} package of {len(data)} bytes > device limit {fpkg.MAX_PACKAGE}")
     return Package(data=data, model_id=model_id, device_id=device_id, version=version,
                    encoding=encoding, files=files, head_size=len(head))
+
+
+def model_file(forest, encoding: str) -> tuple[str, bytes]:
+    """The package's model file: compact bytes (model.bin) or the paper-like JSON (model.json)."""
+    from firmware import isoforest
+
+    if encoding == "compact":
+        return "model.bin", forest.to_bytes()
+    if encoding == "json":
+        return "model.json", json.dumps(isoforest.to_json(forest), separators=(",", ":")).encode()
+    raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)}")
+
+
+def package_model(repo, model_id: str, *, device_id: str, version: int, key: bytes,
+                  encoding: str = "compact") -> Package:
+    """The signed package of a repository model (its config: threshold, window, rate, feature schema, grid)."""
+    forest, config = repo.load(model_id)
+    return build_package(model_id, model_file(forest, encoding), config, device_id=device_id, version=version,
+                         key=key, encoding=encoding)

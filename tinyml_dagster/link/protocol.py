@@ -179,6 +179,15 @@ class Deployer:
             if rep.link_seconds > 0:
                 rep.occupation = rep.payload_bytes * tm.byte_s / rep.link_seconds
 
+    def _report(self, done: int, total: int, rep: DeployReport, t0: float, what: str) -> None:
+        tm = self.t.timing
+        elapsed = (time.monotonic() - t0) / tm.time_scale
+        # what is left crosses the wire at 10 bits a byte plus the frames' overhead
+        eta = (total - done) * tm.byte_s * (m.DEPLOY_FRAG + 13) / m.DEPLOY_FRAG + self.t.drain_time() / tm.time_scale
+        self.progress({"what": what, "bytes": done, "total": total, "frames": rep.data_frames,
+                       "retransmissions": rep.retransmissions, "link_seconds": round(elapsed, 2),
+                       "eta_seconds": round(eta, 1)})
+
     def _send_stream(self, stream: bytes, base: int, rep: DeployReport, sent_once: set[int],
                      t0: float) -> bytes | bool | None:
         """Send from base until the device has everything: its DEPLOY_RESULT body (it installs as soon as the
@@ -189,7 +198,6 @@ class Deployer:
         total = len(stream)
         n_frags = math.ceil(total / frag)
         have: set[int] = set()  # fragment indices the device holds beyond base
-        tm = self.t.timing
         while base < total:
             first = base // frag
             todo = [i for i in range(first, min(n_frags, first + self.window)) if i not in have]
@@ -206,6 +214,7 @@ class Deployer:
                     sent_once.add(i)
                     rep.payload_bytes += len(stream[off : off + frag])
             last = todo and todo[-1] == n_frags - 1
+            self._report(min(total, (todo[-1] + 1) * frag) if todo else base, total, rep, t0, "sent")
             want = (m.DEPLOY_ACK, m.DEPLOY_RESULT)
             extra = self.install_s if last else 0.0
             got = self._await(want, RESULT_WIRE_MAX if last else ACK_WIRE, extra)
@@ -216,15 +225,12 @@ class Deployer:
                     return None
             rep.windows += 1
             if got[0] == m.DEPLOY_RESULT:
+                self._report(total, total, rep, t0, "acknowledged")
                 return got[1]
             _, new_base, bits = struct.unpack_from(m.ACK_FORMAT, got[1], 0)
             if new_base < base:
                 self.log(f"device went back from {base} to {new_base} (restarted?)")
             base = new_base
             have = {base // frag + 1 + j for j in range(32) if bits & (1 << j)}
-            elapsed = (time.monotonic() - t0) / tm.time_scale
-            rate = base / elapsed if elapsed > 0 else 0.0
-            self.progress({"bytes": base, "total": total, "frames": rep.data_frames,
-                           "retransmissions": rep.retransmissions, "link_seconds": round(elapsed, 2),
-                           "eta_seconds": round((total - base) / rate, 1) if rate > 0 else None})
+            self._report(base, total, rep, t0, "acknowledged")
         return True  # not reached: the last acknowledgement is a result
