@@ -151,28 +151,14 @@ def unpack_scores(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
 
 
-def _field(entry, name, default=None):
-    if isinstance(entry, dict):
-        return entry.get(name, default)
-    return getattr(entry, name, default)
-
-
-def pool_from_repository(root=None, exclude_sources: Sequence[str] = ("device",)) -> PoolInferenceEngine:
-    """The pool of the model repository's candidates (models a device trained itself are not candidates)."""
+def pool_from_repository(root=None) -> PoolInferenceEngine:
+    """The pool of the model repository's candidate set (else every model not trained by a device)."""
     from tinyml_dagster import settings
     from tinyml_dagster.model_repository import ModelRepository
 
     repo = ModelRepository(root or settings.models_dir())
-    ids, forests, thresholds = [], [], []
-    for entry in repo.list():
-        model_id = entry if isinstance(entry, str) else _field(entry, "model_id")
-        meta = repo.get(model_id) if isinstance(entry, str) else entry
-        lineage = _field(meta, "lineage") or {}
-        if _field(meta, "source") in exclude_sources or _field(lineage, "source") in exclude_sources:
-            continue
-        ids.append(model_id)
-        forests.append(repo.load_forest(model_id))
-        thresholds.append(float(_field(meta, "threshold", DEFAULT_THRESHOLD) or DEFAULT_THRESHOLD))
+    ids = repo.candidate_ids() or [e["model_id"] for e in repo.list() if e.get("source") != "device"]
     if not ids:
-        raise ValueError("the model repository under %s holds no candidate models yet" % (root or settings.models_dir()))
-    return PoolInferenceEngine.from_forests(ids, forests, thresholds)
+        raise ValueError("the model repository under %s holds no candidate models yet" % repo.root)
+    thresholds = [float(repo.get(m).get("threshold") or DEFAULT_THRESHOLD) for m in ids]
+    return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds)

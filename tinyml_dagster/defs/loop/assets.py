@@ -153,8 +153,7 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
         kb.close()
     repo = pool.repository()
     forest = repo.load_forest(model_id)
-    meta = repo.get(model_id)
-    threshold = float((meta.get("threshold") if isinstance(meta, dict) else getattr(meta, "threshold", None)) or 0.6)
+    threshold = float(repo.get(model_id).get("threshold") or 0.6)
     pkg = build_package(model_id, ("model.bin", forest.to_bytes()),
                         {"grid": [list(g) for g in forest.grid], "threshold": threshold},
                         device_id=device_id, version=VersionLedger().next(device_id),
@@ -202,7 +201,7 @@ def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: Knowled
         episode = context.run.tags.get(EPISODE_TAG)
         episode_id = int(episode) if episode else (current[0] if current else None)
         t_nfp = kb.nth_false_positive_time(episode_id, knowledge_base.n_fp) if episode_id else None
-        rid = kb.request_deploy(device_id, pkg.model_id, blob, episode_id=episode_id, run_id=context.run_id)
+        rid = kb.request_deploy(device_id, pkg.model_id, blob, episode_id=episode_id, run_id=context.run.run_id)
         context.log.info("deploy request %d: %s v%d (%d bytes) to %s, waiting for the link service",
                          rid, pkg.model_id, pkg.version, pkg.size, device_id)
         d = kb.wait_deploy(rid, timeout=knowledge_base.deploy_timeout_s)
@@ -248,12 +247,15 @@ def retrained_candidate_models(context: dg.AssetExecutionContext, config: Retrai
         rows = df[["mean", "skewness", "kurtosis"]].to_numpy().tolist()
         repo = pool.repository()
         lineage = {"source": "retraining", "kb_uploads": [since + 1, through], "windows": len(rows),
-                   "devices": sorted(df["device_id"].unique().tolist()), "run_id": context.run_id}
+                   "devices": sorted(df["device_id"].unique().tolist()), "run_id": context.run.run_id}
         ids = []
         for i, n_trees in enumerate(config.n_trees):
             forest = isoforest.train(rows, n_trees=n_trees, psi=config.psi, seed=config.seed + i)
-            ids.append(repo.add(forest, lineage=dict(lineage, n_trees=n_trees, psi=config.psi)))
-        kb.record_retraining(since, through, len(rows), ids, run_id=context.run_id, started_at=started)
+            ids.append(repo.add(forest, lineage=lineage, seed=config.seed + i,
+                                training={"kb_uploads": [since + 1, through], "windows": len(rows)}))
+        # the retrained models join the pool's candidates
+        repo.set_candidates(list(dict.fromkeys(repo.candidate_ids() + ids)), note={"retrained_by": context.run.run_id})
+        kb.record_retraining(since, through, len(rows), ids, run_id=context.run.run_id, started_at=started)
         return dg.MaterializeResult(metadata={"new_windows": len(rows), "trained": len(ids),
                                               "model_ids": dg.MetadataValue.json(ids)})
     finally:
