@@ -1,0 +1,182 @@
+"""Device benchmark in the real MicroPython VM: fuel (wasm instructions) per window of feature extraction and of
+inference for 10-50 trees, model load cost, and heap held by a loaded champion; ours (compact bytes) against a
+LibIsolationForest-style model (nested dict nodes loaded from JSON). Writes data/bench/device.json.
+
+Fuel per operation is the difference between deterministic VM runs that differ only by that operation.
+Heap is gc.mem_alloc() after a top-level gc.collect() with the model held, minus the same without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from firmware import features, isoforest  # noqa: E402
+from firmware.tests.util import signal  # noqa: E402
+from tinyml_dagster import settings  # noqa: E402
+from tinyml_dagster.micropython_vm import MicroPythonVM  # noqa: E402
+
+SIZES = (10, 20, 30, 40, 50)
+PSI = 100
+RATE_HZ = 1000
+N_WINDOWS = 64
+HEAP_TARGET = 24 * 1024
+SPEEDUP_TARGET = 3.0
+
+SETUP = """
+import gc, json, math
+gc.enable()
+from firmware import isoforest, features
+rows = json.load(open('/flash/rows.json'))
+grid = json.load(open('/flash/grid.json'))
+q = [0, 0, 0]
+"""
+
+LOAD_OURS = """
+f = open('/flash/m%(n)d.bin', 'rb')
+model = isoforest.load(f.read(), grid)
+f.close()
+f = None
+"""
+
+LOAD_BASELINE = """
+f = open('/flash/m%(n)d.json')
+model = json.load(f)
+f.close()
+f = None
+"""
+
+BASELINE_SCORER = """
+def path_length(node, q):
+    while 'leaf' not in node:
+        node = node['left'] if q[node['feature']] < node['threshold'] else node['right']
+    return node['path_length']
+
+def score_baseline(doc, x):
+    isoforest.quantise(x, doc['grid'], q)
+    total = 0.0
+    for t in doc['trees']:
+        total += path_length(t, q)
+    return 2.0 ** (-(total / len(doc['trees'])) / isoforest.c(doc['psi']))
+"""
+
+SCORE_OURS = """
+for r in rows:
+    model.score(r)
+"""
+
+SCORE_BASELINE = """
+for r in rows:
+    score_baseline(model, r)
+"""
+
+HEAP = """
+gc.collect()
+print('HEAP', gc.mem_alloc())
+"""
+
+FEATURES_SETUP = """
+import array
+from firmware import features
+buf = array.array('f', bytes(4 * %(w)d))
+for i in range(%(w)d):
+    buf[i] = ((i * 7919) %% 1000) / 500.0 - 1.0
+"""
+
+FEATURES_RUN = """
+for k in range(%(k)d):
+    features.window_features(buf, 0, %(w)d)
+"""
+
+
+def _vm(flash: Path) -> MicroPythonVM:
+    return MicroPythonVM(flash_dir=flash, heap_bytes=1024 * 1024, memory_bytes=8 * 1024 * 1024)
+
+
+def _fuel(vm: MicroPythonVM, code: str) -> tuple[int, str]:
+    r = vm.run(code=code).check()
+    return r.fuel_used, r.stdout
+
+
+def _heap(stdout: str) -> int:
+    return int([ln for ln in stdout.splitlines() if ln.startswith("HEAP")][-1].split()[1])
+
+
+def measure() -> dict:
+    xs = signal(RATE_HZ // 2 * (N_WINDOWS + 200), seed=4, spike_every=0)
+    rows = features.signal_features(xs, RATE_HZ)
+    train_rows, test_rows = rows[:200], rows[200 : 200 + N_WINDOWS]
+    out: dict = {"psi": PSI, "rate_hz": RATE_HZ, "windows": N_WINDOWS, "sizes": list(SIZES),
+                 "ours": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
+                 "baseline": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        flash = Path(tmp)
+        grid = isoforest.make_grid(train_rows)
+        (flash / "rows.json").write_text(json.dumps([list(r) for r in test_rows]))
+        (flash / "grid.json").write_text(json.dumps(grid))
+        for n in SIZES:
+            forest = isoforest.train(train_rows, n, PSI, seed=n, grid=grid)
+            (flash / f"m{n}.bin").write_bytes(forest.to_bytes())
+            (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
+            out["ours"]["model_bytes"][n] = len(forest.to_bytes())
+            out["baseline"]["model_bytes"][n] = (flash / f"m{n}.json").stat().st_size
+        vm = _vm(flash)
+        base_fuel, base_out = _fuel(vm, SETUP + BASELINE_SCORER + HEAP)
+        base_heap = _heap(base_out)
+        setup_only, _ = _fuel(vm, SETUP + BASELINE_SCORER)
+        for n in SIZES:
+            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("baseline", LOAD_BASELINE, SCORE_BASELINE)):
+                load_fuel, load_out = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + HEAP)
+                score_fuel, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + score)
+                only_load, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n})
+                out[kind]["heap_bytes"][n] = _heap(load_out) - base_heap
+                out[kind]["load_fuel"][n] = only_load - setup_only
+                out[kind]["inference_fuel"][n] = (score_fuel - only_load) // N_WINDOWS
+        w = features.window_length(RATE_HZ)
+        k = 8
+        f0, _ = _fuel(vm, FEATURES_SETUP % {"w": w})
+        f1, _ = _fuel(vm, FEATURES_SETUP % {"w": w} + FEATURES_RUN % {"k": k, "w": w})
+        out["feature_fuel_per_window"] = {"rate_hz": RATE_HZ, "samples": w, "fuel": (f1 - f0) // k}
+        t0 = time.perf_counter()
+        r = vm.run(code=SETUP + LOAD_OURS % {"n": 50} + SCORE_OURS).check()
+        out["wall_s_50_trees_64_windows_incl_setup"] = round(time.perf_counter() - t0, 3)
+        del r
+    ratio = {n: out["baseline"]["inference_fuel"][n] / out["ours"]["inference_fuel"][n] for n in SIZES}
+    out["inference_speedup"] = {n: round(v, 2) for n, v in ratio.items()}
+    out["targets"] = {
+        "heap_50_trees_le_24KB": out["ours"]["heap_bytes"][50] <= HEAP_TARGET,
+        "inference_ge_3x_fewer_instructions": min(ratio.values()) >= SPEEDUP_TARGET,
+    }
+    return out
+
+
+def main() -> int:
+    out = measure()
+    print(f"device benchmark (MicroPython 1.27 WASI VM, psi={PSI}, fuel = wasm instructions)")
+    print(f"{'trees':>5} {'ours heap':>10} {'base heap':>10} {'ours inf':>10} {'base inf':>10} {'speedup':>8}"
+          f" {'ours load':>10} {'base load':>10} {'ours B':>7} {'base B':>8}")
+    o, b = out["ours"], out["baseline"]
+    for n in SIZES:
+        print(f"{n:>5} {o['heap_bytes'][n]:>10} {b['heap_bytes'][n]:>10} {o['inference_fuel'][n]:>10}"
+              f" {b['inference_fuel'][n]:>10} {out['inference_speedup'][n]:>7}x {o['load_fuel'][n]:>10}"
+              f" {b['load_fuel'][n]:>10} {o['model_bytes'][n]:>7} {b['model_bytes'][n]:>8}")
+    f = out["feature_fuel_per_window"]
+    print(f"feature extraction: {f['fuel']} fuel per window of {f['samples']} samples ({f['rate_hz']} Hz, 500 ms)")
+    print(f"targets: {out['targets']}")
+    path = settings.bench_dir() / "device.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
