@@ -53,3 +53,78 @@ def test_device_uploads_sensor_cursor_and_partitions(tmp_path):
     third = device_uploads_sensor(ctx)
     assert [r.run_key for r in third.run_requests] == ["uploads-through-5"]
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
+
+
+def _fleet_with_false_positives(tmp_path, monkeypatch, n_fp_seen):
+    """A KB where dev-a's champion reported anomalies the pool (real forests from the repository) rejects."""
+    from tinyml_dagster.demo import commissioning_features, seed_candidates
+    from tinyml_dagster.pool_inference import pool_from_repository
+
+    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path))
+    ids = seed_candidates(tmp_path / "models", n_trees=(10, 20, 30))
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    normal = commissioning_features()[:n_fp_seen]
+    kb.ingest([Upload("dev-a", i, "anomaly", features=tuple(map(float, f)), champion_id="0", champion_decision=1)
+               for i, f in enumerate(normal, start=1)])
+    pool_from_repository(tmp_path / "models").decide_pending(kb)
+    return kb, ids
+
+
+def _fp_context(instance, tmp_path, n_fp=5):
+    from tinyml_dagster.defs.loop.resources import PoolResource
+
+    return dg.build_sensor_context(instance=instance, resources={
+        "knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite"), n_fp=n_fp),
+        "pool": PoolResource(models_dir=str(tmp_path / "models"))})
+
+
+def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, monkeypatch):
+    from tinyml_dagster.defs.loop.sensors import false_positive_sensor
+
+    kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 12)
+    fps = kb.count_false_positives("dev-a")
+    assert fps >= 5
+    instance = dg.DagsterInstance.ephemeral()
+    first = false_positive_sensor(_fp_context(instance, tmp_path))
+    (req,) = first.run_requests
+    episode = kb.current_champion("dev-a")[0]
+    assert req.run_key == "replace-dev-a-episode-%d" % episode and req.partition_key == "dev-a"
+    assert req.tags["tinyml/model_id"] == kb.ranking(ids)[0][0]
+    # re-evaluated (more false positives meanwhile or not): the same run key, so the daemon launches one run
+    again = false_positive_sensor(_fp_context(instance, tmp_path))
+    assert [r.run_key for r in again.run_requests] == [req.run_key]
+    # with a higher N_fp nothing is due
+    assert not false_positive_sensor(_fp_context(instance, tmp_path, n_fp=fps + 1)).run_requests
+    # the deploy landed: a new episode with no false positives, nothing more to request
+    rid = kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
+    kb.claim_deploy()
+    kb.finish_deploy(rid, True, {"link_seconds": 12.0})
+    assert not false_positive_sensor(_fp_context(instance, tmp_path)).run_requests
+
+
+def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
+    from tinyml_dagster.defs.loop.assets import champion_package, deployed_champion
+    from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, PoolResource
+
+    kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 8)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("devices", ["dev-a"])
+    resources = {"knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
+                 "pool": PoolResource(models_dir=str(tmp_path / "models"))}
+    ok = dg.materialize([champion_package], partition_key="dev-a", instance=instance,
+                        resources=dict(resources, device_budget=DeviceBudgetResource()))
+    assert ok.success
+    checks = {c.check_name: c.passed for c in ok.get_asset_check_evaluations()}
+    assert checks == {"fits_device_budget": True, "link_time_within_deadline": True}
+    meta = ok.asset_materializations_for_node("champion_package")[0].metadata
+    assert meta["model_id"].value == kb.ranking(ids)[0][0]
+    assert (tmp_path / "packages" / "dev-a" / "next.blob").is_file()
+    # a device with 8 KB of flash and a 5-s deadline: both checks fail, and the deploy does not run
+    tight = DeviceBudgetResource(flash_bytes=8 * 1024, heap_bytes=4 * 1024, deadline_s=5.0)
+    res = dg.materialize([champion_package, deployed_champion], partition_key="dev-a", instance=instance,
+                         resources=dict(resources, device_budget=tight), raise_on_error=False)
+    checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
+    assert checks == {"fits_device_budget": False, "link_time_within_deadline": False}
+    assert not res.success
+    assert not res.asset_materializations_for_node("deployed_champion")
+    assert kb.deploys() == []
