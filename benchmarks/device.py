@@ -95,6 +95,19 @@ for k in range(%(k)d):
 """
 
 
+FIRMWARE_HEAP = """
+import gc
+gc.collect()
+before = gc.mem_alloc()
+from firmware import device
+from firmware.tests.util import FakeUART
+gc.enable()
+dev = device.Device(FakeUART(), FakeUART(), '/flash/fw')
+gc.collect()
+print(before, gc.mem_alloc())
+"""
+
+
 def _vm(flash: Path) -> MicroPythonVM:
     return MicroPythonVM(flash_dir=flash, heap_bytes=1024 * 1024, memory_bytes=8 * 1024 * 1024)
 
@@ -143,6 +156,15 @@ def measure() -> dict:
         f0, _ = _fuel(vm, FEATURES_SETUP % {"w": w})
         f1, _ = _fuel(vm, FEATURES_SETUP % {"w": w} + FEATURES_RUN % {"k": k, "w": w})
         out["feature_fuel_per_window"] = {"rate_hz": RATE_HZ, "samples": w, "fuel": (f1 - f0) // k}
+        # the whole firmware: every module imported and a Device running a 50-tree champion
+        fw = flash / "fw"
+        (fw / "models" / "champion").mkdir(parents=True)
+        (fw / "models" / "champion" / "forest.bin").write_bytes((flash / "m50.bin").read_bytes())
+        (fw / "models" / "champion" / "config.json").write_text(json.dumps(
+            {"model_id": "m50", "version": 1, "model_file": "forest.bin", "grid": grid, "threshold": 0.6}))
+        r = vm.run(code=FIRMWARE_HEAP).check()
+        before, after = [int(v) for v in r.stdout.split()[-2:]]
+        out["firmware_heap_bytes"] = after - before
         t0 = time.perf_counter()
         r = vm.run(code=SETUP + LOAD_OURS % {"n": 50} + SCORE_OURS).check()
         out["wall_s_50_trees_64_windows_incl_setup"] = round(time.perf_counter() - t0, 3)
@@ -168,6 +190,7 @@ def main() -> int:
               f" {b['load_fuel'][n]:>10} {o['model_bytes'][n]:>7} {b['model_bytes'][n]:>8}")
     f = out["feature_fuel_per_window"]
     print(f"feature extraction: {f['fuel']} fuel per window of {f['samples']} samples ({f['rate_hz']} Hz, 500 ms)")
+    print(f"whole firmware (imports + Device with the 50-tree champion): {out['firmware_heap_bytes']} B of heap")
     print(f"targets: {out['targets']}")
     path = settings.bench_dir() / "device.json"
     path.parent.mkdir(parents=True, exist_ok=True)
