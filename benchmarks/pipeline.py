@@ -1,0 +1,147 @@
+"""IMS ASCII to feature windows at 500 Hz, 1 kHz and 2 kHz, full-scale set 1, against the naive way.
+
+Full-scale synthetic set 1 (2,156 files x 20,480 x 8) is generated once under data/generated/ims_full/.
+Measured in the same run: our pipeline (vectorised parse, one FFT per file for all rates, numpy twin of the
+firmware features, Parquet); the naive way (numpy.loadtxt + scipy.signal.resample + scipy.stats per file,
+on an evenly spread sample of files, scaled); and plain parses of all files (pyarrow.csv alone, our reader
+alone). Writes data/bench/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tinyml_dagster import features, ims, settings, subsampling, synthetic  # noqa: E402
+
+NAIVE_SAMPLE = int(os.environ.get("TINYML_BENCH_NAIVE_FILES", "60"))
+N_FILES = int(os.environ.get("TINYML_BENCH_FILES", str(synthetic.FULL_FILES)))
+
+
+def ours(paths: list[Path], out_dir: Path) -> int:
+    """The pipeline the assets run: every rate from one parse and one FFT per file, then features to Parquet."""
+    signals = subsampling.subsample_files(paths, settings.RATES_HZ)
+    stamps = ims.file_timestamps(paths)
+    rows = 0
+    for rate, array in signals.items():
+        for bearing in settings.BEARINGS:
+            df = features.feature_windows_frame(array, stamps, rate, bearing)
+            features.write_feature_windows(df, out_dir / f"rate={rate}" / f"bearing={bearing}.parquet")
+            rows += len(df)
+    return rows
+
+
+def naive(paths: list[Path]) -> int:
+    """What a user would write: numpy.loadtxt, then scipy per channel, rate and window."""
+    import scipy.signal
+    import scipy.stats
+
+    rows = 0
+    for path in paths:
+        x = np.loadtxt(path)
+        for rate in settings.RATES_HZ:
+            m = subsampling.subsampled_length(len(x), rate)
+            w = features.window_length(rate)
+            for c in range(x.shape[1]):
+                y = scipy.signal.resample(x[:, c], m)
+                for k in range(m // w):
+                    seg = y[k * w : (k + 1) * w]
+                    _ = (np.mean(seg), scipy.stats.skew(seg), scipy.stats.kurtosis(seg))
+                    rows += 1
+    return rows
+
+
+def pyarrow_parse(paths: list[Path]) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pc
+
+    read = pc.ReadOptions(autogenerate_column_names=True)
+    parse = pc.ParseOptions(delimiter="\t")
+    for path in paths:
+        table = pc.read_csv(path, read_options=read, parse_options=parse)
+        np.column_stack([c.to_numpy() for c in table.columns])
+
+
+def our_parse(paths: list[Path], workers: int) -> None:
+    """Our reader alone, each array dropped once parsed (as pyarrow_parse does)."""
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(ims.read_ims_file, paths):
+            pass
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - started, result
+
+
+def main() -> None:
+    subsampling.keep_freed_memory()
+    rec_dir = settings.data_dir() / "generated" / "ims_full" / "1st_test"
+    fresh = not synthetic.is_generated(rec_dir, N_FILES)
+    gen_seconds, paths = timed(synthetic.generate_recording, rec_dir, N_FILES)
+    print(f"recording: {len(paths)} files in {rec_dir} ({'generated' if fresh else 'kept from an earlier run'}, {gen_seconds:.1f} s)")
+    size_gb = sum(p.stat().st_size for p in paths) / 1e9
+
+    with tempfile.TemporaryDirectory(dir=settings.data_dir()) as tmp:
+        seconds, rows = timed(ours, paths, Path(tmp))
+    sample = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(NAIVE_SAMPLE, len(paths))).astype(int))]
+    naive(sample[:1])  # imports and first-call costs out of the measurement
+    naive_sample_seconds, naive_rows = timed(naive, sample)
+    naive_seconds = naive_sample_seconds * len(paths) / len(sample)
+    assert naive_rows * len(paths) // len(sample) == rows, (naive_rows, rows)
+    arrow_seconds, _ = timed(pyarrow_parse, paths)
+    parse_seconds, _ = timed(our_parse, paths, 1)
+    parse_threads_seconds, _ = timed(our_parse, paths, 2)
+
+    result = {
+        "files": len(paths),
+        "gigabytes": round(size_gb, 2),
+        "feature_rows": rows,
+        "rates_hz": list(settings.RATES_HZ),
+        "seconds": round(seconds, 2),
+        "naive_seconds": round(naive_seconds, 1),
+        "naive_sample_files": len(sample),
+        "naive_sample_seconds": round(naive_sample_seconds, 2),
+        "speedup": round(naive_seconds / seconds, 1),
+        "pyarrow_csv_parse_seconds": round(arrow_seconds, 2),
+        "ims_reader_parse_seconds": round(parse_seconds, 2),
+        "ims_reader_parse_2_threads_seconds": round(parse_threads_seconds, 2),
+        "pipeline_vs_pyarrow_parse": round(seconds / arrow_seconds, 2),
+        "generate_seconds": round(gen_seconds, 1) if fresh else None,
+        "cpus": os.cpu_count(),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    print()
+    print(f"{'what (all ' + str(len(paths)) + ' files, ' + f'{size_gb:.2f} GB ASCII)':58s} {'seconds':>9s} {'ms/file':>8s}")
+    table = [
+        ("ours: ASCII -> feature windows, 3 rates, Parquet (2 threads)", seconds),
+        (f"naive: loadtxt + scipy per file (from {len(sample)} files, scaled)", naive_seconds),
+        ("plain parse: pyarrow.csv alone (its threads)", arrow_seconds),
+        ("plain parse: our reader alone, 1 thread", parse_seconds),
+        ("plain parse: our reader alone, 2 threads", parse_threads_seconds),
+    ]
+    for name, s in table:
+        print(f"{name:58s} {s:9.2f} {1000 * s / len(paths):8.2f}")
+    print(f"\nspeedup over naive: {result['speedup']}x (target >= 10x); whole pipeline = "
+          f"{result['pipeline_vs_pyarrow_parse']}x the time pyarrow.csv takes just to parse the same files")
+    out = settings.bench_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'pipeline.json'}")
+
+
+if __name__ == "__main__":
+    main()
