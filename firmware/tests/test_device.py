@@ -30,10 +30,15 @@ def _sent(link):
     return out
 
 
-def _drain(dev, steps=60, pause_ms=0):
-    """Step until the data UART is exhausted, then `steps` more turns."""
-    while dev.data_in.uart.pos < len(dev.data_in.uart.rx) or dev.data_in.end - dev.data_in.pos >= 4:
+def _drain(dev, steps=5, pause_ms=0):
+    """Step until the data UART is exhausted and everything queued went out once, then `steps` more turns."""
+    while dev.data_in.uart.pos < len(dev.data_in.uart.rx):
         dev.step()
+    for _ in range(5000):
+        if not dev.comm.control and all(e[3] is not None for e in dev.comm.outbox):
+            break
+        if not dev.step():
+            sleep_ms(1)
     for _ in range(steps):
         dev.step()
         if pause_ms:

@@ -27,10 +27,14 @@ def test_data_in_windows_like_features_module():
     assert din.samples == 50 * 7 + 13 and din.windows == 7
 
 
-def test_data_in_counts_bad_samples():
-    din = DataIn(FakeUART(samples_bytes([1.0, float("nan"), 2.0, float("inf")])), 100)
-    assert din.poll() is None
-    assert din.bad_samples == 2 and din.samples == 2
+def test_data_in_drops_and_counts_windows_with_bad_samples():
+    xs = signal(150)
+    xs[60] = float("nan")
+    xs[130] = float("inf")
+    din = DataIn(FakeUART(samples_bytes(xs)), 100)
+    got = [din.poll() for _ in range(40)]
+    assert len([g for g in got if g is not None]) == 1
+    assert din.bad_windows == 2 and din.windows == 1 and din.samples == 150
 
 
 def test_constant_window_gives_zero_moments():
