@@ -48,6 +48,7 @@ def drain(client, n, timeout=30):
 
 def test_socket_ingest_acks_after_commit_and_survives_sigkill(tmp_path):
     p, sock = start_service(tmp_path)
+    restarted = []
     try:
         c = IngestClient(sock)
         c.send([line("d1", s) for s in range(1, 51)])
@@ -68,7 +69,6 @@ def test_socket_ingest_acks_after_commit_and_survives_sigkill(tmp_path):
         c = IngestClient(sock)
         p.send_signal(signal.SIGKILL)
         p.wait()
-        restarted = []
         timer = threading.Timer(0.5, lambda: restarted.append(start_service(tmp_path)[0]))
         timer.start()
         c.send([line("d2", s) for s in range(1, 101)])  # reconnects once the service is back, resends
@@ -80,8 +80,10 @@ def test_socket_ingest_acks_after_commit_and_survives_sigkill(tmp_path):
         assert kb.count_uploads(device_id="d2") == 100
         assert kb.scalar("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM uploads)") == 150
     finally:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=30)
+        for proc in [p] + restarted:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
 
 
 def read_frames(fd, decoder, want, timeout=20):

@@ -531,6 +531,12 @@ class KnowledgeBase:
                 "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
             ).rowcount
 
+    def update_deploy_progress(self, request_id: int, progress: dict) -> None:
+        """Progress of a running deploy (bytes sent, link seconds, ETA), for whoever waits on it."""
+        with self._lock, self.transaction():
+            self._conn.execute("UPDATE deploy_requests SET figures=? WHERE id=? AND status='running'",
+                               (json.dumps(progress), request_id))
+
     def finish_deploy(self, request_id: int, ok: bool, figures: dict | None = None, error: str | None = None) -> None:
         """Record a deploy's outcome and link figures; on success the model becomes the device's champion."""
         now = time.time()

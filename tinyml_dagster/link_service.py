@@ -121,11 +121,12 @@ class LinkService:
                 if batch:
                     self._commit(kb, batch)
                 now = time.monotonic()
-                if self.pool_factory is not None and (pool is None or now - pool_at > self.pool_refresh_s):
+                if self.pool_factory is not None and (not pool_at or now - pool_at > self.pool_refresh_s):
                     try:
                         pool = self.pool_factory()
                     except Exception as e:  # no repository yet: ingest anyway, decide later
-                        log.warning("pool unavailable: %s", e)
+                        if pool is not None or not pool_at:
+                            log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
                         pool = None
                     pool_at = now
                 if pool is not None and (batch or now >= next_decide):
@@ -432,8 +433,15 @@ class _SerialLink:
                 from tinyml_dagster.link.protocol import Deployer
 
                 pkg = package_from_blob(blob)
+                last = [0.0]
+
+                def progress(p: dict) -> None:
+                    if time.monotonic() - last[0] > 0.5:
+                        last[0] = time.monotonic()
+                        kb.update_deploy_progress(req_id, p)
+
                 with self.lock:
-                    report = Deployer(self.transport).deploy(pkg)
+                    report = Deployer(self.transport, progress=progress).deploy(pkg)
                 figures = report.as_metadata()
                 if not report.installed:
                     raise RuntimeError("device refused the package: %s" % report.reason)

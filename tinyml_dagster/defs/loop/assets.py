@@ -204,7 +204,7 @@ def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: Knowled
         rid = kb.request_deploy(device_id, pkg.model_id, blob, episode_id=episode_id, run_id=context.run.run_id)
         context.log.info("deploy request %d: %s v%d (%d bytes) to %s, waiting for the link service",
                          rid, pkg.model_id, pkg.version, pkg.size, device_id)
-        d = kb.wait_deploy(rid, timeout=knowledge_base.deploy_timeout_s)
+        d = _await_deploy(context, kb, rid, knowledge_base.deploy_timeout_s)
         if d["status"] != "done":
             raise dg.Failure(description="deploy %d of %s to %s failed: %s" % (rid, pkg.model_id, device_id, d["error"]),
                              metadata={"request": rid})
@@ -218,6 +218,25 @@ def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: Knowled
         })
     finally:
         kb.close()
+
+
+def _await_deploy(context: dg.AssetExecutionContext, kb, rid: int, timeout_s: float) -> dict:
+    """Wait for the link service to finish a deploy, logging its progress as it goes."""
+    deadline = time.monotonic() + timeout_s
+    shown = None
+    while True:
+        d = kb.deploy(rid)
+        if d["status"] in ("done", "failed"):
+            return d
+        if d["status"] == "running" and d["figures"] and d["figures"] != shown:
+            shown = p = d["figures"]
+            context.log.info("deploy %d: %s/%s bytes, %s frames, %s retransmissions, %s link s, ETA %s s" % (
+                rid, p.get("bytes"), p.get("total"), p.get("frames"), p.get("retransmissions"),
+                p.get("link_seconds"), p.get("eta_seconds")))
+        if time.monotonic() > deadline:
+            raise dg.Failure(description="deploy request %d still %s after %.0f s: is the link service running?"
+                             % (rid, d["status"], timeout_s))
+        time.sleep(0.2)
 
 
 class RetrainConfig(dg.Config):
