@@ -30,6 +30,11 @@ def ims_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(chosen).resolve() if chosen else generated_ims_dir()
 
 
+def synthetic_files(default: int = 240) -> int:
+    """Files of the synthetic recording (TINYML_SYNTHETIC_FILES; 2156 is full-scale set 1)."""
+    return int(os.environ.get("TINYML_SYNTHETIC_FILES") or default)
+
+
 def is_synthetic(directory: Path) -> bool:
     """True when directory is the generated recording (so the pipeline may (re)create it)."""
     return Path(directory).resolve() == generated_ims_dir().resolve()

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 
-from tinyml_dagster import ims
+from tinyml_dagster import ims, settings
 
 FULL_FILES = 2156
-DEFAULT_FILES = 240  # a subsample of the real schedule: the demo stays fast, the life shape stays
+DEFAULT_FILES = settings.synthetic_files()  # 240 unless TINYML_SYNTHETIC_FILES: the demo stays fast, the life shape stays
 DEFAULT_SEED = 2003
 GENERATOR_VERSION = 1
 MANIFEST = ".synthetic.json"

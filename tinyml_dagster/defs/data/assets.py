@@ -26,7 +26,7 @@ class IMSRecordingConfig(dg.Config):
         default="",
         description="Directory of real IMS files (e.g. a full copy of set 1); empty: TINYML_IMS_DIR, else the synthetic recording.",
     )
-    n_files: int = Field(default=synthetic.DEFAULT_FILES, description="Files of the synthetic recording (2,156 = full scale).")
+    n_files: int = Field(default=synthetic.DEFAULT_FILES, description="Files of the synthetic recording (2,156 = full scale; default TINYML_SYNTHETIC_FILES or 240).")
     seed: int = Field(default=synthetic.DEFAULT_SEED, description="Seed of the synthetic recording: same seed, same bytes.")
 
 
@@ -204,11 +204,12 @@ def materialize_data(
     rates_hz: Iterable[int] = settings.RATES_HZ,
     bearings: Iterable[int] = settings.BEARINGS,
     ims_dir: str = "",
-    n_files: int = synthetic.DEFAULT_FILES,
+    n_files: int | None = None,
     seed: int = synthetic.DEFAULT_SEED,
     instance: dg.DagsterInstance | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialize the recording, its subsampled signals and the feature windows of every (rate, bearing) given."""
+    n_files = n_files or settings.synthetic_files()
     config = {"ops": {"ims_recording": {"config": {"ims_dir": ims_dir, "n_files": n_files, "seed": seed}}}}
     results = [dg.materialize([ims_recording, subsampled_signals], run_config=config, instance=instance)]
     for rate in rates_hz:
