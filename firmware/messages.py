@@ -113,8 +113,9 @@ HAVE_FORMAT = "<HBII"
 DATA_FORMAT = "<H"
 DATA_POLL = 0x8000
 DEPLOY_FRAG = MAX_BODY - 2  # 247
-# DEPLOY_ACK: echo, contiguous bytes received, bitmap of the next 32 fragments after it (bit i: base + (i+1)*frag).
-ACK_FORMAT = "<HII"
+# DEPLOY_ACK: echo, contiguous bytes received, bitmap of the next 64 fragments after it (bit i: base + (i+1)*frag).
+ACK_FORMAT = "<HIQ"
+ACK_BITS = 64
 # DEPLOY_COMMIT: package sha256.
 COMMIT_FORMAT = "<32s"
 # DEPLOY_RESULT: echo, status, champion version, then champion id (u8 length + bytes) and the reason (rest).

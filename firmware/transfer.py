@@ -193,7 +193,7 @@ class Receiver:
         bits = 0
         for off in self.got:
             i = (off - acked) // m.DEPLOY_FRAG - 1
-            if 0 <= i < 32:
+            if 0 <= i < m.ACK_BITS:
                 bits |= 1 << i
         return [(m.DEPLOY_ACK, struct.pack(m.ACK_FORMAT, seq, acked, bits))]
 

@@ -24,7 +24,7 @@ RESULT_WIRE_MAX = 6 + 254
 REAL_SLACK_S = 0.25
 # link seconds a device may take to verify and install a package
 INSTALL_S = 30.0
-MAX_WINDOW = 33  # the ack bitmap covers 32 fragments after the contiguous offset
+MAX_WINDOW = m.ACK_BITS + 1  # the ack bitmap covers the fragments after the contiguous offset
 
 
 class DeployError(RuntimeError):
@@ -52,6 +52,9 @@ class DeployReport:
     windows: int = 0
     link_seconds: float = 0.0
     occupation: float = 0.0
+    # from the end of the last fragment on the wire to the result's arrival, less turnarounds and its wire time:
+    # the device's verify + install time
+    device_seconds: float = 0.0
     events: list = field(default_factory=list)
 
     def as_metadata(self) -> dict:
@@ -67,7 +70,7 @@ class Deployer:
         self,
         transport: SerialTransport,
         *,
-        window: int = 32,
+        window: int = MAX_WINDOW,
         retries: int = 6,
         progress: Callable[[dict], None] | None = None,
         log: Callable[[str], None] | None = None,
@@ -217,6 +220,7 @@ class Deployer:
             self._report(min(total, (todo[-1] + 1) * frag) if todo else base, total, rep, t0, "sent")
             want = (m.DEPLOY_ACK, m.DEPLOY_RESULT)
             extra = self.install_s if last else 0.0
+            wire_end = time.monotonic() + self.t.drain_time()
             got = self._await(want, RESULT_WIRE_MAX if last else ACK_WIRE, extra)
             if got is None:
                 poll = struct.pack(m.DATA_FORMAT, (base // frag) | m.DATA_POLL)
@@ -225,12 +229,15 @@ class Deployer:
                     return None
             rep.windows += 1
             if got[0] == m.DEPLOY_RESULT:
+                tm = self.t.timing
+                rep.device_seconds = round(max(0.0, (time.monotonic() - wire_end) / tm.time_scale
+                                               - 2 * tm.turnaround_s - (6 + 5 + len(got[1])) * tm.byte_s), 3)
                 self._report(total, total, rep, t0, "acknowledged")
                 return got[1]
             _, new_base, bits = struct.unpack_from(m.ACK_FORMAT, got[1], 0)
             if new_base < base:
                 self.log(f"device went back from {base} to {new_base} (restarted?)")
             base = new_base
-            have = {base // frag + 1 + j for j in range(32) if bits & (1 << j)}
+            have = {base // frag + 1 + j for j in range(m.ACK_BITS) if bits & (1 << j)}
             self._report(base, total, rep, t0, "acknowledged")
         return True  # not reached: the last acknowledgement is a result

@@ -17,7 +17,7 @@ class DeviceLinkResource(dg.ConfigurableResource):
     port: str = Field(default="", description="serial port of the device's modem, e.g. /dev/ttyUSB0 or /dev/pts/N")
     baud: int = Field(default=2400, description="link speed, 8N1")
     turnaround_s: float = Field(default=0.1, description="half-duplex turnaround per direction change")
-    window: int = Field(default=32, description="fragments per acknowledgement (1..33)")
+    window: int = Field(default=65, description="fragments per acknowledgement (1..65)")
     retries: int = Field(default=6, description="resends of an unanswered message before giving up")
 
     def timing(self) -> LinkTiming:
