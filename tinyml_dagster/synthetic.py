@@ -28,7 +28,7 @@ from tinyml_dagster import ims, settings
 FULL_FILES = 2156
 DEFAULT_FILES = settings.synthetic_files()  # 240 unless TINYML_SYNTHETIC_FILES: the demo stays fast, the life shape stays
 DEFAULT_SEED = 2003
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = ".synthetic.json"
 
 N = ims.ROWS
@@ -73,6 +73,8 @@ _RESONANCE = {3: ((4300.0, 5200.0), 0.0007), 4: ((3500.0, 3900.0), 0.0007)}
 _SHOCK_GAIN = {3: 0.06, 4: 0.05}
 _SHOCK_DECAY_S = 0.002
 BURST_GAIN = 2.0
+_ENVELOPE_ABOVE_HZ = 2000.0
+_ENVELOPE_GAIN = 1.15
 
 
 def set1_timestamps() -> list[datetime]:
@@ -160,13 +162,20 @@ def synthesize_file(index: int, seed: int = DEFAULT_SEED) -> np.ndarray:
 
     spectrum = (rng.standard_normal((N // 2 + 1, 8)) + 1j * rng.standard_normal((N // 2 + 1, 8))) * np.sqrt(0.5)
     spectrum *= _noise_shape() * level
-    noise = scipy.fft.irfft(spectrum, n=N, axis=0)
-    # healthy impulsiveness: a slow log-normal envelope gives each channel the real files' excess kurtosis
-    sigma = np.sqrt(np.log1p(_KURTOSIS / 3.0) / 4.0)
+    split = int(_ENVELOPE_ABOVE_HZ * N / FS)
+    low = spectrum.copy()
+    low[split:] = 0.0
+    spectrum[:split] = 0.0
+    high = scipy.fft.irfft(spectrum, n=N, axis=0)
+    # healthy impulsiveness lives above 2 kHz (the low band of the real files is near Gaussian): a slow
+    # log-normal envelope on the high band gives each channel the real files' excess kurtosis
+    frac = (_BAND_STD[:, 4:] ** 2).sum(axis=1) / (_BAND_STD**2).sum(axis=1)
+    sigma = np.sqrt(np.log1p(_KURTOSIS / frac**2 / 3.0) / 4.0)
     knots = rng.standard_normal((129, 8))
     env = np.exp(np.stack([np.interp(np.arange(N), np.linspace(0, N, 129), knots[:, c]) for c in range(8)], axis=1)
-                 * (sigma * 1.3))
-    noise *= env / np.sqrt((env**2).mean(axis=0))
+                 * (sigma * _ENVELOPE_GAIN))
+    high *= env / np.sqrt((env**2).mean(axis=0))
+    noise = high + scipy.fft.irfft(low, n=N, axis=0)
 
     lines = np.zeros((N // 2 + 1, 8), dtype=complex)
     for b, amps in zip(_TONE_BINS, _TONE_AMP):
