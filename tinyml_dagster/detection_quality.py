@@ -1,0 +1,365 @@
+"""Detection quality (the paper left it out of scope): lead time, false alarms and ROC AUC of the forests.
+
+Per source (synthetic run, real IMS excerpts), sampling rate, bearing, forest size and model (the firmware's
+Isolation Forest as the repository trains it, and scikit-learn's IsolationForest on the same features):
+- healthy windows: life_fraction < 0.6 (the training split; the false-alarm rate there is in-sample, as the device
+  sees it while it monitors a machine like the one it trained on); `fa_rate_heldout` uses the healthy windows
+  the forest never saw (0.6 <= life < 0.7, before the synthetic defects start; synthetic source only);
+- end-of-life windows: life_fraction >= 0.9 (real segments: the last 6 files of set 1);
+- alarm: score > threshold (0.6, as the paper); a snapshot (one 1-s file, both axes) alarms when at least half of
+  its windows do; the first alarm is the first of ALARM_SNAPSHOTS consecutive alarming snapshots once monitoring
+  starts (life >= 0.6); lead time = end of life - first alarm;
+- AUC: probability that an end-of-life window scores above a healthy one (Mann-Whitney, ties count 1/2).
+
+Bearings 3 and 4 fail at the end of set 1 (inner race, roller); bearings 1 and 2 do not, so their "end of life"
+windows are healthy too and an AUC near 0.5 is the right answer for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from tinyml_dagster import ims, settings, subsampling, synthetic
+from tinyml_dagster.features import FEATURE_NAMES, feature_windows_frame, life_fractions
+from tinyml_dagster.forest import PoolScorer
+from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest
+
+EOL_FRACTION = 0.9
+ALARM_SNAPSHOTS = 3
+SNAPSHOT_VOTE = 0.5
+FAILING_BEARINGS: tuple[int, ...] = (3, 4)
+MODELS: tuple[str, ...] = ("firmware", "sklearn")
+REAL_EXCERPT = "data/ims_set1_real.npz"
+REAL_SEGMENT_RATE_HZ = 2000  # the real segments are stored at 2 kHz; 1 kHz and 500 Hz are derived by the same FFT
+REAL_FILE_RATE_HZ = ims.SAMPLE_RATE_HZ  # per-file features of the raw 20 kHz signal (1-s windows)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """What to evaluate; the defaults are the committed report's full scale."""
+
+    n_files: int = synthetic.FULL_FILES
+    rates: tuple[int, ...] = settings.RATES_HZ
+    tree_counts: tuple[int, ...] = TREE_COUNTS
+    bearings: tuple[int, ...] = settings.BEARINGS
+    seed: int = 0
+    sklearn: bool = True
+    real: bool = True
+    threshold: float = THRESHOLD
+    psi: int = PSI
+
+
+@dataclass
+class QualityRow:
+    """One (source, rate, bearing, forest size, model) evaluation."""
+
+    source: str
+    rate_hz: int
+    bearing: int
+    n_trees: int
+    model: str
+    fails: bool
+    n_healthy: int
+    n_eol: int
+    fa_rate: float
+    fa_rate_heldout: float | None
+    snapshot_fa_rate: float
+    auc: float | None
+    first_alarm: str | None
+    first_alarm_life: float | None
+    lead_time_h: float | None
+    extra: dict = field(default_factory=dict)
+
+
+# -- statistics -----------------------------------------------------------------------------------------------
+
+def roc_auc(healthy: np.ndarray, eol: np.ndarray) -> float | None:
+    """P(score of an end-of-life window > score of a healthy one), ties 1/2 (Mann-Whitney U / (n0 n1))."""
+    healthy, eol = np.asarray(healthy, float), np.asarray(eol, float)
+    if len(healthy) == 0 or len(eol) == 0:
+        return None
+    ranks = scipy.stats.rankdata(np.concatenate([healthy, eol]))
+    u = ranks[len(healthy):].sum() - len(eol) * (len(eol) + 1) / 2.0
+    return float(u / (len(healthy) * len(eol)))
+
+
+def snapshot_alarms(file_index: np.ndarray, alarm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(file indices, alarm per snapshot): a snapshot alarms when >= SNAPSHOT_VOTE of its windows do."""
+    files, inverse = np.unique(file_index, return_inverse=True)
+    votes = np.bincount(inverse, weights=alarm.astype(float)) / np.bincount(inverse)
+    return files, votes >= SNAPSHOT_VOTE
+
+
+def first_alarm(snap_alarm: np.ndarray, snap_life: np.ndarray, start_life: float = settings.TRAIN_FRACTION,
+                run: int = ALARM_SNAPSHOTS) -> int | None:
+    """Index of the first snapshot (life >= start_life) that starts `run` consecutive alarming snapshots."""
+    a = np.asarray(snap_alarm, bool) & (np.asarray(snap_life) >= start_life)
+    if len(a) < run:
+        return None
+    window = np.convolve(a.astype(int), np.ones(run, dtype=int), mode="valid")
+    hits = np.flatnonzero(window == run)
+    return int(hits[0]) if len(hits) else None
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+
+def model_scores(X_train: np.ndarray, X: np.ndarray, tree_counts: Sequence[int], bearing: int, seed: int,
+                 model: str, psi: int = PSI) -> np.ndarray:
+    """(n_windows, n_sizes) anomaly scores in 0..1 of forests trained on X_train, one per forest size."""
+    if model == "firmware":
+        forests = [train_forest(X_train, n, psi, model_seed(seed, bearing, n)) for n in tree_counts]
+        return PoolScorer(forests).scores(X)
+    if model == "sklearn":
+        from sklearn.ensemble import IsolationForest  # report-only dependency (dev extra)
+
+        cols = []
+        for n in tree_counts:
+            ref = IsolationForest(n_estimators=n, max_samples=min(psi, len(X_train)),
+                                  random_state=model_seed(seed, bearing, n) % (2**32))
+            ref.fit(X_train)
+            cols.append(-ref.score_samples(X))  # sklearn's score_samples is minus the paper's score
+        return np.column_stack(cols)
+    raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+
+
+def evaluate_windows(windows: pd.DataFrame, source: str, config: QualityConfig,
+                     heldout: tuple[float, float] | None = None, lead_time: bool = True) -> list[QualityRow]:
+    """Detection quality of every (bearing, forest size, model) on one rate's feature windows.
+
+    lead_time=False for recordings with a gap between healthy and end-of-life files (no first alarm to place).
+    """
+    if windows.empty:
+        raise ValueError(f"{source}: no feature windows to evaluate")
+    rates = windows.rate_hz.unique()
+    if len(rates) != 1:
+        raise ValueError(f"{source}: evaluate one rate at a time, got {sorted(rates)}")
+    rate = int(rates[0])
+    rows: list[QualityRow] = []
+    models = MODELS if config.sklearn else MODELS[:1]
+    for bearing in config.bearings:
+        df = windows[windows.bearing == bearing].sort_values(["file_index", "window_index", "axis"], kind="stable")
+        if df.empty:
+            continue
+        life = df.life_fraction.to_numpy()
+        healthy = life < settings.TRAIN_FRACTION
+        eol = life >= EOL_FRACTION
+        if healthy.sum() < 2:
+            raise ValueError(f"{source}, {rate} Hz, bearing {bearing}: {healthy.sum()} healthy windows, need 2")
+        X = feature_matrix(df, f"{source} {rate} Hz bearing {bearing}")
+        held = (life >= heldout[0]) & (life < heldout[1]) if heldout else None
+        files = df.file_index.to_numpy()
+        snap_files, first_rows = np.unique(files, return_index=True)
+        snap_life = life[first_rows]
+        snap_time = df.timestamp.to_numpy()[first_rows]
+        end_time = pd.Timestamp(snap_time[-1])
+        for model in models:
+            scores = model_scores(X[healthy], X, config.tree_counts, bearing, config.seed, model, config.psi)
+            for j, n_trees in enumerate(config.tree_counts):
+                s = scores[:, j]
+                alarm = s > config.threshold
+                _, snap = snapshot_alarms(files, alarm)
+                k = first_alarm(snap, snap_life) if lead_time else None
+                t_alarm = pd.Timestamp(snap_time[k]) if k is not None else None
+                rows.append(QualityRow(
+                    source=source, rate_hz=rate, bearing=int(bearing), n_trees=int(n_trees), model=model,
+                    fails=bearing in FAILING_BEARINGS, n_healthy=int(healthy.sum()), n_eol=int(eol.sum()),
+                    fa_rate=float(alarm[healthy].mean()),
+                    fa_rate_heldout=float(alarm[held].mean()) if held is not None and held.any() else None,
+                    snapshot_fa_rate=float(snap[snap_life < settings.TRAIN_FRACTION].mean()),
+                    auc=roc_auc(s[healthy], s[eol]),
+                    first_alarm=t_alarm.isoformat() if t_alarm is not None else None,
+                    first_alarm_life=float(snap_life[k]) if k is not None else None,
+                    lead_time_h=round((end_time - t_alarm).total_seconds() / 3600.0, 2) if t_alarm is not None
+                    else None,
+                    extra={"eol_alarm_rate": float(alarm[eol].mean()) if eol.any() else None},
+                ))
+    return rows
+
+
+# -- sources ----------------------------------------------------------------------------------------------
+
+def synthetic_windows(n_files: int, rates: Sequence[int] = settings.RATES_HZ, bearings: Sequence[int] =
+                      settings.BEARINGS, seed: int = synthetic.DEFAULT_SEED, chunk: int = 64) -> dict[int, pd.DataFrame]:
+    """Feature windows of the synthetic recording (n_files of its schedule) at each rate, computed in memory."""
+    index = synthetic.schedule(n_files)
+    stamps = np.array(synthetic.set1_timestamps(), dtype="datetime64[ns]")[index]
+    parts: dict[int, list[np.ndarray]] = {r: [] for r in rates}
+    for lo in range(0, len(index), chunk):
+        raw = np.stack([synthetic.synthesize_file(i, seed) for i in index[lo:lo + chunk]])  # (files, 20480, 8)
+        for rate, x in subsampling.subsample_many(raw, rates, axis=1).items():
+            parts[rate].append(x.astype(np.float64))
+    out = {}
+    for rate in rates:
+        signals = np.concatenate(parts[rate])
+        out[rate] = pd.concat([feature_windows_frame(signals, stamps, rate, b) for b in bearings], ignore_index=True)
+    return out
+
+
+def real_excerpt() -> dict[str, np.ndarray]:
+    """The real IMS set-1 excerpt packaged with tinyml_dagster (see build_real_excerpt)."""
+    ref = resources.files("tinyml_dagster").joinpath(REAL_EXCERPT)
+    with resources.as_file(ref) as path, np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def real_segment_windows(rate_hz: int, excerpt: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Feature windows of the real segments: the first 50 files (healthy) and the last 6 (end of life) of set 1,
+    bearings 3 and 4, x axis; life fractions from the real timestamps."""
+    ex = excerpt if excerpt is not None else real_excerpt()
+    all_stamps = np.array(synthetic.set1_timestamps(), dtype="datetime64[ns]")
+    life_all = life_fractions(all_stamps)
+    frames = []
+    for part in ("healthy", "eol"):
+        signals = ex[f"{part}_2khz"].astype(np.float64)  # (files, 2048, 2): b3x, b4x
+        if rate_hz != REAL_SEGMENT_RATE_HZ:
+            signals = subsampling.subsample(signals, rate_hz, source_rate_hz=REAL_SEGMENT_RATE_HZ, axis=1)
+        idx = ex[f"{part}_index"].astype(int)
+        for col, bearing in enumerate((3, 4)):
+            # a 4-column layout maps bearing b to column b-1; put the channel there
+            four = np.zeros(signals.shape[:2] + (4,))
+            four[:, :, bearing - 1] = signals[:, :, col]
+            df = feature_windows_frame(four, all_stamps[idx], rate_hz, bearing)
+            df["file_index"] = idx[df.file_index.to_numpy()]
+            df["life_fraction"] = life_all[df.file_index.to_numpy()]
+            df["split"] = np.where(df.life_fraction < settings.TRAIN_FRACTION, "train", "test")
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def real_file_windows(excerpt: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """One window per real set-1 file (1 s at 20 kHz) and channel, for the whole life: mean, skewness, kurtosis."""
+    ex = excerpt if excerpt is not None else real_excerpt()
+    feats = ex["file_features"]  # (2156, 8, 3)
+    stamps = np.array(synthetic.set1_timestamps(), dtype="datetime64[ns]")
+    life = life_fractions(stamps)
+    frames = []
+    for ch in range(8):
+        bearing, axis = ch // 2 + 1, "xy"[ch % 2]
+        frames.append(pd.DataFrame({
+            "timestamp": stamps, "file_index": np.arange(len(stamps)), "window_index": 0, "bearing": bearing,
+            "axis": axis, "rate_hz": REAL_FILE_RATE_HZ, "life_fraction": life,
+            "split": np.where(life < settings.TRAIN_FRACTION, "train", "test"),
+            **{name: feats[:, ch, k] for k, name in enumerate(FEATURE_NAMES)},
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def build_real_excerpt(shared_ims: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Make the packaged real excerpt from a copy of the IMS data (1st_test/, 1st_test_end_segments/, derived_features/).
+
+    healthy_2khz: the first 50 files of set 1, bearing 3 x and bearing 4 x, subsampled to 2 kHz (float32);
+    eol_2khz: the last 6 files, same channels (IF.mat, BF.mat), same subsampling; *_index: their file indices;
+    file_features: (2156, 8, 3) mean, skewness, excess kurtosis of every file and channel at 20 kHz, from the
+    per-file table (mean = -sqrt(rms^2 - std^2): the table keeps the mean of |x|; the sensors' offset is negative).
+    """
+    import scipy.io
+
+    root = Path(shared_ims)
+    files = ims.list_ims_files(root / "1st_test")
+    raw = np.stack([ims.read_ims_file(f)[:, [4, 6]] for f in files])
+    healthy = subsampling.subsample(raw, REAL_SEGMENT_RATE_HZ, axis=1).astype(np.float32)
+    end = np.stack([scipy.io.loadmat(root / "1st_test_end_segments" / f"{n}.mat")["data"].ravel().reshape(6, ims.ROWS)
+                    for n in ("IF", "BF")], axis=-1)
+    eol = subsampling.subsample(end, REAL_SEGMENT_RATE_HZ, axis=1).astype(np.float32)
+    table = pd.read_csv(root / "derived_features" / "ChoCho66_test1_timefeatures.csv", index_col=0)
+    if len(table) != synthetic.FULL_FILES:
+        raise ValueError(f"{root}/derived_features/ChoCho66_test1_timefeatures.csv: {len(table)} rows, "
+                         f"expected {synthetic.FULL_FILES}")
+    feats = np.zeros((len(table), 8, 3))
+    for ch in range(8):
+        p = f"B{ch // 2 + 1}_{'xy'[ch % 2]}_"
+        rms, std = table[p + "rms"].to_numpy(), table[p + "std"].to_numpy()
+        feats[:, ch, 0] = -np.sqrt(np.maximum(rms * rms - std * std, 0.0))
+        feats[:, ch, 1] = table[p + "skew"].to_numpy()
+        feats[:, ch, 2] = table[p + "kurtosis"].to_numpy()
+    n = synthetic.FULL_FILES
+    out = Path(out)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, healthy_2khz=healthy, healthy_index=np.arange(len(files)), eol_2khz=eol,
+                        eol_index=np.arange(n - 6, n), file_features=feats)
+    os.replace(tmp, out)
+    return out
+
+
+# -- the whole evaluation ---------------------------------------------------------------------------------
+
+def evaluate(config: QualityConfig = QualityConfig(), log=print) -> pd.DataFrame:
+    """Every source, rate, bearing, forest size and model: one row each (QualityRow's fields)."""
+    rows: list[QualityRow] = []
+    t0 = time.perf_counter()
+    for rate, windows in synthetic_windows(config.n_files, config.rates, config.bearings).items():
+        rows += evaluate_windows(windows, "synthetic", config, heldout=(settings.TRAIN_FRACTION,
+                                                                         synthetic.DEFECT_ONSET))
+        log(f"detection quality: synthetic {rate} Hz done ({time.perf_counter() - t0:.1f} s)")
+    if config.real:
+        excerpt = real_excerpt()
+        real_cfg = QualityConfig(**{**asdict(config), "bearings": tuple(b for b in config.bearings
+                                                                        if b in FAILING_BEARINGS)})
+        for rate in config.rates:
+            rows += evaluate_windows(real_segment_windows(rate, excerpt), "ims-real-segments", real_cfg,
+                                     lead_time=False)
+        rows += evaluate_windows(real_file_windows(excerpt), "ims-real-files", config)
+        log(f"detection quality: real IMS done ({time.perf_counter() - t0:.1f} s)")
+    return to_frame(rows)
+
+
+def to_frame(rows: Iterable[QualityRow]) -> pd.DataFrame:
+    """Rows as a DataFrame (extra flattened)."""
+    records = []
+    for r in rows:
+        d = asdict(r)
+        d.update(d.pop("extra"))
+        records.append(d)
+    return pd.DataFrame.from_records(records)
+
+
+def write_frame(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """CSV, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def default_path() -> Path:
+    return settings.data_dir() / "report" / "detection_quality.csv"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=synthetic.FULL_FILES, help="synthetic files (of 2,156)")
+    ap.add_argument("--no-sklearn", action="store_true")
+    ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--build-real-excerpt", metavar="IMS_DIR",
+                    help="rebuild the packaged real excerpt from a copy of the IMS data, then exit")
+    args = ap.parse_args(argv)
+    if args.build_real_excerpt:
+        out = resources.files("tinyml_dagster").joinpath(REAL_EXCERPT)
+        print(build_real_excerpt(args.build_real_excerpt, Path(str(out))))
+        return
+    df = evaluate(QualityConfig(n_files=args.files, sklearn=not args.no_sklearn, real=not args.no_real))
+    print(df.to_string(max_rows=40))
+    print(f"wrote {write_frame(df, default_path())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m tinyml_dagster.report`."""
+
+from tinyml_dagster.report import main
+
+main()
