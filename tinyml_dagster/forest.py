@@ -116,7 +116,7 @@ class PoolScorer:
                 raise ValueError(f"forest {i} has {f.n_features} features, forest 0 has {d}")
         self.n_features = d
         self.forests = list(forests)
-        decoded = [decode(f.buf) for f in self.forests]
+        decoded = [decode(f.to_bytes()) for f in self.forests]
         self.depth = max(t.depth for t in decoded)
         self.k = np.array([f._k for f in self.forests])
         tree_model = np.concatenate([np.full(len(t.roots), m, dtype=np.intp) for m, t in enumerate(decoded)])
