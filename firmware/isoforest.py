@@ -14,7 +14,7 @@ Everything is deterministic and integer-based so the device and the gateway buil
   single and double precision, so the device and the gateway quantise the same float to the same integer.
   Values beyond the headroom clip, which changes no split decision (every threshold lies inside the training range).
 - Split: go left when q[f] < t, with integer t uniform in [min + 1, max] of the node (both sides non-empty).
-- Compact form (the forest's runtime form on the device, and the `compact` wire encoding before deflate):
+- Compact form (how a forest is stored and sent: the `compact` wire encoding before deflate):
     header (8 bytes): b"IF", version u8 (=1), n_features u8, n_trees u16 LE, psi u16 LE (effective psi);
     then the trees one after another, each flat in pre-order:
     internal node: feature u8 (< 0x80), threshold u16 LE, o u8 = byte offset from the node to its right child;
@@ -22,6 +22,7 @@ Everything is deterministic and integer-based so the device and the gateway buil
                    o = 0 and a u16 LE offset follows (left child at node + 6).
     leaf: one byte 0x80 | v, v = round((depth + c(size)) * 8), the precomputed path length in 1/8 steps.
   About 300 B per psi=100 tree, ~15 KB for 50 trees. psi <= 128 keeps every leaf value below 16.
+- Runtime form: `Forest` unpacks the compact bytes into flat per-node arrays (see its docstring), ~4 B per node.
 - Paper-like JSON form (nested dicts) for people and the paper's tooling: `to_json` / `from_json`.
 Training and scoring use no recursion (an explicit stack of <= height + 1 entries) and small buffers.
 """
