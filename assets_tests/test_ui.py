@@ -1,0 +1,100 @@
+"""The Dagster UI in a real headless Chromium (Debian's package, driven by Playwright): the loop's asset graph,
+its sensors and schedule, its jobs, and the fleet (devices) as a list of partitions."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.get("CI"),
+                                reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def webserver(tmp_path_factory):
+    import dagster as dg
+
+    tmp = tmp_path_factory.mktemp("ui")
+    env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), TINYML_DATA_DIR=str(tmp / "data"))
+    (tmp / "dagster_home").mkdir()
+    # a fleet of two devices, as device_uploads_sensor would have registered them
+    code = ("import dagster as dg; dg.DagsterInstance.get().add_dynamic_partitions('devices', ['esp32-0', 'esp32-1'])")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    port = free_port()
+    log = open(tmp / "webserver.log", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"),
+                          "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log)
+    url = "http://127.0.0.1:%d" % port
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/server_info", timeout=2)
+            break
+        except OSError:
+            assert p.poll() is None, (tmp / "webserver.log").read_text()[-2000:]
+            assert time.time() < deadline, "webserver did not come up"
+            time.sleep(0.3)
+    yield url
+    p.terminate()
+    p.wait(timeout=30)
+    del dg
+
+
+@pytest.fixture(scope="module")
+def page(webserver):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        pg = browser.new_page()
+        yield pg
+        browser.close()
+
+
+def text_of(page, url: str, must_show: str) -> str:
+    page.goto(url)
+    page.get_by_text(must_show, exact=True).first.wait_for(timeout=60_000)
+    return page.inner_text("body")
+
+
+def test_loop_asset_graph(page, webserver):
+    body = text_of(page, webserver + "/locations/tinyml_dagster.definitions/asset-groups/loop", "pool_decisions")
+    for asset in ("pool_decisions", "device_champions", "champion_package", "deployed_champion",
+                  "retrained_candidate_models", "candidate_models"):
+        assert asset in body
+    # champion_package carries the two Release checks
+    page.get_by_text("0 / 2 Passed").first.wait_for(timeout=60_000)
+
+
+def test_sensors_and_schedule(page, webserver):
+    body = text_of(page, webserver + "/automation", "false_positive_sensor")
+    assert "device_uploads_sensor" in body and "false_positive_sensor" in body
+    assert "retrain_schedule" in body
+
+
+def test_jobs(page, webserver):
+    body = text_of(page, webserver + "/jobs", "replace_champion_job")
+    for job in ("pool_decisions_job", "replace_champion_job", "retrain_job"):
+        assert job in body
+
+
+def test_fleet_is_a_list_of_partitions(page, webserver):
+    body = text_of(page, webserver + "/assets/champion_package?view=partitions", "esp32-1")
+    assert "esp32-0" in body and "esp32-1" in body
