@@ -188,3 +188,28 @@ def test_definitions_hold_the_models_domain():
     assert d.resolve_assets_def("candidate_models") is not None
     check_keys = {k.name for k in d.resolve_asset_graph().asset_check_keys}
     assert {"candidate_models_run_on_firmware", "candidate_models_flag_a_sane_share_of_training"} <= check_keys
+
+
+def test_training_rejects_bad_windows_naming_them(tmp_path):
+    import pandas as pd
+
+    from tinyml_dagster.training import train_candidates
+
+    rng = np.random.default_rng(0)
+    n = 50
+    df = pd.DataFrame({
+        "timestamp": pd.date_range("2003-10-22", periods=n, freq="10min"), "file_index": np.arange(n),
+        "window_index": 0, "bearing": 3, "axis": "x", "rate_hz": 500, "life_fraction": np.linspace(0, 1, n),
+        "split": np.where(np.linspace(0, 1, n) < 0.6, "train", "test"),
+        "mean": rng.normal(size=n), "skewness": rng.normal(size=n), "kurtosis": rng.normal(size=n)})
+    repo = ModelRepository(tmp_path)
+    bad = df.copy()
+    bad.loc[7, "kurtosis"] = np.nan
+    with pytest.raises(ValueError, match="bearing=3, axis=x, file_index=7, window_index=0 has a non-finite kurtosis"):
+        train_candidates(bad, repo, rate_hz=500, bearings=(3,), tree_counts=(10,))
+    with pytest.raises(ValueError, match="bearing 2: 0 training windows"):
+        train_candidates(df, repo, rate_hz=500, bearings=(2,), tree_counts=(10,))
+    assert repo.list() == []  # nothing half-written
+    out = train_candidates(df, repo, rate_hz=500, bearings=(3,), tree_counts=(10, 20))
+    assert [c.n_trees for c in out] == [10, 20] and len(repo.list()) == 2
+    assert repo.get(out[0].model_id)["training"]["n_windows"] == int((df.split == "train").sum())
