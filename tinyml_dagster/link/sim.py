@@ -20,8 +20,10 @@ from .transport import LinkTiming
 
 @dataclass(frozen=True)
 class Faults:
-    """Per-byte probabilities of corruption, loss and duplication, and of a lost burst (a dropped frame or more)."""
+    """Per-byte probabilities of corruption, loss and duplication, of a lost burst (a dropped frame or more),
+    and per write (usually one frame) of it arriving twice."""
 
+    repeat: float = 0.0
     corrupt: float = 0.0
     drop: float = 0.0
     duplicate: float = 0.0
@@ -70,7 +72,7 @@ class SimulatedLink:
         self.gateway_port = os.ttyname(gw_slave)
         self.device_uart = PtyUart(dev_slave)
         self.cut_flag = False
-        self.stats = {"bytes": 0, "corrupted": 0, "dropped": 0, "duplicated": 0, "turnarounds": 0}
+        self.stats = {"bytes": 0, "corrupted": 0, "dropped": 0, "duplicated": 0, "repeated": 0, "turnarounds": 0}
         self._queue: list[tuple[float, int, bytes]] = []  # (due, fd, bytes)
         self._free_at = 0.0
         self._last_dir = None
@@ -144,6 +146,10 @@ class SimulatedLink:
         self._free_at = start + len(data) * step
         self.stats["bytes"] += len(data)
         mangled = self._mangle(data)
+        if self.faults.repeat and mangled and self.rng.random() < self.faults.repeat:
+            self.stats["repeated"] += 1
+            self._free_at += len(data) * step
+            mangled += mangled
         if mangled:
             # deliver in slices of up to 16 bytes, each when its last byte has crossed the wire
             for i in range(0, len(mangled), 16):
