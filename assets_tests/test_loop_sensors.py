@@ -128,3 +128,39 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     assert not res.success
     assert not res.asset_materializations_for_node("deployed_champion")
     assert kb.deploys() == []
+
+
+def test_retrain_schedule_trains_new_candidates_from_the_kb(tmp_path, monkeypatch):
+    from tinyml_dagster.defs.loop.assets import RetrainConfig, retrained_candidate_models
+    from tinyml_dagster.defs.loop.resources import PoolResource
+    from tinyml_dagster.defs.loop.schedules import retrain_schedule
+    from tinyml_dagster.demo import commissioning_features, seed_candidates
+    from tinyml_dagster.model_repository import ModelRepository
+
+    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path))
+    first = seed_candidates(tmp_path / "models", n_trees=(10,))
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    rows = commissioning_features()[:150]
+    kb.ingest([Upload("dev-a", i, "normal", features=tuple(map(float, f)), champion_id="0", champion_decision=0)
+               for i, f in enumerate(rows, start=1)])
+    kb.ingest([Upload("dev-a", 999, "anomaly", features=(0.0, 0.0, 40.0), champion_id="0", champion_decision=1)])
+    (req,) = retrain_schedule.evaluate_tick(dg.build_schedule_context()).run_requests
+    assert retrain_schedule.job_name == "retrain_job" and req.tags["dagster/schedule_name"] == "retrain_schedule"
+    resources = {"knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
+                 "pool": PoolResource(models_dir=str(tmp_path / "models"))}
+    cfg = RetrainConfig(min_windows=100, n_trees=[10, 20], psi=64)
+    r = dg.materialize([retrained_candidate_models], resources=resources,
+                       run_config=dg.RunConfig({"retrained_candidate_models": cfg}))
+    assert r.success
+    repo = ModelRepository(tmp_path / "models")
+    new = [e for e in repo.list() if e["source"] == "retraining"]
+    assert [e["hyperparameters"]["n_trees"] for e in new] == [10, 20]
+    assert all(e["lineage"]["kb_uploads"] == [1, 151] and e["lineage"]["windows"] == 150 for e in new)
+    assert repo.candidate_ids() == first + [e["model_id"] for e in new]
+    (run,) = kb.retraining_runs()
+    assert run[4:7] == (0, 151, 150)
+    # nothing new since: the next tick trains nothing
+    r = dg.materialize([retrained_candidate_models], resources=resources,
+                       run_config=dg.RunConfig({"retrained_candidate_models": cfg}))
+    assert r.asset_materializations_for_node("retrained_candidate_models")[0].metadata["trained"].value == 0
+    assert len(kb.retraining_runs()) == 1

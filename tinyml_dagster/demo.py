@@ -335,41 +335,31 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
 
 
 def materialize_everything(log=print) -> dict:
-    """Materialise every asset outside the loop (per static partition where partitioned)."""
+    """Materialise every asset outside the loop, in dependency order (each static partition of partitioned ones)."""
     import dagster as dg
 
     from tinyml_dagster.definitions import defs as load_defs
 
     defs = load_defs()
     graph = defs.get_repository_def().asset_graph
-    nodes = [n for n in graph.asset_nodes if n.is_materializable and n.group_name != "loop"]
-    plain = [n.key for n in nodes if n.partitions_def is None]
-    parted = [n for n in nodes if n.partitions_def is not None]
     instance = dg.DagsterInstance.ephemeral()
     t = time.time()
-    out = {"assets": [k.to_user_string() for k in plain], "partitions": 0}
-    # partitioned first (their unpartitioned consumers read them), in dependency order of the static keys
-    for node in parted:
-        keys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-        upstream_plain = [k for k in plain if k in graph.get(node.key).parent_keys]
-        if upstream_plain:
-            r = defs.resolve_implicit_job_def_def_for_assets(upstream_plain).execute_in_process(
-                instance=instance, asset_selection=upstream_plain)
+    out = {"assets": [], "partitions": 0}
+    for key in graph.toposorted_asset_keys:
+        node = graph.get(key)
+        if not node.is_materializable or node.group_name == "loop":
+            continue
+        job = defs.resolve_implicit_job_def_def_for_assets([key])
+        pkeys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance) if node.partitions_def else [None]
+        for pk in pkeys:
+            r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk,
+                                       raise_on_error=False)
             if not r.success:
-                raise RuntimeError("materialising %s failed" % upstream_plain)
-        for pk in keys:
-            r = defs.resolve_implicit_job_def_def_for_assets([node.key]).execute_in_process(
-                instance=instance, asset_selection=[node.key], partition_key=pk)
-            if not r.success:
-                raise RuntimeError("materialising %s partition %s failed" % (node.key.to_user_string(), pk))
-            out["partitions"] += 1
-        out["assets"].append(node.key.to_user_string())
-    if plain:
-        r = defs.resolve_implicit_job_def_def_for_assets(plain).execute_in_process(instance=instance, asset_selection=plain)
-        if not r.success:
-            raise RuntimeError("materialising %s failed" % [k.to_user_string() for k in plain])
+                raise RuntimeError("materialising %s%s failed" % (key.to_user_string(), " [%s]" % pk if pk else ""))
+            out["partitions"] += pk is not None
+        out["assets"].append(key.to_user_string())
+        log("materialised %s (%.1f s)" % (key.to_user_string(), time.time() - t))
     out["seconds"] = round(time.time() - t, 1)
-    log("materialised %d assets (%d partitions) in %.1f s" % (len(out["assets"]), out["partitions"], out["seconds"]))
     return out
 
 
