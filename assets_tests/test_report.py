@@ -9,6 +9,7 @@ import scipy.io
 
 from tinyml_dagster import detection_quality as dq
 from tinyml_dagster import report, subsampling
+from tinyml_dagster.report import generate
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -84,7 +85,7 @@ def test_false_positive_episodes_from_a_real_knowledge_base(tmp_path):
     ids = kb.ingest([window(10 + i, "anomaly" if i == 3 else "normal") for i in range(20)]).upload_ids
     kb.store_decisions(pool, ["p"], [(u, 0, 1, 0, int(i == 3), b"", [1]) for i, u in enumerate(ids)])
     kb.close()
-    ep = report.false_positive_episodes(tmp_path / "kb.sqlite")
+    ep = generate.false_positive_episodes(tmp_path / "kb.sqlite")
     assert ep.champion.tolist() == ["first-model", "second-model"]
     assert ep.windows_decided.tolist() == [10, 20]
     assert ep.false_positives.tolist() == [4, 1]
@@ -93,7 +94,7 @@ def test_false_positive_episodes_from_a_real_knowledge_base(tmp_path):
 
 def test_report_generator_runs_on_a_small_configuration(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "data"))
-    path = report.build(report.SMALL, tmp_path / "docs", log=lambda *_: None)
+    path = generate.build(generate.SMALL, tmp_path / "docs", log=lambda *_: None)
     text = path.read_text()
     for heading in ("## Device time (Fig. 3a, 3b, 3c)", "## Deploy (Fig. 4a, 4b)", "## Detection quality",
                     "### What follows for the default sampling rate", "## Closing note"):
@@ -111,3 +112,27 @@ def test_report_generator_runs_on_a_small_configuration(tmp_path, monkeypatch):
     md = report.plot_markdown("fig3c_load.png", tmp_path / "docs" / "results")
     assert md.startswith("![fig3c_load](data:image/png;base64,iVBOR")
     assert report.plot_markdown("missing.png", tmp_path) is None
+
+
+def test_plots_become_dagster_markdown_metadata(tmp_path):
+    import dagster as dg
+
+    from tinyml_dagster.report import plot_metadata
+
+    (tmp_path / "fig4a_occupation.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    meta = plot_metadata("fig4a_occupation.png", "fig4b_deploy_time.png", directory=tmp_path)
+    assert list(meta) == ["plot_fig4a_occupation"]  # a plot not generated yet is left out
+    value = meta["plot_fig4a_occupation"]
+    assert isinstance(value, dg.MarkdownMetadataValue)
+    assert value.md_str.startswith("![fig4a_occupation](data:image/png;base64,iVBORw0KGgo")
+
+
+def test_definitions_still_load_with_the_report_metadata():
+    import dagster as dg
+
+    from tinyml_dagster.definitions import defs
+
+    d = defs() if callable(defs) else defs
+    keys = {k.to_user_string() for k in d.get_repository_def().asset_graph.get_all_asset_keys()}
+    assert {"candidate_models", "model_packages", "deployed_champion"} <= keys
+    assert isinstance(d, dg.Definitions)

@@ -13,6 +13,7 @@ from firmware import messages
 from tinyml_dagster import settings
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
+from tinyml_dagster.report import plot_metadata
 
 EPISODE_TAG = "tinyml/episode"
 MODEL_TAG = "tinyml/model_id"
@@ -215,6 +216,7 @@ def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: Knowled
             "link_seconds": fig.get("link_seconds"), "occupation": fig.get("occupation"),
             "wire_bytes": fig.get("wire_bytes"), "retransmissions": fig.get("retransmissions"),
             "replacement_seconds": round(replacement_s, 3) if replacement_s is not None else None,
+            **plot_metadata("fig4a_occupation.png", "fig4b_deploy_time.png"),  # once `make report` ran
         })
     finally:
         kb.close()
