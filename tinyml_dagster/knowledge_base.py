@@ -386,14 +386,19 @@ class KnowledgeBase:
             agree = [0] * n
             disagree = [0] * n
             through = 0
-            for uid, va, vt, pa, fp, blob, mask in rows:
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO pool_decisions (upload_id, pool_id, decided_at, votes_anomaly, votes_total,"
+            if rows:
+                ids = [r[0] for r in rows]
+                # another decider may have stored some meanwhile: skip those (the write lock is ours now)
+                done = {r[0] for r in c.execute(
+                    "SELECT upload_id FROM pool_decisions WHERE upload_id BETWEEN ? AND ?", (min(ids), max(ids)))}
+                fresh = [r for r in rows if r[0] not in done]
+                c.executemany(
+                    "INSERT INTO pool_decisions (upload_id, pool_id, decided_at, votes_anomaly, votes_total,"
                     " pool_anomaly, false_positive, scores) VALUES (?,?,?,?,?,?,?,?)",
-                    (uid, pool_id, now, va, vt, pa, fp, blob),
+                    [(uid, pool_id, now, va, vt, pa, fp, blob) for uid, va, vt, pa, fp, blob, _ in fresh],
                 )
-                if cur.rowcount:
-                    stored += 1
+                stored = len(fresh)
+                for uid, *_, mask in fresh:
                     through = max(through, uid)
                     for i in range(n):
                         if mask[i]:
