@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.stats
 
 from tinyml_dagster import ims, settings, subsampling, synthetic
-from tinyml_dagster.features import FEATURE_NAMES, feature_windows_frame, life_fractions
+from tinyml_dagster.features import FEATURE_NAMES, WINDOW_MS, feature_windows_frame, life_fractions
 from tinyml_dagster.forest import PoolScorer
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest
 
@@ -44,6 +44,7 @@ MODELS: tuple[str, ...] = ("firmware", "sklearn")
 REAL_EXCERPT = "data/ims_set1_real.npz"
 REAL_SEGMENT_RATE_HZ = 2000  # the real segments are stored at 2 kHz; 1 kHz and 500 Hz are derived by the same FFT
 REAL_FILE_RATE_HZ = ims.SAMPLE_RATE_HZ  # per-file features of the raw 20 kHz signal (1-s windows)
+WINDOW_S = WINDOW_MS / 1000.0  # the feature windows' length in seconds
 
 
 @dataclass(frozen=True)
