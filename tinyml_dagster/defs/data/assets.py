@@ -159,9 +159,12 @@ def _preview(df: pd.DataFrame, rows: int = 6) -> str:
 def _split_summary(df: pd.DataFrame) -> str:
     lines = ["| split | axis | windows | life | " + " | ".join(f"median {n}" for n in features.FEATURE_NAMES) + " |",
              "|---|---|---:|---|" + "---:|" * len(features.FEATURE_NAMES)]
-    for (split, axis), g in df.groupby(["split", "axis"], sort=False):
-        med = " | ".join(f"{g[n].median():.4f}" for n in features.FEATURE_NAMES)
-        lines.append(f"| {split} | {axis} | {len(g)} | {g.life_fraction.min():.2f}-{g.life_fraction.max():.2f} | {med} |")
+    groups = [(f"{split}", g) for split, g in df.groupby("split", sort=False)]
+    groups.append(("test, last 10% of life", df[df.life_fraction >= 0.9]))
+    for name, part in groups:
+        for axis, g in part.groupby("axis"):
+            med = " | ".join(f"{g[n].median():.4f}" for n in features.FEATURE_NAMES)
+            lines.append(f"| {name} | {axis} | {len(g)} | {g.life_fraction.min():.2f}-{g.life_fraction.max():.2f} | {med} |")
     return "\n".join(lines)
 
 
