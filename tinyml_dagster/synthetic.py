@@ -1,11 +1,14 @@
 """Deterministic synthetic IMS set-1 run-to-failure recording, written in the real ASCII format.
 
 Calibrated on the real set 1: healthy per-channel levels, spectra (band energies, the 493/986 Hz lines) and
-kurtosis like its first files; a run-in rise of ~20% in level over the first days; from 70% of life bearing 3
-grows an inner-race defect (impacts at BPFI ringing a structural resonance, modulated by the shaft, in
-intermittent episodes, ending at RMS ~0.5, kurtosis > 10 and clipping at +-5 like the last real files) and
-bearing 4 a roller defect (impacts at 2 x BSF modulated by the cage, most impulsive mid-way, then broadband).
-File i of the 2,156 real timestamps has its own random stream, so a small recording is a subset of the full one.
+kurtosis like its first files, the impulsiveness above 2 kHz only (below, the real files are near Gaussian, so
+window features at 500 Hz-2 kHz match them too); a run-in rise of ~20% in level over the first days; from 70%
+of life bearing 3 grows an inner-race defect (impacts at BPFI ringing a structural resonance, modulated by the
+shaft, in bursts, ending at RMS ~0.5, kurtosis > 10 and clipping at +-5 like the last real files) and bearing 4
+a roller defect (impacts at 2 x BSF modulated by the cage, most impulsive mid-way, then broadband). Impacts
+also have a one-sided low-frequency response, which raises the low band and the mean as the real last files
+do: that is what the features show once subsampled. File i of the 2,156 real timestamps has its own random
+stream, so a small recording is a subset of the full one.
 """
 
 from __future__ import annotations
