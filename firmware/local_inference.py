@@ -1,6 +1,7 @@
 """Local Inference Engine: scores each window with the champion: score, decision, counters."""
 
 from firmware import isoforest
+from firmware.compiled_forest import CompiledForest
 from firmware._compat import read_bytes, read_json
 
 
@@ -50,8 +51,8 @@ class LocalInference:
         self.last_score = 0.0
 
     def set_champion(self, forest, cfg):
-        """Hot-swap the champion (takes effect for the next window)."""
-        self.forest = forest
+        """Hot-swap the champion (takes effect for the next window), compiled to bytecode for scoring."""
+        self.forest = CompiledForest(forest)
         self.threshold = float(cfg["threshold"])
         self.model_id = cfg["model_id"]
         self.version = int(cfg["version"])
@@ -62,7 +63,7 @@ class LocalInference:
     def infer(self, feats):
         """(score, anomaly) of one window's features."""
         s = self.forest.score(feats)
-        a = s >= self.threshold
+        a = s > self.threshold
         self.windows += 1
         if a:
             self.anomalies += 1

@@ -1,8 +1,9 @@
 """The device main loop: first champion trained on device, uploads, outbox bound and acks, reboots."""
 
+import hashlib
 import struct
 
-from firmware import frames, messages
+from firmware import frames, isoforest, messages
 from firmware._compat import exists, sleep_ms, write_json
 from firmware.data_comm import unpack_hello
 from firmware.device import Device
@@ -91,7 +92,7 @@ def test_state_champion_and_outbox_survive_a_reboot():
     nxt = dev.state.data["next_upload"]
     link = FakeUART()
     dev2 = _device(root, b"", link)
-    assert dev2.inference.ready() and dev2.inference.forest.to_bytes() == fb
+    assert dev2.inference.ready() and dev2.inference.forest.sha256 == hashlib.sha256(fb).digest()
     assert [e[0] for e in dev2.comm.outbox] == box, ([e[0] for e in dev2.comm.outbox], box)
     assert dev2.state.data["next_upload"] == nxt and dev2.state.data["boots"] == 2, (nxt, dev2.state.data)
     link.feed(frames.encode(messages.pack(messages.STATUS_REQUEST, 9)))
@@ -104,13 +105,14 @@ def test_corrupt_champion_falls_back_to_previous():
     root = scratch("fb")
     dev = _device(root, samples_bytes(signal(50 * 30)))
     _drain(dev)
-    first = dev.inference.forest.to_bytes()
-    dev.agent.install_local(dev.inference.forest, 0.7)  # a second champion; the first becomes previous
+    first = open(root + "/models/champion/forest.bin", "rb").read()
+    grid = dev.inference.forest.grid
+    dev.agent.install_local(isoforest.load(first, grid), 0.7)  # a second champion; the first becomes previous
     assert exists(root + "/models/previous/forest.bin")
     with open(root + "/models/champion/forest.bin", "wb") as f:
         f.write(b"IF\x01garbage")
     dev2 = _device(root)
-    assert dev2.inference.ready() and dev2.inference.forest.to_bytes() == first
+    assert dev2.inference.ready() and dev2.inference.forest.sha256 == hashlib.sha256(first).digest()
     assert dev2.agent.fallbacks == 1
 
 

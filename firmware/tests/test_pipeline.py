@@ -1,6 +1,7 @@
 """Window -> features -> score on the device, with the Data In manager and the Local engines."""
 
 from firmware import features, isoforest
+from firmware.compiled_forest import CompiledForest
 from firmware.data_in import DataIn
 from firmware.local_inference import LocalInference
 from firmware.local_training import LocalTraining
@@ -63,3 +64,15 @@ def test_training_then_inference_flags_spikes():
     assert all(a for _, a in odd)
     assert inf.windows == 45 and inf.anomalies >= 5
 
+
+
+def test_compiled_forest_scores_equal_the_node_walk():
+    rows = features.signal_features(signal(50 * 60, seed=5), 100)
+    forest = isoforest.train(rows[:40], 25, 32, 11)
+    compiled = CompiledForest(forest)
+    probes = rows + features.signal_features(signal(50 * 10, seed=6, spike_every=5), 100)
+    for r in probes:
+        q = isoforest.quantise(r, forest.grid)
+        assert compiled.path_sum(q) == forest.path_sum(q), r
+        assert compiled.score(r) == forest.score(r), r
+    assert compiled.n_trees == 25 and len(compiled.trees) == 25
