@@ -136,3 +136,31 @@ def test_definitions_still_load_with_the_report_metadata():
     keys = {k.to_user_string() for k in d.get_repository_def().asset_graph.get_all_asset_keys()}
     assert {"candidate_models", "model_packages", "deployed_champion"} <= keys
     assert isinstance(d, dg.Definitions)
+
+
+def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeypatch):
+    """A real Dagster materialization carries the generated Fig. 4 plots as Markdown metadata."""
+    import random
+
+    import dagster as dg
+
+    import tinyml_dagster.report as report_mod
+    from firmware import isoforest
+    from tinyml_dagster.defs.deploy.assets import model_packages
+    from tinyml_dagster.model_repository import ModelRepository
+
+    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "data"))
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(32)
+    (docs / "results" / "fig4b_deploy_time.png").write_bytes(png)
+    monkeypatch.setattr(report_mod, "DOCS", docs)
+    repo = ModelRepository(tmp_path / "data" / "models")
+    rng = random.Random(3)
+    rows = [[rng.gauss(0, 0.02), rng.gauss(0, 0.3), rng.gauss(0.5, 0.8)] for _ in range(200)]
+    repo.add(isoforest.train(rows, 10, 100, 1), threshold=0.6, rate_hz=500)
+    result = dg.materialize([model_packages], selection=[model_packages])
+    assert result.success
+    meta = result.asset_materializations_for_node("model_packages")[0].metadata
+    assert "plot_fig4b_deploy_time" in meta and "plot_fig4a_occupation" not in meta
+    assert "data:image/png;base64," in meta["plot_fig4b_deploy_time"].value
