@@ -20,11 +20,17 @@ def forests():
     return out
 
 
-def test_pool_scores_equal_the_firmware_scores_on_thousands_of_windows(forests):
+@pytest.mark.parametrize("method", ["rank", "heap"])
+def test_pool_scores_equal_the_firmware_scores_on_thousands_of_windows(forests, method):
     # wider than the training data, so that clipping at the grid's ends is exercised too
     X = _data(3000, 99, scale=(0.03, 1.0, 4.0))
     X[:5] = [[1e6, -1e6, 50.0], [-1e-9, 0.0, 0.0], [0.0, 0.0, -1e40], [1e40, 1e40, 1e40], [0.0, 0.0, 0.0]]
-    pool = PoolScorer(forests)
+    # and windows exactly on split thresholds: q == t goes right, q == t - 1 left
+    f0 = forests[0]
+    on = [[(t + b - d + 0.0) / 2.0 ** e for (e, b) in f0.grid] for t in (f0.nt[0],) for d in (0, 1)]
+    X[5:7] = on
+    pool = PoolScorer(forests, method=method)
+    assert pool.method == method
     S = pool.scores(X)
     assert S.shape == (3000, 5)
     ref = np.array([[f.score(list(x)) for f in forests] for x in X])
@@ -53,11 +59,13 @@ def test_decode_reads_every_node_and_the_16_bit_offset():
     doc = {"format": iso.JSON_FORMAT, "n_features": 3, "psi": 100, "leaf_step": 8, "grid": [[0, 0]] * 3,
            "trees": [{"feature": 1, "threshold": 5000, "left": left, "right": {"leaf": 3}}, {"leaf": 40}]}
     forest = iso.from_json(doc)
+    assert PoolScorer([forest]).method == "rank" and PoolScorer([forest], method="heap").method == "nodes"
     t = decode(forest.to_bytes())
     assert len(t.roots) == 2 and t.depth == 71
     assert int((t.left == np.arange(len(t.left))).sum()) == 73  # leaves point to themselves
     X = np.array([[1050.0, 0.0, 0.0], [0.0, 6000.0, 0.0], [0.0, 0.0, 0.0]])
     sums = PoolScorer([forest]).path_sums(X)[:, 0]
+    assert PoolScorer([forest], method="heap").path_sums(X)[:, 0].tolist() == sums.tolist()
     assert sums.tolist() == [forest.path_sum(iso.quantise(list(x), forest.grid)) for x in X] == [9 + 40, 3 + 40, 8 + 40]
 
 

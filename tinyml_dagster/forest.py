@@ -1,10 +1,10 @@
 """Pool scorer: the numpy twin of firmware.isoforest, reading the same compact bytes and giving the same scores.
 
-Every tree of every model in the pool walks all windows at once: the compact bytes are decoded into node arrays
-(feature, threshold, left, right, leaf code; leaves point to themselves), the windows are quantised on each
-model's grid exactly as the firmware does (floor(x * 2**e + 0.5) - base, clipped to 0..65535), and
-`depth` vectorised steps bring every (tree, window) pair to its leaf. Scores are exp(k * sum of leaf codes)
-with the firmware's k, so they match `firmware.isoforest.Forest.score` to float rounding (tested < 1e-9).
+The compact bytes are decoded into node arrays (feature, threshold, left, right, leaf code; leaves point to
+themselves), the windows are quantised on each model's grid exactly as the firmware does (clip(floor(x * 2**e
++ 0.5) - base, 0, 65535)), and every (tree, window) pair is brought to its leaf with vectorised lookups (see
+PoolScorer). Scores are exp(k * sum of leaf codes) with the firmware's k, so they match
+`firmware.isoforest.Forest.score` to float rounding (tested < 1e-9).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from firmware import isoforest
 
 CHUNK_WINDOWS = 256  # windows per vectorised step: (windows x trees) temporaries stay in cache
 HEAP_MAX_DEPTH = 12  # deeper trees (only hand-made ones: training caps the height at 7) walk node arrays instead
+RANK_MAX_TABLE = 1 << 25  # leaf-table entries (bytes) above which the pool falls back to walking the trees
+RANK_CHUNK_PAIRS = 1 << 20  # (tree, window) pairs per lookup step
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,17 @@ def quantise(X: np.ndarray, grid: Sequence[Sequence[int]]) -> np.ndarray:
 class PoolScorer:
     """Scores windows with many compact forests at once (the Pool Inference Engine's hot path).
 
-    Each tree is laid out as a complete binary tree of depth D (heap order: children of slot s are 2s+1, 2s+2;
-    a leaf above depth D is pushed down along always-right slots), so a step needs no child lookup.
+    method "rank" (the default): a tree's leaf depends only on the window's rank among the tree's thresholds on
+    each feature, so each model maps grid values to ranks (one lookup per feature and window), and each tree maps
+    those ranks to its leaf code through a small table: 4 lookups per (tree, window), whatever the depth.
+    method "heap" (fallback when the tables would exceed RANK_MAX_TABLE bytes): each tree laid out as a complete
+    binary tree of depth D (children of slot s at 2s+1, 2s+2; shallow leaves pushed down along always-right slots),
+    walked D vectorised steps; trees deeper than HEAP_MAX_DEPTH walk node arrays.
     """
 
-    def __init__(self, forests: Sequence[isoforest.Forest]):
+    def __init__(self, forests: Sequence[isoforest.Forest], method: str = "auto"):
+        if method not in ("auto", "rank", "heap"):
+            raise ValueError(f"method must be auto, rank or heap, got {method!r}")
         if not forests:
             raise ValueError("PoolScorer needs at least one forest")
         d = forests[0].n_features
@@ -123,10 +131,18 @@ class PoolScorer:
         # trees of one model are contiguous: reduceat boundaries
         self.model_first_tree = np.searchsorted(tree_model, np.arange(len(self.forests)))
         self.n_trees = len(tree_model)
+        self._rank = None
+        self._nodes = None
+        if method in ("auto", "rank"):
+            self._rank = _rank_tables(decoded, d, RANK_MAX_TABLE if method == "auto" else None)
+            if self._rank is not None:
+                self.method = "rank"
+                return
         if self.depth > HEAP_MAX_DEPTH:
             self._nodes = _stack_nodes(decoded, d)
+            self.method = "nodes"
             return
-        self._nodes = None
+        self.method = "heap"
         slots = (1 << (self.depth + 1)) - 1
         n_trees = self.n_trees
         feature = np.zeros((n_trees, slots), dtype=np.intp)
@@ -164,6 +180,8 @@ class PoolScorer:
         Q = self.quantised(X)
         n, width = Q.shape
         out = np.empty((n, len(self.forests)), dtype=np.int64)
+        if self._rank is not None:
+            return self._path_sums_rank(Q, out)
         if self._nodes is not None:
             return self._path_sums_nodes(Q, out)
         tree_base = (np.arange(self.n_trees, dtype=np.intp) * self.slots)[None, :]
@@ -178,6 +196,21 @@ class PoolScorer:
                 slot = 2 * slot + 1 + go_right
             codes = np.take(self.leaf, slot + tree_base)  # (windows, trees)
             out[lo:hi] = np.add.reduceat(codes, self.model_first_tree, axis=1)
+        return out
+
+    def _path_sums_rank(self, Q: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Per model: a window's rank among the model's thresholds per feature, then per tree two small lookups."""
+        d = self.n_features
+        n = Q.shape[0]
+        for m, model in enumerate(self._rank):
+            ranks = [np.take(model.rank_of[f], Q[:, m * d + f]) for f in range(d)]
+            chunk = max(1, RANK_CHUNK_PAIRS // len(model.table_base))
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                idx = np.take(model.local[0], ranks[0][lo:hi], axis=1)
+                for f in range(1, d):
+                    idx += np.take(model.local[f], ranks[f][lo:hi], axis=1)
+                out[lo:hi, m] = np.take(model.table, idx).sum(axis=0, dtype=np.int64)
         return out
 
     def _path_sums_nodes(self, Q: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -198,6 +231,78 @@ class PoolScorer:
     def scores(self, X: np.ndarray) -> np.ndarray:
         """(n_windows, n_models) anomaly scores in 0..1."""
         return np.exp(self.path_sums(X) * self.k[None, :])
+
+
+@dataclass(frozen=True)
+class _RankModel:
+    """Lookup tables of one model: a tree's leaf is a function of the window's rank among its thresholds."""
+
+    thresholds: list  # per feature: the model's distinct thresholds, sorted (int32)
+    rank_of: list  # per feature: grid value q (0..65535) -> how many of those thresholds are <= q (uint16)
+    local: list  # per feature: (trees, distinct thresholds + 1) maps, model rank -> table offset (tree rank * stride)
+    table: np.ndarray  # concatenated per-tree leaf-code tables (uint8), indexed by the sum of the offsets
+    table_base: np.ndarray  # each tree's start in `table`
+
+
+def _leaves_at(t: TreeArrays, root: int, q: np.ndarray) -> np.ndarray:
+    """Leaf codes of one tree for quantised points q (P, d): a vectorised walk of the node arrays."""
+    node = np.full(len(q), root, dtype=np.intp)
+    rows = np.arange(len(q))
+    for _ in range(t.depth):
+        go_right = q[rows, t.feature[node]] >= t.threshold[node]
+        node = np.where(go_right, t.right[node], t.left[node])  # leaves point to themselves
+    return t.leaf[node]
+
+
+def _rank_tables(decoded: Sequence[TreeArrays], d: int, max_entries: int | None) -> list | None:
+    """Rank tables of every model, or None when they would exceed max_entries leaf-table entries in total.
+
+    For a tree, whether a window goes right at a node on feature f (q_f >= t) depends only on r_f = how many of
+    the tree's distinct thresholds on f are <= q_f; so the leaf is table[r_0, ..., r_{d-1}]. The table is filled
+    by walking the tree at one representative point per cell (the r_f-th threshold, or 0 for r_f = 0).
+    """
+    total = 0
+    plans = []
+    for t in decoded:
+        internal = t.left != np.arange(len(t.left))
+        tree_of = np.searchsorted(t.roots, np.arange(len(t.left)), side="right") - 1
+        per_tree = []
+        for k in range(len(t.roots)):
+            mine = internal & (tree_of == k)
+            uniq = [np.unique(t.threshold[mine & (t.feature == f)]) for f in range(d)]
+            size = int(np.prod([len(u) + 1 for u in uniq]))
+            total += size
+            per_tree.append(uniq)
+        plans.append(per_tree)
+        if max_entries is not None and total > max_entries:
+            return None
+    models = []
+    for t, per_tree in zip(decoded, plans):
+        model_thr = [np.unique(np.concatenate([u[f] for u in per_tree])).astype(np.int32) for f in range(d)]
+        local = [[] for _ in range(d)]
+        tables, table_base = [], []
+        tbase = 0
+        for k, uniq in enumerate(per_tree):
+            shape = [len(u) + 1 for u in uniq]
+            strides = np.cumprod([1] + shape[::-1][:-1])[::-1]  # C order
+            for f in range(d):
+                # model rank R -> rank in this tree, times the stride; the tree's table base folded into feature 0
+                to_tree = np.concatenate([[0], np.searchsorted(uniq[f], model_thr[f], side="right")])
+                local[f].append(to_tree * int(strides[f]) + (tbase if f == 0 else 0))
+            reps = [np.concatenate([[0], u]) for u in uniq]
+            grid = np.stack([g.ravel() for g in np.meshgrid(*reps, indexing="ij")], axis=1)
+            tables.append(_leaves_at(t, int(t.roots[k]), grid).astype(np.uint8))
+            table_base.append(tbase)
+            tbase += len(grid)
+        models.append(_RankModel(
+            thresholds=model_thr,
+            rank_of=[np.searchsorted(u, np.arange(isoforest.Q_MAX + 1), side="right").astype(np.uint16)
+                     for u in model_thr],
+            local=[np.stack(x).astype(np.intp) for x in local],
+            table=np.concatenate(tables),
+            table_base=np.asarray(table_base, dtype=np.intp),
+        ))
+    return models
 
 
 def _stack_nodes(decoded: Sequence[TreeArrays], d: int) -> tuple[np.ndarray, ...]:
