@@ -120,3 +120,17 @@ def test_deploy_queue(tmp_path):
     assert kb.current_champion("d1")[1:3] == ("m7", "deploy")
     with pytest.raises(TimeoutError, match="deploy request .* to d1 still pending"):
         kb.wait_deploy(kb.request_deploy("d1", "m8", episode_id=None), timeout=0.3, poll=0.1)
+
+
+def test_migration_from_version_1_keeps_the_data(tmp_path):
+    from tinyml_dagster import knowledge_base as kbm
+
+    path = tmp_path / "kb.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(kbm.MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    con.execute("INSERT INTO deploy_requests (device_id, model_id, status, requested_at) VALUES ('d1','m1','done',1.0)")
+    con.commit()
+    con.close()
+    kb = KnowledgeBase(path)
+    assert kb.schema_version() == len(MIGRATIONS) >= 2
+    assert kb.deploy(1)["attempts"] == 1 and kb.deploy(1)["model_id"] == "m1"

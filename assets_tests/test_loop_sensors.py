@@ -95,8 +95,22 @@ def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, mo
     assert [r.run_key for r in again.run_requests] == [req.run_key]
     # with a higher N_fp nothing is due
     assert not false_positive_sensor(_fp_context(instance, tmp_path, n_fp=fps + 1)).run_requests
-    # the deploy landed: a new episode with no false positives, nothing more to request
+    # the link failed: the episode's deploy is retried under a new run key, a bounded number of times
     rid = kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
+    kb.claim_deploy()
+    kb.finish_deploy(rid, False, error="DeployError: link cut")
+    retry = false_positive_sensor(_fp_context(instance, tmp_path))
+    assert [r.run_key for r in retry.run_requests] == [req.run_key + "-retry-1"]
+    assert kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg2", episode_id=episode) == rid
+    assert kb.deploy(rid)["status"] == "pending" and kb.deploy(rid)["attempts"] == 2
+    kb.claim_deploy()
+    kb.finish_deploy(rid, False, error="DeployError: link cut")
+    kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg3", episode_id=episode)
+    kb.claim_deploy()
+    kb.finish_deploy(rid, False, error="DeployError: link cut")
+    assert not false_positive_sensor(_fp_context(instance, tmp_path)).run_requests  # 3 attempts: give up
+    # the deploy landed: a new episode with no false positives, nothing more to request
+    kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, True, {"link_seconds": 12.0})
     assert not false_positive_sensor(_fp_context(instance, tmp_path)).run_requests

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.emulator", "--device-id", args.device_id,
                                        "--flash", str(flash), "--time-scale", str(args.speed), "--loop",
-                                       "--runtime", args.runtime, "--link", str(link)], cwd=ROOT))
+                                       "--runtime", args.runtime, "--link", str(link),
+                                       # the firmware paces its sends by its configured baud: the scaled line's
+                                       "--set", "baud=%d" % int(2400 * args.speed)], cwd=ROOT))
         wait_for(link.exists, 120, "the emulator's link port", procs)
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.link_service",
                                        "--port", "%s=%s" % (args.device_id, os.path.realpath(link)),

@@ -121,6 +121,10 @@ MIGRATIONS: tuple[str, ...] = (
         status TEXT NOT NULL
     );
     """,
+    # 2: a failed deploy of an episode can be retried; count the attempts
+    """
+    ALTER TABLE deploy_requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 
@@ -501,18 +505,33 @@ class KnowledgeBase:
 
     def request_deploy(self, device_id: str, model_id: str, package: bytes | None = None,
                        episode_id: int | None = None, run_id: str | None = None) -> int:
-        """Queue a deploy of model_id to device_id; one request per (device, episode): a repeat returns the first."""
+        """Queue a deploy of model_id to device_id; one request per (device, episode): a repeat returns the first,
+        unless that one failed, which is then queued again (attempts + 1) with the new package."""
+        now = time.time()
         with self._lock, self.transaction():
             cur = self._conn.execute(
                 "INSERT OR IGNORE INTO deploy_requests (device_id, model_id, episode_id, run_id, package, status,"
                 " requested_at) VALUES (?,?,?,?,?,'pending',?)",
-                (device_id, model_id, episode_id, run_id, package, time.time()),
+                (device_id, model_id, episode_id, run_id, package, now),
             )
             if cur.rowcount:
                 return cur.lastrowid
-            return self._conn.execute(
-                "SELECT id FROM deploy_requests WHERE device_id=? AND episode_id=?", (device_id, episode_id)
-            ).fetchone()[0]
+            rid, status = self._conn.execute(
+                "SELECT id, status FROM deploy_requests WHERE device_id=? AND episode_id=?", (device_id, episode_id)
+            ).fetchone()
+            if status == "failed":
+                self._conn.execute(
+                    "UPDATE deploy_requests SET status='pending', attempts=attempts+1, model_id=?, package=?,"
+                    " run_id=?, requested_at=?, started_at=NULL, finished_at=NULL, error=NULL, figures=NULL"
+                    " WHERE id=?",
+                    (model_id, package, run_id, now, rid),
+                )
+            return rid
+
+    def deploy_for_episode(self, device_id: str, episode_id: int) -> dict | None:
+        """The deploy request of a device's episode (with its status and attempts), if any."""
+        row = self.query("SELECT id FROM deploy_requests WHERE device_id=? AND episode_id=?", (device_id, episode_id))
+        return self.deploy(row[0][0]) if row else None
 
     def claim_deploy(self, device_ids: Iterable[str] | None = None) -> tuple | None:
         """Take the oldest pending request (for one of device_ids): (id, device_id, model_id, package) or None."""
@@ -561,13 +580,13 @@ class KnowledgeBase:
     def deploy(self, request_id: int) -> dict | None:
         rows = self.query(
             "SELECT id, device_id, model_id, episode_id, run_id, status, requested_at, started_at, finished_at,"
-            " error, figures FROM deploy_requests WHERE id=?",
+            " error, figures, attempts FROM deploy_requests WHERE id=?",
             (request_id,),
         )
         if not rows:
             return None
         keys = ("id", "device_id", "model_id", "episode_id", "run_id", "status", "requested_at", "started_at",
-                "finished_at", "error", "figures")
+                "finished_at", "error", "figures", "attempts")
         d = dict(zip(keys, rows[0]))
         d["figures"] = json.loads(d["figures"]) if d["figures"] else {}
         return d

@@ -16,6 +16,7 @@ class KnowledgeBaseResource(dg.ConfigurableResource):
     path: str = Field(default="", description="database path; empty: settings.kb_path() (TINYML_KB_PATH or <data>/kb.sqlite)")
     n_fp: int = Field(default=5, description="false positives of a champion that trigger its replacement (paper: 5)")
     deploy_timeout_s: float = Field(default=900.0, description="how long a deploy run waits for the link service")
+    max_deploy_attempts: int = Field(default=3, description="deploys of one episode tried before giving up")
 
     def open(self) -> KnowledgeBase:
         return KnowledgeBase(self.path or None)

@@ -55,9 +55,17 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
             return dg.SensorResult(skip_reason="no candidates to deploy: %s" % e)
         requests = []
         for device_id, episode_id, champion, fps, _ in due:
+            run_key = "replace-%s-episode-%d" % (device_id, episode_id)
+            d = kb.deploy_for_episode(device_id, episode_id)
+            if d is not None and d["status"] == "failed":  # the link failed: try again, a bounded number of times
+                if d["attempts"] >= knowledge_base.max_deploy_attempts:
+                    context.log.warning("%s: %d deploys of episode %d failed, last: %s"
+                                        % (device_id, d["attempts"], episode_id, d["error"]))
+                    continue
+                run_key += "-retry-%d" % d["attempts"]
             top = engine.top_candidate(kb, exclude=[champion])
             requests.append(dg.RunRequest(
-                run_key="replace-%s-episode-%d" % (device_id, episode_id),
+                run_key=run_key,
                 partition_key=device_id,
                 tags={EPISODE_TAG: str(episode_id), MODEL_TAG: top, "tinyml/false_positives": str(fps)},
             ))
