@@ -367,29 +367,36 @@ class _SerialLink:
         self.transport = SerialTransport(self.path, self.service.timing)
         try:
             while not self.service.stop_event.is_set():
-                if self.deploy_pending is not None:
-                    self._deploy()
-                    continue
-                with self.lock:
-                    msg = self.transport.recv(0.02)
-                if msg is None:
-                    continue
-                mtype, _seq, body = msg
-                if mtype == messages.UPLOAD:
-                    try:
-                        no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
-                    except ValueError as e:
-                        log.warning("%s: %s", self.device_id, e)
-                        continue
-                    u = Upload(self.device_id, no, "anomaly" if anomaly else "normal",
-                               features=tuple(float(x) for x in feats[:3]), champion_id=str(version),
-                               champion_score=float(score), champion_decision=int(anomaly),
-                               window_start=float(wtime), sent_at=time.time())
-                    self.service.submit(u, self.ack)
-                elif mtype == messages.CHAMPION_CHUNK:
-                    self._champion_chunk(bytes(body))
+                try:
+                    self._step(messages)
+                except Exception:  # one bad message or a failing KB must not take the port down
+                    log.exception("%s: port loop error", self.device_id)
+                    time.sleep(0.5)
         finally:
             self.transport.close()
+
+    def _step(self, messages) -> None:
+        if self.deploy_pending is not None:
+            self._deploy()
+            return
+        with self.lock:
+            msg = self.transport.recv(0.02)
+        if msg is None:
+            return
+        mtype, _seq, body = msg
+        if mtype == messages.UPLOAD:
+            try:
+                no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
+            except ValueError as e:
+                log.warning("%s: %s", self.device_id, e)
+                return
+            u = Upload(self.device_id, no, "anomaly" if anomaly else "normal",
+                       features=tuple(float(x) for x in feats[:3]), champion_id=str(version),
+                       champion_score=float(score), champion_decision=int(anomaly),
+                       window_start=float(wtime), sent_at=time.time())
+            self.service.submit(u, self.ack)
+        elif mtype == messages.CHAMPION_CHUNK:
+            self._champion_chunk(bytes(body))
 
     def _champion_chunk(self, body: bytes) -> None:
         """Reassemble the device's self-trained champion; complete, it is stored once like an upload."""
@@ -425,8 +432,9 @@ class _SerialLink:
 
     def _deploy(self) -> None:
         req_id, device_id, model_id, blob = self.deploy_pending
-        kb = KnowledgeBase(self.service.kb_path)
+        kb = None
         try:
+            kb = KnowledgeBase(self.service.kb_path)
             if self.service.deployer is not None:
                 figures = self.service.deployer(device_id, blob or b"", model_id, self.transport)
             else:
@@ -449,9 +457,11 @@ class _SerialLink:
             self.service.counters["deploys"] += 1
         except Exception as e:
             log.exception("deploy %d of %s to %s failed", req_id, model_id, device_id)
-            kb.finish_deploy(req_id, False, error="%s: %s" % (type(e).__name__, e))
+            if kb is not None:
+                kb.finish_deploy(req_id, False, error="%s: %s" % (type(e).__name__, e))
         finally:
-            kb.close()
+            if kb is not None:
+                kb.close()
             self.deploy_pending = None
 
 
