@@ -107,6 +107,7 @@ def test_report_generator_runs_on_a_small_configuration(tmp_path, monkeypatch):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
         assert f"(results/{p.name})" in text
     csv = pd.read_csv(tmp_path / "data" / "report" / "detection_quality.csv")
+    assert len(pd.read_csv(tmp_path / "docs" / "results" / "detection_quality.csv")) == len(csv)
     assert set(csv.source) == {"synthetic", "ims-real-segments", "ims-real-files"}
     assert csv.auc.dropna().between(0, 1).all()
     md = report.plot_markdown("fig3c_load.png", tmp_path / "docs" / "results")
