@@ -90,6 +90,12 @@ def test_false_positive_episodes_from_a_real_knowledge_base(tmp_path):
     assert ep.windows_decided.tolist() == [10, 20]
     assert ep.false_positives.tolist() == [4, 1]
     assert ep.fp_rate.tolist() == pytest.approx([0.4, 0.05])
+    windows, changes = generate.false_positive_timeline(tmp_path / "kb.sqlite")
+    assert len(windows) == 30 and windows.false_positive.sum() == 5
+    assert changes.model_id.tolist() == ["first-model", "second-model"]
+    assert changes.since_upload_id.tolist() == [0, windows.upload_id.iloc[9]]
+    png = generate.plot_loop(ep, tmp_path / "plots", (windows, changes))
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_generator_runs_on_a_small_configuration(tmp_path, monkeypatch):

@@ -255,19 +255,50 @@ def plot_quality(q: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def plot_loop(episodes: pd.DataFrame, out: Path) -> Path:
-    """False-positive rate per champion episode of the demo's run."""
+def false_positive_timeline(kb_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(decided windows in upload order with their false_positive flag, champion changes with their upload id)."""
+    con = sqlite3.connect(f"file:{kb_path}?mode=ro", uri=True)
+    try:
+        windows = pd.read_sql_query(
+            "SELECT u.id AS upload_id, u.device_id, d.false_positive FROM uploads u"
+            " JOIN pool_decisions d ON d.upload_id = u.id WHERE u.kind != 'champion' ORDER BY u.id", con)
+        changes = pd.read_sql_query(
+            "SELECT id AS episode, device_id, model_id, since_upload_id FROM champions ORDER BY id", con)
+        return windows, changes
+    finally:
+        con.close()
+
+
+def plot_loop(episodes: pd.DataFrame, out: Path, timeline: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
+    """False-positive rate per champion episode, and cumulative false positives over the run with the replacements."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    labels = [f"{i + 1}: {r.champion[:22]}" for i, r in enumerate(episodes.itertuples())]
-    ax.bar(range(len(episodes)), episodes.fp_rate.fillna(0), color="tab:red")
-    for i, r in enumerate(episodes.itertuples()):
-        ax.text(i, (0 if np.isnan(r.fp_rate) else r.fp_rate) + 0.005, f"{r.false_positives}/{r.windows_decided}",
-                ha="center", fontsize=8)
-    ax.set_xticks(range(len(episodes)), labels, fontsize=7, rotation=10)
+    active = episodes[episodes.windows_decided > 0].reset_index(drop=True)
+    fig, axes = plt.subplots(1, 2 if timeline is not None else 1, figsize=(11, 3.8), squeeze=False)
+    ax = axes[0][0]
+    ax.bar(range(len(active)), active.fp_rate, color="tab:red")
+    for i, r in enumerate(active.itertuples()):
+        ax.text(i, r.fp_rate + 0.005, f"{r.false_positives}/{r.windows_decided}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(active)), [f"{i + 1}: {r.champion[:24]}\n({r.source})" for i, r in
+                                       enumerate(active.itertuples())], fontsize=7)
     ax.set_ylabel("false positives / windows decided")
-    ax.set_title("Champion replacement loop: false-positive rate per champion (demo run)")
+    ax.set_title("false-positive rate per champion", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
+    if timeline is not None:
+        windows, changes = timeline
+        ax = axes[0][1]
+        x = np.arange(1, len(windows) + 1)
+        ax.plot(x, windows.false_positive.cumsum().to_numpy(), color="tab:red", label="cumulative false positives")
+        pos = np.searchsorted(windows.upload_id.to_numpy(), changes.since_upload_id.to_numpy(), side="right")
+        for k, (p, r) in enumerate(zip(pos, changes.itertuples())):
+            if 0 < p < len(windows):
+                ax.axvline(p + 0.5, color="0.4", ls="--", lw=1)
+                ax.text(p + 1, ax.get_ylim()[1] * 0.05, r.model_id[:18], rotation=90, fontsize=7, color="0.3")
+        ax.set_xlabel("windows decided by the pool, in upload order (dashed: a new champion)")
+        ax.set_ylabel("false positives so far")
+        ax.set_title("over the run", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Champion replacement loop (demo run): false positives before and after replacements", fontsize=10)
+    fig.tight_layout()
     return _save(fig, out / "loop_false_positives.png")
 
 
@@ -490,9 +521,10 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
                "**the demo did not finish in this run** (no data/bench/demo.json), so this is what its Knowledge "
                "Base holds")
         L += [f"From the demo's Knowledge Base (`make demo`; {run}): one row per champion in its order on the "
-              "device; windows "
-              "decided by the pool while that champion ran, the champion's anomalies, and the false positives "
-              "(champion anomaly, pool normal).", "", img("loop"), "",
+              "device; windows decided by the pool while that champion ran (the windows the device uploaded: its "
+              "anomalies and a sample of its normal windows), the champion's anomalies among them, and the false "
+              "positives (champion anomaly, pool normal). A champion is replaced after N_fp false positives.", "",
+              img("loop"), "",
               _md_table(episodes, {"fp_rate": 3}), ""]
         active = episodes[episodes.windows_decided > 0]  # a placeholder champion before the device trains has none
         if len(active) >= 2:
@@ -533,7 +565,7 @@ def build(cfg: ReportConfig = FULL, docs_dir: Path = DOCS, log=print) -> Path:
         figs["deploy"] = plot_deploy(bench["deploy"], out)
     episodes = false_positive_episodes(kb) if kb else None
     if episodes is not None and not episodes.empty:
-        figs["loop"] = [plot_loop(episodes, out)]
+        figs["loop"] = [plot_loop(episodes, out, false_positive_timeline(kb))]
     path = write_markdown(cfg, dev, bench.get("deploy"), bench.get("device"), quality, demo, episodes, figs,
                           docs_dir / "results.md", time.perf_counter() - t0)
     log(f"wrote {path} and {sum(len(v) for v in figs.values())} plots in {out}")
