@@ -59,7 +59,7 @@ SMALL = ReportConfig(name="small", quality=dq.QualityConfig(n_files=60, rates=(5
 # -- inputs -------------------------------------------------------------------------------------------------
 
 def run_benchmarks(names: Sequence[str], mode: str, log=print) -> dict[str, dict]:
-    """data/bench/<name>.json of each benchmark, running benchmarks/<name>.py when mode says so."""
+    """data/bench/<name>.json of each benchmark; mode run: run benchmarks/<name>.py, reuse: only if missing, never."""
     out = {}
     for name in names:
         path = settings.bench_dir() / f"{name}.json"
@@ -216,6 +216,35 @@ def plot_deploy(deploy: dict, out: Path) -> list[Path]:
     return [a, b]
 
 
+def forest_sizes(forest: dict) -> pd.DataFrame:
+    """Model bytes per (bearing, trees) and form, from benchmarks/forest.py's data/bench/forest.json."""
+    rows = []
+    for form in ("compact_bytes", "json_bytes", "deflated_bytes"):
+        for key, size in forest.get(form, {}).items():
+            b, t = key.split("-")
+            rows.append({"bearing": int(b[1:]), "n_trees": int(t[1:]), "form": form[:-6], "bytes": size})
+    return pd.DataFrame(rows)
+
+
+def plot_repository(forest: dict, out: Path) -> Path:
+    """The repository's model sizes vs forest size, per bearing and form (what a deploy has to carry)."""
+    plt = _plt()
+    d = forest_sizes(forest)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for form, style in (("json", "o-"), ("compact", "s-"), ("deflated", "^--")):
+        for bearing, color in zip(sorted(d.bearing.unique()), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            e = d[(d.form == form) & (d.bearing == bearing)].sort_values("n_trees")
+            ax.plot(e.n_trees, e.bytes, style, color=color, alpha=0.8,
+                    label=f"{form}" if bearing == d.bearing.min() else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("trees in the forest")
+    ax.set_ylabel("model bytes (colours: bearings 1-4)")
+    ax.set_title(f"Model repository: {forest.get('models')} candidates, size per form")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "repository_sizes.png")
+
+
 def plot_quality(q: pd.DataFrame, out: Path) -> list[Path]:
     """AUC, false-alarm rate and lead time vs forest size per rate (synthetic run, the failing bearings)."""
     plt = _plt()
@@ -349,7 +378,7 @@ def rate_verdict(q: pd.DataFrame) -> tuple[int, str, pd.DataFrame]:
 
 def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | None, device_bench: dict | None,
                    quality: pd.DataFrame, demo: dict | None, episodes: pd.DataFrame | None, figs: dict[str, list[Path]],
-                   path: Path, seconds: float) -> Path:
+                   path: Path, seconds: float, bench_all: dict | None = None) -> Path:
     """docs/results.md."""
     rel = lambda p: p.relative_to(path.parent).as_posix()  # noqa: E731
     img = lambda key: "".join(f"![{p.stem}]({rel(p)})\n" for p in figs.get(key, []))  # noqa: E731
@@ -426,6 +455,19 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
               f"{device_bench['feature_fuel_per_window']['samples']} samples"
               + (f" = {device_bench['feature_fuel_per_window']['fuel'] * dev.ms_per_fuel:.0f} ms modelled" if dev
                  else "") + ".", ""]
+    forest = bench_all.get("forest") if bench_all else None
+    L += ["## The model repository's sizes and costs", ""]
+    if forest and forest.get("compact_bytes"):
+        sizes = forest_sizes(forest).pivot_table(index=["bearing", "n_trees"], columns="form", values="bytes")
+        sizes = sizes.reset_index()[["bearing", "n_trees", "compact", "deflated", "json"]]
+        L += [f"From `benchmarks/forest.py` (data/bench/forest.json, read as found: `make bench` runs it at full "
+              f"scale): {forest.get('models')} candidates trained on {forest.get('files')} files' "
+              f"{forest.get('rate_hz')} Hz windows in {forest.get('train_seconds')} s; the pool scores "
+              f"{forest.get('pool_windows_per_s_through_all_models', 0):,} windows/s through all models "
+              f"({forest.get('pool_vs_sklearn')}x scikit-learn's rate in model-windows/s).", "", img("repository"), "",
+              _md_table(sizes), ""]
+    else:
+        L += ["(data/bench/forest.json missing: run `make bench`)", ""]
     # deploy
     L += ["## Deploy (Fig. 4a, 4b)", ""]
     if deploy:
@@ -552,6 +594,8 @@ def build(cfg: ReportConfig = FULL, docs_dir: Path = DOCS, log=print) -> Path:
     t0 = time.perf_counter()
     out = docs_dir / "results"
     bench = run_benchmarks(BENCHMARKS, cfg.benchmarks, log) if cfg.benchmarks != "skip" else {}
+    if cfg.benchmarks != "skip":  # full-scale and heavy: `make bench` runs it, the report only reads it
+        bench.update(run_benchmarks(("forest",), "never", log))
     demo, kb = demo_figures(cfg.demo, log)
     quality = dq.evaluate(cfg.quality, log)
     dq.write_frame(quality, dq.default_path())
@@ -561,13 +605,15 @@ def build(cfg: ReportConfig = FULL, docs_dir: Path = DOCS, log=print) -> Path:
     dev = dt.measure(windows, cfg.device_bearings, cfg.device_tree_counts, cfg.device_per_kind, log=log)
     figs["inference"] = plot_inference(dev, out)
     figs["load"] = [plot_load(dev, out)]
+    if "forest" in bench and bench["forest"].get("compact_bytes"):
+        figs["repository"] = [plot_repository(bench["forest"], out)]
     if "deploy" in bench:
         figs["deploy"] = plot_deploy(bench["deploy"], out)
     episodes = false_positive_episodes(kb) if kb else None
     if episodes is not None and not episodes.empty:
         figs["loop"] = [plot_loop(episodes, out, false_positive_timeline(kb))]
     path = write_markdown(cfg, dev, bench.get("deploy"), bench.get("device"), quality, demo, episodes, figs,
-                          docs_dir / "results.md", time.perf_counter() - t0)
+                          docs_dir / "results.md", time.perf_counter() - t0, bench)
     log(f"wrote {path} and {sum(len(v) for v in figs.values())} plots in {out}")
     return path
 

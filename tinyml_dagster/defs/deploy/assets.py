@@ -6,8 +6,8 @@ import dagster as dg
 from pydantic import Field
 
 from tinyml_dagster import settings
-from tinyml_dagster.report import plot_metadata
 from tinyml_dagster.deployment_agent import build_package, model_file
+from tinyml_dagster.report import plot_metadata
 
 
 class ModelPackagesConfig(dg.Config):
