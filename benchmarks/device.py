@@ -1,9 +1,11 @@
 """Device benchmark in the real MicroPython VM: fuel (wasm instructions) per window of feature extraction and of
-inference for 10-50 trees, model load cost, and heap held by a loaded champion; ours (compact bytes) against a
+inference for 10-50 trees, model load cost, and heap held by a loaded champion; ours (compact bytes compiled to
+per-tree bytecode at load, firmware/compiled_forest.py) and the plain node-array walk of isoforest.Forest, against a
 LibIsolationForest-style model (nested dict nodes loaded from JSON). Writes data/bench/device.json.
 
 Fuel per operation is the difference between deterministic VM runs that differ only by that operation.
-Heap is gc.mem_alloc() after a top-level gc.collect() with the model held, minus the same without it.
+Heap is gc.mem_alloc() after a top-level gc.collect() with the model held, minus the same without it (the firmware
+modules imported and the scoring code shared by every compiled champion, `compiled_forest.scorers(3)`, generated).
 """
 
 from __future__ import annotations
@@ -32,13 +34,22 @@ SPEEDUP_TARGET = 3.0
 SETUP = """
 import gc, json, math
 gc.enable()
-from firmware import isoforest, features
+from firmware import isoforest, features, compiled_forest
 rows = json.load(open('/flash/rows.json'))
 grid = json.load(open('/flash/grid.json'))
 q = [0, 0, 0]
 """
 
 LOAD_OURS = """
+f = open('/flash/m%(n)d.bin', 'rb')
+forest = isoforest.load(f.read(), grid)
+f.close()
+f = None
+model = compiled_forest.CompiledForest(forest)
+forest = None
+"""
+
+LOAD_NODE_ARRAYS = """
 f = open('/flash/m%(n)d.bin', 'rb')
 model = isoforest.load(f.read(), grid)
 f.close()
@@ -76,8 +87,19 @@ for r in rows:
     score_baseline(model, r)
 """
 
-HEAP = """
+# the conservative GC also scans stale stack slots: overwrite them (deep calls) before collecting; a device
+# collects after loading a champion too, so every scoring run starts from a collected heap
+COLLECT = """
+def _clear_stack(n):
+    a = b = c = d = e = g = h = 0
+    if n:
+        _clear_stack(n - 1)
+for _ in range(3):
+    _clear_stack(40)
 gc.collect()
+"""
+
+HEAP = COLLECT + """
 print('HEAP', gc.mem_alloc())
 """
 
@@ -109,7 +131,9 @@ print(before, gc.mem_alloc())
 
 
 def _vm(flash: Path) -> MicroPythonVM:
-    return MicroPythonVM(flash_dir=flash, heap_bytes=1024 * 1024, memory_bytes=8 * 1024 * 1024)
+    # a heap large enough that no collection runs inside a function (the WASI build's GC misses wasm locals);
+    # heap figures come from top-level gc.collect() only
+    return MicroPythonVM(flash_dir=flash, heap_bytes=32 * 1024 * 1024, memory_bytes=64 * 1024 * 1024)
 
 
 def _fuel(vm: MicroPythonVM, code: str) -> tuple[int, str]:
@@ -127,6 +151,7 @@ def measure() -> dict:
     train_rows, test_rows = rows[:200], rows[200 : 200 + N_WINDOWS]
     out: dict = {"psi": PSI, "rate_hz": RATE_HZ, "windows": N_WINDOWS, "sizes": list(SIZES),
                  "ours": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
+                 "node_arrays": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
                  "baseline": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}}}
     with tempfile.TemporaryDirectory() as tmp:
         flash = Path(tmp)
@@ -137,17 +162,18 @@ def measure() -> dict:
             forest = isoforest.train(train_rows, n, PSI, seed=n, grid=grid)
             (flash / f"m{n}.bin").write_bytes(forest.to_bytes())
             (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
-            out["ours"]["model_bytes"][n] = len(forest.to_bytes())
+            out["ours"]["model_bytes"][n] = out["node_arrays"]["model_bytes"][n] = len(forest.to_bytes())
             out["baseline"]["model_bytes"][n] = (flash / f"m{n}.json").stat().st_size
         vm = _vm(flash)
-        base_fuel, base_out = _fuel(vm, SETUP + BASELINE_SCORER + HEAP)
+        base_fuel, base_out = _fuel(vm, SETUP + BASELINE_SCORER + "compiled_forest.scorers(3)\n" + HEAP)
         base_heap = _heap(base_out)
-        setup_only, _ = _fuel(vm, SETUP + BASELINE_SCORER)
+        setup_only, _ = _fuel(vm, SETUP + BASELINE_SCORER + COLLECT)
         for n in SIZES:
-            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("baseline", LOAD_BASELINE, SCORE_BASELINE)):
+            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("node_arrays", LOAD_NODE_ARRAYS, SCORE_OURS),
+                                      ("baseline", LOAD_BASELINE, SCORE_BASELINE)):
                 load_fuel, load_out = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + HEAP)
-                score_fuel, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + score)
-                only_load, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n})
+                score_fuel, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + COLLECT + score)
+                only_load, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + COLLECT)
                 out[kind]["heap_bytes"][n] = _heap(load_out) - base_heap
                 out[kind]["load_fuel"][n] = only_load - setup_only
                 out[kind]["inference_fuel"][n] = (score_fuel - only_load) // N_WINDOWS
@@ -189,6 +215,9 @@ def main() -> int:
               f" {b['inference_fuel'][n]:>10} {out['inference_speedup'][n]:>7}x {o['load_fuel'][n]:>10}"
               f" {b['load_fuel'][n]:>10} {o['model_bytes'][n]:>7} {b['model_bytes'][n]:>8}")
     f = out["feature_fuel_per_window"]
+    a = out["node_arrays"]
+    print("node-array walk (isoforest.Forest, no compile): " + ", ".join(
+        f"{n} trees {a['inference_fuel'][n]} fuel/{a['heap_bytes'][n]} B" for n in SIZES))
     print(f"feature extraction: {f['fuel']} fuel per window of {f['samples']} samples ({f['rate_hz']} Hz, 500 ms)")
     print(f"whole firmware (imports + Device with the 50-tree champion): {out['firmware_heap_bytes']} B of heap")
     print(f"targets: {out['targets']}")

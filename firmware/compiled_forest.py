@@ -1,10 +1,11 @@
-"""A champion compiled to MicroPython bytecode at load: one small function of nested ifs per tree.
+"""A champion compiled to MicroPython bytecode at load: each group of trees becomes one expression of nested ifs.
 
 The node-array walk of `isoforest.Forest` spends ~20 bytecodes per node (subscripts, compares, index arithmetic);
-a tree compiled to `if q0 < 31337: ... return 57` spends ~4. The compact bytes stay the storage and wire form;
-the device compiles them here, one tree at a time so the compiler's transient memory stays small, and then holds
-only the bytecode (~6 B per node: 22 KB for a 50-tree psi=100 forest, less than the node arrays + the interpreter
-work they cost). Scores are the same integers summed in the same order, so they equal Forest's exactly.
+a tree compiled to `(57 if q0<-1234 else ...)` spends 4. The compact bytes stay the storage and wire form; the
+device compiles them here, TREES_PER_FUNCTION trees at a time so the compiler's transient memory stays small,
+and then holds only the bytecode. To keep that bytecode small, every constant is a short varint: thresholds are
+centred (q - 32768) and leaf codes offset by -64, the offsets added back once per window; a group's trees sit on
+one source line (no line-number table). Scores are the same integers summed, so they equal Forest's exactly.
 """
 
 import hashlib
@@ -12,50 +13,89 @@ import math
 
 from firmware import isoforest
 
-# one globals dict shared by every compiled tree (a dict per tree would cost ~100 B each)
+TREES_PER_FUNCTION = 5
+Q_CENTRE = 32768
+LEAF_OFFSET = 64
+
+# one globals dict shared by every compiled group (a dict per function would cost ~100 B each)
 _GLOBALS = {}
+# the generated scoring functions, per feature count: code shared by every champion (current and previous)
+_SCORERS = {}
 
 
-def tree_source(forest, root):
-    """MicroPython source of one tree: `def t(q0, q1, ...)` returning the leaf code (path length in 1/8 steps)."""
+def tree_expression(forest, root):
+    """One tree as a nested conditional expression of the centred features q0, q1, ... (leaf codes - 64)."""
     nf = forest.nf
     nt = forest.nt
     nr = forest.nr
-    args = ",".join("q%d" % f for f in range(forest.n_features))
-    lines = ["def t(" + args + "):"]
-    # explicit stack of (node, indent); a negative node marks the `else:` before a right subtree
-    stack = [(root, 1)]
+    parts = []
+    # explicit stack: a node to expand, or a string to emit (the tail of a conditional)
+    stack = [root]
     while stack:
-        i, ind = stack.pop()
-        if i < 0:
-            lines.append(" " * ind + "else:")
-            i = -i - 1
-            ind += 1
-        f = nf[i]
-        if f & isoforest.LEAF_FLAG:
-            lines.append(" " * ind + "return %d" % (f - isoforest.LEAF_FLAG))
+        item = stack.pop()
+        if isinstance(item, str):
+            parts.append(item)
             continue
-        lines.append(" " * ind + "if q%d<%d:" % (f, nt[i]))
-        stack.append((-(i + nr[i]) - 1, ind))
-        stack.append((i + 1, ind + 1))
-    return "\n".join(lines)
+        f = nf[item]
+        if f & isoforest.LEAF_FLAG:
+            parts.append(str(f - isoforest.LEAF_FLAG - LEAF_OFFSET))
+            continue
+        parts.append("(")
+        stack.append(")")
+        stack.append(item + nr[item])
+        stack.append(" if q%d<%d else " % (f, nt[item] - Q_CENTRE))
+        stack.append(item + 1)
+    return "".join(parts)
+
+
+def group_source(forest, roots):
+    """`def t(q0, q1, ...)` returning the summed (offset) leaf codes of the trees at roots, on one line."""
+    args = ",".join("q%d" % f for f in range(forest.n_features))
+    return "def t(%s):return %s" % (args, "+".join(tree_expression(forest, r) for r in roots))
+
+
+def _compile(source, name):
+    exec(source, _GLOBALS)
+    return _GLOBALS.pop(name)
+
+
+def _scorer(n_features):
+    """`score(x, scales, bases, groups, offset, k)`: quantise (as isoforest.quantise), centre, sum, exp, in one call.
+
+    Unrolled over the features with the grid in locals: the per-window overhead that dominates small forests.
+    """
+    lines = ["def score(x,S,B,groups,offset,k):"]
+    lines.append(" " + ",".join("S%d" % f for f in range(n_features)) + ",=S")
+    lines.append(" " + ",".join("B%d" % f for f in range(n_features)) + ",=B")
+    for f in range(n_features):
+        lines.append(" v=x[%d]" % f)
+        lines.append(" if v!=v:raise ValueError('feature %d is NaN')" % f)
+        lines.append(" q=int(floor(v*S%d+0.5))-B%d if -1e30<v<1e30 else (0 if v<0 else 65535)" % (f, f))
+        lines.append(" q%d=(0 if q<0 else (65535 if q>65535 else q))-%d" % (f, Q_CENTRE))
+    args = ",".join("q%d" % f for f in range(n_features))
+    lines += [" s=offset", " for t in groups:", "  s+=t(%s)" % args, " return exp(k*s)"]
+    _GLOBALS["floor"] = math.floor
+    _GLOBALS["exp"] = math.exp
+    return _compile("\n".join(lines), "score")
 
 
 def _path_summer(n_features):
-    """`ps(trees, q)`: the trees' leaf codes summed, q unpacked into locals once (cheaper than t(*q) per tree)."""
+    """`ps(groups, q, offset)`: a quantised q centred into locals once, the groups' sums and the offsets added."""
     args = ",".join("q%d" % f for f in range(n_features))
-    exec("def ps(trees,q):\n %s,=q\n s=0\n for t in trees:\n  s+=t(%s)\n return s" % (args, args), _GLOBALS)
-    return _GLOBALS.pop("ps")
+    centred = ",".join("q[%d]-%d" % (f, Q_CENTRE) for f in range(n_features))
+    return _compile("def ps(groups,q,offset):\n %s,=%s,\n s=offset\n for t in groups:\n  s+=t(%s)\n return s"
+                    % (args, centred, args), "ps")
 
 
-def compile_tree(forest, root):
-    """The compiled function of the tree rooted at node `root` of a Forest."""
-    exec(tree_source(forest, root), _GLOBALS)
-    return _GLOBALS.pop("t")
+def scorers(n_features):
+    """(path summer, scorer) for forests of n_features: generated once, shared by every champion."""
+    if n_features not in _SCORERS:
+        _SCORERS[n_features] = (_path_summer(n_features), _scorer(n_features))
+    return _SCORERS[n_features]
 
 
 class CompiledForest:
-    """Scores like isoforest.Forest (same values), from per-tree bytecode; keeps no node arrays."""
+    """Scores like isoforest.Forest (same values), from compiled bytecode; keeps no node arrays."""
 
     def __init__(self, forest, collect=None):
         self.n_features = forest.n_features
@@ -63,20 +103,22 @@ class CompiledForest:
         self.psi = forest.psi
         self.grid = forest.grid
         self.sha256 = hashlib.sha256(forest.to_bytes()).digest()  # which compact bytes this was compiled from
-        self._sgrid = forest._sgrid
         self._k = forest._k
-        self._q = [0] * self.n_features
-        trees = []
-        for root in forest.roots:
-            trees.append(compile_tree(forest, root))
+        self._offset = LEAF_OFFSET * self.n_trees
+        roots = forest.roots
+        groups = []
+        for k in range(0, len(roots), TREES_PER_FUNCTION):
+            groups.append(_compile(group_source(forest, roots[k:k + TREES_PER_FUNCTION]), "t"))
             if collect is not None:
                 collect()
-        self.trees = tuple(trees)
-        self._path_sum = _path_summer(self.n_features)
+        self.groups = tuple(groups)
+        self._path_sum, self._score = scorers(self.n_features)
+        self._scales = tuple(g[2] for g in forest._sgrid)
+        self._bases = tuple(g[1] for g in forest._sgrid)
 
     def path_sum(self, q):
         """Sum over trees of the leaf codes (path lengths in 1/8 steps) for a quantised vector q."""
-        return self._path_sum(self.trees, q)
+        return self._path_sum(self.groups, q, self._offset)
 
     def score_q(self, q):
         """Anomaly score (0..1) of a quantised feature vector."""
@@ -84,4 +126,4 @@ class CompiledForest:
 
     def score(self, x):
         """Anomaly score (0..1) of a raw feature vector (floats, in the model's feature order)."""
-        return self.score_q(isoforest.quantise(x, self._sgrid, self._q))
+        return self._score(x, self._scales, self._bases, self.groups, self._offset, self._k)

@@ -75,4 +75,4 @@ def test_compiled_forest_scores_equal_the_node_walk():
         q = isoforest.quantise(r, forest.grid)
         assert compiled.path_sum(q) == forest.path_sum(q), r
         assert compiled.score(r) == forest.score(r), r
-    assert compiled.n_trees == 25 and len(compiled.trees) == 25
+    assert compiled.n_trees == 25 and len(compiled.groups) == 5
