@@ -108,7 +108,7 @@ def test_report_generator_runs_on_a_small_configuration(tmp_path, monkeypatch):
     assert "ns per instruction" in text and "8.7 ms" in text
     pngs = sorted((tmp_path / "docs" / "results").glob("*.png"))
     names = {p.name for p in pngs}
-    assert {"fig3a_inference_bearing1.png", "fig3c_load.png", "quality_synthetic.png"} <= names
+    assert {"fig3a_inference_bearing1.png", "fig3c_load.png", "quality_synthetic.png", "score_over_life.png"} <= names
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
         assert f"(results/{p.name})" in text

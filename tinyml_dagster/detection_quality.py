@@ -189,6 +189,26 @@ def evaluate_windows(windows: pd.DataFrame, source: str, config: QualityConfig,
     return rows
 
 
+def snapshot_scores(windows: pd.DataFrame, bearing: int, n_trees: int, config: QualityConfig = QualityConfig(),
+                    model: str = "firmware") -> pd.DataFrame:
+    """Per snapshot of one bearing: time, life fraction, mean and max window score, alarm; first alarm flagged."""
+    df = windows[windows.bearing == bearing].sort_values(["file_index", "window_index", "axis"], kind="stable")
+    X = feature_matrix(df, f"bearing {bearing}")
+    life = df.life_fraction.to_numpy()
+    s = model_scores(X[life < settings.TRAIN_FRACTION], X, (n_trees,), bearing, config.seed, model, config.psi)[:, 0]
+    files = df.file_index.to_numpy()
+    snap_files, snap = snapshot_alarms(files, s > config.threshold)
+    g = pd.DataFrame({"file_index": files, "timestamp": df.timestamp.to_numpy(), "life_fraction": life, "score": s})
+    out = g.groupby("file_index").agg(timestamp=("timestamp", "first"), life_fraction=("life_fraction", "first"),
+                                      score_mean=("score", "mean"), score_max=("score", "max")).reset_index()
+    out["alarm"] = snap
+    k = first_alarm(snap, out.life_fraction.to_numpy())
+    out["first_alarm"] = False
+    if k is not None:
+        out.loc[k, "first_alarm"] = True
+    return out
+
+
 # -- sources ----------------------------------------------------------------------------------------------
 
 def synthetic_windows(n_files: int, rates: Sequence[int] = settings.RATES_HZ, bearings: Sequence[int] =

@@ -298,6 +298,30 @@ def false_positive_timeline(kb_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         con.close()
 
 
+def plot_score_over_life(series: dict[str, pd.DataFrame], out: Path, threshold: float) -> Path:
+    """The forest's score over the whole life, per snapshot, with the training split, end of life and first alarm."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(series), 1, figsize=(9, 2.3 * len(series)), squeeze=False, sharex=True)
+    for ax, (title, d) in zip(axes[:, 0], series.items()):
+        x = d.life_fraction.to_numpy() * 100
+        ax.plot(x, d.score_max, ".", ms=2, color="0.6", label="max window score")
+        ax.plot(x, d.score_mean, ".-", ms=2, lw=0.5, color="tab:blue", label="mean window score")
+        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--", label=f"threshold {threshold}")
+        ax.axvspan(0, settings.TRAIN_FRACTION * 100, color="tab:green", alpha=0.07, label="training (healthy)")
+        ax.axvspan(dq.EOL_FRACTION * 100, 100, color="tab:red", alpha=0.07, label="end of life")
+        first = d[d.first_alarm]
+        if not first.empty:
+            ax.axvline(first.life_fraction.iloc[0] * 100, color="k", lw=1.2, label="first alarm")
+        ax.set_ylim(0.3, 0.9)
+        ax.set_ylabel("score", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("% of life (time)")
+    axes[0][0].legend(fontsize=7, ncol=6, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, out / "score_over_life.png")
+
+
 def plot_loop(episodes: pd.DataFrame, out: Path, timeline: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
     """False-positive rate per champion episode, and cumulative false positives over the run with the replacements."""
     plt = _plt()
@@ -378,7 +402,8 @@ def rate_verdict(q: pd.DataFrame) -> tuple[int, str, pd.DataFrame]:
 
 def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | None, device_bench: dict | None,
                    quality: pd.DataFrame, demo: dict | None, episodes: pd.DataFrame | None, figs: dict[str, list[Path]],
-                   path: Path, seconds: float, bench_all: dict | None = None) -> Path:
+                   path: Path, seconds: float, bench_all: dict | None = None,
+                   life_table: pd.DataFrame | None = None) -> Path:
     """docs/results.md."""
     rel = lambda p: p.relative_to(path.parent).as_posix()  # noqa: E731
     img = lambda key: "".join(f"![{p.stem}]({rel(p)})\n" for p in figs.get(key, []))  # noqa: E731
@@ -508,6 +533,10 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
           "rates.", ""]
     for p in figs.get("quality", []):
         L += [f"![{p.stem}]({rel(p)})", ""]
+    L += ["What the detector sees over a whole life (our forest; per 1-s snapshot: mean and max of its windows' "
+          "scores; the first alarm as defined above):", "", img("life"), "",
+          _md_table(life_table, {c: 3 for c in life_table.columns[1:4]} | {"first alarm at % of life": 1})
+          if life_table is not None else "", ""]
     best, verdict, rate_table = rate_verdict(quality)
     L += ["### Per source and rate (firmware forest, failing bearings, mean over forest sizes)", "",
           _md_table(rate_table, {"auc": 3, "fa_rate": 3, "lead_time_h": 1}), ""]
@@ -601,6 +630,27 @@ def build(cfg: ReportConfig = FULL, docs_dir: Path = DOCS, log=print) -> Path:
     dq.write_frame(quality, dq.default_path())
     dq.write_frame(quality.round(4), out / "detection_quality.csv")  # every row, next to the plots
     figs: dict[str, list[Path]] = {"quality": plot_quality(quality, out)}
+    big, rate = max(cfg.quality.tree_counts), max(cfg.quality.rates)
+    series = {}
+    synth = dq.synthetic_windows(cfg.quality.n_files, (rate,), dq.FAILING_BEARINGS)[rate]
+    for b in dq.FAILING_BEARINGS:
+        series[f"synthetic, {rate} Hz, bearing {b}, {big} trees"] = dq.snapshot_scores(synth, b, big, cfg.quality)
+    if cfg.quality.real:
+        real = dq.real_file_windows()
+        for b in dq.FAILING_BEARINGS:
+            series[f"real set 1 (per-file features, 20 kHz), bearing {b}, {big} trees"] = dq.snapshot_scores(
+                real, b, big, cfg.quality)
+    figs["life"] = [plot_score_over_life(series, out, cfg.quality.threshold)]
+    life_rows = []
+    for title, d in series.items():
+        lf = d.life_fraction
+        first = d[d.first_alarm]
+        life_rows.append({"series": title,
+                          "alarming snapshots, life < 60%": d.alarm[lf < settings.TRAIN_FRACTION].mean(),
+                          "60-90%": d.alarm[(lf >= settings.TRAIN_FRACTION) & (lf < dq.EOL_FRACTION)].mean(),
+                          "last 10%": d.alarm[lf >= dq.EOL_FRACTION].mean(),
+                          "first alarm at % of life": first.life_fraction.iloc[0] * 100 if len(first) else np.nan})
+    life_table = pd.DataFrame(life_rows)
     windows = dq.synthetic_windows(cfg.quality.n_files, (500,), cfg.device_bearings)[500]
     dev = dt.measure(windows, cfg.device_bearings, cfg.device_tree_counts, cfg.device_per_kind, log=log)
     figs["inference"] = plot_inference(dev, out)
@@ -613,7 +663,7 @@ def build(cfg: ReportConfig = FULL, docs_dir: Path = DOCS, log=print) -> Path:
     if episodes is not None and not episodes.empty:
         figs["loop"] = [plot_loop(episodes, out, false_positive_timeline(kb))]
     path = write_markdown(cfg, dev, bench.get("deploy"), bench.get("device"), quality, demo, episodes, figs,
-                          docs_dir / "results.md", time.perf_counter() - t0, bench)
+                          docs_dir / "results.md", time.perf_counter() - t0, bench, life_table)
     log(f"wrote {path} and {sum(len(v) for v in figs.values())} plots in {out}")
     return path
 
