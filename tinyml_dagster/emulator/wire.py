@@ -2,8 +2,12 @@
 
 The gateway opens `port_path` with pyserial like a real port. Every byte takes its wire time (10 bits at 8N1,
 divided by time_scale) and arrives at the end of it; the wire carries one direction at a time and waits
-`turnaround_s` when the direction changes. Bytes a side writes while the other is talking wait in its modem's
+`turnaround_s` when the direction changes. Bytes a side writes while the wire is busy wait in its modem's
 buffer (nothing is lost), as with a half-duplex power-line modem.
+
+The schedule is exact: when bytes are written, their slot on the wire is fixed at once, starting at
+max(written, end of the previous byte [+ turnaround if the direction changes]), so a late delivery thread
+never stretches the wire; it can only hand a byte over a little after its slot ends (not cumulative).
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import select
 import threading
 import time
 import tty
+from collections import deque
 from pathlib import Path
 
 BITS_PER_BYTE = 10  # 8N1: start + 8 data + stop
+UP, DOWN = "up", "down"  # device -> gateway, gateway -> device
+_MAX_WAIT_S = 0.05
+_MIN_WAIT_S = 0.0003  # deliver in batches at most this fine (late by this much at worst, never cumulative)
 
 
 class HalfDuplexWire:
@@ -26,8 +34,9 @@ class HalfDuplexWire:
                  link_path: str | Path | None = None) -> None:
         if baud <= 0 or time_scale <= 0 or turnaround_s < 0:
             raise ValueError(f"bad wire settings: baud={baud} time_scale={time_scale} turnaround_s={turnaround_s}")
-        self.byte_s = BITS_PER_BYTE / baud / time_scale
-        self.turnaround_s = turnaround_s / time_scale
+        self.baud, self.time_scale = baud, time_scale
+        self.byte_s = BITS_PER_BYTE / baud / time_scale  # real seconds per byte
+        self.turnaround_s = turnaround_s / time_scale  # real seconds
         self.master, self.slave = pty.openpty()
         tty.setraw(self.slave)
         os.set_blocking(self.master, False)
@@ -38,15 +47,22 @@ class HalfDuplexWire:
             tmp.unlink(missing_ok=True)
             os.symlink(self.port_path, tmp)
             os.replace(tmp, self.link_path)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
         self._to_device = bytearray()  # delivered, waiting for the device to read
-        self._from_device = bytearray()  # written by the device, waiting for the wire
-        self._from_gateway = bytearray()  # written by the gateway, waiting for the wire
-        self._direction = None  # "up" (device -> gateway) or "down"
-        self._free_at = time.perf_counter()  # when the wire finishes its last byte
-        self.bytes_up = 0
+        self._to_gateway = bytearray()  # delivered, waiting for room in the pty
+        # segments on the wire: [start, direction, data, delivered]; byte i ends at start + (i + 1) * byte_s
+        self._segments: deque[list] = deque()
+        self._direction: str | None = None
+        self._free_at = 0.0  # when the wire finishes its last scheduled byte
+        self.bytes_up = 0  # delivered
         self.bytes_down = 0
         self.turnarounds = 0
+        self.busy_s = 0.0  # real seconds of wire time scheduled (bytes only)
+        self.turnaround_total_s = 0.0
+        self.late_s_max = 0.0  # worst hand-over delay after a byte's slot ended (real seconds)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="half-duplex-wire", daemon=True)
         self._thread.start()
@@ -65,80 +81,107 @@ class HalfDuplexWire:
             return n
 
     def _device_write(self, data) -> int:
-        with self._lock:
-            self._from_device += data
+        if data:
+            self._schedule(UP, bytes(data), time.perf_counter())
+            try:
+                os.write(self._wake_w, b"w")
+            except (BlockingIOError, OSError):
+                pass  # already woken (or closing)
         return len(data)
 
     # --- the wire
+    def _schedule(self, direction: str, data: bytes, written: float) -> None:
+        """Fix the wire slot of bytes written at `written` (real time): after the previous byte, and after the
+        turnaround if the direction changes."""
+        with self._lock:
+            start = max(written, self._free_at)
+            if self._direction is not None and direction != self._direction:
+                start = max(start, self._free_at + self.turnaround_s)
+                self.turnarounds += 1
+                self.turnaround_total_s += self.turnaround_s
+            self._direction = direction
+            self._free_at = start + len(data) * self.byte_s
+            self.busy_s += len(data) * self.byte_s
+            self._segments.append([start, direction, data, 0])
+
+    def _deliver(self, now: float) -> float | None:
+        """Hand over every byte whose wire time has ended; the real time the next one ends, or None."""
+        with self._lock:
+            while self._segments:
+                seg = self._segments[0]
+                start, direction, data, done = seg
+                n = min(len(data), int((now - start) / self.byte_s + 1e-9))
+                if n > done:
+                    chunk = data[done:n]
+                    self.late_s_max = max(self.late_s_max, now - (start + n * self.byte_s))
+                    if direction == DOWN:
+                        self._to_device += chunk
+                        self.bytes_down += len(chunk)
+                    else:
+                        self._to_gateway += chunk
+                        self.bytes_up += len(chunk)
+                    seg[3] = done = n
+                if done < len(data):
+                    return start + (done + 1) * self.byte_s
+                self._segments.popleft()
+            return None
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._read_gateway()
-            with self._lock:
-                up, down = len(self._from_device), len(self._from_gateway)
-            if not up and not down:
-                select.select([self.master], [], [], 0.002)
-                continue
-            if self._direction == "up" and up or self._direction == "down" and down:
-                direction = self._direction
-            else:
-                direction = "up" if up else "down"
-            start = max(time.perf_counter(), self._free_at)
-            if direction != self._direction:
-                if self._direction is not None:
-                    start = max(start, self._free_at + self.turnaround_s)
-                    self.turnarounds += 1
-                self._direction = direction
-            self._transmit(direction, start)
+            now = time.perf_counter()
+            next_due = self._deliver(now)
+            self._flush_gateway()
+            wait = _MAX_WAIT_S if next_due is None else min(_MAX_WAIT_S, max(_MIN_WAIT_S, next_due - now))
+            if self._to_gateway:
+                wait = min(wait, 0.001)
+            try:
+                ready, _, _ = select.select([self.master, self._wake_r], [], [], wait)
+            except (OSError, ValueError):
+                return
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 4096)
+                except (BlockingIOError, OSError):
+                    pass
+            if self.master in ready:
+                written = time.perf_counter()  # the bytes were there by now (the thread was waiting on them)
+                try:
+                    data = os.read(self.master, 4096)
+                except (BlockingIOError, OSError):
+                    data = b""
+                if data:
+                    self._schedule(DOWN, data, written)
 
-    def _transmit(self, direction: str, start: float) -> None:
-        """Put the bytes due in one direction on the wire: each arrives at the end of its own wire time."""
-        end = start + self.byte_s
-        now = time.perf_counter()
-        if end > now:
-            time.sleep(end - now)
-        now = time.perf_counter()
-        n = max(1, int((now - start) / self.byte_s))
-        with self._lock:
-            src = self._from_device if direction == "up" else self._from_gateway
-            chunk = bytes(src[:n])
-            del src[: len(chunk)]
-            if direction == "down":
-                self._to_device += chunk
-        if direction == "up":
-            self._write_gateway(chunk)
-            self.bytes_up += len(chunk)
-        else:
-            self.bytes_down += len(chunk)
-        self._free_at = start + len(chunk) * self.byte_s
-
-    def _read_gateway(self) -> None:
+    def _flush_gateway(self) -> None:
+        """Write delivered bytes to the gateway's pty; what does not fit waits (the gateway reads slowly)."""
+        if not self._to_gateway:
+            return
         try:
-            data = os.read(self.master, 4096)
+            k = os.write(self.master, self._to_gateway)
         except (BlockingIOError, OSError):
             return
-        if data:
-            with self._lock:
-                self._from_gateway += data
+        del self._to_gateway[:k]
 
-    def _write_gateway(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and not self._stop.is_set():
-            try:
-                k = os.write(self.master, view)
-                view = view[k:]
-            except BlockingIOError:
-                time.sleep(0.001)
+    def idle(self) -> bool:
+        """Nothing scheduled is still on the wire."""
+        with self._lock:
+            return not self._segments and time.perf_counter() >= self._free_at
 
     def stats(self) -> dict:
         return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "turnarounds": self.turnarounds,
-                "byte_ms": self.byte_s * 1000}
+                "byte_ms": self.byte_s * 1000, "busy_s": round(self.busy_s, 4),
+                "late_ms_max": round(self.late_s_max * 1000, 3)}
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
         self._thread.join(timeout=2)
         if self.link_path and self.link_path.is_symlink():
             self.link_path.unlink(missing_ok=True)
-        for fd in (self.master, self.slave):
+        for fd in (self.master, self.slave, self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:

@@ -1,0 +1,131 @@
+"""The emulator's half-duplex wire: every byte's wire time exact against a running deadline, turnarounds, time scale,
+no lost time when the writer runs late but ahead of the wire. Real ptys, real pyserial."""
+
+import random
+import time
+
+import pytest
+import serial
+
+from tinyml_dagster.emulator.wire import HalfDuplexWire
+
+SCALE = 10.0
+BYTE_S = 10 / 2400 / SCALE  # 0.42 ms per byte in real time
+TURN_S = 0.1 / SCALE
+LOST_MAX_S = 0.015  # hand-over latency allowed at the end of a stream (not cumulative)
+
+
+@pytest.fixture
+def wire():
+    w = HalfDuplexWire(baud=2400, turnaround_s=0.1, time_scale=SCALE)
+    gw = serial.Serial(w.port_path, timeout=0)
+    yield w, gw
+    gw.close()
+    w.close()
+
+
+def _device_read(port, n, timeout=5.0):
+    """Read n bytes on the device side; (data, arrival time of every byte)."""
+    buf = bytearray(512)
+    out, times = bytearray(), []
+    deadline = time.perf_counter() + timeout
+    while len(out) < n and time.perf_counter() < deadline:
+        k = port.readinto(buf)
+        if k:
+            now = time.perf_counter()
+            out += buf[:k]
+            times += [now] * k
+        else:
+            time.sleep(0.0002)
+    return bytes(out), times
+
+
+def _gateway_read(gw, n, timeout=5.0):
+    out, times = bytearray(), []
+    deadline = time.perf_counter() + timeout
+    while len(out) < n and time.perf_counter() < deadline:
+        data = gw.read(4096)
+        if data:
+            now = time.perf_counter()
+            out += data
+            times += [now] * len(data)
+        else:
+            time.sleep(0.0002)
+    return bytes(out), times
+
+
+def test_a_late_writer_ahead_of_the_wire_loses_no_time(wire):
+    w, gw = wire
+    rng = random.Random(5)
+    payload = bytes(rng.randrange(256) for _ in range(1200))  # 0.5 s of wire at x10
+    port = w.device_port()
+    t0 = time.perf_counter()
+    gw.write(payload[:100])
+    gw.flush()
+    for i in range(100, 1200, 100):
+        # the writer wakes late each time (jitter) but always before the wire has drained what it wrote
+        time.sleep(rng.uniform(0.0, 0.03))
+        gw.write(payload[i : i + 100])
+        gw.flush()
+    data, times = _device_read(port, len(payload))
+    assert data == payload
+    for k in (0, 99, 100, 599, 1199):
+        assert times[k] >= t0 + (k + 1) * BYTE_S - 1e-4, f"byte {k} arrived before its wire time"
+    lost = times[-1] - (t0 + len(payload) * BYTE_S)
+    assert lost < LOST_MAX_S, f"{lost * 1000:.1f} ms lost over {len(payload)} bytes"
+    assert w.stats()["bytes_down"] == len(payload) and w.stats()["turnarounds"] == 0
+
+
+def test_direction_change_waits_for_the_wire_and_the_turnaround(wire):
+    w, gw = wire
+    port = w.device_port()
+    t0 = time.perf_counter()
+    gw.write(bytes(240))
+    gw.flush()
+    time.sleep(0.005)
+    port.write(b"\x55" * 100)  # the device answers while the gateway's bytes are still on the wire
+    down, dtimes = _device_read(port, 240)
+    up, utimes = _gateway_read(gw, 100)
+    assert down == bytes(240) and up == b"\x55" * 100
+    due = t0 + 340 * BYTE_S + TURN_S
+    assert utimes[-1] >= due - 1e-4
+    assert utimes[-1] - due < LOST_MAX_S
+    assert dtimes[-1] < utimes[0]
+    assert w.stats()["turnarounds"] == 1
+    assert w.busy_s == pytest.approx(340 * BYTE_S)
+
+
+def test_an_idle_wire_gives_no_credit(wire):
+    w, gw = wire
+    port = w.device_port()
+    gw.write(b"a" * 20)
+    gw.flush()
+    _device_read(port, 20)
+    time.sleep(0.1)
+    t1 = time.perf_counter()
+    gw.write(b"b" * 50)
+    gw.flush()
+    data, times = _device_read(port, 50)
+    assert data == b"b" * 50
+    # the second burst starts when written, not where the first ended
+    assert times[-1] >= t1 + 50 * BYTE_S - 1e-4
+    assert times[-1] - (t1 + 50 * BYTE_S) < LOST_MAX_S
+
+
+def test_time_scale_one_is_2400_baud(wire):
+    w = HalfDuplexWire(baud=2400, turnaround_s=0.1, time_scale=1.0)
+    try:
+        gw = serial.Serial(w.port_path, timeout=0)
+        t0 = time.perf_counter()
+        w.device_port().write(b"z" * 60)  # 0.25 s at 240 bytes/s
+        data, times = _gateway_read(gw, 60)
+        gw.close()
+    finally:
+        w.close()
+    assert data == b"z" * 60
+    assert 0.25 - 1e-3 <= times[-1] - t0 < 0.25 + LOST_MAX_S
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="baud=0"):
+        HalfDuplexWire(baud=0)
