@@ -129,3 +129,17 @@ def test_time_scale_one_is_2400_baud(wire):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="baud=0"):
         HalfDuplexWire(baud=0)
+
+
+def test_bytes_for_a_closed_port_wait_in_the_modem():
+    w = HalfDuplexWire(baud=2400, turnaround_s=0.1, time_scale=SCALE)
+    try:
+        w.device_port().write(b"hello at boot")  # the device boots before the gateway opens its port
+        time.sleep(0.1)
+        assert w.stats()["bytes_up"] == 13  # crossed the wire, held by the gateway's modem
+        gw = serial.Serial(w.port_path, timeout=0)  # pyserial's open() flushes its input
+        data, _ = _gateway_read(gw, 13, timeout=2)
+        gw.close()
+    finally:
+        w.close()
+    assert data == b"hello at boot"

@@ -24,6 +24,7 @@ from pathlib import Path
 BITS_PER_BYTE = 10  # 8N1: start + 8 data + stop
 UP, DOWN = "up", "down"  # device -> gateway, gateway -> device
 _MAX_WAIT_S = 0.05
+_OPEN_GRACE_S = 0.02
 _MIN_WAIT_S = 0.0003  # deliver in batches at most this fine (late by this much at worst, never cumulative)
 
 
@@ -37,10 +38,16 @@ class HalfDuplexWire:
         self.baud, self.time_scale = baud, time_scale
         self.byte_s = BITS_PER_BYTE / baud / time_scale  # real seconds per byte
         self.turnaround_s = turnaround_s / time_scale  # real seconds
-        self.master, self.slave = pty.openpty()
-        tty.setraw(self.slave)
+        self.master, slave = pty.openpty()
+        tty.setraw(slave)
         os.set_blocking(self.master, False)
-        self.port_path = os.ttyname(self.slave)
+        self.port_path = os.ttyname(slave)
+        # we keep no slave fd open, so the master sees POLLHUP while the gateway has the port closed: bytes for
+        # the gateway wait in its modem until it opens the port (pyserial's open() flushes what came before)
+        os.close(slave)
+        self._poll = select.poll()
+        self._poll.register(self.master, select.POLLIN)
+        self._gateway_open_since: float | None = None
         self.link_path = Path(link_path) if link_path else None
         if self.link_path:
             tmp = self.link_path.with_name(self.link_path.name + ".tmp")
@@ -130,20 +137,23 @@ class HalfDuplexWire:
         while not self._stop.is_set():
             now = time.perf_counter()
             next_due = self._deliver(now)
-            self._flush_gateway()
+            ready = self._gateway_ready()
+            if ready:
+                self._flush_gateway()
             wait = _MAX_WAIT_S if next_due is None else min(_MAX_WAIT_S, max(_MIN_WAIT_S, next_due - now))
-            if self._to_gateway:
-                wait = min(wait, 0.001)
+            if self._to_gateway or self._gateway_open_since is None:
+                wait = min(wait, 0.002)  # the gateway reads slowly, or we watch for it to open the port
+            watch = [self._wake_r] + ([self.master] if self._gateway_open_since is not None else [])
             try:
-                ready, _, _ = select.select([self.master, self._wake_r], [], [], wait)
+                readable, _, _ = select.select(watch, [], [], wait)
             except (OSError, ValueError):
                 return
-            if self._wake_r in ready:
+            if self._wake_r in readable:
                 try:
                     os.read(self._wake_r, 4096)
                 except (BlockingIOError, OSError):
                     pass
-            if self.master in ready:
+            if self.master in readable:
                 written = time.perf_counter()  # the bytes were there by now (the thread was waiting on them)
                 try:
                     data = os.read(self.master, 4096)
@@ -151,6 +161,17 @@ class HalfDuplexWire:
                     data = b""
                 if data:
                     self._schedule(DOWN, data, written)
+
+    def _gateway_ready(self) -> bool:
+        """The gateway has had the port open for a moment (its open() has flushed its input by then)."""
+        hup = any(ev & select.POLLHUP for _, ev in self._poll.poll(0))
+        now = time.perf_counter()
+        if hup:
+            self._gateway_open_since = None
+            return False
+        if self._gateway_open_since is None:
+            self._gateway_open_since = now
+        return now - self._gateway_open_since >= _OPEN_GRACE_S
 
     def _flush_gateway(self) -> None:
         """Write delivered bytes to the gateway's pty; what does not fit waits (the gateway reads slowly)."""
@@ -181,7 +202,7 @@ class HalfDuplexWire:
         self._thread.join(timeout=2)
         if self.link_path and self.link_path.is_symlink():
             self.link_path.unlink(missing_ok=True)
-        for fd in (self.master, self.slave, self._wake_r, self._wake_w):
+        for fd in (self.master, self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:
