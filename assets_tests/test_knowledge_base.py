@@ -103,6 +103,17 @@ def test_champion_upload_registration_and_episodes(tmp_path):
     assert kb.nth_false_positive_time(episode, 2) is None
 
 
+def test_reported_champion_identified_later_keeps_its_episode(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    kb.ingest([win("d1", 1, champ="0")])
+    episode, model, source = kb.current_champion("d1")[:3]
+    assert (model, source) == ("0", "reported")
+    kb.ingest([Upload("d1", 1 << 40, "champion", model_blob=b"\x00")])
+    kb.register_model_upload(kb.model_uploads()[0][0], "d1-t50-abc")
+    assert kb.current_champion("d1")[:3] == (episode, "d1-t50-abc", "device")
+    assert len(kb.champions("d1")) == 1
+
+
 def test_deploy_queue(tmp_path):
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
     kb.ingest([win("d1", 1)])

@@ -210,7 +210,7 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
     ready.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(settings.kb_path()),
            "--port", "%s=%s" % (DEVICE_ID, status["port"]), "--time-scale", str(time_scale),
-           "--ready-file", str(ready)]
+           "--ready-file", str(ready), "--reply-slack", "2"]
     if not pool_in_service:
         cmd.append("--no-pool")
     procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf))
@@ -249,15 +249,23 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
                 note("false_positive_sensor", run_key=req.run_key, candidate=req.tags["tinyml/model_id"],
                      false_positives=req.tags["tinyml/false_positives"])
                 r = defs.resolve_job_def("replace_champion_job").execute_in_process(
-                    instance=instance, partition_key=req.partition_key, tags=req.tags)
-                deploy = kb.deploys(DEVICE_ID)[-1]
+                    instance=instance, partition_key=req.partition_key, tags=req.tags, raise_on_error=False)
+                deploys = kb.deploys(DEVICE_ID)
+                if not deploys:
+                    note("replace_champion_job", success=r.success, status="not queued")
+                    continue
+                deploy = deploys[-1]
+                note("replace_champion_job", success=r.success, status=deploy["status"], model=deploy["model_id"],
+                     link_seconds=round(deploy["figures"].get("link_seconds") or 0, 1), error=deploy["error"])
                 episode = int(req.tags["tinyml/episode"])
                 t_nfp = kb.nth_false_positive_time(episode, n_fp)
+                if deploy["status"] != "done":
+                    continue  # the link failed: false_positive_sensor asks again under a retry run key
                 replacements.append({"run_success": r.success, "deploy": deploy, "t_nfp": t_nfp})
-                note("replace_champion_job", success=r.success, status=deploy["status"],
-                     model=deploy["model_id"], link_seconds=round(deploy["figures"].get("link_seconds", 0), 1))
-            if replacements and status["signal_done"]:
-                break
+            if replacements:
+                version = str(status["champion"][1])
+                if status["signal_done"] or kb.scalar("SELECT COUNT(*) FROM uploads WHERE champion_id=?", (version,)):
+                    break  # the device reports windows scored by the new champion (or has no more windows)
             if status["signal_done"] and not replacements and kb.count_uploads() and _settled(kb):
                 break
             time.sleep(0.1)

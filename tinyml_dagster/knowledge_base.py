@@ -364,7 +364,12 @@ class KnowledgeBase:
             if row[1] is not None:
                 return
             self._conn.execute("UPDATE model_uploads SET model_id=? WHERE upload_id=?", (model_id, upload_id))
-            self._add_champion(row[0], model_id, "device", time.time(), upload_id)
+            cur = self.current_champion(row[0])
+            if cur is not None and cur[2] == "reported":
+                # the champion the device's uploads named is this one: same episode, now with its repository id
+                self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?", (model_id, cur[0]))
+            else:
+                self._add_champion(row[0], model_id, "device", time.time(), upload_id)
 
     # -- pool decisions and ranking -----------------------------------------------------------------------
 
