@@ -354,6 +354,7 @@ def write_frame(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         df.to_csv(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the table is a published result
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
