@@ -103,3 +103,17 @@ def test_mixed_channel_counts_are_refused(tmp_path):
     shutil.copy(four, tmp_path / "2003.10.22.12.09.13")
     with pytest.raises(ims.IMSFormatError, match=r"2003.10.22.12.09.13, line 1: 4 columns per row, expected 8"):
         ims.read_ims_files(ims.list_ims_files(tmp_path))
+
+
+@pytest.mark.parametrize("fmt", ["%.3f", "%.1f", "%.6f", "%.9f"])
+def test_fast_path_equals_float_of_every_cell(fmt):
+    rng = np.random.default_rng(1)
+    values = rng.normal(0, 1, (50, 8)) * 10.0 ** rng.integers(-2, 6, (50, 8))
+    text = "".join("\t".join(fmt % v for v in row) + "\n" for row in values)
+    parsed = ims._parse_canonical(text.encode())
+    expected = np.array([[float(c) for c in line.split("\t")] for line in text.splitlines()])
+    assert parsed is not None
+    np.testing.assert_array_equal(parsed, expected)
+    # anything else is left to the line reader
+    assert ims._parse_canonical(text.replace("\n", "\r\n").encode()) is None
+    assert ims._parse_canonical(text.replace("\t", " \t", 1).encode()) is None

@@ -70,14 +70,16 @@ def read_ims_file(path: str | os.PathLike, n_channels: int | None = None) -> np.
     """One IMS file as float64 (20480, n_channels); IMSFormatError names the file, line and column of bad input."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise IMSFormatError(path, "file does not exist") from None
-    except IsADirectoryError:
-        raise IMSFormatError(path, "is a directory, not an IMS file") from None
+    except (IsADirectoryError, PermissionError):
+        if path.is_dir():
+            raise IMSFormatError(path, "is a directory, not an IMS file") from None
+        raise
     data = _parse_canonical(raw)
     if data is None:  # not the canonical layout: parse line by line, which also pinpoints any error
-        data = _parse_lines(path, raw)
+        data = _parse_lines(path, raw.tobytes())
     if data.shape[1] not in CHANNEL_COUNTS:
         raise IMSFormatError(path, f"{data.shape[1]} columns per row, expected one of {CHANNEL_COUNTS}", line=1)
     if n_channels is not None and data.shape[1] != n_channels:
@@ -107,15 +109,17 @@ def read_ims_files(paths: Iterable[str | os.PathLike], workers: int | None = Non
     return out
 
 
-def _parse_canonical(raw: bytes) -> np.ndarray | None:
+def _parse_canonical(raw: bytes | np.ndarray) -> np.ndarray | None:
     """Vectorised parse of fixed-point text ("-0.022\\t0.105\\n", one number of decimals throughout).
 
     Works on the tokens, anchored at their decimal points, and checks that the tokens, their separators and
     nothing else cover every byte; None when raw is not in that layout (the caller then parses line by line).
     """
-    if not raw:
+    b = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+    if len(b) == 0:
         return None
-    b = np.frombuffer(raw if raw.endswith(b"\n") else raw + b"\n", dtype=np.uint8)
+    if b[-1] != _LF:
+        b = np.append(b, np.uint8(_LF))
     dots = np.flatnonzero(b == _DOT)
     n = len(dots)
     if n == 0:
@@ -132,31 +136,41 @@ def _parse_canonical(raw: bytes) -> np.ndarray | None:
     sep = b[ends]
     if ((sep != _TAB) & (sep != _LF)).any():
         return None
-    ints = np.zeros(n)
+    zero = np.uint8(48)
+    ints = np.zeros(n, dtype=np.int32 if decimals <= 6 else np.int64)
     for j in range(1, decimals + 1):
-        d = b[dots + j].astype(np.float64) - 48.0
-        if ((d < 0) | (d > 9)).any():
+        d = b[dots + j] - zero  # a non-digit wraps around above 9
+        if (d > 9).any():
             return None
-        ints = ints * 10.0 + d
+        ints *= 10
+        ints += d
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     neg = b[starts] == _MINUS
-    int_start = starts + neg
-    int_len = dots - int_start  # digits before the point; the tokens then cover every byte
-    if (int_len < 1).any() or int_len.max() + decimals > 15:  # beyond exact float64 integers: leave it to float()
+    int_len = dots - starts - neg  # digits before the point; the tokens then cover every byte
+    longest = int(int_len.max())
+    if int_len.min() < 1 or longest + decimals > 15:  # beyond exact float64 integers: leave it to float()
         return None
-    scale = _POW10[decimals]
-    for k in range(1, int(int_len.max()) + 1):
-        take = int_len >= k
-        d = b[np.where(take, dots - k, 0)].astype(np.float64) - 48.0
-        if ((take & ((d < 0) | (d > 9)))).any():
+    if longest + decimals > 9:
+        ints = ints.astype(np.int64)
+    scale = 10**decimals
+    if longest == 1:  # the IMS files: one digit before the point
+        d = b[dots - 1] - zero
+        if (d > 9).any():
             return None
-        ints += np.where(take, d * (scale * _POW10[k - 1]), 0.0)
+        ints += d.astype(ints.dtype) * scale
+    else:
+        for k in range(1, longest + 1):
+            take = int_len >= k
+            d = b[np.where(take, dots - k, 0)] - zero
+            if (take & (d > 9)).any():
+                return None
+            ints += np.where(take, d.astype(ints.dtype) * (scale * 10 ** (k - 1)), 0)
     # digits read as an integer, over 10**decimals: the same correctly rounded float64 as float() of the
     # text, since both the integer and the power of ten are exact
-    values = ints / scale
-    np.negative(values, out=values, where=neg)
+    np.negative(ints, out=ints, where=neg)
+    values = ints / float(scale)
     line_ends = np.flatnonzero(sep == _LF)
     n_cols = int(line_ends[0]) + 1
     if len(line_ends) * n_cols != n or (line_ends != np.arange(n_cols - 1, n, n_cols)).any():
