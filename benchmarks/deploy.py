@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from firmware import isoforest  # noqa: E402
+from firmware import isoforest, messages  # noqa: E402
 from tinyml_dagster import deployment_agent as da  # noqa: E402
 from tinyml_dagster import ims, settings  # noqa: E402
 from tinyml_dagster.emulator import DeviceEmulator  # noqa: E402
@@ -64,8 +64,8 @@ def figures(rep, timing: LinkTiming, device_real_per_link: float) -> dict:
             "payload_wire_seconds": round(payload, 2), "all_wire_seconds": round(rep.wire_bytes * timing.byte_s, 2)}
 
 
-def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float) -> tuple[list, dict]:
-    """Deploy pkgs in turn to one fresh emulated device; (DeployReports, the wire's stats)."""
+def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float, with_log: bool = False) -> tuple:
+    """Deploy pkgs in turn to one fresh emulated device; (DeployReports, the wire's stats[, the wire's log])."""
     with tempfile.TemporaryDirectory() as tmp:
         flash = Path(tmp) / "bench-0" / "flash"
         (flash / "deploy").mkdir(parents=True)
@@ -84,7 +84,14 @@ def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float) -> 
             transport = SerialTransport(emu.port_path, timing)
             reps = []
             try:
-                time.sleep(0.2)  # let the boot HELLO pass
+                # take the boot HELLO off the line first, so that only the deploy's bytes are counted
+                hello_deadline = time.monotonic() + 10
+                while time.monotonic() < hello_deadline:
+                    msg = transport.recv(hello_deadline - time.monotonic())
+                    if msg is not None and msg[0] == messages.HELLO:
+                        break
+                else:
+                    raise RuntimeError("bench: no HELLO from the emulated device")
                 for pkg in pkgs:
                     rep = Deployer(transport, install_s=120).deploy(pkg)
                     if not rep.installed:
@@ -92,10 +99,10 @@ def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float) -> 
                     reps.append(rep)
             finally:
                 transport.close()
-            stats = emu.wire.stats()
+            stats, log = emu.wire.stats(), list(emu.wire.log)
         finally:
             emu.stop()
-    return reps, stats
+    return (reps, stats, log) if with_log else (reps, stats)
 
 
 def package(rows, n: int, encoding: str, version: int = 1, seed: int = 7, name: str = "") -> da.Package:

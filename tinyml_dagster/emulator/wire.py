@@ -70,6 +70,7 @@ class HalfDuplexWire:
         self.busy_s = 0.0  # real seconds of wire time scheduled (bytes only)
         self.turnaround_total_s = 0.0
         self.late_s_max = 0.0  # worst hand-over delay after a byte's slot ended (real seconds)
+        self.log: deque[tuple] = deque(maxlen=4096)  # recent writes: (direction, written, start, end, turnaround)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="half-duplex-wire", daemon=True)
         self._thread.start()
@@ -102,12 +103,14 @@ class HalfDuplexWire:
         turnaround if the direction changes."""
         with self._lock:
             start = max(written, self._free_at)
-            if self._direction is not None and direction != self._direction:
+            turn = self._direction is not None and direction != self._direction
+            if turn:
                 start = max(start, self._free_at + self.turnaround_s)
                 self.turnarounds += 1
                 self.turnaround_total_s += self.turnaround_s
             self._direction = direction
             self._free_at = start + len(data) * self.byte_s
+            self.log.append((direction, written, start, self._free_at, turn))
             self.busy_s += len(data) * self.byte_s
             self._segments.append([start, direction, data, 0])
 

@@ -231,7 +231,7 @@ class Deployer:
             if got[0] == m.DEPLOY_RESULT:
                 tm = self.t.timing
                 rep.device_seconds = round(max(0.0, (time.monotonic() - wire_end) / tm.time_scale
-                                               - 2 * tm.turnaround_s - (6 + 5 + len(got[1])) * tm.byte_s), 3)
+                                               - tm.turnaround_s - (6 + 5 + len(got[1])) * tm.byte_s), 3)
                 self._report(total, total, rep, t0, "acknowledged")
                 return got[1]
             _, new_base, bits = struct.unpack_from(m.ACK_FORMAT, got[1], 0)
