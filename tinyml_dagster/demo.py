@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -168,6 +169,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
     from tinyml_dagster.link.transport import LinkTiming
 
     data_dir = Path(data_dir).resolve()
+    if data_dir.exists():  # the loop's own directory: every run starts from a factory-fresh device and gateway
+        shutil.rmtree(data_dir)
     os.environ["TINYML_DATA_DIR"] = str(data_dir)
     os.environ["TINYML_N_FP"] = str(n_fp)
     os.environ.pop("TINYML_KB_PATH", None)
