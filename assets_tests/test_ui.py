@@ -2,6 +2,7 @@
 its sensors and schedule, its jobs, and the fleet (devices) as a list of partitions."""
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,15 +29,23 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def webserver(tmp_path_factory):
+def webserver_and_run(tmp_path_factory):
     import dagster as dg
 
     tmp = tmp_path_factory.mktemp("ui")
     env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), TINYML_DATA_DIR=str(tmp / "data"))
     (tmp / "dagster_home").mkdir()
-    # a fleet of two devices, as device_uploads_sensor would have registered them
-    code = ("import dagster as dg; dg.DagsterInstance.get().add_dynamic_partitions('devices', ['esp32-0', 'esp32-1'])")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    # the loop once, recorded in the webserver's instance: the sensor's replacement run and its deploy
+    code = (
+        "import json, dagster as dg\n"
+        "from tinyml_dagster.demo import run_loop\n"
+        "inst = dg.DagsterInstance.get()\n"
+        "res = run_loop(%r, n_normal=40, n_drift=600, timeout_s=150, log=lambda m: None, instance=inst)\n"
+        "runs = [e['run_id'] for e in res.events if e['event'] == 'replace_champion_job' and e['status'] == 'done']\n"
+        "inst.add_dynamic_partitions('devices', ['esp32-1'])\n"
+        "print('RUN', runs[0])\n" % str(tmp / "data"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, capture_output=True, text=True)
+    run_id = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("RUN ")][0]
     port = free_port()
     log = open(tmp / "webserver.log", "wb")
     p = subprocess.Popen([sys.executable, "-m", "dagster_webserver", "-w", str(ROOT / "workspace.yaml"),
@@ -51,14 +60,14 @@ def webserver(tmp_path_factory):
             assert p.poll() is None, (tmp / "webserver.log").read_text()[-2000:]
             assert time.time() < deadline, "webserver did not come up"
             time.sleep(0.3)
-    yield url
+    yield url, run_id
     p.terminate()
     p.wait(timeout=30)
     del dg
 
 
 @pytest.fixture(scope="module")
-def page(webserver):
+def page(webserver_and_run):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -66,6 +75,11 @@ def page(webserver):
         pg = browser.new_page()
         yield pg
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def webserver(webserver_and_run):
+    return webserver_and_run[0]
 
 
 def text_of(page, url: str, must_show: str) -> str:
@@ -80,7 +94,7 @@ def test_loop_asset_graph(page, webserver):
                   "retrained_candidate_models", "candidate_models"):
         assert asset in body
     # champion_package carries the two Release checks
-    page.get_by_text("0 / 2 Passed").first.wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"\d / 2 Passed")).first.wait_for(timeout=60_000)
 
 
 def test_sensors_and_schedule(page, webserver):
@@ -97,4 +111,14 @@ def test_jobs(page, webserver):
 
 def test_fleet_is_a_list_of_partitions(page, webserver):
     body = text_of(page, webserver + "/assets/champion_package?view=partitions", "esp32-1")
-    assert "esp32-0" in body and "esp32-1" in body
+    assert "esp32-demo" in body and "esp32-1" in body
+
+
+def test_the_replacement_run_and_its_deploy(page, webserver_and_run):
+    url, run_id = webserver_and_run
+    body = text_of(page, url + "/runs", "replace_champion_job")
+    assert "pool_decisions_job" in body
+    body = text_of(page, url + "/runs/" + run_id, "deployed_champion")
+    assert "champion_package" in body and "Success" in body
+    # the run's log shows the deploy through the link service
+    page.get_by_text("waiting for the link service", exact=False).first.wait_for(timeout=60_000)

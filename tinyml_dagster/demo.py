@@ -159,7 +159,8 @@ class LoopResult:
 
 
 def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_normal: int = 60, n_drift: int = 400,
-             fault_every: int = 25, timeout_s: float = 240.0, pool_in_service: bool = False, log=print) -> LoopResult:
+             fault_every: int = 25, timeout_s: float = 240.0, pool_in_service: bool = False, log=print,
+             instance=None) -> LoopResult:
     """Run the loop once; returns its figures (windows, anomalies, false positives, replacements, times)."""
     import dagster as dg
 
@@ -190,7 +191,7 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
     defs = load_defs()
     repo_def = defs.get_repository_def()
     resources = repo_def.get_top_level_resources()
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance or dg.DagsterInstance.ephemeral()
 
     timing = LinkTiming(time_scale=time_scale)
     flash = settings.device_flash_dir(DEVICE_ID)
@@ -258,7 +259,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
                     note("replace_champion_job", success=r.success, status="not queued")
                     continue
                 deploy = deploys[-1]
-                note("replace_champion_job", success=r.success, status=deploy["status"], model=deploy["model_id"],
+                note("replace_champion_job", run_id=r.run_id, success=r.success, status=deploy["status"],
+                     model=deploy["model_id"],
                      link_seconds=round(deploy["figures"].get("link_seconds") or 0, 1), error=deploy["error"])
                 episode = int(req.tags["tinyml/episode"])
                 t_nfp = kb.nth_false_positive_time(episode, n_fp)
