@@ -590,8 +590,9 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
     # loop
     L += ["## The champion-replacement loop: false positives before and after", ""]
     if episodes is not None and not episodes.empty:
+        deployed = int((episodes.source == "deploy").sum())  # counted in the KB, the loop's ground truth
         run = (f"{demo.get('windows', '?')} windows on the device, N_fp = {demo.get('n_fp', '?')}, "
-               f"{demo.get('replacements', '?')} replacement(s)" if demo else
+               f"{deployed} champion(s) deployed by the loop" if demo else
                "**the demo did not finish in this run** (no data/bench/demo.json), so this is what its Knowledge "
                "Base holds")
         L += [f"From the demo's Knowledge Base (`make demo`; {run}): one row per champion in its order on the "
