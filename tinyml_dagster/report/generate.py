@@ -255,9 +255,10 @@ def plot_quality(q: pd.DataFrame, out: Path) -> list[Path]:
     for source in q.source.unique():
         s = q[q.source == source]
         bearings = sorted(s.bearing.unique())
-        fig, axes = plt.subplots(len(metrics), len(bearings), figsize=(3.2 * len(bearings), 2.6 * len(metrics)),
+        shown = [m for m in metrics if s[m[0]].notna().any()]  # no lead time where the recording has a gap
+        fig, axes = plt.subplots(len(shown), len(bearings), figsize=(max(7.0, 3.2 * len(bearings)), 2.6 * len(shown)),
                                  squeeze=False, sharex=True)
-        for i, (col, label, ylim) in enumerate(metrics):
+        for i, (col, label, ylim) in enumerate(shown):
             for j, bearing in enumerate(bearings):
                 ax = axes[i][j]
                 for rate, color in zip(sorted(s.rate_hz.unique()), ("tab:blue", "tab:orange", "tab:green", "k")):
@@ -274,12 +275,13 @@ def plot_quality(q: pd.DataFrame, out: Path) -> list[Path]:
                     ax.set_title(f"bearing {bearing}" + (" (fails)" if bearing in dq.FAILING_BEARINGS else ""))
                 if j == 0:
                     ax.set_ylabel(label, fontsize=8)
-                if i == len(metrics) - 1:
+                if i == len(shown) - 1:
                     ax.set_xlabel("trees")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)) or 1, fontsize=7)
+        fig.legend(handles, labels, loc="lower center", ncol=min(6 if len(bearings) > 2 else 3, len(labels)) or 1,
+                   fontsize=7)
         fig.suptitle(f"Detection quality, {source}", fontsize=10)
-        fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+        fig.tight_layout(rect=(0, 0.1 if len(bearings) <= 2 else 0.06, 1, 0.97))
         paths.append(_save(fig, out / f"quality_{source}.png", tight=False))
     return paths
 
