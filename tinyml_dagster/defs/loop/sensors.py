@@ -17,7 +17,7 @@ def _new_devices(context: dg.SensorEvaluationContext, devices: list[str]) -> lis
     return [devices_partitions.build_add_request(new)] if new else []
 
 
-@dg.sensor(job=jobs.pool_decisions_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=jobs.pool_decisions_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def device_uploads_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource) -> dg.SensorResult:
     """New uploads in the Knowledge Base: run the pool over them; new devices become partitions."""
     cursor = json.loads(context.cursor) if context.cursor else {"upload_id": 0}
