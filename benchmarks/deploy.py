@@ -68,7 +68,8 @@ def figures(rep, timing: LinkTiming, device_real_per_link: float) -> dict:
             "payload_wire_seconds": round(payload, 2), "all_wire_seconds": round(rep.wire_bytes * timing.byte_s, 2)}
 
 
-def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float, with_log: bool = False) -> tuple:
+def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float, with_log: bool = False,
+                       reply_slack_s: float = 0.0) -> tuple:
     """Deploy pkgs in turn to one fresh emulated device; (DeployReports, the wire's stats[, the wire's log])."""
     with tempfile.TemporaryDirectory() as tmp:
         flash = Path(tmp) / "bench-0" / "flash"
@@ -97,7 +98,7 @@ def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float, wit
                 else:
                     raise RuntimeError("bench: no HELLO from the emulated device")
                 for pkg in pkgs:
-                    rep = Deployer(transport, install_s=120).deploy(pkg)
+                    rep = Deployer(transport, install_s=120, reply_slack_s=reply_slack_s).deploy(pkg)
                     if not rep.installed:
                         raise RuntimeError(f"bench deploy refused: {rep.reason}")
                     reps.append(rep)

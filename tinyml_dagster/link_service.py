@@ -449,15 +449,9 @@ class _SerialLink:
                         last[0] = time.monotonic()
                         kb.update_deploy_progress(req_id, p)
 
-                slack = self.service.reply_slack_s
-
-                class _Deployer(Deployer):
-                    # a busy gateway or device answers late: wait this much longer for every reply
-                    def _reply_timeout(self, reply_wire: int, extra_s: float = 0.0) -> float:
-                        return super()._reply_timeout(reply_wire, extra_s) + slack
-
                 with self.lock:
-                    report = _Deployer(self.transport, progress=progress).deploy(pkg)
+                    report = Deployer(self.transport, progress=progress,
+                                      reply_slack_s=self.service.reply_slack_s).deploy(pkg)
                 figures = report.as_metadata()
                 runs = (report.device_champion_id, report.device_champion_version) == (pkg.model_id, pkg.version)
                 if not report.installed and runs:

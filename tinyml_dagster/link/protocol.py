@@ -75,6 +75,7 @@ class Deployer:
         progress: Callable[[dict], None] | None = None,
         log: Callable[[str], None] | None = None,
         install_s: float = INSTALL_S,
+        reply_slack_s: float = 0.0,
     ) -> None:
         if not 1 <= window <= MAX_WINDOW:
             raise ValueError(f"window {window} out of 1..{MAX_WINDOW}")
@@ -84,6 +85,7 @@ class Deployer:
         self.progress = progress or (lambda info: None)
         self.log = log or (lambda msg: None)
         self.install_s = install_s
+        self.reply_slack_s = reply_slack_s  # real seconds more for every reply: a busy host or device answers late
         self.seq = 0
         self.timeouts = 0
 
@@ -91,7 +93,7 @@ class Deployer:
     def _reply_timeout(self, reply_wire: int, extra_s: float = 0.0) -> float:
         tm = self.t.timing
         link_s = 2 * tm.turnaround_s + reply_wire * tm.byte_s + 0.5 + extra_s
-        return self.t.drain_time() + link_s * tm.time_scale + REAL_SLACK_S
+        return self.t.drain_time() + link_s * tm.time_scale + REAL_SLACK_S + self.reply_slack_s
 
     def _exchange(self, msg_type: int, body: bytes, want: tuple[int, ...], reply_wire: int,
                   extra_s: float = 0.0, tries: int | None = None) -> tuple[int, bytes] | None:
