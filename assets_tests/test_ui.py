@@ -89,7 +89,7 @@ def text_of(page, url: str, must_show: str) -> str:
 
 
 def test_loop_asset_graph(page, webserver):
-    body = text_of(page, webserver + "/locations/tinyml_dagster.definitions/asset-groups/loop", "pool_decisions")
+    body = text_of(page, webserver + "/locations/tinyml_dagster/asset-groups/loop", "pool_decisions")
     for asset in ("pool_decisions", "device_champions", "champion_package", "deployed_champion",
                   "retrained_candidate_models", "candidate_models"):
         assert asset in body
