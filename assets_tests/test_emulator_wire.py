@@ -208,4 +208,5 @@ def test_a_deploy_on_the_emulator_loses_no_wire_time():
     assert span == pytest.approx(wire_s + idle + turn_s * sum(e[4] for e in log[1:]), abs=1e-6)
     assert rep.link_seconds / 10 >= span - 0.005
     assert rep.link_seconds / 10 - span < 0.1
-    assert idle < 0.25, f"the endpoints left the wire idle for {idle * 1000:.0f} ms"
+    # the endpoints' processing (CPU time, so it grows on a loaded host) is a small part of the deploy
+    assert idle < 0.1 * span, f"the endpoints left the wire idle for {idle * 1000:.0f} ms of {span * 1000:.0f} ms"
