@@ -128,7 +128,7 @@ def _materialize(root, seed=0):
     return dg.materialize(
         [candidate_models, candidate_models_run_on_firmware, candidate_models_flag_a_sane_share_of_training],
         resources={"model_repository": ModelRepositoryResource(models_dir=str(root / "models"))},
-        run_config={"ops": {"candidate_models": {"config": {"seed": seed}}}},
+        run_config={"ops": {"candidate_models": {"config": {"seed": seed, "rate_hz": 500}}}},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
     )

@@ -13,7 +13,7 @@ from firmware.model_deployment_agent import ModelDeploymentAgent
 
 DEFAULT_CONFIG = {
     "device_id": "esp32-0",
-    "rate_hz": 1000,
+    "rate_hz": 2000,
     "window_ms": features.WINDOW_MS,
     "n_train": 64,
     "n_trees": 50,
