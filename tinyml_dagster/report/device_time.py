@@ -3,7 +3,7 @@
 Fuel is measured in the real MicroPython 1.27 VM with the device benchmark's own code (benchmarks/device.py:
 the same setup, loaders and scorers, for our compact forest and the paper-like nested-dict JSON forest) on the
 repository's models (bearing 1 and 3, 10-50 trees, 500 Hz windows of the synthetic run):
-- load fuel = run(setup + load) - run(setup);
+- load fuel = run(setup + load + collect) - run(setup + collect) (a device collects after loading a model);
 - a batch's inference fuel = run(setup + load + score the batch) - run(setup + load), on up to N windows the model
   calls normal (score <= threshold) and up to N it calls anomalous;
 - per-window fuel: the VM gives one count per run, so each implementation's batches are fitted by least squares
@@ -28,7 +28,7 @@ import pandas as pd
 
 from firmware import isoforest
 from tinyml_dagster.forest import score_forest
-from tinyml_dagster.micropython_vm import REPO_ROOT, MicroPythonVM
+from tinyml_dagster.micropython_vm import REPO_ROOT
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest
 
 PAPER_INFERENCE_MS = {  # (mean, std) from the paper's text for Fig. 3a/3b
@@ -111,13 +111,13 @@ def measure(windows: pd.DataFrame, bearings: Sequence[int] = (1, 3), tree_counts
                     (flash / "grid.json").write_text(json.dumps(forest.grid))
                     (flash / f"m{n}.bin").write_bytes(forest.to_bytes())
                     (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
-                    vm = MicroPythonVM(flash_dir=flash, heap_bytes=1024 * 1024, memory_bytes=8 * 1024 * 1024)
+                    vm = bench._vm(flash)
                     base = bench.SETUP + bench.BASELINE_SCORER
-                    setup = vm.run(code=base).check().fuel_used
+                    setup = vm.run(code=base + bench.COLLECT).check().fuel_used
                     visits = nodes_visited(forest, X)
                     for impl, load_code, score_code in (("ours", bench.LOAD_OURS, bench.SCORE_OURS),
                                                         ("baseline", bench.LOAD_BASELINE, bench.SCORE_BASELINE)):
-                        load_src = base + load_code % {"n": n}
+                        load_src = base + load_code % {"n": n} + bench.COLLECT  # as a device: collect after load
                         loaded = vm.run(code=load_src).check().fuel_used
                         scored = vm.run(code=load_src + score_code).check().fuel_used
                         records.append({"impl": impl, "bearing": bearing, "n_trees": n, "kind": kind,
