@@ -502,8 +502,9 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
     L += ["## Deploy (Fig. 4a, 4b)", ""]
     if deploy:
         L += [f"From `benchmarks/deploy.py` (data/bench/deploy.json): the gateway's real pySerialTransfer and the "
-              f"real firmware over a simulated {deploy.get('baud')}-baud half-duplex line with "
-              f"{deploy.get('turnaround_s')} s turnaround; link time (wire time at 2,400 baud), not wall time. "
+              f"real firmware on the device emulator's exact {deploy.get('baud')}-baud 8N1 half-duplex wire with "
+              f"{deploy.get('turnaround_s')} s turnaround each way (the sweep sped up, the 50-tree compact deploy also "
+              f"in real time with the firmware in the MicroPython VM); link time (wire time at 2,400 baud). "
               f"Occupation = payload bytes' wire time / link time.", "", img("deploy"), ""]
         d = _deploy_rows(deploy)[["encoding", "n_trees", "package_bytes", "frames", "deploy_seconds", "occupation"]]
         d["paper s"] = d.n_trees.map(lambda n: PAPER_DEPLOY_S.get(n, ""))
