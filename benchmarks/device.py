@@ -11,7 +11,6 @@ modules imported and the scoring code shared by every compiled champion, `compil
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from firmware import features, isoforest  # noqa: E402
 from firmware.tests.util import signal  # noqa: E402
 from tinyml_dagster import settings  # noqa: E402
 from tinyml_dagster.micropython_vm import MicroPythonVM  # noqa: E402
+from tinyml_dagster.storage import atomic_write  # noqa: E402
 
 SIZES = (10, 20, 30, 40, 50)
 PSI = 100
@@ -222,10 +222,7 @@ def main() -> int:
     print(f"whole firmware (imports + Device with the 50-tree champion): {out['firmware_heap_bytes']} B of heap")
     print(f"targets: {out['targets']}")
     path = settings.bench_dir() / "device.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(out, indent=1), mode=0o644)
     print(f"wrote {path}")
     return 0
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from firmware import isoforest  # noqa: E402
 from tinyml_dagster import features, ims, settings, subsampling, synthetic  # noqa: E402
 from tinyml_dagster.forest import PoolScorer  # noqa: E402
+from tinyml_dagster.storage import atomic_write  # noqa: E402
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest  # noqa: E402
 
 RATE_HZ = 500
@@ -265,10 +266,7 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count()},
     }
     path = settings.bench_dir() / "forest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(out, indent=1), mode=0o644)
     print(f"-> {path}")
 
 

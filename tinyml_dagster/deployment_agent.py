@@ -13,7 +13,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from firmware import package as fpkg
 
 from . import settings
+from .storage import atomic_write
 
 ENCODINGS = {"compact": fpkg.ENC_COMPACT, "json": fpkg.ENC_JSON}
 # zlib window of 2**12 bytes: MicroPython's DeflateIO reads it from the zlib header and allocates only that
@@ -32,21 +32,6 @@ _DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 class PackagingError(ValueError):
     """A package that cannot be built (bad input), naming what was wrong."""
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write data to path through a temp file in the same directory and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def deflate(data: bytes) -> bytes:

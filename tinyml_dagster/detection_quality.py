@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,6 +30,7 @@ import pandas as pd
 import scipy.stats
 
 from tinyml_dagster import ims, settings, subsampling, synthetic
+from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.features import FEATURE_NAMES, WINDOW_MS, feature_windows_frame, life_fractions
 from tinyml_dagster.forest import PoolScorer
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest
@@ -349,16 +348,7 @@ def to_frame(rows: Iterable[QualityRow]) -> pd.DataFrame:
 def write_frame(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """CSV, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the table is a published result
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, df.to_csv(index=False), mode=0o644)  # a published result: readable by all
     return path
 
 

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 from firmware import features as fw_features
 from firmware import isoforest
 from tinyml_dagster import settings
+from tinyml_dagster.storage import atomic_write
 
 MODEL_FILE = "forest.bin"
 CONFIG_FILE = "config.json"
@@ -88,19 +89,6 @@ def model_config(forest: isoforest.Forest, threshold: float = DEFAULT_THRESHOLD,
         "window_ms": int(window_ms),
     }
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class ModelRepository:
@@ -252,7 +240,7 @@ class ModelRepository:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             index.append(meta)
-            _atomic_write(self.root / INDEX_FILE, json.dumps(index, indent=1).encode())
+            atomic_write(self.root / INDEX_FILE, json.dumps(index, indent=1).encode())
         return model_id
 
     def set_candidates(self, model_ids: Sequence[str], note: dict | None = None) -> None:
@@ -264,13 +252,13 @@ class ModelRepository:
         doc = {"model_ids": list(model_ids), "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                **(note or {})}
         with self._lock():
-            _atomic_write(self.root / CANDIDATES_FILE, json.dumps(doc, indent=1).encode())
+            atomic_write(self.root / CANDIDATES_FILE, json.dumps(doc, indent=1).encode())
 
     def rebuild_index(self) -> list[dict]:
         """Rewrite index.json from the model directories (e.g. after it was lost); returns the entries."""
         with self._lock():
             entries = self._scan()
-            _atomic_write(self.root / INDEX_FILE, json.dumps(entries, indent=1).encode())
+            atomic_write(self.root / INDEX_FILE, json.dumps(entries, indent=1).encode())
         return entries
 
     # ---- internals

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import firmware
 from tinyml_dagster import ims, settings
+from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.emulator.data_feed import DataFeed
 from tinyml_dagster.emulator.wire import HalfDuplexWire
 from tinyml_dagster.micropython_vm import MicroPythonVM
@@ -87,9 +88,7 @@ def write_config(flash: Path, updates: dict) -> dict:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: line {exc.lineno}: bad JSON ({exc.msg})") from None
     cfg.update(updates)
-    tmp = path.with_name("config.json.tmp")
-    tmp.write_text(json.dumps(cfg, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(cfg, indent=1, sort_keys=True), mode=0o644)
     return cfg
 
 

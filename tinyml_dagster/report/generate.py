@@ -13,9 +13,8 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +23,9 @@ import pandas as pd
 
 from tinyml_dagster import detection_quality as dq
 from tinyml_dagster import settings, synthetic
+from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.micropython_vm import REPO_ROOT
 from tinyml_dagster.report import device_time as dt
-from tinyml_dagster.report import plot_markdown  # noqa: F401  (re-exported)
 
 from tinyml_dagster.report import DOCS  # noqa: E402
 PAPER_DEPLOY_S = {10: 759, 50: 5147}
@@ -619,10 +618,7 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
     else:
         L += ["(no demo Knowledge Base found: run `make demo`, then `make report`)", ""]
     L += ["## Closing note", ""] + [f"- {h}" for h in headline] + [""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(L))
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(L), mode=0o644)
     return path
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 from pydantic import Field
 
 from tinyml_dagster import features, ims, settings, subsampling, synthetic
+from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
 
 RECORDING_MANIFEST = "ims_recording.json"
@@ -31,11 +32,7 @@ class IMSRecordingConfig(dg.Config):
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=1), mode=0o644)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -140,7 +140,8 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
                      knowledge_base: KnowledgeBaseResource, pool: PoolResource,
                      device_budget: DeviceBudgetResource) -> dg.MaterializeResult:
     """The next champion for a device, packaged and signed (the paper's Release phase checks it)."""
-    from tinyml_dagster.deployment_agent import DeviceKeys, VersionLedger, build_package, atomic_write
+    from tinyml_dagster.deployment_agent import DeviceKeys, VersionLedger, build_package
+    from tinyml_dagster.storage import atomic_write
     from tinyml_dagster.link_service import package_to_blob
 
     device_id = context.partition_key
