@@ -8,7 +8,6 @@ centred (q - 32768) and leaf codes offset by -64, the offsets added back once pe
 one source line (no line-number table). Scores are the same integers summed, so they equal Forest's exactly.
 """
 
-import hashlib
 import math
 
 from firmware import isoforest
@@ -28,24 +27,15 @@ def tree_expression(forest, root):
     nf = forest.nf
     nt = forest.nt
     nr = forest.nr
-    parts = []
-    # explicit stack: a node to expand, or a string to emit (the tail of a conditional)
-    stack = [root]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            parts.append(item)
-            continue
-        f = nf[item]
+    leaf_base = isoforest.LEAF_FLAG + LEAF_OFFSET
+
+    def expr(i):  # recursion as deep as the tree: <= height limit + 1 = 8 for psi <= 128
+        f = nf[i]
         if f & isoforest.LEAF_FLAG:
-            parts.append(str(f - isoforest.LEAF_FLAG - LEAF_OFFSET))
-            continue
-        parts.append("(")
-        stack.append(")")
-        stack.append(item + nr[item])
-        stack.append(" if q%d<%d else " % (f, nt[item] - Q_CENTRE))
-        stack.append(item + 1)
-    return "".join(parts)
+            return str(f - leaf_base)
+        return "(%s if q%d<%d else %s)" % (expr(i + 1), f, nt[i] - Q_CENTRE, expr(i + nr[i]))
+
+    return expr(root)
 
 
 def group_source(forest, roots):
@@ -102,7 +92,6 @@ class CompiledForest:
         self.n_trees = forest.n_trees
         self.psi = forest.psi
         self.grid = forest.grid
-        self.sha256 = hashlib.sha256(forest.to_bytes()).digest()  # which compact bytes this was compiled from
         self._k = forest._k
         self._offset = LEAF_OFFSET * self.n_trees
         roots = forest.roots
