@@ -153,6 +153,11 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
         assert m["anomaly_rate_later"] is not None and m["lineage"]["run_id"] == result.run_id
     md = result.asset_materializations_for_node("candidate_models")[0].metadata
     assert md["models"].value == 20
+    table = md["candidates"].value.splitlines()  # both encodings' package sizes for every candidate
+    assert "package compact B" in table[0] and "package json B" in table[0] and len(table) == 22
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert 0 < int(cells[5]) < int(cells[6])
     # the same data and seed again: the same 20 models, no new versions; a new seed adds 20 new versions
     assert _materialize(pipeline_data).success and len(repo.list()) == 20
     before = {m: (repo.path(m) / "forest.bin").read_bytes() for m in ids}

@@ -227,6 +227,12 @@ def model_file(forest, encoding: str) -> tuple[str, bytes]:
     raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)}")
 
 
+def package_sizes(model_id: str, forest, config: dict) -> dict[str, int]:
+    """Bytes of the model's whole package in each encoding (what a deploy sends, before delta)."""
+    return {enc: build_package(model_id, model_file(forest, enc), config, device_id="sizes", version=1,
+                               key=bytes(32), encoding=enc).size for enc in ("compact", "json")}
+
+
 def package_model(repo, model_id: str, *, device_id: str, version: int, key: bytes,
                   encoding: str = "compact") -> Package:
     """The signed package of a repository model (its config: threshold, window, rate, feature schema, grid)."""

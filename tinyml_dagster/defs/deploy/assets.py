@@ -6,7 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from tinyml_dagster import settings
-from tinyml_dagster.deployment_agent import build_package, model_file
+from tinyml_dagster.deployment_agent import package_sizes
 from tinyml_dagster.report import plot_metadata
 
 
@@ -23,12 +23,10 @@ def model_packages(context: dg.AssetExecutionContext, config: ModelPackagesConfi
     ids = repo.candidate_ids() or repo.ids()
     if not ids:
         raise dg.Failure(f"model repository {repo.root} has no models: materialize candidate_models first")
-    key = bytes(32)  # sizes only: these packages are never sent
     rows = []
     for model_id in ids:
         forest, cfg = repo.load(model_id)
-        sizes = {enc: build_package(model_id, model_file(forest, enc), cfg, device_id="sizes", version=1, key=key,
-                                    encoding=enc).size for enc in ("compact", "json")}
+        sizes = package_sizes(model_id, forest, cfg)
         rows.append((model_id, forest.n_trees, sizes["compact"], sizes["json"]))
     table = "| model | trees | compact B | json B | json/compact | compact wire s |\n|---|---|---|---|---|---|\n" + "".join(
         f"| {m} | {t} | {c} | {j} | {j / c:.1f}x | {c / 240:.1f} |\n" for m, t, c, j in rows)

@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from tinyml_dagster import settings
+from tinyml_dagster.deployment_agent import package_sizes
 from tinyml_dagster.features import load_feature_windows
 from tinyml_dagster.report import plot_metadata
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, train_candidates
@@ -35,11 +36,13 @@ def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsC
     ids = [t.model_id for t in trained]
     repo.set_candidates(ids, note={"run_id": context.run.run_id, "rate_hz": config.rate_hz})
     context.log.info("%d candidate models in %s", len(ids), repo.root)
-    rows = ["| model | bearing | trees | version | bytes | anomaly rate (train) | anomaly rate (later) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | bearing | trees | version | bytes | package compact B | package json B | anomaly rate (train) "
+            "| anomaly rate (later) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in trained:
+        sizes = package_sizes(t.model_id, *repo.load(t.model_id))
         rows.append(f"| `{t.model_id}` | {t.bearing} | {t.n_trees} | {repo.get(t.model_id)['version']} | "
-                    f"{t.size_bytes} | {t.anomaly_rate_train:.3f} | {t.anomaly_rate_later:.3f} |")
+                    f"{t.size_bytes} | {sizes['compact']} | {sizes['json']} | {t.anomaly_rate_train:.3f} | "
+                    f"{t.anomaly_rate_later:.3f} |")
     return dg.MaterializeResult(metadata={
         "models": len(ids),
         "model_ids": dg.MetadataValue.json(ids),
