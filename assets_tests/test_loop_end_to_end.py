@@ -1,41 +1,65 @@
-"""The whole loop end to end: real firmware behind the time-scaled 2,400-baud line, the link service process,
-the Knowledge Base, the pool, Dagster's sensors and jobs, a champion replacement the device then runs."""
+"""The whole loop end to end on the IMS recording: step 1's assets (recording, features, candidate models of bearing
+3 at the default rate) in real Dagster, real firmware fed bearing 3's channel behind the time-scaled 2,400-baud line,
+the link service process, the Knowledge Base, the pool, Dagster's sensors and jobs, a champion replacement the device
+then runs, and the pool confirming the failing bearing's anomalies later in life."""
 
 import json
 
-from tinyml_dagster.demo import run_loop
+import dagster as dg
+
+from tinyml_dagster import settings
+from tinyml_dagster.demo import BEARING, RATE_HZ, materialize_pool_inputs, run_loop
 from tinyml_dagster.knowledge_base import KnowledgeBase
 from tinyml_dagster.model_repository import ModelRepository
 
 
-def test_false_positives_trigger_one_replacement_that_the_device_runs(tmp_path, monkeypatch):
+def test_run_in_champion_false_positives_trigger_a_replacement_and_the_pool_confirms_the_failure(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    res = run_loop(tmp_path / "data", time_scale=0.02, n_fp=5, n_normal=40, n_drift=600, timeout_s=150, log=lambda m: None)
+    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "src"))
+    monkeypatch.delenv("TINYML_IMS_DIR", raising=False)
+    monkeypatch.delenv("TINYML_SYNTHETIC_FILES", raising=False)
+    (tmp_path / "dagster_home").mkdir()
+    materialize_pool_inputs(instance=dg.DagsterInstance.ephemeral())  # step 1 for bearing 3 (240 synthetic files)
+    res = run_loop(tmp_path / "data", source_dir=tmp_path / "src", time_scale=0.02, n_fp=5, windows_per_s=25,
+                   timeout_s=120, log=lambda m: None)
     f = res.figures
-    assert 64 + 40 < f["windows"] <= 64 + 40 + 600
-    assert f["false_positives"] >= 5 and f["anomalies"] > f["false_positives"] > 0
-    # one replacement per episode; the new champion may itself reach N_fp later in the drift
-    assert f["replacements"] >= 1, res.events
+    assert RATE_HZ == getattr(settings, "DEFAULT_RATE_HZ", 2000) and f["rate_hz"] == RATE_HZ
+    # the device was fed the whole recording's bearing-3 x channel: 2 windows per file
+    assert f["windows"] == 2 * 240
+    # the pool is the repository's candidates of that bearing at that rate, same ids as step 1 stored
+    src = ModelRepository(tmp_path / "src" / "models")
+    assert sorted(f["pool"]) == sorted(src.candidate_ids()) and len(f["pool"]) == 5
+    assert all(src.get(m)["training"]["bearing"] == BEARING and src.get(m)["training"]["rate_hz"] == RATE_HZ
+               for m in f["pool"])
     repo = ModelRepository(tmp_path / "data" / "models")
-    assert f["new_champion"] in repo.candidate_ids()
+    assert repo.candidate_ids() == f["pool"]
+    # the device's own champion (trained on its first 64 windows, run-in) raised false positives on healthy windows
+    first, second = f["champions"][0], f["champions"][1]
+    assert first["version"] == 0 and first["false_positives"] >= 5
+    assert f["false_positive_rate_before"] == first["false_positive_rate"] > f["false_positive_rate_after"]
+    # N_fp = 5 replaced it with a pool candidate the device then ran; one replacement per episode
+    assert f["replacements"] >= 1, res.events
+    assert second["version"] == 1 and second["windows"] > 0
+    assert f["new_champion"] in f["pool"]
     assert f["device_runs"] == [f["new_champion"], f["replacements"]] and f["device_runs_new_champion"]
+    kb = KnowledgeBase(tmp_path / "data" / "kb.sqlite")
+    deploys = [d for d in kb.deploys("esp32-demo") if d["status"] == "done"]
+    assert len(deploys) == f["replacements"] and deploys[0]["model_id"] in f["pool"]
+    assert len({d["episode_id"] for d in deploys}) == len(deploys)  # never two deploys for one episode
+    assert all(d["figures"]["installed"] for d in deploys)
+    assert [c[3] for c in kb.champions("esp32-demo")] == ["device"] + ["deploy"] * f["replacements"]
+    # the first replacement happened while the bearing was healthy (the recording's defect starts at 70% of life)
+    assert first["windows"] + 64 < 0.7 * f["windows"]
+    # later in life, the failing bearing's anomalies are confirmed by the pool
+    last = f["champions"][-1]
+    assert last["confirmed_anomalies"] >= 20 and last["confirmed_anomalies"] > last["false_positives"]
     # the deploy honoured the 2,400-baud wire time and its figures are in the KB
     assert f["deploy_wire_seconds"] >= f["package_bytes"] / 240
     assert 0 < f["occupation"] <= 1
     assert 0 < f["replacement_seconds"] < 60
-    kb = KnowledgeBase(tmp_path / "data" / "kb.sqlite")
-    deploys = [d for d in kb.deploys("esp32-demo") if d["status"] == "done"]
-    assert len(deploys) == f["replacements"]
-    assert all(d["figures"]["installed"] for d in deploys)
-    assert len({d["episode_id"] for d in deploys}) == len(deploys)  # never two deploys for one episode
-    sources = [c[3] for c in kb.champions("esp32-demo")]
-    assert sources == ["device"] + ["deploy"] * f["replacements"]
     # the device's own champion entered the repository with its lineage
     (own,) = [e for e in repo.list() if e.get("source") == "device"]
     assert own["lineage"]["device_id"] == "esp32-demo" and own["lineage"]["device_model_id"] == "local-esp32-demo"
-    # after the replacement the device's uploads carry the new champion's version
-    assert f["uploads_after_replacement"] > 0
-    assert kb.scalar("SELECT COUNT(*) FROM uploads WHERE champion_id = ?", (str(f["device_runs"][1]),)) > 0
     # every window the gateway received was decided by the pool; the ranking was kept over time
     assert not kb.undecided()
     assert len(kb.ranking_history()) >= 2

@@ -3,6 +3,7 @@
 import json
 
 import dagster as dg
+import numpy as np
 import pytest
 
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
@@ -55,9 +56,35 @@ def test_device_uploads_sensor_cursor_and_partitions(tmp_path):
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
 
 
+def commissioning_features(seed: int = 3, window: int = 500) -> np.ndarray:
+    """Feature windows of a Gaussian machine at a few operating points (the sensors' test data)."""
+    from tinyml_dagster.features import window_features_np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for mean in np.linspace(-1.0, 1.0, 9):
+        for scale in (0.8, 1.0, 1.25):
+            x = rng.normal(mean, scale, (24, window))
+            rows.append(np.array([window_features_np(r, window)[0] for r in x]))
+    return np.vstack(rows)
+
+
+def seed_candidates(models_root, n_trees=(10, 20, 30, 40, 50), psi: int = 100) -> list:
+    """Candidates trained on commissioning_features, made the repository's candidate set."""
+    from firmware import isoforest
+    from tinyml_dagster.model_repository import ModelRepository
+
+    repo = ModelRepository(models_root)
+    rows = commissioning_features().tolist()
+    ids = [repo.add(isoforest.train(rows, n_trees=n, psi=psi, seed=100 + n),
+                    lineage={"source": "commissioning", "windows": len(rows)}, seed=100 + n, prefix="machine")
+           for n in n_trees]
+    repo.set_candidates(ids, note={"source": "commissioning"})
+    return ids
+
+
 def _fleet_with_false_positives(tmp_path, monkeypatch, n_fp_seen):
     """A KB where dev-a's champion reported anomalies the pool (real forests from the repository) rejects."""
-    from tinyml_dagster.demo import commissioning_features, seed_candidates
     from tinyml_dagster.pool_inference import pool_from_repository
 
     monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path))
@@ -148,7 +175,6 @@ def test_retrain_schedule_trains_new_candidates_from_the_kb(tmp_path, monkeypatc
     from tinyml_dagster.defs.loop.assets import RetrainConfig, retrained_candidate_models
     from tinyml_dagster.defs.loop.resources import PoolResource
     from tinyml_dagster.defs.loop.schedules import retrain_schedule
-    from tinyml_dagster.demo import commissioning_features, seed_candidates
     from tinyml_dagster.model_repository import ModelRepository
 
     monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path))

@@ -37,13 +37,15 @@ def webserver_and_run(tmp_path_factory):
     (tmp / "dagster_home").mkdir()
     # the loop once, recorded in the webserver's instance: the sensor's replacement run and its deploy
     code = (
-        "import json, dagster as dg\n"
-        "from tinyml_dagster.demo import run_loop\n"
+        "import json, os, dagster as dg\n"
+        "from tinyml_dagster.demo import materialize_pool_inputs, run_loop\n"
         "inst = dg.DagsterInstance.get()\n"
-        "res = run_loop(%r, n_normal=40, n_drift=600, timeout_s=150, log=lambda m: None, instance=inst)\n"
+        "os.environ['TINYML_DATA_DIR'] = %r  # step 1's output: recording, features, candidates of bearing 3\n"
+        "materialize_pool_inputs(instance=inst)\n"
+        "res = run_loop(%r, source_dir=%r, timeout_s=150, log=lambda m: None, instance=inst)\n"
         "runs = [e['run_id'] for e in res.events if e['event'] == 'replace_champion_job' and e['status'] == 'done']\n"
         "inst.add_dynamic_partitions('devices', ['esp32-1'])\n"
-        "print('RUN', runs[0])\n" % str(tmp / "data"))
+        "print('RUN', runs[0])\n" % (str(tmp / "src"), str(tmp / "data"), str(tmp / "src")))
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, capture_output=True, text=True)
     run_id = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("RUN ")][0]
     port = free_port()

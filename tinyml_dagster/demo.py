@@ -1,13 +1,14 @@
 """`make demo`: the whole Tiny-MLOps loop end to end, a printed summary, and data/bench/demo.json.
 
 1. Materialise every (unpartitioned and statically partitioned) asset of the Definitions outside the loop:
-   the synthetic recording, features, candidate models, package sizes.
-2. The loop, on its own data directory (data/demo/): a pool of candidates trained on the machine's
-   commissioning data; a device running the real firmware behind the simulated 2,400-baud half-duplex line
-   (time-scaled); the gateway link service owning its port; the device trains its first champion, streams
-   windows; its operating point drifts (benign), the champion reports anomalies the pool rejects (false
-   positives); Dagster's sensors run the pool and, at N_fp, the replacement job: package, Release checks,
-   deploy through the link service; the device runs the new champion.
+   the IMS recording (synthetic by default, TINYML_IMS_DIR for real files), features, candidate models, packages.
+2. The loop, on its own data directory (data/demo/), on step 1's data: a device running the real firmware behind
+   the simulated 2,400-baud half-duplex line (time-scaled) samples IMS set 1's failing bearing (3, x channel) at
+   settings.DEFAULT_RATE_HZ through the emulator's DataFeed; the gateway link service owns its port; the pool is
+   the repository's candidates of that bearing at that rate. The device trains its first champion on its own first
+   windows (run-in) and streams; the champion flags healthy windows the pool calls normal (false positives);
+   Dagster's sensors run the pool and, at N_fp, the replacement job: package, Release checks, deploy through the
+   link service; the device runs the new champion, and later in life the pool confirms the bearing's anomalies.
 """
 
 from __future__ import annotations
@@ -23,129 +24,125 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tinyml_dagster import settings
 
 DEVICE_ID = "esp32-demo"
-RATE_HZ = 1000
-WINDOW = RATE_HZ // 2  # 500-ms windows
+RATE_HZ = getattr(settings, "DEFAULT_RATE_HZ", 2000)
+BEARING, AXIS = 3, "x"  # IMS set 1's bearing 3 fails (inner race); its x channel feeds the device
 
 
-# -- the machine: a vibration signal on the device's data UART ---------------------------------------------
+# -- the pool: the repository's candidates for the device's bearing ------------------------------------------
 
-def window_samples(rng: np.random.Generator, kind: str) -> np.ndarray:
-    """One 500-ms window of the machine's vibration: normal, drifted (benign operating point), or faulty."""
-    if kind == "normal":
-        return rng.normal(0.0, 1.0, WINDOW)
-    if kind == "drift":  # a new, harmless operating point: the mean moves
-        return rng.normal(0.5, 1.0, WINDOW)
-    if kind == "fault":  # bearing impacts: heavy tails
-        x = rng.normal(0.5, 1.0, WINDOW)
-        hits = rng.random(WINDOW) < 0.01
-        return x + hits * rng.normal(0.0, 8.0, WINDOW)
-    raise ValueError("unknown window kind %r" % kind)
+def pool_candidates(source_models: Path, rate_hz: int = RATE_HZ, bearing: int = BEARING) -> list[dict]:
+    """The source repository's candidates trained on this bearing at this rate (metadata, 5 forest sizes).
 
-
-def schedule(n_train: int, n_normal: int, n_drift: int, fault_every: int) -> list[str]:
-    kinds = ["normal"] * (n_train + n_normal)
-    for i in range(n_drift):
-        kinds.append("fault" if fault_every and i % fault_every == fault_every - 1 else "drift")
-    return kinds
-
-
-class MachineSignal:
-    """The data UART: float32 LE samples, one window per `period_s` real seconds (readinto, like machine.UART)."""
-
-    def __init__(self, kinds: list[str], period_s: float, seed: int = 0):
-        self.kinds = kinds
-        self.period_s = period_s
-        self.rng = np.random.default_rng(seed)
-        self.t0 = time.monotonic()
-        self.window = 0  # windows fully handed out
-        self.buf = b""
-        self.pos = 0
-
-    def readinto(self, buf) -> int:
-        if self.pos >= len(self.buf):
-            due = int((time.monotonic() - self.t0) / self.period_s)
-            if self.window >= min(due, len(self.kinds)):
-                return 0
-            self.buf = window_samples(self.rng, self.kinds[self.window]).astype("<f4").tobytes()
-            self.pos = 0
-            self.window += 1
-        n = min(len(buf), len(self.buf) - self.pos)
-        n -= n % 4
-        buf[:n] = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-    @property
-    def done(self) -> bool:
-        return self.window >= len(self.kinds) and self.pos >= len(self.buf)
-
-
-def commissioning_features(seed: int = 3) -> np.ndarray:
-    """Feature windows of the machine at its known operating points (what the pool's candidates learn)."""
-    from tinyml_dagster.features import window_features_np
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for mean in np.linspace(-1.0, 1.0, 9):
-        for scale in (0.8, 1.0, 1.25):
-            x = rng.normal(mean, scale, (24, WINDOW))
-            rows.append(np.array([window_features_np(r, WINDOW)[0] for r in x]))
-    return np.vstack(rows)
-
-
-def seed_candidates(models_root: Path, n_trees: tuple[int, ...] = (10, 20, 30, 40, 50), psi: int = 100) -> list[str]:
-    """Train the pool's candidates on the commissioning data into the repository and make them the candidate set."""
-    from firmware import isoforest
+    The pool is the device's bearing's models only: the candidates of the other bearings learnt other machines'
+    normal (the paper's pool serves one device type); 5 is odd, so the majority never ties.
+    """
     from tinyml_dagster.model_repository import ModelRepository
 
-    repo = ModelRepository(models_root)
-    rows = commissioning_features().tolist()
-    ids = [repo.add(isoforest.train(rows, n_trees=n, psi=psi, seed=100 + n),
-                    lineage={"source": "commissioning", "windows": len(rows)}, seed=100 + n, prefix="machine")
-           for n in n_trees]
-    repo.set_candidates(ids, note={"source": "commissioning"})
+    repo = ModelRepository(source_models)
+    found = [m for m in repo.candidates()
+             if int(m["training"].get("bearing", 0)) == bearing and int(m["training"].get("rate_hz", 0)) == rate_hz]
+    if not found:
+        raise RuntimeError("%s: no candidate models of bearing %d at %d Hz; materialise candidate_models "
+                           "(rate_hz=%d) first (make demo does it in step 1)" % (source_models, bearing, rate_hz, rate_hz))
+    return found
+
+
+def materialize_pool_inputs(rate_hz: int = RATE_HZ, bearing: int = BEARING, instance=None) -> None:
+    """Step 1 for one channel only: recording, features and candidate_models of one bearing, in TINYML_DATA_DIR."""
+    import dagster as dg
+
+    from tinyml_dagster.defs.data.assets import materialize_data
+    from tinyml_dagster.defs.models.assets import candidate_models
+    from tinyml_dagster.defs.models.resources import ModelRepositoryResource
+
+    instance = instance or dg.DagsterInstance.ephemeral()
+    for r in materialize_data(rates_hz=[rate_hz], bearings=[bearing], instance=instance):
+        if not r.success:
+            raise RuntimeError("materialising the data assets failed")
+    r = dg.materialize([candidate_models], instance=instance, resources={"model_repository": ModelRepositoryResource()},
+                       run_config={"ops": {"candidate_models": {"config": {"rate_hz": rate_hz, "bearings": [bearing]}}}})
+    if not r.success:
+        raise RuntimeError("materialising candidate_models failed")
+
+
+def seed_pool(models_root: Path, source_models: Path, rate_hz: int = RATE_HZ, bearing: int = BEARING) -> list[str]:
+    """Copy the pool's candidates into the loop's repository (same ids) and make them its candidate set."""
+    from tinyml_dagster.model_repository import ModelRepository
+
+    src, dst = ModelRepository(source_models), ModelRepository(models_root)
+    ids = []
+    for meta in pool_candidates(source_models, rate_hz, bearing):
+        forest, cfg = src.load(meta["model_id"])
+        mid = dst.add(forest, lineage=meta.get("lineage"), threshold=cfg["threshold"], rate_hz=cfg["rate_hz"],
+                      window_ms=cfg.get("window_ms", 500), seed=meta.get("seed"), training=meta.get("training"),
+                      metrics=meta.get("metrics"), prefix=meta["family"].rsplit("-t", 1)[0])
+        if mid != meta["model_id"]:
+            raise RuntimeError("candidate %s copied as %s (content differs)" % (meta["model_id"], mid))
+        ids.append(mid)
+    dst.set_candidates(ids, note={"source": str(source_models), "rate_hz": rate_hz, "bearing": bearing})
     return ids
 
 
-# -- the device: real firmware behind the simulated line, in its own process -----------------------------------
+# -- the device: real firmware behind the simulated line, fed the IMS recording, in its own process -----------
 
 def device_main(args) -> int:
-    """The emulated device: SimulatedLink (its gateway end is a pty) + DeviceHost + the machine's signal."""
+    """The emulated device: SimulatedLink (its gateway end is a pty) + firmware Device + the bearing's DataFeed."""
     import signal as _signal
 
-    from tinyml_dagster.link.sim import DeviceHost, SimulatedLink
+    from firmware._compat import ticks_ms
+    from firmware.device import Device
+    from tinyml_dagster import ims
+    from tinyml_dagster.emulator.data_feed import DataFeed
+    from tinyml_dagster.link.sim import SimulatedLink
     from tinyml_dagster.link.transport import LinkTiming
 
-    timing = LinkTiming(time_scale=args.time_scale)
-    link = SimulatedLink(timing)
-    kinds = schedule(64, args.n_normal, args.n_drift, args.fault_every)
-    sig = MachineSignal(kinds, period_s=0.5 * args.time_scale)
-    host = DeviceHost(args.flash, link.device_uart, sig).start()
+    link = SimulatedLink(LinkTiming(time_scale=args.time_scale))
+    files = ims.list_ims_files(Path(args.ims_dir))
+    # a 500-ms window is rate/2 samples: the recording is replayed at windows_per_s windows per real second
+    feed = DataFeed(files, args.bearing, args.axis, args.rate_hz, time_scale=args.windows_per_s / 2.0)
+    device = Device(feed, link.device_uart, args.flash)
     stop = threading.Event()
     _signal.signal(_signal.SIGTERM, lambda *_: stop.set())
     status = Path(args.status)
+    per_version: dict = {}  # champion version -> [windows scored, anomalies]
+    error = None
 
     def write_status():
-        d = host.device
-        doc = {"port": link.gateway_port, "windows": int(d.state.data.get("windows", 0)),
-               "champion": list(d.agent.champion_info()), "signal_done": sig.done,
-               "windows_planned": len(kinds), "error": repr(host.error) if host.error else None}
+        doc = {"port": link.gateway_port, "windows": int(device.state.data.get("windows", 0)),
+               "champion": list(device.agent.champion_info()), "signal_done": feed.exhausted(),
+               "outbox": len(device.comm.outbox), "windows_planned": 2 * len(files),
+               "per_version": per_version, "error": error}
         tmp = status.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, status)
 
+    last_write = 0.0
     try:
         while not stop.is_set():
-            write_status()
-            stop.wait(0.1)
+            # Device.step(), counting the windows each champion version scored
+            busy = device.comm.poll() > 0
+            feats = device.data_in.poll()
+            if feats is not None:
+                out = device.on_window(feats)
+                if out is not None:
+                    c = per_version.setdefault(str(device.inference.version), [0, 0])
+                    c[0] += 1
+                    c[1] += bool(out[1])
+                busy = True
+            if device.comm.service(ticks_ms()):
+                busy = True
+            if time.monotonic() - last_write > 0.1:
+                write_status()
+                last_write = time.monotonic()
+            if feats is None and not busy:
+                time.sleep(0.0005)
+    except Exception as exc:
+        error = repr(exc)
     finally:
         write_status()
-        host.stop()
         link.close()
     return 0
 
@@ -158,10 +155,16 @@ class LoopResult:
     events: list = field(default_factory=list)
 
 
-def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_normal: int = 60, n_drift: int = 400,
-             fault_every: int = 25, timeout_s: float = 240.0, pool_in_service: bool = False, log=print,
-             instance=None) -> LoopResult:
-    """Run the loop once; returns its figures (windows, anomalies, false positives, replacements, times)."""
+def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | None = None,
+             rate_hz: int = RATE_HZ, bearing: int = BEARING, axis: str = AXIS, n_train: int = 64,
+             upload_every: int = 10, windows_per_s: float = 20.0, time_scale: float = 0.02, n_fp: int = 5,
+             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None) -> LoopResult:
+    """Run the loop once on the IMS recording; returns its figures (windows, anomalies, false positives, ...).
+
+    source_dir holds step 1's output (the recording unless ims_dir is given, and the candidate models);
+    the device trains its first champion on its first n_train windows and uploads every upload_every-th
+    normal window; the recording is replayed at windows_per_s windows per real second, the link time-scaled.
+    """
     import dagster as dg
 
     from tinyml_dagster.deployment_agent import DeviceKeys
@@ -170,6 +173,10 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
     from tinyml_dagster.link.transport import LinkTiming
 
     data_dir = Path(data_dir).resolve()
+    source_dir = Path(source_dir).resolve() if source_dir else settings.data_dir()
+    ims_dir = Path(ims_dir).resolve() if ims_dir else (
+        Path(os.environ[settings.IMS_DIR_ENV]).resolve() if os.environ.get(settings.IMS_DIR_ENV)
+        else settings.generated_ims_dir(source_dir))
     if data_dir.exists():  # the loop's own directory: every run starts from a factory-fresh device and gateway
         shutil.rmtree(data_dir)
     os.environ["TINYML_DATA_DIR"] = str(data_dir)
@@ -183,8 +190,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
         log("[%7.2f s] %s %s" % (time.time() - t0, what, " ".join("%s=%s" % kv for kv in kw.items())))
 
     t0 = time.time()
-    candidates = seed_candidates(settings.models_dir())
-    note("candidates", models=len(candidates))
+    candidates = seed_pool(settings.models_dir(), settings.models_dir(source_dir), rate_hz, bearing)
+    note("pool", models=len(candidates), bearing=bearing, rate_hz=rate_hz)
 
     from tinyml_dagster.definitions import defs as load_defs
 
@@ -197,7 +204,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
     flash = settings.device_flash_dir(DEVICE_ID)
     provision_flash(flash, DEVICE_ID, DeviceKeys().key(DEVICE_ID), timing)
     cfg = json.loads((flash / "config.json").read_text())
-    cfg.update({"rate_hz": RATE_HZ, "ack_timeout_ms": max(200, int(5000 * time_scale * 4))})
+    cfg.update({"rate_hz": rate_hz, "n_train": n_train, "upload_every": upload_every,
+                "ack_timeout_ms": max(200, int(5000 * time_scale * 4))})
     (flash / "config.json").write_text(json.dumps(cfg))
     run_dir = data_dir / "run"
     run_dir.mkdir(exist_ok=True)
@@ -207,8 +215,9 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
     logf = open(run_dir / "processes.log", "ab")
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "tinyml_dagster.demo", "device", "--flash", str(flash), "--status", str(status_path),
-         "--time-scale", str(time_scale), "--n-normal", str(n_normal), "--n-drift", str(n_drift),
-         "--fault-every", str(fault_every)], stdout=logf, stderr=logf))
+         "--time-scale", str(time_scale), "--ims-dir", str(ims_dir), "--rate-hz", str(rate_hz),
+         "--bearing", str(bearing), "--axis", axis, "--windows-per-s", str(windows_per_s)],
+        stdout=logf, stderr=logf))
     status = _wait_json(status_path, 60, procs[0])
     ready = run_dir / "service.ready"
     ready.unlink(missing_ok=True)
@@ -219,8 +228,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
         cmd.append("--no-pool")
     procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf))
     _wait_file(ready, 60, procs[1])
-    note("started", device=DEVICE_ID, link_port=status["port"], time_scale=time_scale,
-         windows_planned=status["windows_planned"])
+    note("started", device=DEVICE_ID, ims=str(ims_dir), channel="bearing %d %s" % (bearing, axis),
+         link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
     kb = KnowledgeBase(settings.kb_path())
     uploads_cursor = None
@@ -267,12 +276,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
                 if deploy["status"] != "done":
                     continue  # the link failed: false_positive_sensor asks again under a retry run key
                 replacements.append({"run_success": r.success, "deploy": deploy, "t_nfp": t_nfp})
-            if replacements:
-                version = str(status["champion"][1])
-                if status["signal_done"] or kb.scalar("SELECT COUNT(*) FROM uploads WHERE champion_id=?", (version,)):
-                    break  # the device reports windows scored by the new champion (or has no more windows)
-            if status["signal_done"] and not replacements and kb.count_uploads() and _settled(kb):
-                break
+            if status["signal_done"] and not status["outbox"] and kb.count_uploads() and _settled(kb):
+                break  # the whole recording was scored, uploaded and decided
             time.sleep(0.1)
         # let the last windows reach the gateway and be decided
         deadline = time.time() + 10
@@ -289,6 +294,8 @@ def run_loop(data_dir: Path, *, time_scale: float = 0.02, n_fp: int = 5, n_norma
         logf.close()
     status = json.loads(status_path.read_text())
     figures = _figures(kb, status, replacements, n_fp, time_scale, time.time() - t0)
+    figures.update({"rate_hz": rate_hz, "bearing": bearing, "axis": axis, "ims_dir": str(ims_dir), "pool": candidates,
+                    "n_train": n_train, "upload_every": upload_every, "windows_per_s": windows_per_s})
     kb.close()
     return LoopResult(figures, events)
 
@@ -319,8 +326,23 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
     after = kb.scalar(
         "SELECT COUNT(*) FROM uploads WHERE kind != 'champion' AND received_at > ?",
         (first["deploy"]["finished_at"],)) if first else 0
+    # per champion: the windows it scored (counted on the device) and its false positives (decided by the pool)
+    fps = dict(kb.query("SELECT u.champion_id, SUM(d.false_positive) FROM uploads u JOIN pool_decisions d "
+                        "ON d.upload_id = u.id WHERE u.kind != 'champion' GROUP BY u.champion_id"))
+    confirmed = dict(kb.query("SELECT u.champion_id, SUM(d.pool_anomaly) FROM uploads u JOIN pool_decisions d "
+                              "ON d.upload_id = u.id WHERE u.kind = 'anomaly' GROUP BY u.champion_id"))
+    champions = []
+    for version, (scored, anomalies) in sorted(status["per_version"].items(), key=lambda kv: int(kv[0])):
+        n_fps = int(fps.get(version) or 0)
+        champions.append({"version": int(version), "windows": scored, "anomalies": anomalies,
+                          "false_positives": n_fps, "confirmed_anomalies": int(confirmed.get(version) or 0),
+                          "false_positive_rate": round(n_fps / scored, 4) if scored else None})
     return {
         "device": DEVICE_ID,
+        "champions": champions,
+        # false positives per window scored, by the device's own champion and by the one the gateway deployed
+        "false_positive_rate_before": champions[0]["false_positive_rate"] if champions else None,
+        "false_positive_rate_after": champions[1]["false_positive_rate"] if len(champions) > 1 else None,
         "windows": status["windows"],
         "windows_uploaded": kb.count_uploads() - kb.count_uploads(kind="champion"),
         "anomalies": kb.count_uploads(kind="anomaly"),
@@ -383,9 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         dp.add_argument("--flash", required=True)
         dp.add_argument("--status", required=True)
         dp.add_argument("--time-scale", type=float, default=0.02)
-        dp.add_argument("--n-normal", type=int, default=60)
-        dp.add_argument("--n-drift", type=int, default=400)
-        dp.add_argument("--fault-every", type=int, default=25)
+        dp.add_argument("--ims-dir", required=True)
+        dp.add_argument("--rate-hz", type=int, default=RATE_HZ)
+        dp.add_argument("--bearing", type=int, default=BEARING)
+        dp.add_argument("--axis", default=AXIS)
+        dp.add_argument("--windows-per-s", type=float, default=20.0)
         return device_main(dp.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--time-scale", type=float, default=0.02, help="real seconds per link second")
@@ -401,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     f = res.figures
     summary.update(f)
     print()
-    print("Tiny-MLOps loop, device %s (link time-scaled x%g)" % (f["device"], f["time_scale"]))
+    print("Tiny-MLOps loop, device %s on IMS bearing %d %s at %d Hz, pool %d candidates (link time-scaled x%g)" % (
+        f["device"], f["bearing"], f["axis"], f["rate_hz"], len(f["pool"]), f["time_scale"]))
     print("  windows processed on the device   %d (%d uploaded)" % (f["windows"], f["windows_uploaded"]))
     print("  anomalies reported by champion    %d (pool confirmed %d)" % (f["anomalies"], f["pool_confirmed_anomalies"]))
     print("  false positives (pool rejected)   %d (N_fp = %d)" % (f["false_positives"], f["n_fp"]))
@@ -412,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         f["deploy_wire_seconds"], f["deploy_real_seconds"]))
     print("  link occupation                   %s" % f["occupation"])
     print("  device runs                       %s (new champion: %s)" % (f["device_runs"], f["device_runs_new_champion"]))
+    for c in f["champions"]:
+        print("  champion v%-3d windows %4d  anomalies %3d  pool-confirmed %3d  false positives %3d (rate %s)" % (
+            c["version"], c["windows"], c["anomalies"], c["confirmed_anomalies"], c["false_positives"],
+            c["false_positive_rate"]))
     out = settings.bench_dir() / "demo.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
