@@ -414,13 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--time-scale", type=float, default=0.02, help="real seconds per link second")
     ap.add_argument("--n-fp", type=int, default=settings.n_fp())
-    ap.add_argument("--skip-assets", action="store_true", help="only the loop")
+    ap.add_argument("--skip-assets", action="store_true", help="only the loop (on step 1's earlier output)")
+    ap.add_argument("--n-train", type=int, default=64, help="windows the device trains its first champion on")
+    ap.add_argument("--upload-every", type=int, default=10, help="the device uploads every n-th normal window")
+    ap.add_argument("--windows-per-s", type=float, default=20.0, help="recording replay pace (windows per real second)")
     args = ap.parse_args(argv)
     root = settings.data_dir()
     summary: dict = {}
     if not args.skip_assets:
         summary["assets"] = materialize_everything()
-    res = run_loop(root / "demo", time_scale=args.time_scale, n_fp=args.n_fp)
+    res = run_loop(root / "demo", source_dir=root, time_scale=args.time_scale, n_fp=args.n_fp, n_train=args.n_train,
+                   upload_every=args.upload_every, windows_per_s=args.windows_per_s)
     os.environ["TINYML_DATA_DIR"] = str(root)
     f = res.figures
     summary.update(f)

@@ -1,12 +1,16 @@
 """`make dev`: the gateway as a person runs it: emulated device, link service, Dagster webserver + daemon.
 
-1. the synthetic IMS recording, if there is none yet (the emulator feeds it to the device's data UART);
-2. the device emulator (`python -m tinyml_dagster.emulator`), its link on a pseudo-terminal, deploy key provisioned;
+1. the demo's step 1 for its channel, if the repository has no candidates for it yet: the IMS recording (synthetic,
+   or TINYML_IMS_DIR), the feature windows and candidate_models of bearing 3 at settings.DEFAULT_RATE_HZ, in the
+   UI's instance (so the pool is the demo's: the 5 candidates of the device's bearing at its rate);
+2. the device emulator (`python -m tinyml_dagster.emulator`) fed bearing 3's x channel at that rate (the demo's
+   channel), its link on a pseudo-terminal, deploy key provisioned;
 3. the link service (`python -m tinyml_dagster.link_service`), owning that port and writing the Knowledge Base;
 4. `dagster dev -w workspace.yaml`: webserver on http://127.0.0.1:3000 and the daemon running the sensors.
 
-Materialise the assets in the UI (candidate_models gives the pool its candidates); device_uploads_sensor then
-runs the pool over the uploads, and false_positive_sensor launches replace_champion_job at N_fp.
+Materialise the other assets in the UI (candidate_models with its default config trains all 4 bearings: the pool
+is then those 20; config `bearings: [3]` keeps the demo's 5); device_uploads_sensor runs the pool over the
+uploads, and false_positive_sensor launches replace_champion_job at N_fp.
 Ctrl-C stops everything.
 """
 
@@ -25,20 +29,20 @@ from tinyml_dagster import settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ensure_recording(log=print) -> None:
-    """Materialise ims_recording when the configured IMS directory holds no files."""
-    d = settings.ims_dir()
-    if d.is_dir() and any(d.iterdir()):
-        return
+def ensure_pool_inputs(log=print) -> None:
+    """The demo's step 1 for its channel (recording, features, candidates), unless the repository has its pool."""
     import dagster as dg
 
-    from tinyml_dagster.definitions import defs
+    from tinyml_dagster import demo
 
-    log("generating the synthetic IMS recording in %s" % d)
-    job = defs().resolve_implicit_job_def_def_for_assets([dg.AssetKey("ims_recording")])
-    r = job.execute_in_process(asset_selection=[dg.AssetKey("ims_recording")], instance=dg.DagsterInstance.get())
-    if not r.success:
-        raise RuntimeError("could not generate the IMS recording")
+    try:
+        demo.pool_candidates(settings.models_dir(), demo.RATE_HZ, demo.BEARING)
+        return
+    except Exception:
+        pass
+    log("materialising the recording, features and candidate models of bearing %d at %d Hz" % (demo.BEARING,
+                                                                                               demo.RATE_HZ))
+    demo.materialize_pool_inputs(demo.RATE_HZ, demo.BEARING, instance=dg.DagsterInstance.get())
 
 
 def wait_for(pred, timeout: float, what: str, procs) -> None:
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-    ensure_recording()
+    ensure_pool_inputs()
     run = settings.data_dir() / "run"
     run.mkdir(parents=True, exist_ok=True)
     link = run / ("%s.link" % args.device_id)
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ready = run / "link_service.ready"
     ready.unlink(missing_ok=True)
 
+    from tinyml_dagster.demo import AXIS, BEARING, RATE_HZ
     from tinyml_dagster.deployment_agent import DeviceKeys
 
     flash = settings.device_flash_dir(args.device_id)
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.emulator", "--device-id", args.device_id,
                                        "--flash", str(flash), "--time-scale", str(args.speed), "--loop",
                                        "--runtime", args.runtime, "--link", str(link),
+                                       "--bearing", str(BEARING), "--axis", AXIS, "--rate-hz", str(RATE_HZ),
                                        # the firmware paces its sends by its configured baud: the scaled line's
                                        "--set", "baud=%d" % int(2400 * args.speed)], cwd=ROOT))
         wait_for(link.exists, 120, "the emulator's link port", procs)
@@ -101,10 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):  # one at a time: the link service lets go of the port before the device goes
             if p.poll() is None:
                 p.send_signal(signal.SIGINT if p is procs[-1] else signal.SIGTERM)
-        for p in reversed(procs):
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
