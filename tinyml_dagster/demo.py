@@ -42,8 +42,18 @@ def pool_candidates(source_models: Path, rate_hz: int = RATE_HZ, bearing: int = 
     from tinyml_dagster.model_repository import ModelRepository
 
     repo = ModelRepository(source_models)
-    found = [m for m in repo.candidates()
-             if int(m["training"].get("bearing", 0)) == bearing and int(m["training"].get("rate_hz", 0)) == rate_hz]
+
+    def fits(m: dict) -> bool:
+        t = m.get("training") or {}
+        return m.get("source") == "gateway" and t.get("bearing") == bearing and t.get("rate_hz") == rate_hz
+
+    found = [m for m in repo.candidates() if fits(m)]
+    if not found:  # the current candidate set is of another rate: the newest stored version of each forest size
+        latest: dict = {}
+        for m in repo.list():
+            if fits(m) and m["version"] >= latest.get(m["family"], {}).get("version", 0):
+                latest[m["family"]] = m
+        found = sorted(latest.values(), key=lambda m: m["hyperparameters"]["n_trees"])
     if not found:
         raise RuntimeError("%s: no candidate models of bearing %d at %d Hz; materialise candidate_models "
                            "(rate_hz=%d) first (make demo does it in step 1)" % (source_models, bearing, rate_hz, rate_hz))

@@ -35,10 +35,13 @@ def ensure_pool_inputs(log=print) -> None:
 
     from tinyml_dagster import demo
 
-    try:
-        demo.pool_candidates(settings.models_dir(), demo.RATE_HZ, demo.BEARING)
-        return
-    except Exception:
+    from tinyml_dagster.model_repository import ModelRepository
+
+    try:  # the link service's pool is the current candidate set: it must hold the channel's candidates
+        ids = [m["model_id"] for m in demo.pool_candidates(settings.models_dir(), demo.RATE_HZ, demo.BEARING)]
+        if set(ids) <= set(ModelRepository(settings.models_dir()).candidate_ids()):
+            return
+    except RuntimeError:
         pass
     log("materialising the recording, features and candidate models of bearing %d at %d Hz" % (demo.BEARING,
                                                                                                demo.RATE_HZ))
