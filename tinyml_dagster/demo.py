@@ -9,6 +9,8 @@
    windows (run-in) and streams; the champion flags healthy windows the pool calls normal (false positives);
    Dagster's sensors run the pool and, at N_fp, the replacement job: package, Release checks, deploy through the
    link service; the device runs the new champion, and later in life the pool confirms the bearing's anomalies.
+   Replacement is once per episode: a deployed champion that reaches N_fp in turn (e.g. at the defect's onset,
+   where the pool's members split) is replaced again.
 """
 
 from __future__ import annotations
