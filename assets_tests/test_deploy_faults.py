@@ -55,6 +55,24 @@ def test_lossy_line_still_delivers_the_exact_package(tmp_path, seed):
         _close(link, device, transport)
 
 
+def test_a_lost_install_answer_is_confirmed_on_the_next_offer(tmp_path):
+    """The device installed the package but its answer was lost: offering the same package again finds the device
+    running it (installed), while an older one is still refused as a replay."""
+    link, device, transport, root = _rig(tmp_path)
+    try:
+        old, pkg = package(forest(10, seed=3), 1, "first"), package(forest(10, seed=4), 2, "second")
+        assert Deployer(transport).deploy(old).installed and Deployer(transport).deploy(pkg).installed
+        logs = []
+        again = Deployer(transport, log=logs.append).deploy(pkg)
+        assert again.installed and again.payload_bytes == 0, logs
+        assert any("already runs second v2" in line for line in logs), logs
+        replay = Deployer(transport).deploy(old)
+        assert not replay.installed and "replayed or old package" in replay.reason
+        assert device.device.agent.champion_info() == ("second", 2)
+    finally:
+        _close(link, device, transport)
+
+
 def _bad_packages(good: da.Package, old: da.Package):
     data = good.data
     body = bytearray(data[:-64])
@@ -74,17 +92,17 @@ def _bad_packages(good: da.Package, old: da.Package):
 def test_bad_packages_are_never_activated(tmp_path):
     link, device, transport, root = _rig(tmp_path)
     try:
-        f = forest(5)
-        old = package(f, 1, "champion")
+        old = package(forest(5), 1, "previous")  # replayed below: an older package the device once ran
         assert Deployer(transport).deploy(old).installed
+        assert Deployer(transport).deploy(package(forest(5, seed=2), 2, "champion")).installed
         champion = (root / "models" / "champion" / "model.bin").read_bytes()
-        good = package(forest(5, seed=3), 2, "candidate")
+        good = package(forest(5, seed=3), 3, "candidate")
         for name, bad, reason in _bad_packages(good, old):
             logs = []
             rep = Deployer(transport, install_s=5, log=logs.append).deploy(bad)
             assert not rep.installed, name
             assert reason in rep.reason and any(reason in line for line in logs), (name, rep.reason, logs)
-            assert device.device.agent.champion_info() == ("champion", 1), name
+            assert device.device.agent.champion_info() == ("champion", 2), name
             assert (root / "models" / "champion" / "model.bin").read_bytes() == champion
         assert Deployer(transport).deploy(good).installed  # the device is still fine
     finally:

@@ -453,13 +453,7 @@ class _SerialLink:
                     report = Deployer(self.transport, progress=progress,
                                       reply_slack_s=self.service.reply_slack_s).deploy(pkg)
                 figures = report.as_metadata()
-                runs = (report.device_champion_id, report.device_champion_version) == (pkg.model_id, pkg.version)
-                if not report.installed and runs:
-                    # an earlier commit installed it and its answer was lost: the device runs this package
-                    log.info("deploy %d: %s (the device already runs %s v%d)", req_id, report.reason, pkg.model_id,
-                             pkg.version)
-                    figures["installed"] = True
-                elif not report.installed:
+                if not report.installed:
                     raise RuntimeError("device refused the package: %s" % report.reason)
             kb.finish_deploy(req_id, True, figures)
             self.service.counters["deploys"] += 1

@@ -147,7 +147,12 @@ class Deployer:
                 mtype, body = got
                 if mtype == m.DEPLOY_RESULT:
                     rep.installed, rep.device_champion_version, rep.device_champion_id, rep.reason = self._result(body)
-                    self.log(f"device refused the offer: {rep.reason}")
+                    if (rep.device_champion_id, rep.device_champion_version) == (pkg.model_id, pkg.version):
+                        # an earlier commit installed it and its answer was lost: the device runs this package
+                        rep.installed = True
+                        self.log(f"the device already runs {pkg.model_id} v{pkg.version} ({rep.reason})")
+                    else:
+                        self.log(f"device refused the offer: {rep.reason}")
                     return rep
                 _, mask, stream_size, resume = struct.unpack_from(m.HAVE_FORMAT, body, 0)
                 stream = pkg.stream(mask)
