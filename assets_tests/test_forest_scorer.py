@@ -60,7 +60,7 @@ def test_decode_reads_every_node_and_the_16_bit_offset():
            "trees": [{"feature": 1, "threshold": 5000, "left": left, "right": {"leaf": 3}}, {"leaf": 40}]}
     forest = iso.from_json(doc)
     assert PoolScorer([forest]).method == "rank" and PoolScorer([forest], method="heap").method == "nodes"
-    t = decode(forest.to_bytes())
+    t = decode(forest)
     assert len(t.roots) == 2 and t.depth == 71
     assert int((t.left == np.arange(len(t.left))).sum()) == 73  # leaves point to themselves
     X = np.array([[1050.0, 0.0, 0.0], [0.0, 6000.0, 0.0], [0.0, 0.0, 0.0]])

@@ -35,54 +35,33 @@ class TreeArrays:
     depth: int  # deepest leaf
 
 
-def decode(buf: bytes) -> TreeArrays:
-    """Decode compact bytes (validated by the firmware parser) into node arrays."""
-    starts = isoforest.tree_starts(buf)
-    feature: list[int] = []
-    threshold: list[int] = []
-    left: list[int] = []
-    right: list[int] = []
-    leaf: list[int] = []
-    roots: list[int] = []
-    max_depth = 0
-    for start in starts:
-        roots.append(len(feature))
-        # explicit stack of (byte offset, depth, parent node id or -1 when this node is a left child)
-        stack = [(start, 0, -1)]
-        while stack:
-            p, depth, parent = stack.pop()
-            me = len(feature)
-            if parent >= 0:
-                right[parent] = me
-            f = buf[p]
-            left.append(me + 1)
-            right.append(me)
-            if f & isoforest.LEAF_FLAG:
-                feature.append(0)
-                threshold.append(0)
-                leaf.append(f & 127)
-                left[me] = me
-                max_depth = max(max_depth, depth)
-                continue
-            o = buf[p + 3]
-            if o:
-                child = p + 4
-            else:
-                o = buf[p + 4] | (buf[p + 5] << 8)
-                child = p + 6
-            feature.append(f)
-            threshold.append(buf[p + 1] | (buf[p + 2] << 8))
-            leaf.append(0)
-            stack.append((p + o, depth + 1, me))
-            stack.append((child, depth + 1, -1))
+def decode(forest: isoforest.Forest) -> TreeArrays:
+    """A Forest's node arrays (the firmware's own unpacking of the compact bytes, pre-order) as numpy arrays."""
+    nf = np.frombuffer(bytes(forest.nf), dtype=np.uint8).astype(np.int32)
+    nt = np.asarray(forest.nt, dtype=np.int32)
+    nr = np.asarray(forest.nr, dtype=np.int32)
+    node = np.arange(len(nf), dtype=np.int32)
+    is_leaf = (nf & isoforest.LEAF_FLAG) != 0
+    left = np.where(is_leaf, node, node + 1)  # a leaf points to itself
+    right = np.where(is_leaf, node, node + nr)
+    # depths, one tree level settled per pass (a JSON-loaded forest may be deeper than the height limit)
+    depth = np.zeros(len(nf), dtype=np.int32)
+    internal = np.flatnonzero(~is_leaf)
+    while True:
+        deeper = depth.copy()
+        deeper[left[internal]] = depth[internal] + 1
+        deeper[right[internal]] = depth[internal] + 1
+        if np.array_equal(deeper, depth):
+            break
+        depth = deeper
     return TreeArrays(
-        feature=np.asarray(feature, dtype=np.int32),
-        threshold=np.asarray(threshold, dtype=np.int32),
-        left=np.asarray(left, dtype=np.int32),
-        right=np.asarray(right, dtype=np.int32),
-        leaf=np.asarray(leaf, dtype=np.int64),
-        roots=np.asarray(roots, dtype=np.int32),
-        depth=max_depth,
+        feature=np.where(is_leaf, 0, nf),
+        threshold=np.where(is_leaf, 0, nt),
+        left=left,
+        right=right,
+        leaf=np.where(is_leaf, nf & 127, 0).astype(np.int64),
+        roots=np.asarray(forest.roots, dtype=np.int32),
+        depth=int(depth[is_leaf].max()),
     )
 
 
@@ -124,7 +103,7 @@ class PoolScorer:
                 raise ValueError(f"forest {i} has {f.n_features} features, forest 0 has {d}")
         self.n_features = d
         self.forests = list(forests)
-        decoded = [decode(f.to_bytes()) for f in self.forests]
+        decoded = [decode(f) for f in self.forests]
         self.depth = max(t.depth for t in decoded)
         self.k = np.array([f._k for f in self.forests])
         tree_model = np.concatenate([np.full(len(t.roots), m, dtype=np.intp) for m, t in enumerate(decoded)])
