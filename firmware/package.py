@@ -189,15 +189,19 @@ def extract(path, info, dest_dir):
                 if e["flags"] & FLAG_DEFLATED:
                     _inflate(f, e["size"], e["raw_size"], out, e["name"])
                 else:
-                    left = e["size"]
-                    while left:
-                        chunk = f.read(min(_CHUNK, left))
-                        if not chunk:
-                            raise PackageError("truncated file %s" % e["name"])
-                        out.write(chunk)
-                        left -= len(chunk)
+                    copy_range(f, e["size"], out.write, "file " + e["name"])
             names.append(e["name"])
     return names
+
+
+def copy_range(src, n, sink, what):
+    """Feed the next n bytes of src to sink(chunk), in small chunks; PackageError('truncated <what>') if short."""
+    while n:
+        chunk = src.read(min(_CHUNK, n))
+        if not chunk:
+            raise PackageError("truncated " + what)
+        sink(chunk)
+        n -= len(chunk)
 
 
 def _inflate(f, size, raw_size, out, name):

@@ -14,8 +14,6 @@ import struct
 from firmware import messages as m
 from firmware import package
 
-_CHUNK = 512
-
 
 def _exists(path):
     try:
@@ -41,12 +39,7 @@ def _write_atomic(path, data):
 
 def _copy_range(src, start, n, out):
     src.seek(start)
-    while n:
-        chunk = src.read(min(_CHUNK, n))
-        if not chunk:
-            raise package.PackageError("truncated data while rebuilding the package")
-        out.write(chunk)
-        n -= len(chunk)
+    package.copy_range(src, n, out.write, "data while rebuilding the package")
 
 
 class Receiver:
@@ -221,13 +214,7 @@ class Receiver:
             _copy_range(src, pos, package.TRAILER_SIZE, out)
         with open(stage + ".tmp", "rb") as f:
             sha = hashlib.sha256()
-            left = st["size"] - package.TRAILER_SIZE
-            while left:
-                chunk = f.read(min(_CHUNK, left))
-                if not chunk:
-                    raise package.PackageError("truncated package after rebuild")
-                sha.update(chunk)
-                left -= len(chunk)
+            package.copy_range(f, st["size"] - package.TRAILER_SIZE, sha.update, "package after rebuild")
             trailer_sha = f.read(32)
         if sha.digest().hex() != st["digest"] or bytes(trailer_sha).hex() != st["digest"]:
             _remove(stage + ".tmp")
