@@ -10,7 +10,7 @@ import pytest
 import scipy.signal
 import scipy.stats
 
-from tinyml_dagster import features, ims, settings
+from tinyml_dagster import features, ims
 from tinyml_dagster.defs.data import assets
 from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
 

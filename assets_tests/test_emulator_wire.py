@@ -195,12 +195,12 @@ def test_a_deploy_on_the_emulator_loses_no_wire_time():
     log = log[[d for d, *_ in log].index("down"):]  # from the offer on (the boot HELLO before it)
     assert [d for d, *_ in log][:2] == ["down", "up"] and log[-1][0] == "up"  # offer, have, fragments, result
     idle = 0.0  # real seconds the wire waited for an endpoint (processing, not turnarounds)
-    prev_dir, prev_end = log[0][0], log[0][3]
-    for direction, written, start, end, turn in log[1:]:
+    prev_end = log[0][3]
+    for _, written, start, end, turn in log[1:]:
         free = prev_end + (turn_s if turn else 0.0)
         assert start == pytest.approx(max(written, free), abs=1e-9), "a byte waited while the wire was free"
         idle += max(0.0, start - free)
-        prev_dir, prev_end = direction, end
+        prev_end = end
     wire_s = sum(e[3] - e[2] for e in log)
     assert wire_s == pytest.approx((rep.wire_bytes) * byte_s, rel=1e-6)
     # the gateway's link time is the wire's time plus turnarounds plus the endpoints' processing (and its polling)

@@ -4,7 +4,6 @@ import json
 
 import dagster as dg
 import numpy as np
-import pytest
 
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
 from tinyml_dagster.defs.loop.sensors import device_uploads_sensor

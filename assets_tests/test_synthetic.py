@@ -18,9 +18,9 @@ def _digest(directory):
 
 def test_same_seed_same_bytes_and_real_schedule(tmp_path):
     a = synthetic.generate_recording(tmp_path / "a", n_files=6, seed=7, workers=2)
-    b = synthetic.generate_recording(tmp_path / "b", n_files=6, seed=7, workers=1)
+    synthetic.generate_recording(tmp_path / "b", n_files=6, seed=7, workers=1)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    c = synthetic.generate_recording(tmp_path / "c", n_files=6, seed=8)
+    synthetic.generate_recording(tmp_path / "c", n_files=6, seed=8)
     assert _digest(tmp_path / "c").keys() == _digest(tmp_path / "a").keys()
     assert _digest(tmp_path / "c") != _digest(tmp_path / "a")
     # the real schedule: first and last timestamps of set 1, files named like the real ones
