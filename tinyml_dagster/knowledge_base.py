@@ -603,15 +603,20 @@ class KnowledgeBase:
         )
         return [self.deploy(r[0]) for r in ids]
 
-    def wait_deploy(self, request_id: int, timeout: float = 600.0, poll: float = 0.2) -> dict:
-        """Block until the link service finished the request; raise TimeoutError naming it otherwise."""
+    def wait_deploy(self, request_id: int, timeout: float = 600.0, poll: float = 0.2, on_progress=None) -> dict:
+        """Block until the link service finished the request (on_progress gets each new progress report);
+        raise TimeoutError naming it otherwise."""
         deadline = time.monotonic() + timeout
+        shown = None
         while True:
             d = self.deploy(request_id)
             if d is None:
                 raise KnowledgeBaseError("deploy request %d: no such request" % request_id)
             if d["status"] in ("done", "failed"):
                 return d
+            if on_progress is not None and d["status"] == "running" and d["figures"] and d["figures"] != shown:
+                shown = d["figures"]
+                on_progress(dict(shown, request=request_id))
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     "deploy request %d to %s still %s after %.0f s: is the link service running?"

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from tinyml_dagster import settings
 from tinyml_dagster.knowledge_base import KnowledgeBase
+from tinyml_dagster.link import LinkTiming
 
 
 class KnowledgeBaseResource(dg.ConfigurableResource):
@@ -30,6 +31,9 @@ class DeviceBudgetResource(dg.ConfigurableResource):
     baud: int = Field(default=2400, description="link speed, 8N1")
     turnaround_s: float = Field(default=0.1, description="half-duplex turnaround per direction change")
     deadline_s: float = Field(default=600.0, description="longest acceptable link time of one deploy")
+
+    def timing(self) -> LinkTiming:
+        return LinkTiming(self.baud, self.turnaround_s)
 
 
 class PoolResource(dg.ConfigurableResource):
