@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -170,12 +171,14 @@ class LoopResult:
 def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | None = None,
              rate_hz: int = RATE_HZ, bearing: int = BEARING, axis: str = AXIS, n_train: int = 64,
              upload_every: int = 10, windows_per_s: float = 20.0, time_scale: float = 0.02, n_fp: int = 5,
-             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None) -> LoopResult:
+             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None,
+             progress=None) -> LoopResult:
     """Run the loop once on the IMS recording; returns its figures (windows, anomalies, false positives, ...).
 
     source_dir holds step 1's output (the recording unless ims_dir is given, and the candidate models);
     the device trains its first champion on its first n_train windows and uploads every upload_every-th
-    normal window; the recording is replayed at windows_per_s windows per real second, the link time-scaled.
+    normal window; the recording is replayed at windows_per_s windows per real second, the link time-scaled;
+    progress(windows done, windows planned, what) as the device goes.
     """
     import dagster as dg
 
@@ -250,6 +253,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     try:
         while time.time() - t0 < timeout_s:
             status = json.loads(status_path.read_text())
+            if progress:
+                progress(status["windows"], status["windows_planned"], "windows on the device")
             if status["error"] or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the device or the link service stopped: %s (see %s)" % (status["error"], logf.name))
             # device_uploads_sensor -> pool_decisions_job
@@ -381,8 +386,9 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
     }
 
 
-def materialize_everything(log=print) -> dict:
-    """Materialise every asset outside the loop, in dependency order (each static partition of partitioned ones)."""
+def materialize_everything(log=print, progress=None) -> dict:
+    """Materialise every asset outside the loop, in dependency order (each static partition of partitioned ones);
+    progress(done, total, what) after each materialisation."""
     import dagster as dg
 
     from tinyml_dagster.definitions import defs as load_defs
@@ -392,22 +398,57 @@ def materialize_everything(log=print) -> dict:
     instance = dg.DagsterInstance.ephemeral()
     t = time.time()
     out = {"assets": [], "partitions": 0}
+    todo = []
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
         if not node.is_materializable or node.group_name == "loop":
             continue
-        job = defs.resolve_implicit_job_def_def_for_assets([key])
         pkeys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance) if node.partitions_def else [None]
-        for pk in pkeys:
-            r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk,
-                                       raise_on_error=False)
-            if not r.success:
-                raise RuntimeError("materialising %s%s failed" % (key.to_user_string(), " [%s]" % pk if pk else ""))
-            out["partitions"] += pk is not None
-        out["assets"].append(key.to_user_string())
-        log("materialised %s (%.1f s)" % (key.to_user_string(), time.time() - t))
+        todo += [(key, pk) for pk in pkeys]
+    for i, (key, pk) in enumerate(todo):
+        name = key.to_user_string() + (" [%s]" % pk if pk else "")
+        job = defs.resolve_implicit_job_def_def_for_assets([key])
+        r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk, raise_on_error=False)
+        if not r.success:
+            raise RuntimeError("materialising %s failed" % name)
+        out["partitions"] += pk is not None
+        if key.to_user_string() not in out["assets"]:
+            out["assets"].append(key.to_user_string())
+        log("materialised %s (%.1f s)" % (name, time.time() - t))
+        if progress:
+            progress(i + 1, len(todo), name)
     out["seconds"] = round(time.time() - t, 1)
     return out
+
+
+@contextlib.contextmanager
+def quiet_console(log_path: Path, verbose: bool):
+    """(log, progress factory): quiet, Dagster's event log and the steps go to log_path and the terminal shows a
+    progress bar per step with its ETA; verbose, everything goes to the terminal."""
+    if verbose:
+        yield print, lambda title: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console = Console(file=sys.stdout)
+    console.print("Dagster's event log and the loop's steps: %s (-v shows them here)" % log_path)
+    with open(log_path, "w") as logf, contextlib.redirect_stderr(logf), Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as bars:
+
+        def log(line: str) -> None:
+            print(line, file=logf, flush=True)
+
+        def progress(title: str):
+            task = bars.add_task(title, total=None, what="")
+
+            def update(done: int, total: int, what: str) -> None:
+                bars.update(task, completed=done, total=total, what=what)
+            return update
+
+        yield log, progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,13 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=64, help="windows the device trains its first champion on")
     ap.add_argument("--upload-every", type=int, default=10, help="the device uploads every n-th normal window")
     ap.add_argument("--windows-per-s", type=float, default=20.0, help="recording replay pace (windows per real second)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log and every step here")
     args = ap.parse_args(argv)
     root = settings.data_dir()
     summary: dict = {}
-    if not args.skip_assets:
-        summary["assets"] = materialize_everything()
-    res = run_loop(root / "demo", source_dir=root, time_scale=args.time_scale, n_fp=args.n_fp, n_train=args.n_train,
-                   upload_every=args.upload_every, windows_per_s=args.windows_per_s)
+    with quiet_console(root / "logs" / "demo.log", args.verbose) as (log, progress):
+        if not args.skip_assets:
+            summary["assets"] = materialize_everything(log=log, progress=progress("step 1: assets"))
+        res = run_loop(root / "demo", source_dir=root, time_scale=args.time_scale, n_fp=args.n_fp,
+                       n_train=args.n_train, upload_every=args.upload_every, windows_per_s=args.windows_per_s,
+                       log=log, progress=progress("step 2: the loop"))
     os.environ["TINYML_DATA_DIR"] = str(root)
     f = res.figures
     summary.update(f)
