@@ -568,15 +568,10 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
           verdict + f" The failing bearings' defect frequencies ({defect}) lie above the 250 Hz Nyquist limit of 500 Hz "
           "sampling, so at 500 Hz their impacts reach the features only through the low band; at 1 and 2 kHz the "
           "defect lines themselves are inside the band.", ""]
-    try:
-        from tinyml_dagster.defs.models.assets import CandidateModelsConfig
-
-        L += [f"Defaults now: the candidate models train on {CandidateModelsConfig().rate_hz} Hz windows "
-              f"(`CandidateModelsConfig.rate_hz`, the paper's rate)"
-              + (" — the numbers above say it should be "
-                 f"{best} Hz." if CandidateModelsConfig().rate_hz != best else ", which the numbers support."), ""]
-    except Exception:  # noqa: BLE001 - the report still stands without the Dagster defs
-        pass
+    L += [f"Defaults now: the candidate models train on {settings.DEFAULT_RATE_HZ} Hz windows "
+          f"(`settings.DEFAULT_RATE_HZ`, the default of `candidate_models`)"
+          + (" — the numbers above say it should be "
+             f"{best} Hz." if settings.DEFAULT_RATE_HZ != best else ", which the numbers support."), ""]
     if dev is not None and device_bench:
         fb = device_bench["feature_fuel_per_window"]
         per_sample_ms = fb["fuel"] / fb["samples"] * dev.ms_per_fuel

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from tinyml_dagster import settings
 from tinyml_dagster.deployment_agent import package_sizes
+from tinyml_dagster.link import LinkTiming
 from tinyml_dagster.report import plot_metadata
 
 
@@ -29,7 +30,7 @@ def model_packages(context: dg.AssetExecutionContext, config: ModelPackagesConfi
         sizes = package_sizes(model_id, forest, cfg)
         rows.append((model_id, forest.n_trees, sizes["compact"], sizes["json"]))
     table = "| model | trees | compact B | json B | json/compact | compact wire s |\n|---|---|---|---|---|---|\n" + "".join(
-        f"| {m} | {t} | {c} | {j} | {j / c:.1f}x | {c / 240:.1f} |\n" for m, t, c, j in rows)
+        f"| {m} | {t} | {c} | {j} | {j / c:.1f}x | {c * LinkTiming().byte_s:.1f} |\n" for m, t, c, j in rows)
     context.log.info(f"{len(rows)} candidates packaged in both encodings")
     return dg.MaterializeResult(metadata={
         "candidates": len(rows),
