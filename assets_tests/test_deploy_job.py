@@ -115,7 +115,7 @@ def test_both_jobs_deploy_every_encoding_through_the_link_service(repo, gateway)
     kb = KnowledgeBase(kb_path)
     deploys = kb.deploys(DEVICE)
     assert [(d["model_id"], d["status"]) for d in deploys] == [(ids[1], "done"), (ids[2], "done")] * 2
-    assert kb.current_champion(DEVICE)[1] == ids[2]
+    assert kb.current_champion(DEVICE).model_id == ids[2]
 
 
 def test_a_refused_package_fails_the_run_with_the_devices_reason(repo, gateway):

@@ -113,7 +113,7 @@ def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, mo
     instance = dg.DagsterInstance.ephemeral()
     first = false_positive_sensor(_fp_context(instance, tmp_path))
     (req,) = first.run_requests
-    episode = kb.current_champion("dev-a")[0]
+    episode = kb.current_champion("dev-a").episode_id
     assert req.run_key == "replace-dev-a-episode-%d" % episode and req.partition_key == "dev-a"
     assert req.tags["tinyml/model_id"] == kb.ranking(ids)[0][0]
     # re-evaluated (more false positives meanwhile or not): the same run key, so the daemon launches one run
@@ -128,7 +128,7 @@ def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, mo
     retry = false_positive_sensor(_fp_context(instance, tmp_path))
     assert [r.run_key for r in retry.run_requests] == [req.run_key + "-retry-1"]
     assert kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg2", episode_id=episode) == rid
-    assert kb.deploy(rid)["status"] == "pending" and kb.deploy(rid)["attempts"] == 2
+    assert kb.deploy_request(rid)["status"] == "pending" and kb.deploy_request(rid)["attempts"] == 2
     kb.claim_deploy()
     kb.finish_deploy(rid, False, error="DeployError: link cut")
     kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg3", episode_id=episode)

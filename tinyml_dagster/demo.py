@@ -340,19 +340,15 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
     first = done[0] if done else None
     fig = first["deploy"]["figures"] if first else {}
     new_model = done[-1]["deploy"]["model_id"] if done else None
-    after = kb.scalar(
-        "SELECT COUNT(*) FROM uploads WHERE kind != 'champion' AND received_at > ?",
-        (first["deploy"]["finished_at"],)) if first else 0
+    after = kb.count_windows_received_after(first["deploy"]["finished_at"]) if first else 0
     # per champion: the windows it scored (counted on the device) and its false positives (decided by the pool)
-    fps = dict(kb.query("SELECT u.champion_id, SUM(d.false_positive) FROM uploads u JOIN pool_decisions d "
-                        "ON d.upload_id = u.id WHERE u.kind != 'champion' GROUP BY u.champion_id"))
-    confirmed = dict(kb.query("SELECT u.champion_id, SUM(d.pool_anomaly) FROM uploads u JOIN pool_decisions d "
-                              "ON d.upload_id = u.id WHERE u.kind = 'anomaly' GROUP BY u.champion_id"))
+    decided = kb.champion_scores()
     champions = []
     for version, (scored, anomalies) in sorted(status["per_version"].items(), key=lambda kv: int(kv[0])):
-        n_fps = int(fps.get(version) or 0)
+        pool = decided.get(version)
+        n_fps = pool.false_positives if pool else 0
         champions.append({"version": int(version), "windows": scored, "anomalies": anomalies,
-                          "false_positives": n_fps, "confirmed_anomalies": int(confirmed.get(version) or 0),
+                          "false_positives": n_fps, "confirmed_anomalies": pool.confirmed_anomalies if pool else 0,
                           "false_positive_rate": round(n_fps / scored, 4) if scored else None})
     return {
         "device": DEVICE_ID,
@@ -363,7 +359,7 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
         "windows": status["windows"],
         "windows_uploaded": kb.count_uploads() - kb.count_uploads(kind="champion"),
         "anomalies": kb.count_uploads(kind="anomaly"),
-        "pool_confirmed_anomalies": kb.scalar("SELECT COUNT(*) FROM pool_decisions WHERE pool_anomaly=1"),
+        "pool_confirmed_anomalies": kb.count_pool_anomalies(),
         "false_positives": kb.count_false_positives(),
         "n_fp": n_fp,
         "replacements": len(done),

@@ -50,7 +50,7 @@ def pool_decisions(context: dg.AssetExecutionContext, knowledge_base: KnowledgeB
             "pool_size": len(engine.model_ids),
             "top_candidate": ranking[0][0] if ranking else "",
             "ranking": dg.MetadataValue.md(ranking_markdown(ranking)),
-            "devices_over_n_fp": sum(1 for e in episodes if e[3] >= knowledge_base.n_fp),
+            "devices_over_n_fp": sum(1 for e in episodes if e.false_positives >= knowledge_base.n_fp),
         })
     finally:
         kb.close()
@@ -73,7 +73,8 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
         for dev in kb.devices():
             c = kb.current_champion(dev)
             if c:
-                rows.append("| %s | %s | %s | %s |" % (dev, c[1], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c[3])), c[2]))
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.since))
+                rows.append("| %s | %s | %s | %s |" % (dev, c.model_id, since, c.source))
         return dg.MaterializeResult(metadata={
             "registered_now": len(added),
             "registered": dg.MetadataValue.json(added),
@@ -112,7 +113,7 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
     with knowledge_base.open() as kb:
         current = kb.current_champion(device_id)
         model_id = config.model_id or context.run.tags.get(MODEL_TAG) or pool.engine().top_candidate(
-            kb, exclude=[current[1]] if current else [])
+            kb, exclude=[current.model_id] if current else [])
     pkg = next_package(pool.repository(), model_id, device_id, config.encoding)
     out = packages_dir(device_id)
     atomic_write(out / ("%s-v%d.pkg" % (model_id, pkg.version)), pkg.data)
@@ -146,7 +147,7 @@ def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: Knowled
     with knowledge_base.open() as kb:
         current = kb.current_champion(device_id)
         episode = context.run.tags.get(EPISODE_TAG)
-        episode_id = int(episode) if episode else (current[0] if current else None)
+        episode_id = int(episode) if episode else (current.episode_id if current else None)
         t_nfp = kb.nth_false_positive_time(episode_id, knowledge_base.n_fp) if episode_id else None
         outcome = deploy_through_link_service(kb, pkg, timeout_s=knowledge_base.deploy_timeout_s,
                                               episode_id=episode_id, run_id=context.run.run_id,
