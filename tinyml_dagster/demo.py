@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -105,7 +106,6 @@ def device_main(args) -> int:
     """The emulated device: SimulatedLink (its gateway end is a pty) + firmware Device + the bearing's DataFeed."""
     import signal as _signal
 
-    from firmware._compat import ticks_ms
     from firmware.device import Device
     from tinyml_dagster import ims
     from tinyml_dagster.emulator.data_feed import DataFeed
@@ -117,17 +117,17 @@ def device_main(args) -> int:
     # a 500-ms window is rate/2 samples: the recording is replayed at windows_per_s windows per real second
     feed = DataFeed(files, args.bearing, args.axis, args.rate_hz, time_scale=args.windows_per_s / 2.0)
     device = Device(feed, link.device_uart, args.flash)
+    gc.freeze()  # the host's own objects: the firmware's collect once per window scans only what it allocates
     stop = threading.Event()
     _signal.signal(_signal.SIGTERM, lambda *_: stop.set())
     status = Path(args.status)
-    per_version: dict = {}  # champion version -> [windows scored, anomalies]
     error = None
 
     def write_status():
         doc = {"port": link.gateway_port, "windows": int(device.state.data.get("windows", 0)),
                "champion": list(device.agent.champion_info()), "signal_done": feed.exhausted(),
                "outbox": len(device.comm.outbox), "windows_planned": 2 * len(files),
-               "per_version": per_version, "error": error}
+               "per_version": {str(v): c for v, c in device.scored.items()}, "error": error}
         tmp = status.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, status)
@@ -135,22 +135,11 @@ def device_main(args) -> int:
     last_write = 0.0
     try:
         while not stop.is_set():
-            # Device.step(), counting the windows each champion version scored
-            busy = device.comm.poll() > 0
-            feats = device.data_in.poll()
-            if feats is not None:
-                out = device.on_window(feats)
-                if out is not None:
-                    c = per_version.setdefault(str(device.inference.version), [0, 0])
-                    c[0] += 1
-                    c[1] += bool(out[1])
-                busy = True
-            if device.comm.service(ticks_ms()):
-                busy = True
+            busy = device.step()
             if time.monotonic() - last_write > 0.1:
                 write_status()
                 last_write = time.monotonic()
-            if feats is None and not busy:
+            if not busy:
                 time.sleep(0.0005)
     except Exception as exc:
         error = repr(exc)
