@@ -29,10 +29,8 @@ SCALE = 25.0  # the emulated wire runs 25x faster than 2,400 baud
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("TINYML_DEVICE_KEYS", raising=False)
-    repo = ModelRepository(tmp_path / "data" / "models")
+def repo(data_dir):
+    repo = ModelRepository(data_dir / "models")
     rng = random.Random(4)
     rows = [[rng.gauss(0, 0.02), rng.gauss(0, 0.3), rng.gauss(0.5, 0.8)] for _ in range(400)]
     ids = [repo.add(isoforest.train(rows, n, 100, n), threshold=0.6, rate_hz=1000) for n in (2, 3, 4)]
