@@ -70,13 +70,15 @@ def materialize_pool_inputs(rate_hz: int = RATE_HZ, bearing: int = BEARING, inst
 
     from tinyml_dagster.defs.data.assets import materialize_data
     from tinyml_dagster.defs.models.assets import candidate_models
+    from tinyml_dagster.defs.gateway import GatewayResource
     from tinyml_dagster.defs.models.resources import ModelRepositoryResource
 
     instance = instance or dg.DagsterInstance.ephemeral()
     for r in materialize_data(rates_hz=[rate_hz], bearings=[bearing], instance=instance):
         if not r.success:
             raise RuntimeError("materialising the data assets failed")
-    r = dg.materialize([candidate_models], instance=instance, resources={"model_repository": ModelRepositoryResource()},
+    repository = ModelRepositoryResource(gateway=GatewayResource())
+    r = dg.materialize([candidate_models], instance=instance, resources={"model_repository": repository},
                        run_config={"ops": {"candidate_models": {"config": {"rate_hz": rate_hz, "bearings": [bearing]}}}})
     if not r.success:
         raise RuntimeError("materialising candidate_models failed")
@@ -171,8 +173,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     """
     import dagster as dg
 
-    from tinyml_dagster.deployment_agent import DeviceKeys
-    from tinyml_dagster.knowledge_base import KnowledgeBase
+    from tinyml_dagster.defs.gateway import GatewayResource
+    from tinyml_dagster.definitions import defs_for
     from tinyml_dagster.link.sim import provision_flash
     from tinyml_dagster.link.transport import LinkTiming
 
@@ -183,9 +185,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         else settings.generated_ims_dir(source_dir))
     if data_dir.exists():  # the loop's own directory: every run starts from a factory-fresh device and gateway
         shutil.rmtree(data_dir)
-    os.environ["TINYML_DATA_DIR"] = str(data_dir)
-    os.environ["TINYML_N_FP"] = str(n_fp)
-    os.environ.pop("TINYML_KB_PATH", None)
+    gateway = GatewayResource(data_dir=str(data_dir), n_fp=n_fp)
     data_dir.mkdir(parents=True, exist_ok=True)
     events: list = []
 
@@ -194,19 +194,17 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         log("[%7.2f s] %s %s" % (time.time() - t0, what, " ".join("%s=%s" % kv for kv in kw.items())))
 
     t0 = time.time()
-    candidates = seed_pool(settings.models_dir(), settings.models_dir(source_dir), rate_hz, bearing)
+    candidates = seed_pool(gateway.models_dir(), settings.models_dir(source_dir), rate_hz, bearing)
     note("pool", models=len(candidates), bearing=bearing, rate_hz=rate_hz)
 
-    from tinyml_dagster.definitions import defs as load_defs
-
-    defs = load_defs()
+    defs = defs_for(gateway)
     repo_def = defs.get_repository_def()
     resources = repo_def.get_top_level_resources()
     instance = instance or dg.DagsterInstance.ephemeral()
 
     timing = LinkTiming(time_scale=time_scale)
-    flash = settings.device_flash_dir(DEVICE_ID)
-    provision_flash(flash, DEVICE_ID, DeviceKeys().key(DEVICE_ID), timing)
+    flash = gateway.device_flash_dir(DEVICE_ID)
+    provision_flash(flash, DEVICE_ID, gateway.device_keys().key(DEVICE_ID), timing)
     cfg = json.loads((flash / "config.json").read_text())
     cfg.update({"rate_hz": rate_hz, "n_train": n_train, "upload_every": upload_every,
                 "ack_timeout_ms": max(200, int(5000 * time_scale * 4))})
@@ -225,17 +223,18 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     status = _wait_json(status_path, 60, procs[0])
     ready = run_dir / "service.ready"
     ready.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(settings.kb_path()),
+    cmd = [sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(gateway.knowledge_base_path()),
            "--port", "%s=%s" % (DEVICE_ID, status["port"]), "--time-scale", str(time_scale),
            "--ready-file", str(ready), "--reply-slack", "2"]
     if not pool_in_service:
         cmd.append("--no-pool")
-    procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf))
+    # the service's own pool reads this gateway's repository
+    procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env=dict(os.environ, TINYML_DATA_DIR=str(data_dir))))
     _wait_file(ready, 60, procs[1])
     note("started", device=DEVICE_ID, ims=str(ims_dir), channel="bearing %d %s" % (bearing, axis),
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
-    kb = KnowledgeBase(settings.kb_path())
+    kb = gateway.knowledge_base()
     uploads_cursor = None
     done_keys: set[str] = set()
     replacements = []
@@ -247,9 +246,9 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
             if status["error"] or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the device or the link service stopped: %s (see %s)" % (status["error"], logf.name))
             # device_uploads_sensor -> pool_decisions_job
-            ctx = dg.build_sensor_context(instance=instance, cursor=uploads_cursor, resources=resources,
-                                          repository_def=repo_def)
-            res = defs.resolve_sensor_def("device_uploads_sensor")(ctx)
+            with dg.build_sensor_context(instance=instance, cursor=uploads_cursor, resources=resources,
+                                         repository_def=repo_def) as ctx:
+                res = defs.resolve_sensor_def("device_uploads_sensor")(ctx)
             for req in res.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
             for req in res.run_requests or []:
@@ -257,8 +256,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 assert r.success
             uploads_cursor = res.cursor or uploads_cursor
             # false_positive_sensor -> replace_champion_job (once per episode: run_key)
-            ctx = dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def)
-            res = defs.resolve_sensor_def("false_positive_sensor")(ctx)
+            with dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def) as ctx:
+                res = defs.resolve_sensor_def("false_positive_sensor")(ctx)
             for req in res.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
             for req in res.run_requests or []:
@@ -466,7 +465,6 @@ def main(argv: list[str] | None = None) -> int:
         res = run_loop(root / "demo", source_dir=root, time_scale=args.time_scale, n_fp=args.n_fp,
                        n_train=args.n_train, upload_every=args.upload_every, windows_per_s=args.windows_per_s,
                        log=log, progress=progress("step 2: the loop"))
-    os.environ["TINYML_DATA_DIR"] = str(root)
     f = res.figures
     summary.update(f)
     print()

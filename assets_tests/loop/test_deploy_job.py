@@ -17,7 +17,8 @@ from tinyml_dagster.defs.deploy.jobs import deploy_champion_job
 from tinyml_dagster.defs.loop.assets import champion_package, deployed_champion
 from tinyml_dagster.defs.loop.jobs import replace_champion_job
 from tinyml_dagster.defs.loop.partitions import devices_partitions
-from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
+from tinyml_dagster.defs.gateway import GatewayResource
+from tinyml_dagster.defs.resources import gateway_resources
 from tinyml_dagster.deployment_agent import DeviceKeys
 from tinyml_dagster.emulator import DeviceEmulator
 from tinyml_dagster.emulator.deploy_run import ims_files
@@ -54,8 +55,7 @@ def gateway(tmp_path, repo):
     while not ready.exists():
         assert svc.poll() is None and time.monotonic() < deadline, "link service did not start"
         time.sleep(0.05)
-    resources = {"knowledge_base": KnowledgeBaseResource(path=str(kb_path), deploy_timeout_s=300),
-                 "pool": PoolResource(models_dir=str(repo[0].root)), "device_budget": DeviceBudgetResource()}
+    resources = gateway_resources(GatewayResource(data_dir=str(repo[0].root.parent), kb_path=str(kb_path)))
     try:
         yield flash, kb_path, resources
     finally:
@@ -66,7 +66,7 @@ def gateway(tmp_path, repo):
 
 def test_model_packages_shows_both_encodings(repo):
     _, ids = repo
-    result = dg.materialize([model_packages], selection=[model_packages])
+    result = dg.materialize([model_packages], resources=gateway_resources(GatewayResource()))
     assert result.success
     meta = result.asset_materializations_for_node("model_packages")[0].metadata
     compact, js = meta["compact_bytes"].value, meta["json_bytes"].value

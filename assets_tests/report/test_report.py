@@ -153,6 +153,8 @@ def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeyp
     import tinyml_dagster.report as report_mod
     from firmware import isoforest
     from tinyml_dagster.defs.deploy.assets import model_packages
+    from tinyml_dagster.defs.gateway import GatewayResource
+    from tinyml_dagster.defs.resources import gateway_resources
     from tinyml_dagster.model_repository import ModelRepository
 
     docs = tmp_path / "docs"
@@ -164,7 +166,7 @@ def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeyp
     rng = random.Random(3)
     rows = [[rng.gauss(0, 0.02), rng.gauss(0, 0.3), rng.gauss(0.5, 0.8)] for _ in range(200)]
     repo.add(isoforest.train(rows, 10, 100, 1), threshold=0.6, rate_hz=500)
-    result = dg.materialize([model_packages], selection=[model_packages])
+    result = dg.materialize([model_packages], resources=gateway_resources(GatewayResource()))
     assert result.success
     meta = result.asset_materializations_for_node("model_packages")[0].metadata
     assert "plot_fig4b_deploy_time" in meta and "plot_fig4a_occupation" not in meta

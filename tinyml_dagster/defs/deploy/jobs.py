@@ -3,7 +3,8 @@
 import dagster as dg
 from pydantic import Field
 
-from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource, PoolResource
+from tinyml_dagster.defs.gateway import GatewayResource
+from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
 from tinyml_dagster.deployment_agent import (ENCODINGS, deploy_outcome_metadata, deploy_through_link_service,
                                              next_package, progress_line)
 
@@ -16,10 +17,11 @@ class DeployConfig(dg.Config):
 
 @dg.op(description="Package the model for the device, queue it for the link service and wait for the device's answer.")
 def deploy_champion(context: dg.OpExecutionContext, config: DeployConfig, knowledge_base: KnowledgeBaseResource,
-                    pool: PoolResource) -> dict:
+                    gateway: GatewayResource) -> dict:
     if config.encoding not in ENCODINGS:
         raise dg.Failure(f"encoding {config.encoding!r}: one of {sorted(ENCODINGS)}")
-    pkg = next_package(pool.repository(), config.model_id, config.device_id, config.encoding)
+    pkg = next_package(gateway.repository(), config.model_id, config.device_id, config.encoding,
+                       keys=gateway.device_keys(), ledger=gateway.version_ledger())
     context.log.info(f"package {pkg.model_id} v{pkg.version} ({pkg.encoding}): {pkg.size} bytes, "
                      f"sha256 {pkg.sha256.hex()[:16]}")
     with knowledge_base.open() as kb:

@@ -2,12 +2,11 @@
 
 
 import time
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from tinyml_dagster import settings
+from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
 from tinyml_dagster.deployment_agent import (Package, deploy_outcome_metadata, deploy_through_link_service, footprint,
@@ -89,10 +88,6 @@ class ChampionPackageConfig(dg.Config):
     encoding: str = Field(default="compact", description="package encoding: compact or json")
 
 
-def packages_dir(device_id: str) -> Path:
-    return settings.data_dir() / "packages" / device_id
-
-
 @dg.asset(
     group_name="loop",
     partitions_def=devices_partitions,
@@ -105,7 +100,7 @@ def packages_dir(device_id: str) -> Path:
                           description="its estimated link time fits the configured deadline"),
     ],
 )
-def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageConfig,
+def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageConfig, gateway: GatewayResource,
                      knowledge_base: KnowledgeBaseResource, pool: PoolResource,
                      device_budget: DeviceBudgetResource) -> dg.MaterializeResult:
     """The next champion for a device, packaged and signed (the paper's Release phase checks it)."""
@@ -114,8 +109,9 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
         current = kb.current_champion(device_id)
         model_id = config.model_id or context.run.tags.get(MODEL_TAG) or pool.engine().top_candidate(
             kb, exclude=[current.model_id] if current else [])
-    pkg = next_package(pool.repository(), model_id, device_id, config.encoding)
-    out = packages_dir(device_id)
+    pkg = next_package(gateway.repository(), model_id, device_id, config.encoding, keys=gateway.device_keys(),
+                       ledger=gateway.version_ledger())
+    out = gateway.packages_dir(device_id)
     atomic_write(out / ("%s-v%d.pkg" % (model_id, pkg.version)), pkg.data)
     atomic_write(out / "next.blob", pkg.to_blob())
     fits = footprint(pkg)
@@ -140,10 +136,11 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
 
 
 @dg.asset(group_name="loop", partitions_def=devices_partitions, deps=[champion_package], kinds={"sqlite"})
-def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: KnowledgeBaseResource) -> dg.MaterializeResult:
+def deployed_champion(context: dg.AssetExecutionContext, gateway: GatewayResource,
+                      knowledge_base: KnowledgeBaseResource) -> dg.MaterializeResult:
     """The new champion running on the device: queued for the link service, which owns the port, and awaited."""
     device_id = context.partition_key
-    pkg = Package.from_blob((packages_dir(device_id) / "next.blob").read_bytes())
+    pkg = Package.from_blob((gateway.packages_dir(device_id) / "next.blob").read_bytes())
     with knowledge_base.open() as kb:
         current = kb.current_champion(device_id)
         episode = context.run.tags.get(EPISODE_TAG)
