@@ -66,7 +66,7 @@ def recording_files(spec: RecordingSpec) -> list[Path]:
     if any(c in spec.path for c in "*?["):
         files = [Path(p) for p in glob.glob(spec.path, recursive=True) if Path(p).is_file()]
     elif path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".toml"]
     elif path.is_file():
         files = [path]
     else:

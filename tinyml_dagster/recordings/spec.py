@@ -74,6 +74,9 @@ def load_spec(path: str | os.PathLike) -> RecordingSpec:
 
 def spec_from_dict(fields: dict, where: str = "spec") -> RecordingSpec:
     """A checked spec from its fields (a TOML table or Dagster run config)."""
+    unknown = sorted(set(fields) - set(RecordingSpec.model_fields))
+    if unknown:
+        raise SpecError(f"{where}: {', '.join(unknown)}: not a spec field (fields: {', '.join(RecordingSpec.model_fields)})")
     try:
         spec = RecordingSpec(**fields)
     except ValidationError as e:
