@@ -126,3 +126,11 @@ def test_spec_text_is_relative_to_the_spec(tmp_path):
     folder = folder_of(tmp_path, "npy")
     text = spec_text(inspect_path(folder), tmp_path / "specs")
     assert 'path = "../npy"' in text and text.startswith("# Recording spec")
+
+
+def test_inspect_cli_error_leaves_no_spec(tmp_path):
+    out = tmp_path / "recording.toml"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    p = subprocess.run([sys.executable, "-m", "tinyml_dagster.recordings", "inspect", str(tmp_path / "none"),
+                        "--out", str(out)], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "no such file or folder" in p.stderr and not out.exists()

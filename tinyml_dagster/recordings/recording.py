@@ -44,6 +44,8 @@ class Recording:
         path = self.files[self._file_of[i]]
         table = read_table(path, self.spec, self.format)
         check_like(path, table, self.channels, self.snapshot_samples)
+        if table.time is not None:
+            check_time_column(path, self.spec, table.time, table.first_line)
         return table.data
 
     def snapshots(self) -> Iterator[np.ndarray]:
@@ -109,15 +111,11 @@ def parse_start(spec: RecordingSpec) -> np.datetime64:
         raise SpecError(f"start: {spec.start!r} is not an ISO date-time such as 2024-01-31T08:00:00") from None
 
 
-def check_time_column(path: Path, spec: RecordingSpec, time: np.ndarray, first_line: int = 1) -> np.ndarray:
-    """A file's time column as datetime64[ns], strictly increasing and spaced 1 / rate_hz apart."""
-    if np.issubdtype(time.dtype, np.floating):
-        if not spec.start:
-            raise SpecError(f"start: the time column {spec.time_column!r} of {path} counts seconds; set start to the "
-                            "ISO date-time its 0 stands for")
-        time = parse_start(spec) + np.round(time * 1e9).astype("timedelta64[ns]")
-    step = np.diff(time.astype(np.int64))
-    if len(step) and (step <= 0).any():
+def check_time_column(path: Path, spec: RecordingSpec, time: np.ndarray, first_line: int = 1) -> None:
+    """RecordingError unless a file's time column rises strictly, 1 / rate_hz apart."""
+    ns = time.astype(np.int64).astype(np.float64) if np.issubdtype(time.dtype, np.datetime64) else time * 1e9
+    step = np.diff(ns)
+    if (step <= 0).any():
         row = int(np.flatnonzero(step <= 0)[0]) + 1
         what = "repeats" if step[row - 1] == 0 else "goes back from"
         raise RecordingError(path, f"time {time[row]} {what} the previous row's {time[row - 1]} "
@@ -128,7 +126,16 @@ def check_time_column(path: Path, spec: RecordingSpec, time: np.ndarray, first_l
         if abs(measured - spec.rate_hz) > RATE_TOLERANCE * spec.rate_hz:
             raise RecordingError(path, f"the time column is sampled at {measured:.6g} Hz, but rate_hz is "
                                        f"{spec.rate_hz:g} (wrong rate)", column=spec.time_column)
-    return time
+
+
+def as_datetimes(path: Path, spec: RecordingSpec, time: np.ndarray) -> np.ndarray:
+    """A time column as datetime64[ns]: date-times as they are, seconds counted from spec.start."""
+    if np.issubdtype(time.dtype, np.datetime64):
+        return time.astype("datetime64[ns]")
+    if not spec.start:
+        raise SpecError(f"start: the time column {spec.time_column!r} of {path} counts seconds; set start to the "
+                        "ISO date-time its 0 stands for")
+    return parse_start(spec) + np.round(time * 1e9).astype("timedelta64[ns]")
 
 
 def check_rate(path: Path, spec: RecordingSpec, table: Table) -> None:
@@ -154,6 +161,8 @@ def open_recording(spec: RecordingSpec) -> Recording:
         return _open_stream(spec, files, fmt)
     first = read_table(files[0], spec, fmt)
     check_rate(files[0], spec, first)
+    if first.time is not None:
+        check_time_column(files[0], spec, first.time, first.first_line)
     n = first.data.shape[0]
     if spec.timestamps == "filename":
         stamps = np.array([name_time(p, spec.filename_format) for p in files], dtype="datetime64[ns]")
@@ -166,7 +175,8 @@ def open_recording(spec: RecordingSpec) -> Recording:
             table = first if k == 0 else read_table(p, spec, fmt)
             if table.time is None:
                 raise RecordingError(p, "has no time column", column=spec.time_column)
-            stamps[k] = check_time_column(p, spec, table.time, table.first_line)[0]
+            check_time_column(p, spec, table.time, table.first_line)
+            stamps[k] = as_datetimes(p, spec, table.time[:1])[0]
     check_increasing(spec, files, stamps)
     order = np.argsort(stamps, kind="stable")
     return Recording(spec, fmt, [files[i] for i in order], _channel_names(spec, first), spec.rate_hz, n,
@@ -192,8 +202,9 @@ def _open_stream(spec: RecordingSpec, files: list[Path], fmt: str) -> Recording:
         for p, t in zip(files, tables):
             if t.time is None:
                 raise RecordingError(p, "has no time column", column=spec.time_column)
-        time = check_time_column(files[0], spec, np.concatenate([t.time for t in tables]), tables[0].first_line)
-        stamps = time[: count * size : size]
+        time = np.concatenate([t.time for t in tables])
+        check_time_column(files[0], spec, time, tables[0].first_line)
+        stamps = as_datetimes(files[0], spec, time[: count * size : size])
     else:
         start = name_time(files[0], spec.filename_format) if spec.timestamps == "filename" else parse_start(spec)
         step = spec.interval_s or spec.snapshot_seconds
