@@ -113,13 +113,13 @@ def test_duplicate_file_timestamps_name_both_files(tmp_path):
 
 
 @pytest.mark.parametrize("times, message", [
-    ([0.0, 1.0, 0.5, 2.0], r"line 4, column time: time .* goes back from the previous row's"),
-    ([0.0, 1.0, 1.0, 2.0], r"line 4, column time: time .* repeats the previous row's"),
+    ([0.0, 0.001, 0.0005, 0.002], r"line 4, column time: time .* goes back from the previous row's"),
+    ([0.0, 0.001, 0.001, 0.002], r"line 4, column time: time .* repeats the previous row's"),
 ])
 def test_unsorted_or_duplicate_time_column(tmp_path, times, message):
     path = csv_lines(tmp_path, ["time,a"] + [f"{t},{k}" for k, t in enumerate(times)])
     with pytest.raises(RecordingError, match=message):
-        open_recording(spec(path, rate_hz=1, timestamps="column", time_column="time", start="2024-05-01T10:00:00"))
+        open_recording(spec(path, rate_hz=1000, timestamps="column", time_column="time", start="2024-05-01T10:00:00"))
 
 
 def test_file_name_that_is_not_a_timestamp(tmp_path):

@@ -48,3 +48,54 @@ def test_real_ims_file_converted_reads_back_identically(tmp_path, kind):
     direct = open_recording(RecordingSpec(path=str(IMS_FILE), rate_hz=20000))
     assert direct.format == "ims" and direct.channels == names
     np.testing.assert_array_equal(direct.snapshot(0), x)
+
+
+def feature_windows_of(rec, rate_hz=2000, window_s=0.05):
+    """Every channel's feature windows (one unit per channel) after resampling to rate_hz."""
+    from tinyml_dagster import features, subsampling
+
+    signals, stamps = subsampling.subsample_recording(rec, (rate_hz,), window_s)
+    cols = [(name, k) for k, name in enumerate(rec.channels)]
+    return features.feature_windows_frame(signals[rate_hz], stamps, rate_hz, 1, axes=cols, window_ms=int(window_s * 1000))
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_format_gives_the_same_feature_windows(tmp_path, kind):
+    signal = make_signal()
+    reference = feature_windows_of(open_recording(RecordingSpec(
+        path=str(write_folder(tmp_path / "npy", "npy", signal)), rate_hz=RATE, channels=["DE", "FE"])))
+    assert len(reference) == 3 * 2 * 2  # snapshots x channels x 50-ms windows of a 0.1-s snapshot
+    rec = open_recording(RecordingSpec(path=str(write_folder(tmp_path / kind, kind, signal)), rate_hz=RATE,
+                                       channels=["DE", "FE"], **spec_fields(kind)))
+    got = feature_windows_of(rec)
+    names = ["mean", "skewness", "kurtosis"]
+    assert got.drop(columns=names).equals(reference.drop(columns=names))
+    if tolerance(kind):
+        np.testing.assert_allclose(got[names], reference[names], atol=200 * tolerance(kind))
+    else:
+        np.testing.assert_array_equal(got[names].to_numpy(), reference[names].to_numpy())
+
+
+def test_snapshots_shorter_than_a_window_are_joined(tmp_path):
+    signal = make_signal(n_snapshots=7)  # 0.1-s snapshots, 0.25-s windows: 3 snapshots per window, the 7th dropped
+    rec = open_recording(RecordingSpec(path=str(write_folder(tmp_path / "npy", "npy", signal)), rate_hz=RATE))
+    df = feature_windows_of(rec, rate_hz=1000, window_s=0.25)
+    assert sorted(set(df.file_index)) == [0, 1] and set(df.window_index) == {0}
+    assert list(df.timestamp.drop_duplicates()) == list(rec.timestamps[[0, 3]])
+    from tinyml_dagster import features, subsampling
+
+    joined = np.concatenate(list(signal[3:6]))[:, 1]  # the second group, channel FE
+    want = features.window_features_np(subsampling.subsample(joined, 1000, RATE), 250)[0]
+    np.testing.assert_allclose(df[(df.file_index == 1) & (df.axis == "ch1")][["mean", "skewness", "kurtosis"]]
+                               .to_numpy()[0], want, rtol=1e-12)
+
+
+def test_resampling_from_any_rate_removes_what_the_device_rate_cannot_hold(tmp_path):
+    from tinyml_dagster import subsampling
+
+    t = np.arange(25600) / RATE  # 1 s at 25.6 kHz: 300 Hz kept at 1 kHz, 700 Hz (would alias to 300 Hz) removed
+    x = np.sin(2 * np.pi * 300 * t) + np.sin(2 * np.pi * 700 * t)
+    np.save(tmp_path / "2024.05.01.10.00.00.npy", x)
+    rec = open_recording(RecordingSpec(path=str(tmp_path), rate_hz=RATE))
+    signals, _ = subsampling.subsample_recording(rec, (1000,), 0.5)
+    np.testing.assert_allclose(signals[1000][0, :, 0], np.sin(2 * np.pi * 300 * np.arange(1000) / 1000), atol=1e-9)

@@ -51,7 +51,7 @@ def naive(paths: list[Path]) -> int:
     for path in paths:
         x = np.loadtxt(path)
         for rate in settings.RATES_HZ:
-            m = subsampling.subsampled_length(len(x), rate)
+            m = subsampling.subsampled_length(len(x), rate, ims.SAMPLE_RATE_HZ)
             w = features.window_length(rate)
             for c in range(x.shape[1]):
                 y = scipy.signal.resample(x[:, c], m)

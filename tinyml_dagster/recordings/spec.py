@@ -45,6 +45,10 @@ class RecordingSpec(dg.Config):
     time_column: str = Field(default="", description="Time column (name or index): seconds since start, or date-times; never a channel.")
     start: str = Field(default="", description="ISO start time for timestamps = interval or a numeric time column.")
     interval_s: float = Field(default=0.0, description="Seconds between snapshots (timestamps = interval; 0: the snapshot length).")
+    rates_hz: list[int] = Field(default=[], description="Device sampling rates to resample to (empty: 500, 1000, 2000 Hz up to the source rate).")
+    device_rate_hz: int = Field(default=0, description="The rate the device samples at (0: 2000 Hz if among rates_hz, else the highest).")
+    window_s: float = Field(default=0.5, description="Feature window length in seconds (snapshots shorter than a window are joined, see README).")
+    device_channel: str = Field(default="", description="The channel fed to the emulated device (empty: the first monitored channel).")
     shaft_hz: float = Field(default=0.0, description="Shaft speed in Hz (0: unknown).")
     bearing_elements: int = Field(default=0, description="Rolling elements per bearing (0: unknown).")
     element_diameter_mm: float = Field(default=0.0, description="Rolling element diameter in mm (0: unknown).")
@@ -115,13 +119,46 @@ def check_spec(spec: RecordingSpec, where: str = "spec") -> None:
         bad("channels", "names repeat")
     if spec.samples_axis not in (0, 1):
         bad("samples_axis", "must be 0 or 1")
+    for rate in spec.rates_hz:
+        if not 0 < rate <= spec.rate_hz:
+            bad("rates_hz", f"{rate} Hz is not between 0 and the source rate {spec.rate_hz:g} Hz (no upsampling)")
+    if spec.device_rate_hz and spec.device_rate_hz not in device_rates(spec):
+        bad("device_rate_hz", f"{spec.device_rate_hz} Hz is not one of the rates {device_rates(spec)}")
+    if not spec.window_s > 0:
+        bad("window_s", "the window length in seconds must be positive")
+    for rate in device_rates(spec):
+        if rate * spec.window_s < 8:
+            bad("window_s", f"{spec.window_s:g} s at {rate} Hz is {rate * spec.window_s:g} samples, fewer than 8")
+    if not device_rates(spec):
+        bad("rates_hz", f"no default device rate (500, 1000, 2000 Hz) is at or below the source rate {spec.rate_hz:g} Hz; "
+                        "give rates_hz")
     if spec.snapshot_seconds < 0 or spec.interval_s < 0:
         bad("snapshot_seconds" if spec.snapshot_seconds < 0 else "interval_s", "must not be negative")
+    if spec.device_channel and spec.channels and spec.device_channel not in spec.channels:
+        bad("device_channel", f"{spec.device_channel!r} is not a channel ({', '.join(spec.channels)})")
     if spec.channels:
         for unit in spec.monitor:
             for name in unit.split("+"):
                 if name not in spec.channels:
                     bad("monitor", f"{name!r} is not a channel ({', '.join(spec.channels)})")
+
+
+DEFAULT_RATES_HZ = (500, 1000, 2000)
+
+
+def device_rates(spec: RecordingSpec) -> list[int]:
+    """The device rates features are computed at: spec.rates_hz, else the defaults up to the source rate."""
+    return sorted(spec.rates_hz) if spec.rates_hz else [r for r in DEFAULT_RATES_HZ if r <= spec.rate_hz]
+
+
+def device_rate(spec: RecordingSpec) -> int:
+    """The rate the device samples at."""
+    rates = device_rates(spec)
+    return spec.device_rate_hz or (2000 if 2000 in rates else rates[-1])
+
+
+def window_ms(spec: RecordingSpec) -> int:
+    return int(round(spec.window_s * 1000))
 
 
 def monitored_units(spec: RecordingSpec, channels: list[str]) -> list[tuple[str, ...]]:
