@@ -50,7 +50,7 @@ def test_non_numeric_cell_names_line_and_column(tmp_path):
     path = csv_lines(tmp_path, ["a,b", "1,2", "3,x", "5,6"])
     with pytest.raises(RecordingError, match=r"line 3, column b: 'x' is not a number") as e:
         open_recording(spec(path))
-    assert (e.value.row, e.value.column) == (3, "b")
+    assert (e.value.line, e.value.column) == (3, "b")
 
 
 def test_missing_cell_and_nan(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyml_dagster.recordings import RecordingSpec, SpecError, load_spec, monitored_units, open_recording, spec_from_dict
+from tinyml_dagster.recordings import SpecError, load_spec, monitored_units, open_recording, spec_from_dict
 from tinyml_dagster.recordings.inspect import inspect_path, spec_text
 from tinyml_dagster.recordings.writers import make_signal, write_snapshot
 
@@ -70,7 +70,7 @@ def test_inspect_csv_folder_finds_rate_time_column_and_timestamps(tmp_path):
     assert f.fields["channels"] == ["DE", "FE"] and f.fields["columns"] == ["DE", "FE"]
     assert f.fields["timestamps"] == "filename" and f.fields["filename_format"] == "%Y-%m-%d_%H-%M-%S"
     assert any("snapshot length 0.1 s" in x for x in f.facts)
-    assert not any(q.startswith("rate_hz") for q in f.questions)
+    assert "rate_hz: 25600 Hz is measured from the time column 'time_s'; is that the rate?" in f.questions
     assert any(q.startswith("monitor") for q in f.questions)
 
 
@@ -134,3 +134,14 @@ def test_inspect_cli_error_leaves_no_spec(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tinyml_dagster.recordings", "inspect", str(tmp_path / "none"),
                         "--out", str(out)], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "no such file or folder" in p.stderr and not out.exists()
+
+
+def test_inspect_finds_a_time_inside_longer_file_names(tmp_path):
+    folder = tmp_path / "rig"
+    folder.mkdir()
+    for k, x in enumerate(make_signal()):  # three 0.1-s snapshots, one after the other
+        write_snapshot(folder / f"acc_20031022_120624_{k}00", "parquet", x, RATE)
+    f = inspect_path(folder)
+    assert f.fields["filename_format"] == "%Y%m%d_%H%M%S_%f" and f.fields["filename_regex"]
+    rec = open_recording(spec_from_dict(dict(f.fields, rate_hz=RATE)))
+    assert rec.timestamps[2] - rec.timestamps[0] == np.timedelta64(200, "ms")

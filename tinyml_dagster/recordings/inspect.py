@@ -19,8 +19,16 @@ from tinyml_dagster.recordings.readers import RecordingError, guess_format, read
 from tinyml_dagster.recordings.recording import RATE_TOLERANCE, name_time, recording_files
 from tinyml_dagster.recordings.spec import IMS_NAME_FORMAT, RecordingSpec
 
-NAME_FORMATS = (IMS_NAME_FORMAT, "%Y-%m-%d_%H-%M-%S", "%Y-%m-%dT%H-%M-%S", "%Y-%m-%d %H-%M-%S", "%Y%m%d_%H%M%S",
-                "%Y%m%dT%H%M%S", "%Y%m%d%H%M%S", "%Y-%m-%d_%H%M%S")
+# (regex finding a time in a file name, its strptime format), most specific first
+NAME_FORMATS = (
+    (r"\d{4}\.\d{2}\.\d{2}\.\d{2}\.\d{2}\.\d{2}", IMS_NAME_FORMAT),
+    (r"\d{4}-\d{2}-\d{2}[T_ ]\d{2}[-:]\d{2}[-:]\d{2}[._]\d{1,6}", None),
+    (r"\d{4}-\d{2}-\d{2}[T_ ]\d{2}[-:]\d{2}[-:]\d{2}", None),
+    (r"\d{8}[T_]\d{6}[._]\d{1,6}", None),
+    (r"\d{8}[T_]\d{6}", None),
+    (r"\d{4}-\d{2}-\d{2}_\d{6}", "%Y-%m-%d_%H%M%S"),
+    (r"\d{14}", "%Y%m%d%H%M%S"),
+)
 TIME_NAMES = re.compile(r"^(t|time|times|time_s|time\[s\]|timestamp|date|datetime|seconds|sec|s)$", re.I)
 INDEX_NAMES = re.compile(r"^(|index|idx|sample|samples|n|no|nr|row|unnamed: 0)$", re.I)
 RATE_NAMES = re.compile(r"^(fs|sr|sample_?rate|sampling_?rate|rate_?hz)$", re.I)
@@ -74,9 +82,10 @@ def inspect_path(path: str | os.PathLike) -> Finding:
         name = names[time_col]
         f.fields["time_column"] = name
         t = table.data[:, time_col]
-        measured = float(f"{1.0 / float(np.median(np.diff(t))):.6g}")  # 1 / step in float: round off the last bits
+        measured = _rate_of(t)
         rate = rate or measured
         f.facts.append(f"column {name!r} looks like time in seconds: {measured:.6g} Hz; it is not a channel")
+        f.questions.append(f"rate_hz: {measured:g} Hz is measured from the time column {name!r}; is that the rate?")
     skipped = [i for i in _index_columns(table, names) if i != time_col]
     for i in skipped:
         f.facts.append(f"column {names[i]!r} counts rows (an index): not a channel")
@@ -144,6 +153,13 @@ def _time_column(table, names: list[str]) -> int | None:
         and np.median(np.diff(table.data[:, 0])) < 0.1 else None
 
 
+def _rate_of(t: np.ndarray) -> float:
+    """Samples per second of a time column over its whole span; a whole number when within 0.01% of one
+    (times printed with few digits put a single step's error in the 4th digit)."""
+    rate = (len(t) - 1) / float(t[-1] - t[0])
+    return float(round(rate)) if abs(rate - round(rate)) <= 1e-4 * rate else float(f"{rate:.6g}")
+
+
 def _even_steps(x: np.ndarray) -> bool:
     if len(x) < 3:
         return False
@@ -178,12 +194,21 @@ def _other_variables(path: Path, fmt: str, channels: list[str]) -> list[str]:
 
 def _timestamps(f: Finding, files: list[Path], table, time_col: int | None, rate: float | None) -> None:
     """Timestamps from the names if one format fits them all, else a time column, else questions."""
-    for fmt in NAME_FORMATS:
+    for regex, fmt in NAME_FORMATS:
+        m = re.search(regex, files[0].name)
+        if m is None:
+            continue
+        fmt = fmt or _strptime_format(m.group(0))
+        whole = m.group(0) in (files[0].name, files[0].stem) and regex == NAME_FORMATS[0][0]
         try:
-            stamps = sorted(name_time(p, fmt) for p in files)
+            stamps = sorted(name_time(p, fmt, "" if whole else regex) for p in files)
         except RecordingError:
             continue
+        if len(set(stamps)) < len(stamps):
+            continue
         f.fields.update(timestamps="filename", filename_format=fmt)
+        if not whole:
+            f.fields["filename_regex"] = regex
         _span(f, stamps, len(files))
         return
     if time_col is not None and f.fields.get("layout") == "stream":
@@ -197,6 +222,26 @@ def _timestamps(f: Finding, files: list[Path], table, time_col: int | None, rate
     if f.fields.get("layout") != "stream":
         f.questions.append(f"interval_s: how many seconds apart are the {len(files)} snapshots "
                            "(0: back to back, each snapshot's own length)?")
+
+
+def _strptime_format(text: str) -> str:
+    """The strptime format of a date-time text as the regexes above find it (separators kept)."""
+    out, fields, k = [], ["%Y", "%m", "%d", "%H", "%M", "%S", "%f"], 0
+    for run in re.finditer(r"\d+|\D+", text):
+        part = run.group(0)
+        if not part.isdigit():
+            out.append(part.replace("%", "%%"))
+            continue
+        if fields[k] == "%Y" and len(part) >= 8:  # 20031022 or 20031022120624
+            out.append("%Y%m%d" if len(part) == 8 else "%Y%m%d%H%M%S")
+            k += 3 if len(part) == 8 else 6
+        elif fields[k] == "%H" and len(part) == 6:
+            out.append("%H%M%S")
+            k += 3
+        else:
+            out.append(fields[k])
+            k += 1
+    return "".join(out)
 
 
 def _span(f: Finding, stamps: list[datetime], count: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +19,8 @@ EXTENSIONS = {
 }
 
 
-class RecordingError(ValueError):
-    """A recording file that cannot be read as specified; the message names the file, row and column."""
-
-    def __init__(self, path: str | os.PathLike, message: str, row: int | None = None, column: str | None = None):
-        self.path, self.row, self.column = str(path), row, column
-        where = self.path
-        if row is not None:
-            where += f", line {row}"
-        if column is not None:
-            where += f", column {column}"
-        super().__init__(f"{where}: {message}")
+class RecordingError(ims.IMSFormatError):
+    """A recording file that cannot be read as specified; the message names the file, line and column or variable."""
 
 
 @dataclass
@@ -64,7 +54,7 @@ def read_table(path: Path, spec: RecordingSpec, fmt: str) -> Table:
     bad = ~np.isfinite(table.data)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise RecordingError(path, f"sample {table.data[row, col]} is not a finite number", row=table.first_line + int(row),
+        raise RecordingError(path, f"sample {table.data[row, col]} is not a finite number", line=table.first_line + int(row),
                              column=table.names[col])
     if spec.scale != 1.0:
         table.data *= spec.scale
@@ -104,8 +94,7 @@ def read_ims(path: Path, spec: RecordingSpec) -> Table:
     try:
         data = ims.read_ims_file(path)
     except ims.IMSFormatError as e:
-        raise RecordingError(path, str(e).split(": ", 1)[-1], row=e.line,
-                             column=None if e.column is None else str(e.column - 1)) from None
+        raise RecordingError(path, str(e).split(": ", 1)[-1], line=e.line, column=e.column) from None
     names = ims_channel_names(data.shape[1])
     cols = pick(names, spec.columns, path)
     return Table(data if cols == list(range(len(names))) else data[:, cols], [names[i] for i in cols],
@@ -183,7 +172,7 @@ def _locate_cell(path: Path, column, name: str, header: bool, expected: str) -> 
     values = column.to_pylist()
     for row, value in enumerate(values):
         if value is None or (isinstance(value, str) and not _is_number(value)):
-            return RecordingError(path, f"{value!r} is not {expected}", row=row + 1 + header, column=name)
+            return RecordingError(path, f"{value!r} is not {expected}", line=row + 1 + header, column=name)
     return RecordingError(path, f"values of type {column.type} are not {expected}", column=name)
 
 
@@ -197,7 +186,7 @@ def _locate_ragged(path: Path, delimiter: str, header: bool, message: str) -> Re
                 continue
             width = width or len(cells)
             if len(cells) != width:
-                return RecordingError(path, f"{len(cells)} cells, expected {width} as on line 1 (ragged rows)", row=line)
+                return RecordingError(path, f"{len(cells)} cells, expected {width} as on line 1 (ragged rows)", line=line)
     return RecordingError(path, message)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,7 +60,7 @@ def check_like(path: Path, table: Table, channels: list[str], samples: int | Non
                                    f"{len(channels)} like the first file (mixed channel counts)")
     if samples is not None and table.data.shape[0] != samples:
         raise RecordingError(path, f"{table.data.shape[0]} samples, expected {samples} like the first file",
-                             row=table.data.shape[0] + 1 if table.data.shape[0] < samples else samples + 1)
+                             line=table.data.shape[0] + 1 if table.data.shape[0] < samples else samples + 1)
 
 
 def recording_files(spec: RecordingSpec) -> list[Path]:
@@ -94,9 +95,16 @@ def file_format(spec: RecordingSpec, files: list[Path]) -> str:
     return first
 
 
-def name_time(path: Path, fmt: str) -> datetime:
-    """The time in a file's name (the whole name, else its stem) by the strptime format fmt."""
-    for text in (path.name, path.stem):
+def name_time(path: Path, fmt: str, regex: str = "") -> datetime:
+    """The time in a file's name (the regex's first group or match, else the whole name or its stem) by strptime fmt."""
+    if regex:
+        m = re.search(regex, path.name)
+        if m is None:
+            raise RecordingError(path, f"file name {path.name!r} does not match filename_regex {regex!r}")
+        texts = (m.group(1) if m.groups() else m.group(0),)
+    else:
+        texts = (path.name, path.stem)
+    for text in texts:
         try:
             return datetime.strptime(text, fmt)
         except ValueError:
@@ -119,7 +127,7 @@ def check_time_column(path: Path, spec: RecordingSpec, time: np.ndarray, first_l
         row = int(np.flatnonzero(step <= 0)[0]) + 1
         what = "repeats" if step[row - 1] == 0 else "goes back from"
         raise RecordingError(path, f"time {time[row]} {what} the previous row's {time[row - 1]} "
-                                   "(timestamps must be sorted and unique)", row=first_line + row,
+                                   "(timestamps must be sorted and unique)", line=first_line + row,
                              column=spec.time_column)
     if len(step):
         measured = 1e9 / float(np.median(step))
@@ -165,7 +173,8 @@ def open_recording(spec: RecordingSpec) -> Recording:
         check_time_column(files[0], spec, first.time, first.first_line)
     n = first.data.shape[0]
     if spec.timestamps == "filename":
-        stamps = np.array([name_time(p, spec.filename_format) for p in files], dtype="datetime64[ns]")
+        stamps = np.array([name_time(p, spec.filename_format, spec.filename_regex) for p in files],
+                          dtype="datetime64[ns]")
     elif spec.timestamps == "interval":
         step = spec.interval_s or n / spec.rate_hz
         stamps = parse_start(spec) + (np.arange(len(files)) * step * 1e9).astype("timedelta64[ns]")
@@ -206,7 +215,7 @@ def _open_stream(spec: RecordingSpec, files: list[Path], fmt: str) -> Recording:
         check_time_column(files[0], spec, time, tables[0].first_line)
         stamps = as_datetimes(files[0], spec, time[: count * size : size])
     else:
-        start = name_time(files[0], spec.filename_format) if spec.timestamps == "filename" else parse_start(spec)
+        start = name_time(files[0], spec.filename_format, spec.filename_regex) if spec.timestamps == "filename" else parse_start(spec)
         step = spec.interval_s or spec.snapshot_seconds
         stamps = np.datetime64(start, "ns") + (np.arange(count) * step * 1e9).astype("timedelta64[ns]")
     return Recording(spec, fmt, files, _channel_names(spec, tables[0]), spec.rate_hz, size, stamps,

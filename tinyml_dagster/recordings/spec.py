@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Optional
@@ -42,6 +43,8 @@ class RecordingSpec(dg.Config):
     scale: float = Field(default=1.0, description="Multiply every sample by this (e.g. volts to g).")
     timestamps: str = Field(default="filename", description="Snapshot times from the file name, a time column, or start + interval.")
     filename_format: str = Field(default=IMS_NAME_FORMAT, description="strptime format of the file name (or its stem).")
+    filename_regex: str = Field(default="", description="Regex picking the time out of the file name (its first group, "
+                                "else the match) for filename_format; empty: the whole name or stem.")
     time_column: str = Field(default="", description="Time column (name or index): seconds since start, or date-times; never a channel.")
     start: str = Field(default="", description="ISO start time for timestamps = interval or a numeric time column.")
     interval_s: float = Field(default=0.0, description="Seconds between snapshots (timestamps = interval; 0: the snapshot length).")
@@ -109,6 +112,11 @@ def check_spec(spec: RecordingSpec, where: str = "spec") -> None:
         bad("start", "timestamps = 'interval' needs an ISO start time, e.g. '2024-01-31T08:00:00'")
     if spec.delimiter not in ("", ",", ";", "\t", " ", "|"):
         bad("delimiter", f"{spec.delimiter!r} is not one of ',', ';', '\\t', ' ', '|'")
+    if spec.filename_regex:
+        try:
+            re.compile(spec.filename_regex)
+        except re.error as e:
+            bad("filename_regex", f"not a regular expression ({e})")
     if spec.decimal not in (".", ","):
         bad("decimal", f"{spec.decimal!r} is not '.' or ','")
     if spec.layout == "stream" and not spec.snapshot_seconds > 0:
