@@ -129,18 +129,32 @@ def read_delimited(path: Path, spec: RecordingSpec) -> Table:
     import pyarrow as pa
     import pyarrow.csv as pc
 
-    delimiter, header = sniff_delimited(path, spec.delimiter, spec.decimal)
-    header = header if spec.header is None else spec.header
-    read = pc.ReadOptions(autogenerate_column_names=not header, block_size=1 << 24)
+    if spec.delimiter and spec.header is not None:
+        delimiter, header = spec.delimiter, spec.header
+    else:
+        delimiter, header = sniff_delimited(path, spec.delimiter, spec.decimal)
+        header = header if spec.header is None else spec.header
+    read = pc.ReadOptions(autogenerate_column_names=not header)
+    parse = pc.ParseOptions(delimiter=delimiter)
+    wanted = [*spec.columns, *([spec.time_column] if spec.time_column else [])]
+    plain = spec.columns and all((w.isdigit() != header) and not any(c in w for c in "*?[") for w in wanted)
+    include = [w if header else f"f{w}" for w in wanted] if plain else []  # convert only the columns asked for
     try:
-        table = pc.read_csv(path, read_options=read, parse_options=pc.ParseOptions(delimiter=delimiter),
-                            convert_options=pc.ConvertOptions(decimal_point=spec.decimal))
+        try:
+            table = pc.read_csv(path, read_options=read, parse_options=parse,
+                                convert_options=pc.ConvertOptions(decimal_point=spec.decimal, include_columns=include))
+        except (KeyError, pa.ArrowInvalid):
+            if not include:
+                raise
+            table = pc.read_csv(path, read_options=read, parse_options=parse,  # names the missing column below
+                                convert_options=pc.ConvertOptions(decimal_point=spec.decimal))
     except FileNotFoundError:
         raise RecordingError(path, "file does not exist") from None
     except pa.ArrowInvalid as e:
         raise _locate_ragged(path, delimiter, header, str(e)) from None
-    names = [str(i) for i in range(table.num_columns)] if not header else table.column_names
-    cols = pick(names, spec.columns, path, skip=spec.time_column)
+    names = table.column_names if header else [n[1:] for n in table.column_names]  # f0, f1, ...: 0, 1, ...
+    included = bool(include) and table.num_columns == len(include)  # the table holds the wanted columns, in order
+    cols = list(range(len(spec.columns))) if included else pick(names, spec.columns, path, skip=spec.time_column)
     data = np.empty((table.num_rows, len(cols)))
     for j, i in enumerate(cols):
         column = table.column(i)
@@ -149,7 +163,8 @@ def read_delimited(path: Path, spec: RecordingSpec) -> Table:
         data[:, j] = column.to_numpy()
     time = None
     if spec.time_column:
-        column = table.column(pick(names, [spec.time_column], path, "time column")[0])
+        at = len(spec.columns) if included else pick(names, [spec.time_column], path, "time column")[0]
+        column = table.column(at)
         time = _time_values(path, column, spec.time_column, header)
     return Table(data, [names[i] for i in cols], time=time, first_line=1 + header)
 

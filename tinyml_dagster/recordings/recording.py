@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tinyml_dagster.recordings.readers import READERS, RecordingError, Table, guess_format, read_table
+from tinyml_dagster.recordings.readers import READERS, RecordingError, Table, guess_format, read_table, sniff_delimited
 from tinyml_dagster.recordings.spec import RecordingSpec, SpecError, check_spec
 
 RATE_TOLERANCE = 0.01  # a time column's spacing may differ from 1 / rate_hz by this fraction
@@ -165,6 +165,9 @@ def open_recording(spec: RecordingSpec) -> Recording:
     check_spec(spec)
     files = recording_files(spec)
     fmt = file_format(spec, files)
+    if fmt == "delimited" and (not spec.delimiter or spec.header is None):  # sniffed once, from the first file
+        delimiter, header = sniff_delimited(files[0], spec.delimiter, spec.decimal)
+        spec = spec.model_copy(update={"delimiter": delimiter, "header": header if spec.header is None else spec.header})
     if spec.layout == "stream":
         return _open_stream(spec, files, fmt)
     first = read_table(files[0], spec, fmt)
