@@ -120,3 +120,20 @@ def test_device_feed_from_a_recording_gives_the_gateway_s_windows(tmp_path):
     np.testing.assert_allclose(np.array(got), want[["mean", "skewness", "kurtosis"]].to_numpy(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="channel 'BA' is not in the recording \\(DE, FE\\)"):
         RecordingFeed(rec, "BA", 1000)
+
+
+def test_emulator_cli_runs_the_firmware_on_a_recording(tmp_path):
+    spec = make_recording(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TINYML_RECORDING=str(spec), TINYML_DATA_DIR=str(tmp_path / "data"))
+    cmd = [sys.executable, "-m", "tinyml_dagster.emulator", "--device-id", "rig-1", "--flash", str(tmp_path / "f"),
+           "--axis", "DE", "--rate-hz", "1000", "--runtime", "cpython", "--time-scale", "20", "--loop",
+           "--set", "n_train=4", "--set", "psi=4", "--duration", "4"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith("PORT /dev/") and '"reboots": 0' in p.stdout
+    config = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert config["window_ms"] == 250 and config["rate_hz"] == 1000
+    assert (tmp_path / "f" / "models" / "champion" / "forest.bin").exists()  # trained on the recording's windows
+    bad = subprocess.run(cmd[:-2] + ["--axis", "BA", "--duration", "1"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and "channel 'BA' is not in the recording (DE, FE)" in bad.stderr
