@@ -266,7 +266,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         cmd.append("--no-pool")
     procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf))
     _wait_file(ready, 60, procs[1])
-    note("started", device=DEVICE_ID, ims=str(ims_dir), channel="bearing %d %s" % (bearing, axis),
+    source = {"recording": str(settings.recording_spec_file())} if settings.recording_spec_file() else {"ims": str(ims_dir)}
+    note("started", device=DEVICE_ID, **source, channel="unit %d %s" % (bearing, axis),
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
     kb = KnowledgeBase(settings.kb_path())
