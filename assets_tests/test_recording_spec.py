@@ -145,3 +145,34 @@ def test_inspect_finds_a_time_inside_longer_file_names(tmp_path):
     assert f.fields["filename_format"] == "%Y%m%d_%H%M%S_%f" and f.fields["filename_regex"]
     rec = open_recording(spec_from_dict(dict(f.fields, rate_hz=RATE)))
     assert rec.timestamps[2] - rec.timestamps[0] == np.timedelta64(200, "ms")
+
+
+def test_inspect_european_csv_and_one_long_file_with_a_time_column(tmp_path):
+    x = np.concatenate(list(make_signal()))  # 0.3 s, 2 channels
+    t = np.arange(len(x)) / RATE
+    rows = [f"{float(ti)!r};{float(a)!r};{float(b)!r}".replace(".", ",") for ti, (a, b) in zip(t, x)]
+    path = tmp_path / "run.csv"
+    path.write_text("Zeit;DE;FE\n" + "\n".join(rows) + "\n")
+    f = inspect_path(path)
+    assert (f.fields["delimiter"], f.fields["decimal"], f.fields["header"]) == (";", ",", True)
+    assert f.fields["rate_hz"] == RATE and f.fields["columns"] == ["DE", "FE"]
+    assert "layout" not in f.fields and f.fields["timestamps"] == "interval"  # 0.3 s: one snapshot
+    answered = dict(f.fields, time_column="Zeit", timestamps="column", start="2024-05-01T10:00:00",
+                    layout="stream", snapshot_seconds=0.1)
+    rec = open_recording(spec_from_dict(answered))
+    assert len(rec) == 3 and rec.timestamps[1] - rec.timestamps[0] == np.timedelta64(100, "ms")
+    np.testing.assert_array_equal(np.stack(list(rec.snapshots())), make_signal())
+
+
+def test_inspect_reads_a_date_time_column_as_the_timestamps(tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "dated"
+    folder.mkdir()
+    for k, x in enumerate(make_signal()):
+        t = pd.Timestamp("2024-05-01 10:00") + pd.Timedelta(minutes=k) + pd.to_timedelta(np.arange(len(x)) / RATE, "s")
+        pd.DataFrame({"when": t, "DE": x[:, 0], "FE": x[:, 1]}).to_csv(folder / f"s{k}.csv", index=False)
+    f = inspect_path(folder)
+    assert f.fields["time_column"] == "when" and f.fields["timestamps"] == "column" and f.fields["rate_hz"] == RATE
+    rec = open_recording(spec_from_dict(f.fields))
+    assert rec.channels == ["DE", "FE"] and str(rec.timestamps[2]) == "2024-05-01T10:02:00.000000000"

@@ -70,6 +70,9 @@ def inspect_path(path: str | os.PathLike) -> Finding:
         f.fields.update(delimiter=delimiter, header=header, decimal=decimal)
         probe = probe.model_copy(update={"delimiter": delimiter, "header": header, "decimal": decimal})
         f.facts.append(f"delimiter {delimiter!r}, {'a header line' if header else 'no header'}, decimal mark {decimal!r}")
+    dated = _datetime_column(chosen[0], fmt, probe)
+    if dated:  # date-times are a time column, never a channel
+        probe = probe.model_copy(update={"time_column": dated})
     try:
         table = read_table(chosen[0], probe, fmt)
     except RecordingError as e:
@@ -77,7 +80,14 @@ def inspect_path(path: str | os.PathLike) -> Finding:
         return f
     names = list(table.names)
     rate = table.rate_hz
-    time_col = _time_column(table, names) if fmt in ("delimited", "parquet") else None
+    time_col = _time_column(table, names) if fmt in ("delimited", "parquet") and not dated else None
+    if dated:
+        f.fields["time_column"] = dated
+        t = table.time.astype(np.int64) / 1e9
+        measured = _rate_of(t)
+        rate = rate or measured
+        f.facts.append(f"column {dated!r} holds date-times: {measured:.6g} Hz, from {table.time[0]}; it is not a channel")
+        f.questions.append(f"rate_hz: {measured:g} Hz is measured from the time column {dated!r}; is that the rate?")
     if time_col is not None:
         name = names[time_col]
         f.fields["time_column"] = name
@@ -153,6 +163,34 @@ def _time_column(table, names: list[str]) -> int | None:
         and np.median(np.diff(table.data[:, 0])) < 0.1 else None
 
 
+def dated_times(table) -> bool:
+    return table.time is not None and np.issubdtype(table.time.dtype, np.datetime64)
+
+
+def _datetime_column(path: Path, fmt: str, probe: RecordingSpec) -> str | None:
+    """The first column pyarrow reads as date-times (delimited text, Parquet), if any."""
+    import pyarrow as pa
+
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+        elif fmt == "delimited":
+            import pyarrow.csv as pc
+
+            with pc.open_csv(path, read_options=pc.ReadOptions(autogenerate_column_names=not probe.header),
+                             parse_options=pc.ParseOptions(delimiter=probe.delimiter),
+                             convert_options=pc.ConvertOptions(decimal_point=probe.decimal)) as reader:
+                schema = reader.schema
+        else:
+            return None
+    except (pa.ArrowInvalid, OSError):
+        return None
+    names = [n if probe.header or fmt == "parquet" else n[1:] for n in schema.names]
+    return next((n for n, t in zip(names, schema.types) if pa.types.is_timestamp(t)), None)
+
+
 def _rate_of(t: np.ndarray) -> float:
     """Samples per second of a time column over its whole span; a whole number when within 0.01% of one
     (times printed with few digits put a single step's error in the 4th digit)."""
@@ -210,6 +248,9 @@ def _timestamps(f: Finding, files: list[Path], table, time_col: int | None, rate
         if not whole:
             f.fields["filename_regex"] = regex
         _span(f, stamps, len(files))
+        return
+    if dated_times(table):
+        f.fields["timestamps"] = "column"
         return
     if time_col is not None and f.fields.get("layout") == "stream":
         f.fields["timestamps"] = "column"
