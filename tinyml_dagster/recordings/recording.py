@@ -30,6 +30,7 @@ class Recording:
     timestamps: np.ndarray  # datetime64[ns], one per snapshot, strictly increasing
     _file_of: list[int] = field(repr=False)  # snapshot -> file (snapshot layout)
     _stream: np.ndarray | None = field(default=None, repr=False)  # stream layout: every sample in memory
+    _first: np.ndarray | None = field(default=None, repr=False)  # snapshot 0, read when the recording was opened
 
     def __len__(self) -> int:
         return len(self.timestamps)
@@ -42,6 +43,8 @@ class Recording:
         """Snapshot i as float64 (snapshot_samples, channels); RecordingError if its file differs from the first."""
         if self._stream is not None:
             return self._stream[i * self.snapshot_samples : (i + 1) * self.snapshot_samples]
+        if i == 0 and self._first is not None:
+            return self._first
         path = self.files[self._file_of[i]]
         table = read_table(path, self.spec, self.format)
         check_like(path, table, self.channels, self.snapshot_samples)
@@ -191,8 +194,9 @@ def open_recording(spec: RecordingSpec) -> Recording:
             stamps[k] = as_datetimes(p, spec, table.time[:1])[0]
     check_increasing(spec, files, stamps)
     order = np.argsort(stamps, kind="stable")
+    first.data.flags.writeable = False  # handed out again as snapshot 0
     return Recording(spec, fmt, [files[i] for i in order], _channel_names(spec, first), spec.rate_hz, n,
-                     stamps[order], list(range(len(files))))
+                     stamps[order], list(range(len(files))), _first=first.data if order[0] == 0 else None)
 
 
 def _open_stream(spec: RecordingSpec, files: list[Path], fmt: str) -> Recording:
