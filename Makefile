@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# make demo RECORDING=path/to/spec.toml: the loop on a user's own recording (see README, "Your own recording")
+ifdef RECORDING
+export TINYML_RECORDING := $(abspath $(RECORDING))
+endif
 
 .PHONY: venv demo test dev bench report clean
 

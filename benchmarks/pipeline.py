@@ -6,6 +6,10 @@ firmware features, Parquet); the naive way (numpy.loadtxt + scipy.signal.resampl
 on an evenly spread sample of files, scaled); and plain parses of all files (pyarrow.csv alone, our reader
 alone). Wall and CPU seconds: the machine may be shared, and CPU time is the figure other load disturbs least.
 Writes data/bench/pipeline.json.
+
+Readers (also alone: `python benchmarks/pipeline.py readers`): the same synthetic IMS snapshots written in every
+recording format, each read back through its reader (tinyml_dagster.recordings), in samples per second, beside the
+IMS fast path and a bare numpy.load / pyarrow.csv of the same files. Writes data/bench/readers.json.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def naive(paths: list[Path]) -> int:
     for path in paths:
         x = np.loadtxt(path)
         for rate in settings.RATES_HZ:
-            m = subsampling.subsampled_length(len(x), rate)
+            m = subsampling.subsampled_length(len(x), rate, ims.SAMPLE_RATE_HZ)
             w = features.window_length(rate)
             for c in range(x.shape[1]):
                 y = scipy.signal.resample(x[:, c], m)
@@ -91,6 +95,96 @@ def timed(fn, *args, cpu_key: str | None = None) -> tuple[float, object]:
     if cpu_key:
         CPU[cpu_key] = CPU.get(cpu_key, 0.0) + time.process_time() - cpu0
     return wall, result
+
+
+READER_FILES = int(os.environ.get("TINYML_BENCH_READER_FILES", "40"))
+BINARY_KINDS = ("parquet", "wav_float", "wav_pcm16", "wav_pcm24", "wav_pcm32", "npy", "npz", "mat5", "mat73")
+TEXT_KINDS = ("csv", "csv_semicolon", "tsv_no_header")
+
+
+def _best_interleaved(measures: dict, rounds: int = 5) -> dict[str, float]:
+    """Fastest wall seconds of each measure over rounds in which every measure runs once, in turn, so that a
+    change of load on the shared machine hits them all alike."""
+    best = {k: float("inf") for k in measures}
+    for _ in range(rounds):
+        for k, fn in measures.items():
+            started = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - started)
+    return best
+
+
+def readers() -> dict:
+    """Samples/s of every reader on the same snapshots, beside the IMS fast path and bare numpy / pyarrow.csv."""
+    import pyarrow.csv as pc
+
+    from tinyml_dagster.recordings import RecordingSpec, open_recording
+    from tinyml_dagster.recordings.writers import spec_fields, write_snapshot
+
+    names = [f"b{b}{a}" for b in range(1, 5) for a in "xy"]
+    stamps = synthetic.set1_timestamps()
+    n_files = READER_FILES
+    samples = n_files * ims.ROWS * len(names)
+    figures: dict = {"files": n_files, "samples": samples, "channels": len(names)}
+    with tempfile.TemporaryDirectory(dir=settings.data_dir()) as tmp:
+        root = Path(tmp)
+        folders = {kind: root / kind for kind in ("ims", *TEXT_KINDS, *BINARY_KINDS)}
+        for folder in folders.values():
+            folder.mkdir()
+        for i in range(n_files):
+            x = synthetic.synthesize_file(i)
+            stem = f"{stamps[i]:%Y.%m.%d.%H.%M.%S}"
+            (folders["ims"] / stem).write_bytes(synthetic.format_ims(x))
+            for kind in (*TEXT_KINDS, *BINARY_KINDS):
+                write_snapshot(folders[kind] / stem, kind, x / 8.0 if kind.startswith("wav") else x,
+                               ims.SAMPLE_RATE_HZ, names=names)
+
+        def through_reader(kind: str) -> None:
+            fields = spec_fields(kind)
+            if kind.startswith("mat") or kind == "npz":
+                fields = {"columns": [f"*_{n}_time" for n in names]}
+            elif kind == "tsv_no_header":
+                fields = {"columns": [str(c) for c in range(1, 9)], "header": False}
+            elif kind.startswith("csv"):
+                fields = {"columns": names}
+            rec = open_recording(RecordingSpec(path=str(folders[kind]), rate_hz=ims.SAMPLE_RATE_HZ, **fields))
+            for _ in rec.snapshots():
+                pass
+
+        ims_paths = sorted(folders["ims"].iterdir())
+        npy_paths = sorted(folders["npy"].iterdir())
+        measures = {"ims_fast_path": lambda: [ims.read_ims_file(p) for p in ims_paths],
+                    "bare_numpy_load": lambda: [np.load(p) for p in npy_paths]}
+
+        def bare_csv(kind: str):
+            paths = sorted(folders[kind].iterdir())
+            opts = (pc.ReadOptions(autogenerate_column_names=kind == "tsv_no_header"),
+                    pc.ParseOptions(delimiter={"csv": ",", "csv_semicolon": ";", "tsv_no_header": "\t"}[kind]))
+            return lambda: [np.column_stack([c.to_numpy() for c in pc.read_csv(p, *opts).columns]) for p in paths]
+
+        for kind in TEXT_KINDS:
+            measures[f"bare_pyarrow_csv_{kind}"] = bare_csv(kind)
+        for kind in ("ims", *TEXT_KINDS, *BINARY_KINDS):
+            measures[f"reader_{kind}"] = lambda kind=kind: through_reader(kind)
+        rates = {k: samples / s for k, s in _best_interleaved(measures).items()}
+    figures["samples_per_second"] = {k: round(v) for k, v in rates.items()}
+    base = rates["ims_fast_path"]
+    figures["binary_vs_ims_fast_path"] = {k: round(rates[f"reader_{k}"] / base, 2) for k in BINARY_KINDS}
+    figures["text_vs_bare_pyarrow_csv"] = {
+        k: round(rates[f"reader_{k}"] / rates[f"bare_pyarrow_csv_{k}"], 2) for k in TEXT_KINDS}
+    print(f"\nreaders: {n_files} snapshots x {ims.ROWS} samples x {len(names)} channels, best of 5 interleaved rounds")
+    print(f"{'what':44s} {'Msamples/s':>11s} {'vs IMS fast path':>17s}")
+    for k, v in rates.items():
+        print(f"{k:44s} {v / 1e6:11.2f} {v / base:16.2f}x")
+    print("binary formats vs the IMS fast path (target >= 0.5x): "
+          + ", ".join(f"{k} {v}x" for k, v in figures["binary_vs_ims_fast_path"].items()))
+    print("text formats vs a bare pyarrow.csv parse of the same files (target >= 1x): "
+          + ", ".join(f"{k} {v}x" for k, v in figures["text_vs_bare_pyarrow_csv"].items()))
+    out = settings.bench_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "readers.json").write_text(json.dumps(figures, indent=1))
+    print(f"wrote {out / 'readers.json'}")
+    return figures
 
 
 def main() -> None:
@@ -170,4 +264,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["readers"]:
+        readers()
+    else:
+        main()
+        readers()

@@ -32,7 +32,26 @@ from tinyml_dagster import settings
 
 DEVICE_ID = "esp32-demo"
 RATE_HZ = getattr(settings, "DEFAULT_RATE_HZ", 2000)
-BEARING, AXIS = 3, "x"  # IMS set 1's bearing 3 fails (inner race); its x channel feeds the device
+
+
+def device_channel() -> tuple[int, str]:
+    """(unit, axis) the device samples: IMS set 1's failing bearing 3 (inner race), x; or the recording spec's
+    device_channel (default: its first monitored channel), in the unit that holds it."""
+    path = settings.recording_spec_file()
+    if path is None:
+        return 3, "x"
+    from tinyml_dagster.recordings import load_spec
+
+    spec = load_spec(path)
+    units = [u.split("+") for u in spec.monitor] or [[c] for c in spec.channels]
+    channel = spec.device_channel or units[0][0]
+    unit = next((k for k, u in enumerate(units, start=1) if channel in u), None)
+    if unit is None:
+        raise ValueError(f"{path}: device_channel {channel!r} is not a monitored channel")
+    return unit, channel
+
+
+BEARING, AXIS = device_channel()
 
 
 # -- the pool: the repository's candidates for the device's bearing ------------------------------------------
@@ -115,9 +134,15 @@ def device_main(args) -> int:
     from tinyml_dagster.link.transport import LinkTiming
 
     link = SimulatedLink(LinkTiming(time_scale=args.time_scale))
-    files = ims.list_ims_files(Path(args.ims_dir))
-    # a 500-ms window is rate/2 samples: the recording is replayed at windows_per_s windows per real second
-    feed = DataFeed(files, args.bearing, args.axis, args.rate_hz, time_scale=args.windows_per_s / 2.0)
+    # the recording is replayed at windows_per_s windows per real second
+    pace = args.windows_per_s * settings.WINDOW_MS / 1000.0
+    if args.recording:
+        from tinyml_dagster.emulator.data_feed import RecordingFeed
+        from tinyml_dagster.recordings import load_spec, open_recording
+
+        feed = RecordingFeed(open_recording(load_spec(args.recording)), args.axis, args.rate_hz, time_scale=pace)
+    else:
+        feed = DataFeed(ims.list_ims_files(Path(args.ims_dir)), args.bearing, args.axis, args.rate_hz, time_scale=pace)
     device = Device(feed, link.device_uart, args.flash)
     gc.freeze()  # the host's own objects: the firmware's collect once per window scans only what it allocates
     stop = threading.Event()
@@ -128,7 +153,7 @@ def device_main(args) -> int:
     def write_status():
         doc = {"port": link.gateway_port, "windows": int(device.state.data.get("windows", 0)),
                "champion": list(device.agent.champion_info()), "signal_done": feed.exhausted(),
-               "outbox": len(device.comm.outbox), "windows_planned": 2 * len(files),
+               "outbox": len(device.comm.outbox), "windows_planned": feed.windows_planned(),
                "per_version": {str(v): c for v, c in device.scored.items()}, "error": error}
         tmp = status.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
@@ -206,7 +231,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     flash = gateway.device_flash_dir(DEVICE_ID)
     provision_flash(flash, DEVICE_ID, gateway.device_keys().key(DEVICE_ID), timing)
     cfg = json.loads((flash / "config.json").read_text())
-    cfg.update({"rate_hz": rate_hz, "n_train": n_train, "upload_every": upload_every,
+    cfg.update({"rate_hz": rate_hz, "window_ms": settings.WINDOW_MS, "n_train": n_train, "upload_every": upload_every,
                 "ack_timeout_ms": max(200, int(5000 * time_scale * 4))})
     (flash / "config.json").write_text(json.dumps(cfg))
     run_dir = data_dir / "run"
@@ -218,7 +243,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "tinyml_dagster.demo", "device", "--flash", str(flash), "--status", str(status_path),
          "--time-scale", str(time_scale), "--ims-dir", str(ims_dir), "--rate-hz", str(rate_hz),
-         "--bearing", str(bearing), "--axis", axis, "--windows-per-s", str(windows_per_s)],
+         "--bearing", str(bearing), "--axis", axis, "--windows-per-s", str(windows_per_s)]
+        + (["--recording", str(settings.recording_spec_file())] if settings.recording_spec_file() else []),
         stdout=logf, stderr=logf))
     status = _wait_json(status_path, 60, procs[0])
     ready = run_dir / "service.ready"
@@ -231,7 +257,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     # the service's own pool reads this gateway's repository
     procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env=dict(os.environ, TINYML_DATA_DIR=str(data_dir))))
     _wait_file(ready, 60, procs[1])
-    note("started", device=DEVICE_ID, ims=str(ims_dir), channel="bearing %d %s" % (bearing, axis),
+    source = {"recording": str(settings.recording_spec_file())} if settings.recording_spec_file() else {"ims": str(ims_dir)}
+    note("started", device=DEVICE_ID, **source, channel="unit %d %s" % (bearing, axis),
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
     kb = gateway.knowledge_base()
@@ -447,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         dp.add_argument("--bearing", type=int, default=BEARING)
         dp.add_argument("--axis", default=AXIS)
         dp.add_argument("--windows-per-s", type=float, default=20.0)
+        dp.add_argument("--recording", help="recording spec (then --axis is the channel fed)")
         return device_main(dp.parse_args(argv[1:]))
     ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--time-scale", type=float, default=0.02, help="real seconds per link second")
@@ -468,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     f = res.figures
     summary.update(f)
     print()
-    print("Tiny-MLOps loop, device %s on IMS bearing %d %s at %d Hz, pool %d candidates (link time-scaled x%g)" % (
-        f["device"], f["bearing"], f["axis"], f["rate_hz"], len(f["pool"]), f["time_scale"]))
+    source = "recording %s, unit" % settings.recording_spec_file() if settings.recording_spec_file() else "IMS bearing"
+    print("Tiny-MLOps loop, device %s on %s %d %s at %d Hz, pool %d candidates (link time-scaled x%g)" % (
+        f["device"], source, f["bearing"], f["axis"], f["rate_hz"], len(f["pool"]), f["time_scale"]))
     print("  windows processed on the device   %d (%d uploaded)" % (f["windows"], f["windows_uploaded"]))
     print("  anomalies reported by champion    %d (pool confirmed %d)" % (f["anomalies"], f["pool_confirmed_anomalies"]))
     print("  false positives (pool rejected)   %d (N_fp = %d)" % (f["false_positives"], f["n_fp"]))
@@ -490,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out)
     print("  written %s" % out)
+    if settings.recording_spec_file():  # a user's recording: the loop ran; whether a replacement was due is the data's
+        if not f["replacements"]:
+            print("  no replacement: the pool rejected %d of the champion's anomalies (N_fp = %d)" % (
+                f["false_positives"], f["n_fp"]))
+        return 0 if f["windows"] else 1
     return 0 if f["replacements"] >= 1 and f["device_runs_new_champion"] else 1
 
 

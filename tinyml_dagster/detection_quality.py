@@ -218,7 +218,7 @@ def synthetic_windows(n_files: int, rates: Sequence[int] = settings.RATES_HZ, be
     parts: dict[int, list[np.ndarray]] = {r: [] for r in rates}
     for lo in range(0, len(index), chunk):
         raw = np.stack([synthetic.synthesize_file(i, seed) for i in index[lo:lo + chunk]])  # (files, 20480, 8)
-        for rate, x in subsampling.subsample_many(raw, rates, axis=1).items():
+        for rate, x in subsampling.subsample_many(raw, rates, ims.SAMPLE_RATE_HZ, axis=1).items():
             parts[rate].append(x.astype(np.float64))
     out = {}
     for rate in rates:
@@ -289,10 +289,10 @@ def build_real_excerpt(shared_ims: str | os.PathLike, out: str | os.PathLike) ->
     root = Path(shared_ims)
     files = ims.list_ims_files(root / "1st_test")
     raw = np.stack([ims.read_ims_file(f)[:, [4, 6]] for f in files])
-    healthy = subsampling.subsample(raw, REAL_SEGMENT_RATE_HZ, axis=1).astype(np.float32)
+    healthy = subsampling.subsample(raw, REAL_SEGMENT_RATE_HZ, ims.SAMPLE_RATE_HZ, axis=1).astype(np.float32)
     end = np.stack([scipy.io.loadmat(root / "1st_test_end_segments" / f"{n}.mat")["data"].ravel().reshape(6, ims.ROWS)
                     for n in ("IF", "BF")], axis=-1)
-    eol = subsampling.subsample(end, REAL_SEGMENT_RATE_HZ, axis=1).astype(np.float32)
+    eol = subsampling.subsample(end, REAL_SEGMENT_RATE_HZ, ims.SAMPLE_RATE_HZ, axis=1).astype(np.float32)
     table = pd.read_csv(root / "derived_features" / "ChoCho66_test1_timefeatures.csv", index_col=0)
     if len(table) != synthetic.FULL_FILES:
         raise ValueError(f"{root}/derived_features/ChoCho66_test1_timefeatures.csv: {len(table)} rows, "

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
+    os.environ[settings.DATA_DIR_ENV] = str(settings.data_dir())  # the children run in ROOT: same data, whatever the cwd
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     ensure_pool_inputs()
     run = settings.data_dir() / "run"

@@ -15,7 +15,7 @@ from firmware import features as _fw
 from tinyml_dagster import settings
 
 FEATURE_NAMES: tuple[str, ...] = tuple(_fw.FEATURE_NAMES)
-WINDOW_MS: int = _fw.WINDOW_MS
+WINDOW_MS: int = settings.WINDOW_MS  # the firmware's 500 ms unless a recording spec sets window_s
 window_length = _fw.window_length
 
 SCHEMA = pa.schema(
@@ -73,20 +73,25 @@ def life_fractions(timestamps: np.ndarray) -> np.ndarray:
 
 
 def feature_windows_frame(
-    signals: np.ndarray, timestamps: np.ndarray, rate_hz: int, bearing: int
+    signals: np.ndarray, timestamps: np.ndarray, rate_hz: int, bearing: int,
+    axes: list[tuple[str, int]] | None = None, window_ms: int | None = None,
 ) -> pd.DataFrame:
-    """One row per (file, axis, window) of a bearing, from signals shaped (n_files, n_samples, n_channels)."""
+    """One row per (file, axis, window) of a bearing, from signals shaped (n_files, n_samples, n_channels).
+
+    axes: the bearing's (axis name, column) pairs (default: the IMS layout); window_ms: default WINDOW_MS.
+    """
     n_files, _, n_channels = signals.shape
-    window = window_length(rate_hz)
+    window_ms = window_ms or WINDOW_MS
+    window = window_length(rate_hz, window_ms)
     life = life_fractions(timestamps)
     ts = np.asarray(timestamps, dtype="datetime64[ns]")
     parts = []
-    for axis, col in bearing_channels(n_channels, bearing):
+    for axis, col in axes or bearing_channels(n_channels, bearing):
         feats = window_features_np(signals[:, :, col], window)  # (files, windows, 3)
         n_windows = feats.shape[1]
         file_index = np.repeat(np.arange(n_files), n_windows)
         window_index = np.tile(np.arange(n_windows), n_files)
-        offset = (window_index * WINDOW_MS).astype("timedelta64[ms]").astype("timedelta64[ns]")
+        offset = (window_index * window_ms).astype("timedelta64[ms]").astype("timedelta64[ns]")
         frame = pd.DataFrame(
             {
                 "timestamp": ts[file_index] + offset,

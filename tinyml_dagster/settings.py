@@ -1,4 +1,5 @@
-"""One place for paths and knobs: TINYML_DATA_DIR (generated content) and TINYML_IMS_DIR (real IMS files)."""
+"""One place for paths and knobs: TINYML_DATA_DIR (generated content), TINYML_IMS_DIR (real IMS files) and
+TINYML_RECORDING (a recording spec: a user's own recording, whose channels and rates then set the partitions)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,43 @@ TRAIN_FRACTION = 0.6
 # the power-line link: 8N1 at LINK_BAUD, half-duplex, a turnaround at every change of direction
 LINK_BAUD = 2400
 LINK_TURNAROUND_S = 0.1
+WINDOW_MS = 500  # feature window length (a recording spec's window_s sets it)
+RECORDING_ENV = "TINYML_RECORDING"
+
+
+def recording_spec_file() -> Path | None:
+    """The recording spec in use (TINYML_RECORDING), or None for the IMS recording."""
+    chosen = os.environ.get(RECORDING_ENV)
+    return Path(chosen).resolve() if chosen else None
+
+
+def _apply_recording_spec() -> None:
+    """With a recording spec, its rates, monitored units (numbered 1..n as "bearings") and window are the settings."""
+    global RATES_HZ, DEFAULT_RATE_HZ, BEARINGS, WINDOW_MS
+    path = recording_spec_file()
+    if path is None:
+        return
+    from tinyml_dagster.recordings import spec as recording_spec
+
+    spec = recording_spec.load_spec(path)
+    units = spec.monitor or spec.channels
+    if not units:
+        raise recording_spec.SpecError(f"{path}: channels: name the channels (inspect writes them) so that the "
+                                       "partitions can be made before any file is read")
+    RATES_HZ = tuple(recording_spec.device_rates(spec))
+    DEFAULT_RATE_HZ = recording_spec.device_rate(spec)
+    BEARINGS = tuple(range(1, len(units) + 1))
+    WINDOW_MS = recording_spec.window_ms(spec)
+
+
+_apply_recording_spec()
 
 
 def data_dir() -> Path:
-    """Root of everything generated (TINYML_DATA_DIR, default ./data)."""
-    return Path(os.environ.get(DATA_DIR_ENV) or "data").resolve()
+    """Root of everything generated (TINYML_DATA_DIR, default ./data; a recording spec's own: ./data/recordings/<spec>)."""
+    spec = recording_spec_file()
+    default = Path("data") / "recordings" / spec.stem if spec else Path("data")
+    return Path(os.environ.get(DATA_DIR_ENV) or default).resolve()
 
 
 def generated_ims_dir(root: Path | None = None) -> Path:

@@ -1,4 +1,7 @@
-"""Subsampling as the paper does it: FFT of each 1-s file, rectangular low-pass at fs/2, inverse FFT at the new rate."""
+"""Subsampling as the paper does it: FFT of each 1-s file, rectangular low-pass at fs/2, inverse FFT at the new rate.
+
+The source rate is always given: the same ideal low-pass (anti-aliasing) serves any source rate.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ import scipy.fft
 from tinyml_dagster import ims
 
 
-def subsampled_length(n: int, rate_hz: int, source_rate_hz: int = ims.SAMPLE_RATE_HZ) -> int:
+def subsampled_length(n: int, rate_hz: int, source_rate_hz: float) -> int:
     """Samples of an n-sample record at source_rate_hz once resampled to rate_hz (20,480 at 20 kHz -> 1,024 at 1 kHz)."""
-    m = n * rate_hz // source_rate_hz
+    m = int(n * rate_hz // source_rate_hz)
     if m < 2 or m > n:
         raise ValueError(f"cannot subsample {n} samples at {source_rate_hz} Hz to {rate_hz} Hz")
     return m
@@ -29,13 +32,13 @@ def _band_limit(spectrum: np.ndarray, n: int, m: int) -> np.ndarray:
     return y
 
 
-def subsample(x: np.ndarray, rate_hz: int, source_rate_hz: int = ims.SAMPLE_RATE_HZ, axis: int = -1) -> np.ndarray:
+def subsample(x: np.ndarray, rate_hz: int, source_rate_hz: float, axis: int = -1) -> np.ndarray:
     """x resampled along axis from source_rate_hz to rate_hz by an ideal (rectangular) low-pass in the FFT domain."""
     return subsample_many(x, (rate_hz,), source_rate_hz, axis)[rate_hz]
 
 
 def subsample_many(
-    x: np.ndarray, rates_hz: Iterable[int], source_rate_hz: int = ims.SAMPLE_RATE_HZ, axis: int = -1
+    x: np.ndarray, rates_hz: Iterable[int], source_rate_hz: float, axis: int = -1
 ) -> dict[int, np.ndarray]:
     """x at several rates from one forward FFT."""
     x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
@@ -73,11 +76,11 @@ def subsample_files(
     keep_freed_memory()
     first = ims.read_ims_file(paths[0])
     n_channels = first.shape[1]
-    out = {r: np.empty((len(paths), subsampled_length(ims.ROWS, r), n_channels)) for r in rates}
+    out = {r: np.empty((len(paths), subsampled_length(ims.ROWS, r, ims.SAMPLE_RATE_HZ), n_channels)) for r in rates}
 
     def one(i: int, data: np.ndarray | None = None) -> None:
         data = ims.read_ims_file(paths[i], n_channels=n_channels) if data is None else data
-        for r, y in subsample_many(data, rates, axis=0).items():
+        for r, y in subsample_many(data, rates, ims.SAMPLE_RATE_HZ, axis=0).items():
             out[r][i] = y
 
     one(0, first)
@@ -89,3 +92,41 @@ def subsample_files(
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(one, range(1, len(paths))))
     return out
+
+
+def snapshots_per_window(snapshot_samples: int, source_rate_hz: float, window_s: float) -> int:
+    """Snapshots joined end to end to hold one window: 1 unless a snapshot is shorter than the window."""
+    need = int(np.ceil(window_s * source_rate_hz - 1e-9))
+    return max(1, -(-need // snapshot_samples))
+
+
+def subsample_recording(
+    recording, rates_hz: Iterable[int], window_s: float, workers: int | None = None
+) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """A recording at several rates: ({rate: (n_groups, samples, channels)}, the groups' timestamps).
+
+    A group is one snapshot, or, when snapshots are shorter than a window, that many consecutive snapshots
+    joined end to end (the timestamp is the first one's; a last incomplete group is dropped). Each group is
+    resampled from the recording's own rate by the FFT low-pass above.
+    """
+    rates = tuple(int(r) for r in rates_hz)
+    k = snapshots_per_window(recording.snapshot_samples, recording.rate_hz, window_s)
+    n_groups = len(recording) // k
+    if n_groups < 1:
+        raise ValueError(f"{len(recording)} snapshots of {recording.snapshot_seconds:g} s do not fill one "
+                         f"{window_s:g}-s window")
+    n = k * recording.snapshot_samples
+    keep_freed_memory()
+    out = {r: np.empty((n_groups, subsampled_length(n, r, recording.rate_hz), len(recording.channels))) for r in rates}
+
+    def one(g: int) -> None:
+        parts = [recording.snapshot(g * k + j) for j in range(k)]
+        x = parts[0] if k == 1 else np.concatenate(parts)
+        for r, y in subsample_many(x, rates, recording.rate_hz, axis=0).items():
+            out[r][g] = y
+
+    workers = workers or min(2, os.cpu_count() or 1)
+    one(0)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(1, n_groups)))
+    return out, recording.timestamps[: n_groups * k : k]

@@ -14,7 +14,7 @@ SET1 = Path(__file__).parents[1] / "fixtures" / "ims" / "1st_test"
 @pytest.mark.parametrize("rate, length", [(500, 512), (1000, 1024), (2000, 2048)])
 def test_matches_scipy_resample_on_real_file(rate, length):
     x = ims.read_ims_file(SET1 / "2003.10.22.12.06.24")
-    y = subsampling.subsample(x, rate, axis=0)
+    y = subsampling.subsample(x, rate, 20000, axis=0)
     assert y.shape == (length, 8)
     np.testing.assert_allclose(y, scipy.signal.resample(x, length, axis=0), rtol=0, atol=1e-12)
 
@@ -28,7 +28,7 @@ def test_rectangular_low_pass_keeps_below_and_removes_above_nyquist():
     t = np.arange(20480) / 20000.0
     low, high = 350 * 20000 / 20480, 700 * 20000 / 20480  # on FFT bins: ~342 Hz kept, ~684 Hz above 500 Hz cut
     x = np.sin(2 * np.pi * low * t) + np.sin(2 * np.pi * high * t)
-    y = subsampling.subsample(x, 1000)
+    y = subsampling.subsample(x, 1000, 20000)
     t1 = np.arange(1024) / 1000.0
     np.testing.assert_allclose(y, np.sin(2 * np.pi * low * t1), atol=1e-9)
 
@@ -44,6 +44,6 @@ def test_subsample_files_gives_every_rate_per_file():
 
 def test_impossible_rates_are_refused():
     with pytest.raises(ValueError, match="cannot subsample"):
-        subsampling.subsampled_length(20480, 40000)
+        subsampling.subsampled_length(20480, 40000, 20000)
     with pytest.raises(ValueError, match="no IMS file"):
         subsampling.subsample_files([], (500,))

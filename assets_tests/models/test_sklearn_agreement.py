@@ -22,7 +22,7 @@ FILE_SAMPLES = 20480
 def _features(signal_20k: np.ndarray) -> np.ndarray:
     """500-ms windows at 500 Hz of each 1-s file of a 20 kHz signal: (n_files * 2, 3)."""
     files = np.asarray(signal_20k, dtype=np.float64).reshape(-1, FILE_SAMPLES)
-    return window_features_np(subsample(files, RATE_HZ), window_length(RATE_HZ)).reshape(-1, 3)
+    return window_features_np(subsample(files, RATE_HZ, 20000), window_length(RATE_HZ)).reshape(-1, 3)
 
 
 @pytest.fixture(scope="module")

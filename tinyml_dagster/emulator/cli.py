@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", default="dev-1")
     p.add_argument("--flash", type=Path, help="flash directory (default <data>/devices/<id>/flash)")
     p.add_argument("--ims-dir", type=Path, help="IMS files fed to the data UART (default: settings.ims_dir())")
+    p.add_argument("--recording", type=Path, help="recording spec fed instead of IMS files (default: TINYML_RECORDING)")
     p.add_argument("--bearing", type=int, default=3, help="IMS bearing whose channel is fed (3: inner-race defect)")
-    p.add_argument("--axis", default="x", choices=("x", "y"))
+    p.add_argument("--axis", default="x", help="IMS axis (x or y), or the recording's channel fed")
     p.add_argument("--rate-hz", type=int, default=settings.DEFAULT_RATE_HZ)
     p.add_argument("--runtime", choices=RUNTIMES, default="vm", help="MicroPython VM (default) or CPython")
     p.add_argument("--baud", type=int, default=settings.LINK_BAUD)
@@ -45,16 +46,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    ims_dir = args.ims_dir or settings.ims_dir()
+    spec = args.recording or (None if args.ims_dir else settings.recording_spec_file())
+    feed = files = None
     try:
-        files = ims.list_ims_files(ims_dir)
-    except Exception as exc:  # the reader's errors name the file and line
-        print(f"error: IMS files in {ims_dir}: {exc}", file=sys.stderr)
+        if spec is not None:
+            from tinyml_dagster.emulator.data_feed import RecordingFeed
+            from tinyml_dagster.recordings import load_spec, open_recording
+
+            feed = RecordingFeed(open_recording(load_spec(spec)), args.axis, args.rate_hz, args.time_scale,
+                                 loop=args.loop)
+        else:
+            files = ims.list_ims_files(args.ims_dir or settings.ims_dir())
+    except Exception as exc:  # the readers' errors name the file and line
+        print(f"error: {'recording ' + str(spec) if spec else 'IMS files in ' + str(args.ims_dir or settings.ims_dir())}: "
+              f"{exc}", file=sys.stderr)
         return 2
     emu = DeviceEmulator(args.device_id, flash_dir=args.flash, ims_files=files, bearing=args.bearing,
                          axis=args.axis, rate_hz=args.rate_hz, runtime=args.runtime, baud=args.baud,
                          turnaround_ms=args.turnaround_ms, time_scale=args.time_scale, link_path=args.link,
-                         config=dict(args.set), loop_data=args.loop)
+                         config=dict(args.set), loop_data=args.loop, feed=feed)
     done = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: done.set())
     signal.signal(signal.SIGTERM, lambda *_: done.set())

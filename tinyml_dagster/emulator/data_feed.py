@@ -1,4 +1,5 @@
-"""The data UART of an emulated device: one IMS channel, subsampled to rate_hz, as float32 samples in real time."""
+"""The data UART of an emulated device: one channel of a recording (IMS files, or any recording spec), subsampled to
+rate_hz, as float32 samples in real time."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from firmware import features
-from tinyml_dagster import ims, subsampling
+from tinyml_dagster import ims, settings, subsampling
 
 
 def channel_index(bearing: int, axis: str, n_channels: int) -> int:
@@ -51,8 +52,13 @@ class DataFeed:
         """The samples one file contributes (complete windows of the subsampled channel)."""
         data = ims.read_ims_file(path)
         col = channel_index(self.bearing, self.axis, data.shape[1])
-        x = subsampling.subsample(data[:, col], self.rate_hz)
+        x = subsampling.subsample(data[:, col], self.rate_hz, ims.SAMPLE_RATE_HZ)
         return x[: len(x) // self.window * self.window]
+
+    def windows_planned(self) -> int:
+        """Windows the whole recording gives the device (one pass)."""
+        per_file = subsampling.subsampled_length(ims.ROWS, self.rate_hz, ims.SAMPLE_RATE_HZ) // self.window
+        return len(self.files) * per_file
 
     def _next_file(self) -> bool:
         if self._file >= len(self.files):
@@ -92,6 +98,35 @@ class DataFeed:
         buf = bytearray(int(payload or b"256"))
         n = self.readinto(buf)
         return buf[: n or 0].hex()
+
+
+class RecordingFeed(DataFeed):
+    """The same feed from any recording: one channel, each group of snapshots resampled from the recording's rate.
+
+    Groups are those of subsampling.subsample_recording (snapshots shorter than a window joined end to end), so
+    the device's windows are the gateway's feature windows.
+    """
+
+    def __init__(self, recording, channel: str, rate_hz: int, time_scale: float = 1.0,
+                 window_ms: int = settings.WINDOW_MS, loop: bool = False) -> None:
+        if channel not in recording.channels:
+            raise ValueError(f"channel {channel!r} is not in the recording ({', '.join(recording.channels)})")
+        self.recording = recording
+        self.column = recording.channels.index(channel)
+        self.group = subsampling.snapshots_per_window(recording.snapshot_samples, recording.rate_hz, window_ms / 1000)
+        groups = list(range(len(recording) // self.group))
+        super().__init__(groups, 0, channel, rate_hz, time_scale, window_ms, loop)
+
+    def file_samples(self, group: int) -> np.ndarray:
+        """The complete windows of one group of snapshots of the channel, resampled to rate_hz."""
+        k = self.group
+        x = np.concatenate([self.recording.snapshot(group * k + j)[:, self.column] for j in range(k)])
+        y = subsampling.subsample(x, self.rate_hz, self.recording.rate_hz)
+        return y[: len(y) // self.window * self.window]
+
+    def windows_planned(self) -> int:
+        n = self.group * self.recording.snapshot_samples
+        return len(self.files) * (subsampling.subsampled_length(n, self.rate_hz, self.recording.rate_hz) // self.window)
 
 
 def float32_bytes(xs) -> bytes:

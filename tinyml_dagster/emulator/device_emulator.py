@@ -98,7 +98,8 @@ class DeviceEmulator:
     def __init__(self, device_id: str, *, flash_dir: Path | None = None, ims_files: list[Path] | None = None,
                  bearing: int = 1, axis: str = "x", rate_hz: int = 1000, runtime: str = "vm", baud: int = settings.LINK_BAUD,
                  turnaround_ms: float = 10.0, time_scale: float = 1.0, link_path: Path | None = None,
-                 config: dict | None = None, loop_data: bool = False, heap_bytes: int = VM_HEAP_BYTES) -> None:
+                 config: dict | None = None, loop_data: bool = False, heap_bytes: int = VM_HEAP_BYTES,
+                 feed: DataFeed | None = None) -> None:
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.device_id = device_id
@@ -108,10 +109,13 @@ class DeviceEmulator:
         self.baud, self.turnaround_ms, self.time_scale = baud, turnaround_ms, time_scale
         self.link_path = link_path
         self.heap_bytes = heap_bytes
-        files = ims_files if ims_files is not None else ims.list_ims_files(settings.ims_dir())
-        self.feed = DataFeed(list(files), bearing, axis, rate_hz, time_scale, loop=loop_data)
+        if feed is None:  # IMS files: the given ones, else settings.ims_dir()
+            files = ims_files if ims_files is not None else ims.list_ims_files(settings.ims_dir())
+            feed = DataFeed(list(files), bearing, axis, rate_hz, time_scale, loop=loop_data)
+        self.feed = feed
         # the firmware paces frames and times acks on its own clock: scale them with the wire
-        self.config = {"ack_timeout_ms": max(1, int(5000 / time_scale)), **(config or {}), "device_id": device_id,
+        self.config = {"ack_timeout_ms": max(1, int(5000 / time_scale)), "window_ms": settings.WINDOW_MS,
+                       **(config or {}), "device_id": device_id,
                        "rate_hz": rate_hz, "baud": max(1, int(round(baud * time_scale)))}
         self.wire: HalfDuplexWire | None = None
         self.device = None  # the firmware's Device under the cpython runtime

@@ -1,18 +1,20 @@
-"""Data assets: the IMS recording (real or synthetic), its subsampled signals, and the feature windows."""
+"""Data assets: the recording (IMS real or synthetic, or a user's recording spec), its subsampled signals, and the
+feature windows."""
 
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from tinyml_dagster import features, ims, settings, subsampling, synthetic
+from tinyml_dagster import features, ims, recordings, settings, subsampling, synthetic
+from tinyml_dagster.recordings.spec import device_rates, window_ms
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
 
@@ -29,6 +31,33 @@ class IMSRecordingConfig(dg.Config):
     )
     n_files: int = Field(default=synthetic.DEFAULT_FILES, description="Files of the synthetic recording (2,156 = full scale; default TINYML_SYNTHETIC_FILES or 240).")
     seed: int = Field(default=synthetic.DEFAULT_SEED, description="Seed of the synthetic recording: same seed, same bytes.")
+    spec_file: str = Field(default="", description="A recording spec (TOML, see `python -m tinyml_dagster.recordings "
+                           "inspect`); empty: TINYML_RECORDING, else the IMS recording.")
+    recording: Optional[recordings.RecordingSpec] = Field(
+        default=None, description="A recording spec's fields given here instead of a spec file (same channels and rates "
+        "as the partitions, which come from TINYML_RECORDING).")
+
+
+def active_spec(config: IMSRecordingConfig) -> recordings.RecordingSpec | None:
+    """The recording spec in use: the config's fields, its spec file, TINYML_RECORDING; None for IMS."""
+    try:
+        if config.recording is not None:
+            return recordings.spec_from_dict(config.recording.model_dump(), "config recording")
+        path = config.spec_file or settings.recording_spec_file()
+        return recordings.load_spec(path) if path else None
+    except recordings.SpecError as e:
+        raise dg.Failure(str(e)) from None
+
+
+def _check_partitions(spec: recordings.RecordingSpec, units: list) -> None:
+    """The spec must fit the partitions, made from TINYML_RECORDING when the code location loaded."""
+    rates, n_units = device_rates(spec), len(units)
+    if tuple(rates) != tuple(settings.RATES_HZ) or n_units != len(settings.BEARINGS) or \
+            window_ms(spec) != settings.WINDOW_MS:
+        raise dg.Failure(
+            f"the recording has {n_units} monitored units at {rates} Hz, {window_ms(spec)}-ms windows; the partitions "
+            f"were made for {len(settings.BEARINGS)} at {list(settings.RATES_HZ)} Hz, {settings.WINDOW_MS}-ms windows: "
+            f"start Dagster with {settings.RECORDING_ENV}=<spec file> (make dev RECORDING=...)")
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -60,7 +89,10 @@ def _span(timestamps: Iterable) -> str:
 
 @dg.asset(group_name="data", kinds={"ascii"})
 def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig) -> dg.MaterializeResult:
-    """The IMS run-to-failure recording: real files from ims_dir, or the synthetic set 1 generated under data/."""
+    """The recording: a recording spec's files, else IMS files from ims_dir, else the synthetic set 1 under data/."""
+    spec = active_spec(config)
+    if spec is not None:
+        return _spec_recording(context, spec)
     directory = settings.ims_dir(config.ims_dir or None)
     synthetic_run = settings.is_synthetic(directory)
     if synthetic_run:
@@ -101,10 +133,47 @@ def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig)
     )
 
 
+def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.RecordingSpec) -> dg.MaterializeResult:
+    """A user's recording: opened and checked (its first file read), its layout written to the manifest."""
+    try:
+        rec = recordings.open_recording(spec)
+        units = recordings.monitored_units(spec, rec.channels)
+    except (recordings.RecordingError, recordings.SpecError) as e:
+        raise dg.Failure(str(e)) from None
+    _check_partitions(spec, units)
+    _write_json(settings.data_dir() / RECORDING_MANIFEST, {
+        "spec": spec.model_dump(), "directory": spec.path, "format": rec.format, "files": [str(p) for p in rec.files],
+        "n_channels": len(rec.channels), "channels": rec.channels, "units": [list(u) for u in units],
+        "rate_hz": rec.rate_hz, "snapshot_samples": rec.snapshot_samples, "snapshots": len(rec)})
+    first = rec.snapshot(0)
+    rms = np.sqrt((first**2).mean(axis=0))
+    context.log.info("%s recording: %d snapshots of %d channels at %g Hz", rec.format, len(rec), len(rec.channels),
+                     rec.rate_hz)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(spec.path),
+            "source": f"{rec.format} recording spec",
+            "files": len(rec.files),
+            "snapshots": len(rec),
+            "channels": ", ".join(rec.channels),
+            "monitored_units": ", ".join(f"{k}: {'+'.join(u)}" for k, u in enumerate(units, start=1)),
+            "rate_hz": rec.rate_hz,
+            "snapshot_seconds": round(rec.snapshot_seconds, 6),
+            "time_span": _span(rec.timestamps),
+            "first_snapshot_rms": dg.MetadataValue.md(
+                "| channel | " + " | ".join(rec.channels) + " |\n|---|" + "---:|" * len(rms)
+                + "\n| RMS | " + " | ".join(f"{v:.4g}" for v in rms) + " |"
+            ),
+        }
+    )
+
+
 @dg.asset(group_name="data", deps=[ims_recording], kinds={"numpy"})
 def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Every file at 500 Hz, 1 kHz and 2 kHz: FFT, rectangular low-pass at fs/2, inverse FFT at the new rate."""
     manifest = _read_json(settings.data_dir() / RECORDING_MANIFEST, "ims_recording")
+    if "spec" in manifest:
+        return _subsample_spec_recording(context, manifest)
     paths = [Path(manifest["directory"]) / name for name in manifest["files"]]
     started = time.perf_counter()
     signals = subsampling.subsample_files(paths, settings.RATES_HZ)
@@ -138,6 +207,32 @@ def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "directory": dg.MetadataValue.path(str(out)),
         }
     )
+
+
+def _subsample_spec_recording(context: dg.AssetExecutionContext, manifest: dict) -> dg.MaterializeResult:
+    """A spec recording at its device rates: each snapshot (or group of short ones) FFT-resampled from its own rate."""
+    spec = recordings.spec_from_dict(manifest["spec"], "manifest")
+    started = time.perf_counter()
+    try:
+        rec = recordings.open_recording(spec)
+        signals, stamps = subsampling.subsample_recording(rec, device_rates(spec), spec.window_s)
+    except (recordings.RecordingError, recordings.SpecError, ValueError) as e:
+        raise dg.Failure(str(e)) from None  # nothing written yet: the earlier signals stay whole
+    seconds = time.perf_counter() - started
+    out = settings.subsampled_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for rate, array in signals.items():
+        _save_npy(out / f"rate={rate}.npy", array)
+    group = subsampling.snapshots_per_window(rec.snapshot_samples, rec.rate_hz, spec.window_s)
+    _write_json(out / SUBSAMPLED_INDEX, {
+        "directory": spec.path, "files": [str(p) for p in rec.files], "timestamps": [str(t) for t in stamps],
+        "n_channels": len(rec.channels), "channels": rec.channels, "units": manifest["units"],
+        "rates_hz": list(signals), "window_ms": window_ms(spec), "snapshots_per_group": group})
+    context.log.info("resampled %d snapshots from %g Hz to %s Hz in %.2f s", len(rec), rec.rate_hz, list(signals), seconds)
+    return dg.MaterializeResult(metadata={
+        "snapshots": len(rec), "source_rate_hz": rec.rate_hz, "rates_hz": ", ".join(str(r) for r in signals),
+        "snapshots_per_group": group, "groups": len(stamps), "seconds": round(seconds, 2),
+        "directory": dg.MetadataValue.path(str(out))})
 
 
 def _preview(df: pd.DataFrame, rows: int = 6) -> str:
@@ -174,7 +269,12 @@ def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     index = _read_json(src / SUBSAMPLED_INDEX, "subsampled_signals")
     signals = np.load(src / f"rate={rate}.npy", mmap_mode="r")
     stamps = np.array(index["timestamps"], dtype="datetime64[ns]")
-    df = features.feature_windows_frame(signals, stamps, rate, bearing)
+    axes = None
+    if "units" in index:  # a spec recording: the partition's unit and its channels
+        if not 1 <= bearing <= len(index["units"]):
+            raise dg.Failure(f"partition {bearing}: the recording has {len(index['units'])} monitored units")
+        axes = [(name, index["channels"].index(name)) for name in index["units"][bearing - 1]]
+    df = features.feature_windows_frame(signals, stamps, rate, bearing, axes=axes, window_ms=index.get("window_ms"))
     path = features.write_feature_windows(df, settings.feature_path(rate, bearing))
     train = df[df.split == "train"]
     test = df[df.split == "test"]
@@ -185,7 +285,7 @@ def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "rows": len(df),
             "files": int(df.file_index.nunique()),
             "windows_per_file_and_axis": int(df.window_index.max()) + 1,
-            "samples_per_window": features.window_length(rate),
+            "samples_per_window": features.window_length(rate, index.get("window_ms") or features.WINDOW_MS),
             "axes": ", ".join(sorted(df.axis.unique())),
             "time_span": _span([df.timestamp.min(), df.timestamp.max()]),
             "train_rows": len(train),
@@ -207,10 +307,12 @@ def materialize_data(
     n_files: int | None = None,
     seed: int = synthetic.DEFAULT_SEED,
     instance: dg.DagsterInstance | None = None,
+    spec_file: str = "",
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialize the recording, its subsampled signals and the feature windows of every (rate, bearing) given."""
     n_files = n_files or settings.synthetic_files()
-    config = {"ops": {"ims_recording": {"config": {"ims_dir": ims_dir, "n_files": n_files, "seed": seed}}}}
+    config = {"ops": {"ims_recording": {"config": {"ims_dir": ims_dir, "n_files": n_files, "seed": seed,
+                                                   "spec_file": spec_file}}}}
     results = [dg.materialize([ims_recording, subsampled_signals], run_config=config, instance=instance)]
     for rate in rates_hz:
         for bearing in bearings:

@@ -21,8 +21,8 @@ def firmware_problems(meta: dict, config: dict, data: bytes) -> list[str]:
         problems.append(f"format {config.get('format')!r} (firmware reads {COMPACT_FORMAT!r})")
     if list(config.get("feature_names", [])) != list(fw_features.FEATURE_NAMES):
         problems.append(f"features {config.get('feature_names')} (firmware computes {list(fw_features.FEATURE_NAMES)})")
-    if config.get("window_ms") != fw_features.WINDOW_MS:
-        problems.append(f"window {config.get('window_ms')} ms (firmware: {fw_features.WINDOW_MS} ms)")
+    if config.get("window_ms") != settings.WINDOW_MS:
+        problems.append(f"window {config.get('window_ms')} ms (devices: {settings.WINDOW_MS} ms)")
     if config.get("rate_hz") is not None and config["rate_hz"] not in settings.RATES_HZ:
         problems.append(f"rate {config['rate_hz']} Hz (device rates {list(settings.RATES_HZ)})")
     try:
