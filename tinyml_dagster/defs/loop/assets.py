@@ -142,7 +142,7 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
     """The next champion for a device, packaged and signed (the paper's Release phase checks it)."""
     from tinyml_dagster.deployment_agent import DeviceKeys, VersionLedger, build_package
     from tinyml_dagster.storage import atomic_write
-    from tinyml_dagster.link_service import package_to_blob
+    from tinyml_dagster.link.blobs import package_to_blob
 
     device_id = context.partition_key
     kb = knowledge_base.open()
@@ -192,7 +192,7 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
 @dg.asset(group_name="loop", partitions_def=devices_partitions, deps=[champion_package], kinds={"sqlite"})
 def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: KnowledgeBaseResource) -> dg.MaterializeResult:
     """The new champion running on the device: queued for the link service, which owns the port, and awaited."""
-    from tinyml_dagster.link_service import package_from_blob
+    from tinyml_dagster.link.blobs import package_from_blob
 
     device_id = context.partition_key
     blob = (packages_dir(device_id) / "next.blob").read_bytes()

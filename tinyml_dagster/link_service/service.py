@@ -1,0 +1,151 @@
+"""The link service's loop: commit a batch of uploads, acknowledge it, let the pool decide, hand out deploys."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tinyml_dagster import settings
+from tinyml_dagster.knowledge_base import KnowledgeBase, KnowledgeBaseError, Upload
+
+log = logging.getLogger("tinyml_dagster.link_service")
+
+# (device_id, package blob, model_id, transport) -> link figures; default: tinyml_dagster.link's Deployer
+Deployer = Callable[[str, bytes, str, object], dict]
+PoolFactory = Callable[[], object]
+# a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
+CHAMPION_SEQ_BASE = 1 << 40
+
+
+@dataclass
+class _Item:
+    upload: Upload
+    ack: Callable[[Upload, bool], None]
+
+
+class LinkService:
+    """Ingest loop, ports, ingest socket and deploy queue of one gateway."""
+
+    def __init__(self, kb_path: str | Path | None = None, *, ports: dict[str, str] | None = None,
+                 ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
+                 deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
+                 pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0):
+        self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
+        self.ports = dict(ports or {})
+        self.ingest_socket = Path(ingest_socket) if ingest_socket else None
+        self.pool_factory = pool_factory
+        self.deployer = deployer
+        if timing is None:
+            from tinyml_dagster.link.transport import LinkTiming
+
+            timing = LinkTiming()
+        self.timing = timing
+        self.batch_max = batch_max
+        self.pool_refresh_s = pool_refresh_s
+        self.reply_slack_s = reply_slack_s
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._q: queue.Queue[_Item] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._links: dict[str, object] = {}
+        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0}
+
+    # -- main loop: commit, acknowledge, decide, deploy --------------------------------------------------
+
+    def run(self) -> None:
+        from tinyml_dagster.link_service.ingest import serve_socket
+        from tinyml_dagster.link_service.ports import SerialLink
+
+        kb = KnowledgeBase(self.kb_path)
+        kb.requeue_running()
+        for device_id, path in self.ports.items():
+            link = SerialLink(self, device_id, path, kb)
+            self._links[device_id] = link
+            self._spawn(link.run, "port-%s" % device_id)
+        if self.ingest_socket:
+            self._spawn(lambda: serve_socket(self), "ingest-socket")
+        pool, pool_at = None, 0.0
+        next_deploy_check = next_decide = 0.0
+        self.ready.set()
+        log.info("link service up: kb=%s ports=%s socket=%s", self.kb_path, self.ports, self.ingest_socket)
+        try:
+            while not self.stop_event.is_set():
+                batch = self._take_batch(timeout=0.05)
+                if batch:
+                    self._commit(kb, batch)
+                now = time.monotonic()
+                if self.pool_factory is not None and (not pool_at or now - pool_at > self.pool_refresh_s):
+                    try:
+                        pool = self.pool_factory()
+                    except Exception as e:  # no repository yet: ingest anyway, decide later
+                        if pool is not None or not pool_at:
+                            log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
+                        pool = None
+                    pool_at = now
+                if pool is not None and (batch or now >= next_decide):
+                    self.counters["decided"] += pool.decide_pending(kb).decided
+                    next_decide = now + 1.0
+                if now >= next_deploy_check:
+                    self._dispatch_deploys(kb)
+                    next_deploy_check = now + 0.2
+        finally:
+            self.stop_event.set()
+            for t in self._threads:
+                t.join(timeout=5)
+            kb.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def submit(self, upload: Upload, ack: Callable[[Upload, bool], None]) -> None:
+        """Queue an upload; ack(upload, duplicate) is called once it is committed."""
+        self._q.put(_Item(upload, ack))
+
+    def _take_batch(self, timeout: float) -> list[_Item]:
+        try:
+            first = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        while len(batch) < self.batch_max:
+            try:
+                batch.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, kb: KnowledgeBase, batch: list[_Item]) -> None:
+        good = []
+        for item in batch:
+            try:
+                item.upload.validate()
+                good.append(item)
+            except KnowledgeBaseError as e:
+                self.counters["rejected"] += 1
+                log.warning("rejected: %s", e)
+        if not good:
+            return
+        result = kb.ingest([i.upload for i in good])  # committed when this returns
+        for item, dup in zip(good, result.duplicates):
+            self.counters["duplicates" if dup else "ingested"] += 1
+            try:
+                item.ack(item.upload, dup)
+            except OSError:
+                pass  # the sender went away; it retransmits and the KB recognises the repeat
+
+    def _dispatch_deploys(self, kb: KnowledgeBase) -> None:
+        for device_id, link in self._links.items():
+            if link.deploy_pending is None:
+                req = kb.claim_deploy([device_id])
+                if req is not None:
+                    link.deploy_pending = req
+
+    def _spawn(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
