@@ -2,7 +2,8 @@
 
 Sends HELLO at boot and on STATUS_REQUEST, an UPLOAD for every anomaly and every `upload_every`-th normal
 window; uploads stay in a bounded outbox (persisted in outbox.bin) until the gateway's UPLOAD_ACK; unacked ones
-are re-sent after ack_timeout_ms; a full outbox drops its oldest normal upload (else its oldest) and counts it.
+are re-sent after ack_timeout_ms, one the gateway refuses (UPLOAD_REFUSED) is dropped; a full outbox drops its
+oldest normal upload (else its oldest) and counts it.
 Deploy messages go to firmware/transfer.py. Replies and control messages go before uploads.
 """
 
@@ -68,6 +69,7 @@ class DataComm:
         self.bad_messages = 0
         self.uploads_sent = 0
         self.uploads_acked = 0
+        self.uploads_refused = 0  # the gateway will never store them (UPLOAD_REFUSED): dropped, not resent
         self._normal_count = 0
         self._load_outbox()
 
@@ -182,6 +184,16 @@ class DataComm:
             self.outbox = [e for e in self.outbox if e[0] > upto]
             if len(self.outbox) != before:
                 self.uploads_acked += before - len(self.outbox)
+                self._save_outbox()
+        elif msg_type == messages.UPLOAD_REFUSED:
+            if len(body) < 4:
+                self.bad_messages += 1
+                return
+            no = struct.unpack_from(messages.UPLOAD_REFUSED_FORMAT, body, 0)[0]
+            before = len(self.outbox)
+            self.outbox = [e for e in self.outbox if e[0] != no]
+            if len(self.outbox) != before:
+                self.uploads_refused += 1
                 self._save_outbox()
         elif msg_type in _DEPLOY_TYPES:
             if self.transfer is None:

@@ -16,6 +16,7 @@ DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
 # gateway -> device
 STATUS_REQUEST = 0x02
 UPLOAD_ACK = 0x11  # uploads up to and including an upload number are committed
+UPLOAD_REFUSED = 0x14  # this upload will never be stored (body: UPLOAD_REFUSED_FORMAT + reason): drop it
 CHAMPION_ACK = 0x13
 DEPLOY_OFFER = 0x20  # a package is coming: id, version, size, hash, manifest
 DEPLOY_DATA = 0x22  # one fragment: offset + bytes
@@ -99,6 +100,15 @@ def unpack_upload(body):
     nf = (len(body) - UPLOAD_HEAD_SIZE) // 4
     features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
     return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features
+
+
+# UPLOAD_REFUSED body: the refused upload number (u32), then the reason (ASCII, the rest of the body).
+UPLOAD_REFUSED_FORMAT = "<I"
+
+
+def pack_upload_refused(upload_no, reason):
+    """UPLOAD_REFUSED body: the number, then the reason cut to fit one message."""
+    return struct.pack(UPLOAD_REFUSED_FORMAT, upload_no) + reason.encode()[:MAX_BODY - 4]
 
 
 # Deploy bodies (firmware/transfer.py <-> tinyml_dagster/link/protocol.py). Replies start with the u16 seq of

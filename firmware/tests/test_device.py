@@ -82,6 +82,21 @@ def test_outbox_is_bounded_drops_are_counted_and_acks_clear_it():
     assert dev.comm.uploads_acked == 4
 
 
+def test_a_refused_upload_leaves_the_outbox_and_is_not_resent():
+    root = scratch("refused")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 60)), link)
+    _drain(dev)
+    box = [e[0] for e in dev.comm.outbox]
+    assert len(box) >= 2
+    link.feed(frames.encode(messages.pack(messages.UPLOAD_REFUSED, 1, messages.pack_upload_refused(box[0], "no"))))
+    _drain(dev, 10)
+    assert [e[0] for e in dev.comm.outbox] == box[1:]
+    assert dev.comm.uploads_refused == 1
+    # the outbox on flash agrees: a reboot does not bring the refused upload back
+    assert [e[0] for e in _device(root).comm.outbox] == box[1:]
+
+
 def _same_champion(dev, forest_bytes):
     """The device scores like the forest stored as forest_bytes (on windows with normal and spiky data)."""
     want = isoforest.load(forest_bytes, dev.inference.forest.grid)

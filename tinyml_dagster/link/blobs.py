@@ -26,3 +26,29 @@ def package_from_blob(blob: bytes):
     head = json.loads(blob[4:4 + n])
     head["files"] = [dict(f, sha8=bytes.fromhex(f["sha8"])) for f in head["files"]]
     return Package(data=bytes(blob[4 + n:]), **head)
+
+
+def parse_device_champion(blob: bytes):
+    """(config dict, Forest) of a champion a device uploaded: u16 length | config.json | compact forest bytes;
+    KnowledgeBaseError naming what is wrong with a blob that is not one."""
+    from firmware import isoforest
+
+    try:
+        if len(blob) < 2:
+            raise ValueError("%d bytes, shorter than its length field" % len(blob))
+        (n,) = struct.unpack_from("<H", blob, 0)
+        if 2 + n > len(blob):
+            raise ValueError("config.json of %d bytes runs past the blob's %d" % (n, len(blob)))
+        cfg = json.loads(bytes(blob[2:2 + n]))
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("grid"), list):
+            raise ValueError("config.json is not an object with a grid")
+        grid = [tuple(float(v) for v in g) for g in cfg["grid"]]
+        if any(len(g) != 2 for g in grid):
+            raise ValueError("config.json grid entries must be [low, high] pairs")
+        threshold = cfg.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ValueError("config.json threshold must be a number")
+        forest = isoforest.load(bytes(blob[2 + n:]), grid)
+    except (ValueError, TypeError, struct.error, RecursionError) as e:
+        raise KnowledgeBaseError("device champion blob: %s" % e) from None
+    return cfg, forest

@@ -17,6 +17,7 @@ class IngestClient:
         self.connect_timeout = connect_timeout
         self.in_flight: dict[tuple[str, int], bytes] = {}
         self.reconnects = 0
+        self.refused: list[tuple[tuple[str, int], str]] = []  # ((device_id, seq), reason) the service refused
         self.sock: socket.socket | None = None
         self._buf = b""
         self._connect()
@@ -79,6 +80,10 @@ class IngestClient:
                 key = (parts[1].decode(), int(parts[2]))
                 self.in_flight.pop(key, None)
                 acked.append(key)
+            elif parts[0] == b"refused" and len(parts) >= 3:
+                key = (parts[1].decode(errors="replace"), int(parts[2]) if parts[2].isdigit() else -1)
+                self.in_flight.pop(key, None)
+                self.refused.append((key, b" ".join(parts[3:]).decode(errors="replace")))
             elif parts[0] == b"error":
                 raise KnowledgeBaseError(line[6:].decode())
         return acked

@@ -5,7 +5,10 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING
+
+from serial import SerialException
 
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
 from tinyml_dagster.link.blobs import package_from_blob
@@ -14,46 +17,86 @@ from tinyml_dagster.link_service.service import CHAMPION_SEQ_BASE, log
 if TYPE_CHECKING:
     from tinyml_dagster.link_service.service import LinkService
 
+RETRY_MIN_S = 0.5  # a missing or failed port is reopened after this, doubling up to RETRY_MAX_S
+RETRY_MAX_S = 30.0
+WRITE_TIMEOUT_S = 2.0  # a frame that cannot leave in this time (nobody reads the port) fails its send
+
 
 class SerialLink:
-    """One device's port: uploads in, cumulative UPLOAD_ACKs out, and the deploys queued for this device."""
+    """One device's port: uploads in, cumulative UPLOAD_ACKs out, and the deploys queued for this device.
+
+    Everything that goes on the wire is written by the port's own thread (the loop only queues acks and
+    refusals), so a port nobody reads never stalls the loop or another port. A port that cannot be opened or
+    fails is reopened with exponential backoff, logged once per change of state."""
 
     def __init__(self, service: LinkService, device_id: str, path: str, kb: KnowledgeBase):
         self.service = service
         self.device_id = device_id
         self.path = path
         self.deploy_pending: tuple | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the transport (receive, deploy)
+        self.state_lock = threading.Lock()  # contiguous, committed_above, outgoing, ack_due
         self.tx_seq = 0
-        # highest upload number such that all before it (from the first this gateway saw) are committed
-        self.contiguous = self._contiguous_from_kb(kb)
+        # highest upload number such that all before it (from the first this gateway saw) are settled: committed,
+        # refused or recorded lost
+        self.contiguous = kb.settled_through(device_id)
         self.committed_above: set[int] = set()
+        self.outgoing: deque[tuple[int, bytes]] = deque()  # refusals, in order
+        self.ack_due: int | None = None  # the newest cumulative ack not sent yet
         self.transport = None
+        self.port_state = "closed"
         self.champion_parts: dict[int, dict[int, bytes]] = {}
-
-    def _contiguous_from_kb(self, kb: KnowledgeBase) -> int | None:
-        return kb.scalar(
-            "SELECT MIN(seq) FROM uploads u WHERE device_id=? AND kind != 'champion' AND NOT EXISTS"
-            " (SELECT 1 FROM uploads v WHERE v.device_id = u.device_id AND v.seq = u.seq + 1)",
-            (self.device_id,),
-        )
 
     def run(self) -> None:
         from firmware import messages
-        from tinyml_dagster.link.transport import SerialTransport
 
-        self.transport = SerialTransport(self.path, self.service.timing)
+        backoff = RETRY_MIN_S
         try:
             while not self.service.stop_event.is_set():
+                if self.transport is None:
+                    if not self._open():
+                        self.service.stop_event.wait(backoff)
+                        backoff = min(RETRY_MAX_S, backoff * 2)
+                        continue
+                    backoff = RETRY_MIN_S
                 try:
                     self._step(messages)
-                except Exception:  # one bad message or a failing KB must not take the port down
+                except (OSError, SerialException) as e:  # the port went away or nobody reads it: reopen it
+                    self._set_state("failed", "%s: %s" % (type(e).__name__, e))
+                    self._close()
+                except Exception:  # one bad message must not take the port down
                     log.exception("%s: port loop error", self.device_id)
                     time.sleep(0.5)
         finally:
-            self.transport.close()
+            self._close()
+
+    def _open(self) -> bool:
+        from tinyml_dagster.link.transport import SerialTransport
+
+        try:
+            self.transport = SerialTransport(self.path, self.service.timing, write_timeout_s=WRITE_TIMEOUT_S)
+        except (OSError, SerialException) as e:
+            self._set_state("unavailable", "%s (retrying with backoff up to %.0f s)" % (e, RETRY_MAX_S))
+            return False
+        self._set_state("open", self.path)
+        return True
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.close()
+            except Exception:
+                pass
+            self.transport = None
+
+    def _set_state(self, state: str, detail: str) -> None:
+        """Log a change of the port's state (once per change, never once per retry)."""
+        if state != self.port_state:
+            (log.info if state == "open" else log.warning)("%s: port %s: %s", self.device_id, state, detail)
+            self.port_state = state
 
     def _step(self, messages) -> None:
+        self._flush()
         if self.deploy_pending is not None:
             self._deploy()
             return
@@ -66,15 +109,44 @@ class SerialLink:
             try:
                 no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
             except ValueError as e:
-                log.warning("%s: %s", self.device_id, e)
+                if len(body) >= 4:  # the number is there: refuse it, so the device stops resending it
+                    stub = Upload(self.device_id, struct.unpack_from("<I", body, 0)[0], "normal")
+                    self.service.submit(stub, self.ack, self.refuse, reason="malformed UPLOAD body", settles=True)
+                else:
+                    log.warning("%s: %s", self.device_id, e)
                 return
             u = Upload(self.device_id, no, "anomaly" if anomaly else "normal",
                        features=tuple(float(x) for x in feats[:3]), champion_id=str(version),
                        champion_score=float(score), champion_decision=int(anomaly),
                        window_start=float(wtime), sent_at=time.time())
-            self.service.submit(u, self.ack)
+            self.service.submit(u, self.ack, self.refuse, settles=True)
         elif mtype == messages.CHAMPION_CHUNK:
             self._champion_chunk(bytes(body))
+
+    def _flush(self) -> None:
+        """Send what the loop queued (refusals, then the latest cumulative ack) from this port's thread; while the
+        device does not read its port they wait (acks coalesce into the newest), and reading goes on."""
+        if self.ack_due is None and not self.outgoing:
+            return
+        if not self.transport.writable():
+            self._set_state("not reading", "the device does not read its port; acks wait, uploads are still read")
+            return
+        self._set_state("open", self.path)
+        from firmware import messages
+
+        while self.outgoing:
+            with self.state_lock:
+                mtype, body = self.outgoing.popleft()
+            self._send(mtype, body)
+        with self.state_lock:
+            upto, self.ack_due = self.ack_due, None
+        if upto is not None:
+            self._send(messages.UPLOAD_ACK, struct.pack("<I", upto))
+
+    def _send(self, mtype: int, body: bytes) -> None:
+        self.tx_seq = (self.tx_seq + 1) & 0xFFFF
+        with self.lock:
+            self.transport.send(mtype, self.tx_seq, body)
 
     def _champion_chunk(self, body: bytes) -> None:
         """Reassemble the device's self-trained champion; complete, it is stored once like an upload."""
@@ -93,20 +165,29 @@ class SerialLink:
             self.service.submit(Upload(self.device_id, CHAMPION_SEQ_BASE + version, "champion", model_blob=blob,
                                        sent_at=time.time()), lambda u, dup: None)
 
+    def _settle(self, n: int) -> int:
+        """Mark upload number n settled (stored, refused or lost); the new cumulative ack."""
+        if self.contiguous is None or n <= self.contiguous + 1:
+            self.contiguous = n if self.contiguous is None else max(self.contiguous, n)
+            while self.contiguous + 1 in self.committed_above:
+                self.committed_above.discard(self.contiguous + 1)
+                self.contiguous += 1
+        else:
+            self.committed_above.add(n)
+        return self.contiguous
+
     def ack(self, u: Upload, duplicate: bool) -> None:
+        """Upload u is committed: the cumulative UPLOAD_ACK is due (sent by the port's thread)."""
+        with self.state_lock:
+            self.ack_due = self._settle(u.seq)
+
+    def refuse(self, u: Upload, reason: str) -> None:
+        """Upload u will never be stored: queue UPLOAD_REFUSED (the device drops it); the ack moves past it."""
         from firmware import messages
 
-        with self.lock:
-            n = u.seq
-            if self.contiguous is None or n <= self.contiguous + 1:
-                self.contiguous = n if self.contiguous is None else max(self.contiguous, n)
-                while self.contiguous + 1 in self.committed_above:
-                    self.committed_above.discard(self.contiguous + 1)
-                    self.contiguous += 1
-            else:
-                self.committed_above.add(n)
-            self.tx_seq = (self.tx_seq + 1) & 0xFFFF
-            self.transport.send(messages.UPLOAD_ACK, self.tx_seq, struct.pack("<I", self.contiguous))
+        with self.state_lock:
+            self.outgoing.append((messages.UPLOAD_REFUSED, messages.pack_upload_refused(u.seq, reason)))
+            self.ack_due = self._settle(u.seq)
 
     def _deploy(self) -> None:
         req_id, device_id, model_id, blob = self.deploy_pending

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from tinyml_dagster import settings
-from tinyml_dagster.knowledge_base import KnowledgeBase, KnowledgeBaseError, Upload
+from tinyml_dagster.knowledge_base import IngestResult, KnowledgeBase, KnowledgeBaseError, Upload, valid_id
 
 log = logging.getLogger("tinyml_dagster.link_service")
 
@@ -20,12 +21,30 @@ Deployer = Callable[[str, bytes, str, object], dict]
 PoolFactory = Callable[[], object]
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
 CHAMPION_SEQ_BASE = 1 << 40
+INVALID_ID = "(invalid id)"  # refusals of uploads without a usable device id are counted under this name
 
 
 @dataclass
 class _Item:
     upload: Upload
     ack: Callable[[Upload, bool], None]
+    refuse: Callable[[Upload, str], None] | None = None
+    reason: str | None = None  # refused before it reached the door (e.g. a body that does not unpack)
+    settles: bool = False  # a refusal settles the number for good (a port's device drops it): record it as a gap
+
+
+def door_problem(u: Upload) -> str | None:
+    """Why an upload must not be stored (types, lengths, finiteness, sizes, a champion blob that does not
+    parse), or None."""
+    reason = u.problem()
+    if reason is None and u.kind == "champion":
+        from tinyml_dagster.link.blobs import parse_device_champion
+
+        try:
+            parse_device_champion(u.model_blob)
+        except KnowledgeBaseError as e:
+            reason = str(e).split(":")[0] + ": not a champion (u16 length | config.json | compact forest)"
+    return reason
 
 
 class LinkService:
@@ -53,6 +72,8 @@ class LinkService:
         self._q: queue.Queue[_Item] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._links: dict[str, object] = {}
+        self._problems: dict[str, str] = {}
+        self._refusals_logged: set[tuple[str, str]] = set()
         self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0}
 
     # -- main loop: commit, acknowledge, decide, deploy --------------------------------------------------
@@ -88,8 +109,14 @@ class LinkService:
                         pool = None
                     pool_at = now
                 if pool is not None and (batch or now >= next_decide):
-                    self.counters["decided"] += pool.decide_pending(kb).decided
                     next_decide = now + 1.0
+                    try:
+                        self.counters["decided"] += pool.decide_pending(kb).decided
+                    except Exception as e:  # the rows it could not use are quarantined; anything else: next round
+                        self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
+                                       % (type(e).__name__, e))
+                    else:
+                        self._log_once("pool", None)
                 if now >= next_deploy_check:
                     self._dispatch_deploys(kb)
                     next_deploy_check = now + 0.2
@@ -102,9 +129,12 @@ class LinkService:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def submit(self, upload: Upload, ack: Callable[[Upload, bool], None]) -> None:
-        """Queue an upload; ack(upload, duplicate) is called once it is committed."""
-        self._q.put(_Item(upload, ack))
+    def submit(self, upload: Upload, ack: Callable[[Upload, bool], None],
+               refuse: Callable[[Upload, str], None] | None = None, reason: str | None = None,
+               settles: bool = False) -> None:
+        """Queue an upload; ack(upload, duplicate) is called once it is committed, refuse(upload, reason) when
+        it will never be stored (reason: refused already)."""
+        self._q.put(_Item(upload, ack, refuse, reason, settles))
 
     def _take_batch(self, timeout: float) -> list[_Item]:
         try:
@@ -120,17 +150,16 @@ class LinkService:
         return batch
 
     def _commit(self, kb: KnowledgeBase, batch: list[_Item]) -> None:
-        good = []
+        good, refused = [], []
         for item in batch:
-            try:
-                item.upload.validate()
-                good.append(item)
-            except KnowledgeBaseError as e:
-                self.counters["rejected"] += 1
-                log.warning("rejected: %s", e)
-        if not good:
-            return
-        result = kb.ingest([i.upload for i in good])  # committed when this returns
+            reason = item.reason or door_problem(item.upload)
+            (good.append(item) if reason is None else refused.append((item, reason)))
+        try:
+            result = kb.ingest([i.upload for i in good])  # committed when this returns
+        except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError):
+            good, result = self._commit_one_by_one(kb, good, refused)
+        if refused:
+            self._refuse(kb, refused)
         for item, dup in zip(good, result.duplicates):
             self.counters["duplicates" if dup else "ingested"] += 1
             try:
@@ -138,12 +167,55 @@ class LinkService:
             except OSError:
                 pass  # the sender went away; it retransmits and the KB recognises the repeat
 
+    def _commit_one_by_one(self, kb: KnowledgeBase, items: list[_Item], refused: list) -> tuple[list[_Item], IngestResult]:
+        """Store what can be stored of a batch the database refused as a whole; the rest joins `refused`."""
+        kept, result = [], IngestResult()
+        for item in items:
+            try:
+                one = kb.ingest([item.upload])
+            except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError) as e:
+                refused.append((item, "not storable: %s" % type(e).__name__))
+                continue
+            kept.append(item)
+            result.upload_ids += one.upload_ids
+            result.duplicates += one.duplicates
+        return kept, result
+
+    def _refuse(self, kb: KnowledgeBase, refused: list[tuple[_Item, str]]) -> None:
+        """Count the refusals per device and reason in the KB, log each (device, reason) once, tell the senders."""
+        rows = [(i.upload.device_id if valid_id(i.upload.device_id) else INVALID_ID, r, i.upload.seq)
+                for i, r in refused]
+        kb.record_refusals(rows)
+        kb.record_gaps([(d, s, s, 1, "refused: " + r) for (item, _), (d, r, s) in zip(refused, rows) if item.settles])
+        for (item, reason), (device_id, _, seq) in zip(refused, rows):
+            self.counters["rejected"] += 1
+            if (device_id, reason) not in self._refusals_logged:
+                self._refusals_logged.add((device_id, reason))
+                log.warning("%s: upload %.40r refused: %s (counted in the KB, logged once)", device_id, seq, reason)
+            if item.refuse is not None:
+                try:
+                    item.refuse(item.upload, reason)
+                except OSError:
+                    pass
+
     def _dispatch_deploys(self, kb: KnowledgeBase) -> None:
         for device_id, link in self._links.items():
             if link.deploy_pending is None:
                 req = kb.claim_deploy([device_id])
                 if req is not None:
                     link.deploy_pending = req
+
+    def _log_once(self, topic: str, message: str | None) -> None:
+        """Log a topic's problem when it starts or changes, and once when it clears (message None)."""
+        last = self._problems.get(topic)
+        if message == last:
+            return
+        if message is None:
+            log.info("%s: recovered", topic)
+            del self._problems[topic]
+        else:
+            log.warning("%s", message)
+            self._problems[topic] = message
 
     def _spawn(self, fn, name: str) -> None:
         t = threading.Thread(target=fn, name=name, daemon=True)

@@ -1,7 +1,6 @@
 """The Tiny-MLOps loop's assets: pool decisions and ranking, the next champion's package, its deployment, retraining."""
 
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ from firmware import messages
 from tinyml_dagster import settings
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
+from tinyml_dagster.knowledge_base import KnowledgeBaseError
+from tinyml_dagster.link.blobs import parse_device_champion
 from tinyml_dagster.report import plot_metadata
 
 EPISODE_TAG = "tinyml/episode"
@@ -59,12 +60,18 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
     """Champions the devices trained themselves, entered in the repository with their lineage; who runs what."""
     kb = knowledge_base.open()
     try:
-        added = []
+        added, quarantined = [], []
         uploads = kb.model_uploads()
         if uploads:
             repo = pool.repository()
             for upload_id, device_id, blob, wfrom, wto, _ in uploads:
-                model_id = add_device_champion(repo, device_id, blob, wfrom, wto, upload_id)
+                try:
+                    model_id = add_device_champion(repo, device_id, blob, wfrom, wto, upload_id)
+                except KnowledgeBaseError as e:  # one device's garbage must not keep the others' unregistered
+                    context.log.warning("%s: champion upload %d quarantined: %s", device_id, upload_id, e)
+                    kb.quarantine([upload_id], "device_champions", str(e))
+                    quarantined.append(upload_id)
+                    continue
                 kb.register_model_upload(upload_id, model_id)
                 added.append(model_id)
         rows = ["| device | champion | since | source |", "|---|---|---|---|"]
@@ -75,22 +82,11 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
         return dg.MaterializeResult(metadata={
             "registered_now": len(added),
             "registered": dg.MetadataValue.json(added),
+            "quarantined_now": len(quarantined),
             "champions": dg.MetadataValue.md("\n".join(rows)),
         })
     finally:
         kb.close()
-
-
-def parse_device_champion(blob: bytes):
-    """(config dict, Forest) of a champion a device uploaded: u16 length | config.json | compact forest bytes."""
-    import struct
-
-    from firmware import isoforest
-
-    (n,) = struct.unpack_from("<H", blob, 0)
-    cfg = json.loads(blob[2:2 + n])
-    forest = isoforest.load(bytes(blob[2 + n:]), [tuple(g) for g in cfg["grid"]])
-    return cfg, forest
 
 
 def add_device_champion(repo, device_id: str, blob: bytes, window_from, window_to, upload_id: int) -> str:
