@@ -194,3 +194,252 @@ def test_a_missing_port_is_retried_with_backoff_and_logged_once_per_change(tmp_p
         assert not any(r.exc_info for r in caplog.records)
     finally:
         port.close()
+
+
+# -- acknowledgement that means stored ------------------------------------------------------------------------
+
+class PtyLink:
+    """The device end of a pty as the firmware's link (readinto/write), for the real DataComm."""
+
+    def __init__(self, port: Pty):
+        self.fd = port.master
+
+    def readinto(self, buf) -> int:
+        try:
+            data = os.read(self.fd, len(buf))
+        except BlockingIOError:
+            return 0
+        buf[:len(data)] = data
+        return len(data)
+
+    def write(self, data) -> None:
+        os.write(self.fd, bytes(data))
+
+
+class State:
+    def __init__(self):
+        self.data = {}
+
+    def save(self):
+        pass
+
+
+def test_an_outage_longer_than_the_outbox_is_recorded_lost_and_the_ack_moves_on(tmp_path):
+    from firmware._compat import ticks_ms
+    from firmware.data_comm import DataComm
+
+    port = Pty()
+    root = tmp_path / "flash"
+    root.mkdir()
+    comm = DataComm(PtyLink(port), str(root), State(), baud=1_000_000, outbox_max=4, upload_every=1,
+                    ack_timeout_ms=300)
+    try:
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}):
+            for i in range(10):  # the gateway is out of reach: 10 uploads for an outbox of 4
+                comm.queue_upload(1000 + i, False, 1, 0.3, (0.01, -0.2, 1.5))
+            assert [e[0] for e in comm.outbox] == [6, 7, 8, 9]
+            kb = KnowledgeBase(tmp_path / "kb.sqlite")
+            deadline = time.time() + 30
+            while (comm.outbox or comm.state.data["gaps"]) and time.time() < deadline:
+                comm.poll()
+                comm.service(ticks_ms())
+                time.sleep(0.002)
+            assert not comm.outbox and comm.state.data["gaps"] == [] and comm.state.data["acked_through"] == 9
+            assert comm.frames_out < 30  # no resend loop
+            assert kb.query("SELECT seq FROM uploads ORDER BY seq") == [(6,), (7,), (8,), (9,)]
+            assert [g[1:4] for g in kb.gaps("dev-a")] == [(0, 5, 6)] and kb.lost_uploads("dev-a") == 6
+    finally:
+        port.close()
+
+
+def test_first_contact_is_explicit_a_lost_upload_0_is_never_acknowledged_as_stored(tmp_path):
+    port = Pty()
+    try:
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}) as svc:
+            port.upload(1)
+            port.upload(2)
+            assert wait_for(lambda: svc.counters["ingested"] == 2)
+            assert acks(port.read(5, timeout=2)) == []  # 0 has not arrived: nothing is acknowledged
+            port.upload(0)
+            assert acks(port.read(5, until=lambda g: 2 in acks(g)))[-1] == 2
+    finally:
+        port.close()
+
+
+def test_a_reused_upload_number_with_new_content_is_refused_and_logged(tmp_path, caplog):
+    port = Pty()
+    caplog.set_level(logging.WARNING, logger="tinyml_dagster.link_service")
+    try:
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}, ingest_socket=tmp_path / "s.sock"):
+            port.upload(0, feats=(0.01, -0.2, 1.5))
+            assert acks(port.read(5, until=lambda g: 0 in acks(g))) == [0]
+            port.upload(0, feats=(0.5, 0.5, 0.5))  # same number, other window
+            got = port.read(5, until=lambda g: refusals(g))
+            assert [n for n, _ in refusals(got)] == [0]
+            port.upload(0, feats=(0.01, -0.2, 1.5))  # a true retransmission is still acknowledged
+            assert 0 in acks(port.read(5, until=lambda g: 0 in acks(g)))
+            c = IngestClient(tmp_path / "s.sock")
+            c.send([("d1", 1, good_line("d1", 1))])
+            assert wait_for(lambda: c.receive_acks() == [("d1", 1)] or not c.in_flight)
+            c.send([("d1", 1, good_line("d1", 1).replace(b"1.0]", b"2.0]"))])
+            assert wait_for(lambda: c.receive_acks() == [] and c.refused)
+        kb = KnowledgeBase(tmp_path / "kb.sqlite")
+        assert kb.query("SELECT f_mean FROM uploads WHERE device_id='dev-a'") == [(messages_f32(0.01),)]
+        assert kb.refusals() == {("dev-a", "upload number reused with different content"): 1,
+                                 ("d1", "upload number reused with different content"): 1}
+        assert any("reused" in r.getMessage() for r in caplog.records)
+    finally:
+        port.close()
+
+
+def messages_f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def test_champion_uploads_are_acknowledged_and_partial_ones_are_bounded(tmp_path):
+    port = Pty()
+    try:
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}) as svc:
+            link = svc._links["dev-a"]
+            for version in range(5000):  # first halves of champions that never complete
+                port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 100 + version, 0, 2) + b"x" * 200)
+            port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 7, 5, 60000) + b"x")
+            blob = champion_blob()
+            chunks = [blob[i:i + 240] for i in range(0, len(blob), 240)]
+            for i, c in enumerate(chunks):
+                port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 0, i, len(chunks)) + c)
+            port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 1, 0, 1) + b"\x03\x00{}}")
+            got = port.read(2, timeout=60)
+            answers = [struct.unpack(messages.CHAMPION_ACK_FORMAT, b) for t, b in got if t == messages.CHAMPION_ACK]
+            assert answers == [(0, messages.CHAMPION_STORED), (1, messages.CHAMPION_REFUSED)]
+            assert len(link.champion_parts) <= 2
+        assert len(KnowledgeBase(tmp_path / "kb.sqlite").model_uploads()) == 1
+    finally:
+        port.close()
+
+
+# -- faults of the database -----------------------------------------------------------------------------------
+
+def database_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Knowledge Base ")]
+
+
+def test_a_database_locked_longer_than_the_timeout_delays_acks_and_nothing_else(tmp_path, caplog):
+    import sqlite3
+
+    port = Pty()
+    kb_path = tmp_path / "kb.sqlite"
+    caplog.set_level(logging.INFO, logger="tinyml_dagster.link_service")
+    try:
+        with running(kb_path, ports={"dev-a": port.path}, db_timeout_s=0.2) as svc:
+            port.upload(0)
+            assert acks(port.read(5, until=lambda g: 0 in acks(g))) == [0]
+            other = sqlite3.connect(str(kb_path), isolation_level=None)
+            other.execute("BEGIN EXCLUSIVE")  # another process holds the write lock for longer than the timeout
+            for no in range(1, 6):
+                port.upload(no)
+            assert acks(port.read(5, timeout=3)) == []  # nothing is acknowledged that is not committed
+            assert svc._links["dev-a"].port_state == "open"
+            other.execute("ROLLBACK")
+            other.close()
+            assert acks(port.read(10, until=lambda g: 5 in acks(g)))[-1] == 5
+        assert KnowledgeBase(kb_path).count_uploads() == 6
+        warned = database_warnings(caplog)
+        assert len(warned) == 1 and str(kb_path) in warned[0] and "locked" in warned[0]
+        assert any(r.getMessage() == "database: recovered" for r in caplog.records)
+    finally:
+        port.close()
+
+
+def test_a_corrupted_database_file_keeps_the_service_up_and_it_resumes_once_replaced(tmp_path, caplog):
+    port = Pty()
+    kb_path = tmp_path / "kb.sqlite"
+    kb_path.write_bytes(b"this is not a database" * 100)
+    caplog.set_level(logging.INFO, logger="tinyml_dagster.link_service")
+    try:
+        with running(kb_path, ports={"dev-a": port.path}, ingest_socket=tmp_path / "s.sock"):
+            port.upload(0)
+            assert acks(port.read(5, timeout=3)) == []
+            warned = database_warnings(caplog)
+            assert len(warned) == 1 and str(kb_path) in warned[0] and "not a database" in warned[0]
+            kb_path.unlink()  # the operator restores (here: removes) the file
+            port.upload(0)
+            assert acks(port.read(5, until=lambda g: 0 in acks(g))) == [0]
+        assert KnowledgeBase(kb_path).count_uploads() == 1
+    finally:
+        port.close()
+
+
+def test_a_full_disk_acks_nothing_keeps_running_and_resumes_when_space_returns(tmp_path):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    sock, ready, kb_path = tmp_path / "s.sock", tmp_path / "ready", tmp_path / "kb.sqlite"
+    p = subprocess.Popen([sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(kb_path), "--no-pool",
+                          "--ingest-socket", str(sock), "--ready-file", str(ready)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for(ready.exists, timeout=60)
+        c = IngestClient(sock)
+        c.send([("d1", s, good_line("d1", s)) for s in range(50)])
+        assert wait_for(lambda: c.receive_acks() is not None and not c.in_flight)
+        # the disk fills up: no file of the service's may grow any more
+        hard = resource.prlimit(p.pid, resource.RLIMIT_FSIZE)[1]
+        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (1, hard))
+        c.send([("d1", s, good_line("d1", s)) for s in range(50, 5000)])
+        got = []
+        deadline = time.time() + 4
+        while time.time() < deadline:
+            got += c.receive_acks()
+        assert p.poll() is None
+        stored = set(KnowledgeBase(kb_path).query("SELECT device_id, seq FROM uploads"))
+        assert set(got) <= stored and len(stored) < 5000  # acked only what is stored; the rest waits
+        resource.prlimit(p.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space returns
+        assert wait_for(lambda: c.receive_acks() is not None and not c.in_flight, timeout=60)
+        assert KnowledgeBase(kb_path).count_uploads() == 5000
+        assert p.poll() is None
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    assert err.decode().count("Knowledge Base %s" % kb_path) == 1, err.decode()[-3000:]
+
+
+# -- configuration --------------------------------------------------------------------------------------------
+
+def test_n_fp_is_parsed_strictly_and_names_the_variable(monkeypatch):
+    import pytest
+
+    from tinyml_dagster import settings
+    from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
+
+    for raw, message in (("0", "TINYML_N_FP=0: must be >= 1"), ("-1", "TINYML_N_FP=-1: must be >= 1"),
+                         ("abc", "TINYML_N_FP='abc': not an integer"), ("2.5", "TINYML_N_FP='2.5': not an integer")):
+        monkeypatch.setenv("TINYML_N_FP", raw)
+        with pytest.raises(settings.ConfigError, match=message):
+            settings.n_fp()
+    monkeypatch.setenv("TINYML_N_FP", " 7 ")
+    assert settings.n_fp() == 7
+    monkeypatch.delenv("TINYML_N_FP")
+    assert settings.n_fp() == 5
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        KnowledgeBaseResource(n_fp=0)
+
+
+def test_device_keys_match_ids_exactly_and_never_fall_back_to_a_new_key(tmp_path):
+    import pytest
+
+    from tinyml_dagster.deployment_agent import DeviceKeys, PackagingError
+
+    k = "ab" * 16
+    for spec, message in ((f"dev-1 ={k}", "item 1 \\('dev-1 '\\)"), (f"={k}", "item 1 \\(''\\)"),
+                          (f"dev-1={k},dev-1={k}", "item 2 .*listed twice"), (f"dev-1=ab cd{k}", "hex digits only"),
+                          ("dev-1=abcd", ">= 16 bytes")):
+        with pytest.raises(PackagingError, match=message):
+            DeviceKeys(root=tmp_path / "keys", env=spec)
+    keys = DeviceKeys(root=tmp_path / "keys", env=f"dev-1={k}")
+    assert keys.key("dev-1") == bytes.fromhex(k)
+    with pytest.raises(PackagingError, match="'dev-2' has no key in TINYML_DEVICE_KEYS"):
+        keys.key("dev-2")
+    assert not (tmp_path / "keys").exists()  # no random key was made up

@@ -1,6 +1,7 @@
 """Gateway link service: commit-then-ack over the ingest socket and a real pty serial port, SIGKILL + restart."""
 
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ import time
 import pytest
 from gateway_harness import Pty, acks, running, wait_for
 
+from firmware import messages
 from tinyml_dagster.knowledge_base import KnowledgeBase
 from tinyml_dagster.link_service import IngestClient
 
@@ -86,6 +88,8 @@ def test_serial_port_upload_is_committed_then_acked(tmp_path):
     port = Pty()
     try:
         with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}):
+            # a device whose uploads 0..9 a gateway acknowledged before says so: this KB moves on from there
+            port.send(messages.UPLOAD_GAP, struct.pack(messages.GAP_FORMAT, 0, 9, messages.GAP_SETTLED))
             for no in (10, 11, 13):  # 12 is lost on the line: the ack must not pass it
                 port.upload(no, anomaly=no == 11, score=0.71 if no == 11 else 0.3)
             kb = KnowledgeBase(tmp_path / "kb.sqlite")
@@ -100,5 +104,6 @@ def test_serial_port_upload_is_committed_then_acked(tmp_path):
                 port.upload(no)
             assert acks(port.read(10, until=lambda g: 13 in acks(g)))[-1] == 13
             assert kb.count_uploads(device_id="dev-a") == 4
+            assert [g[1:4] for g in kb.gaps("dev-a")] == [(0, 9, 10)]
     finally:
         port.close()

@@ -71,6 +71,13 @@ class DataComm:
         self.uploads_acked = 0
         self.uploads_refused = 0  # the gateway will never store them (UPLOAD_REFUSED): dropped, not resent
         self._normal_count = 0
+        self.champion = None  # (version, CHAMPION_CHUNK bodies) until the gateway's CHAMPION_ACK
+        self.champion_sent_at = None
+        self.gap_sent_at = None
+        # after a boot: the numbers a gateway acknowledged before, told once more (a gateway whose Knowledge Base
+        # is new moves its ack past them); state's "gaps": the numbers dropped from a full outbox
+        through = state.data.get("acked_through", -1)
+        self.settled = [[0, through, messages.GAP_SETTLED]] if through >= 0 else []
         self._load_outbox()
 
     # --- outbox (survives reboots)
@@ -116,10 +123,29 @@ class DataComm:
                 if not self.outbox[i][1]:
                     drop = i
                     break
-            self.outbox.pop(drop)
+            lost = self.outbox.pop(drop)[0]
             data["uploads_dropped"] = data.get("uploads_dropped", 0) + 1
+            self._add_gap(lost, lost)
         self.outbox.append([no, anomaly, bytes(body), None])
         self._save_outbox()
+        return True
+
+    # --- gaps: upload numbers that will never come, told to the gateway until its ack passes them
+    def _add_gap(self, first, last):
+        gaps = self.state.data.setdefault("gaps", [])
+        if gaps and gaps[-1][1] + 1 == first and gaps[-1][2] == messages.GAP_DROPPED:
+            gaps[-1][1] = last
+        else:
+            gaps.append([first, last, messages.GAP_DROPPED])
+
+    def _queue_gaps(self, now):
+        """Every ack timeout while gaps are untold: queue an UPLOAD_GAP for each (at most 16 a round)."""
+        gaps = self.settled + self.state.data.get("gaps", [])
+        if not gaps or (self.gap_sent_at is not None and ticks_diff(now, self.gap_sent_at) < self.ack_timeout_ms):
+            return False
+        self.gap_sent_at = now
+        for g in gaps[:16]:
+            self.control.append((messages.UPLOAD_GAP, struct.pack(messages.GAP_FORMAT, g[0], g[1], g[2])))
         return True
 
     # --- sending
@@ -138,6 +164,13 @@ class DataComm:
         """Send at most one frame if the link has finished the previous one; True when something was sent."""
         if self.busy_until is not None and ticks_diff(self.busy_until, now) > 0:
             return False
+        if not self.control and self.champion is not None and (
+                self.champion_sent_at is None or ticks_diff(now, self.champion_sent_at) >= self.ack_timeout_ms):
+            self.champion_sent_at = now
+            for b in self.champion[1]:
+                self.control.append((messages.CHAMPION_CHUNK, b))
+        if not self.control:
+            self._queue_gaps(now)
         if self.control:
             t, b = self.control.pop(0)
             self._write(t, b, now)
@@ -180,6 +213,7 @@ class DataComm:
                 self.bad_messages += 1
                 return
             upto = struct.unpack_from("<I", body, 0)[0]
+            self._acked(upto)
             before = len(self.outbox)
             self.outbox = [e for e in self.outbox if e[0] > upto]
             if len(self.outbox) != before:
@@ -195,6 +229,13 @@ class DataComm:
             if len(self.outbox) != before:
                 self.uploads_refused += 1
                 self._save_outbox()
+        elif msg_type == messages.CHAMPION_ACK:
+            if len(body) < 5:
+                self.bad_messages += 1
+                return
+            version = struct.unpack_from(messages.CHAMPION_ACK_FORMAT, body, 0)[0]
+            if self.champion is not None and self.champion[0] == version:
+                self.champion = None
         elif msg_type in _DEPLOY_TYPES:
             if self.transfer is None:
                 self.send(messages.ERROR, b"no transfer module")
@@ -204,10 +245,24 @@ class DataComm:
         else:
             self.bad_messages += 1
 
+    def _acked(self, upto):
+        """The gateway's cumulative ack: the gaps it passed are told; the next acked-before range starts there."""
+        data = self.state.data
+        data["acked_through"] = max(data.get("acked_through", -1), upto)
+        self.settled = [g for g in self.settled if g[1] > upto]
+        gaps = data.get("gaps", [])
+        if gaps and any(g[1] <= upto for g in gaps):
+            data["gaps"] = [g for g in gaps if g[1] > upto]
+            self.state.save()  # acked_through is saved with the other counters otherwise
+
     def queue_champion(self, version, config_json, compact):
-        """Queue the self-trained champion (config.json and compact bytes) as CHAMPION_CHUNK messages."""
+        """Send the self-trained champion (config.json and compact bytes) as CHAMPION_CHUNK messages, again
+        every ack timeout until the gateway's CHAMPION_ACK."""
         compact = struct.pack("<H", len(config_json)) + config_json + compact
         total = (len(compact) + CHAMPION_CHUNK_DATA - 1) // CHAMPION_CHUNK_DATA
+        chunks = []
         for i in range(total):
             head = struct.pack(CHAMPION_CHUNK_FORMAT, version, i, total)
-            self.send(messages.CHAMPION_CHUNK, head + compact[i * CHAMPION_CHUNK_DATA:(i + 1) * CHAMPION_CHUNK_DATA])
+            chunks.append(head + compact[i * CHAMPION_CHUNK_DATA:(i + 1) * CHAMPION_CHUNK_DATA])
+        self.champion = (version, chunks)
+        self.champion_sent_at = None

@@ -10,6 +10,7 @@ MAX_BODY = 254 - HEADER_SIZE - CHECK_SIZE  # 249
 HELLO = 0x01  # device status: id, champion, version, counters (body: see device engineer's data_comm)
 UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT)
 CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
+UPLOAD_GAP = 0x15  # upload numbers that will never come (body: GAP_FORMAT): the gateway records them as lost
 DEPLOY_HAVE = 0x21  # what the device holds / where a transfer resumes
 DEPLOY_ACK = 0x23  # acknowledgement of a window of data frames
 DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
@@ -17,7 +18,7 @@ DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
 STATUS_REQUEST = 0x02
 UPLOAD_ACK = 0x11  # uploads up to and including an upload number are committed
 UPLOAD_REFUSED = 0x14  # this upload will never be stored (body: UPLOAD_REFUSED_FORMAT + reason): drop it
-CHAMPION_ACK = 0x13
+CHAMPION_ACK = 0x13  # the champion upload is stored or refused for good (body: CHAMPION_ACK_FORMAT)
 DEPLOY_OFFER = 0x20  # a package is coming: id, version, size, hash, manifest
 DEPLOY_DATA = 0x22  # one fragment: offset + bytes
 DEPLOY_COMMIT = 0x24  # all fragments sent: verify and install
@@ -110,6 +111,17 @@ def pack_upload_refused(upload_no, reason):
     """UPLOAD_REFUSED body: the number, then the reason cut to fit one message."""
     return struct.pack(UPLOAD_REFUSED_FORMAT, upload_no) + reason.encode()[:MAX_BODY - 4]
 
+
+# UPLOAD_GAP body: first and last upload number (inclusive) and why they will never come: GAP_DROPPED (the
+# outbox was full), GAP_SETTLED (acknowledged by a gateway before: sent after a boot, so that a gateway with an
+# empty Knowledge Base moves its ack past them). The gateway answers with its cumulative UPLOAD_ACK.
+GAP_FORMAT = "<IIB"
+GAP_DROPPED = 0
+GAP_SETTLED = 1
+# CHAMPION_ACK body: champion version, status (CHAMPION_STORED or CHAMPION_REFUSED; either way: stop sending it).
+CHAMPION_ACK_FORMAT = "<IB"
+CHAMPION_STORED = 0
+CHAMPION_REFUSED = 1
 
 # Deploy bodies (firmware/transfer.py <-> tinyml_dagster/link/protocol.py). Replies start with the u16 seq of
 # the message they answer, so the gateway can tell a fresh reply from a stale or duplicated one.

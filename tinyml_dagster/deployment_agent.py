@@ -56,23 +56,28 @@ class DeviceKeys:
 
     def __init__(self, root: Path | None = None, env: str | None = None) -> None:
         self.root = Path(root) if root is not None else settings.data_dir() / "keys"
-        self._env = {}
+        self._env: dict[str, bytes] = {}
         spec = os.environ.get("TINYML_DEVICE_KEYS", "") if env is None else env
         for i, item in enumerate(filter(None, (s.strip() for s in spec.split(",")))):
             name, sep, hexkey = item.partition("=")
-            try:
-                key = bytes.fromhex(hexkey)
-            except ValueError:
-                key = b""
-            if not sep or len(key) < 16:
-                raise PackagingError(f"TINYML_DEVICE_KEYS item {i + 1} ({name!r}): expected <device>=<hex, >= 16 bytes>")
-            self._env[name] = key
+            where = f"TINYML_DEVICE_KEYS item {i + 1} ({name!r})"
+            if not sep or not _DEVICE_ID.match(name):
+                raise PackagingError(f"{where}: expected <device>=<hex>, device id 1-64 of [A-Za-z0-9_.-] exactly")
+            if not re.fullmatch(r"(?:[0-9a-fA-F]{2}){16,}", hexkey):
+                raise PackagingError(f"{where}: key must be hex digits only, >= 16 bytes")
+            if name in self._env:
+                raise PackagingError(f"{where}: device {name} is listed twice")
+            self._env[name] = bytes.fromhex(hexkey)
 
     def key(self, device_id: str) -> bytes:
-        """The device's key; a new random one is created (and kept, mode 0600) for an unknown device."""
+        """The device's key: from TINYML_DEVICE_KEYS when it is set (an id not listed is an error), else its key
+        file, created with a new random key (mode 0600) on first use."""
         _check_device_id(device_id)
         if device_id in self._env:
             return self._env[device_id]
+        if self._env:  # the keys come from the environment: never a new random key for an id not listed
+            raise PackagingError(f"device {device_id!r} has no key in TINYML_DEVICE_KEYS (listed: "
+                                 f"{', '.join(sorted(self._env))})")
         path = self.root / f"{device_id}.key"
         if not path.exists():
             atomic_write(path, os.urandom(32).hex().encode() + b"\n")

@@ -243,6 +243,8 @@ class IngestResult:
 
     upload_ids: list[int] = field(default_factory=list)
     duplicates: list[bool] = field(default_factory=list)
+    # a repeat whose content differs from what is stored under its number (the stored one stays)
+    conflicts: list[bool] = field(default_factory=list)
 
     @property
     def stored(self) -> int:
@@ -252,16 +254,21 @@ class IngestResult:
 class KnowledgeBase:
     """The Knowledge Base manager over one SQLite database (WAL)."""
 
-    def __init__(self, path: str | Path | None = None, *, synchronous: str = "FULL"):
+    def __init__(self, path: str | Path | None = None, *, synchronous: str = "FULL", timeout_s: float = 60.0):
+        """timeout_s: how long a write waits for another process's lock before sqlite3.OperationalError."""
         self.path = Path(path) if path is not None else settings.kb_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=%s" % synchronous)
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._last_seq: dict[str, int] = {}
-        self.migrate()
+        self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=%s" % synchronous)
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._last_seq: dict[str, int] = {}
+            self.migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -334,6 +341,7 @@ class KnowledgeBase:
                             uid = cur.lastrowid
                             result.upload_ids.append(uid)
                             result.duplicates.append(False)
+                            result.conflicts.append(False)
                             if u.kind == "champion":
                                 c.execute(
                                     "INSERT INTO model_uploads (upload_id, device_id, blob, window_from, window_to)"
@@ -344,10 +352,16 @@ class KnowledgeBase:
                                 self._add_champion(u.device_id, u.champion_id, "reported", now, uid - 1)
                         else:
                             row = c.execute(
-                                "SELECT id FROM uploads WHERE device_id=? AND seq=?", (u.device_id, seq)
+                                "SELECT id, kind, f_mean, f_skewness, f_kurtosis, champion_id, champion_score,"
+                                " champion_decision, window_start, (SELECT blob FROM model_uploads m"
+                                " WHERE m.upload_id = uploads.id) FROM uploads WHERE device_id=? AND seq=?",
+                                (u.device_id, seq),
                             ).fetchone()
                             result.upload_ids.append(row[0])
                             result.duplicates.append(True)
+                            result.conflicts.append(tuple(row[1:]) != (
+                                u.kind, *f, u.champion_id, u.champion_score, u.champion_decision, u.window_start,
+                                u.model_blob))
             except BaseException:
                 self._last_seq.clear()  # the rollback undid our view of the devices' upload numbers
                 raise
@@ -474,6 +488,24 @@ class KnowledgeBase:
         if device_id is not None:
             sql, params = sql + " WHERE device_id=?", (device_id,)
         return [tuple(r) for r in self.query(sql + " ORDER BY id", params)]
+
+    def record_lost(self, device_id: str, first: int, last: int, reason: str) -> int:
+        """A device says upload numbers first..last will never come: record those neither stored nor recorded
+        before as one gap (with their count); returns that count (0: nothing new)."""
+        with self._lock, self.transaction():
+            stored = self._conn.execute(
+                "SELECT COUNT(*) FROM uploads WHERE device_id=? AND kind != 'champion' AND seq BETWEEN ? AND ?",
+                (device_id, first, last)).fetchone()[0]
+            gapped = self._conn.execute(
+                "SELECT COALESCE(SUM(MIN(last_seq, ?) - MAX(first_seq, ?) + 1), 0) FROM upload_gaps"
+                " WHERE device_id=? AND first_seq <= ? AND last_seq >= ?",
+                (last, first, device_id, last, first)).fetchone()[0]
+            lost = (last - first + 1) - stored - gapped
+            if lost > 0:
+                self._conn.execute(
+                    "INSERT INTO upload_gaps (device_id, first_seq, last_seq, lost, reason, at) VALUES (?,?,?,?,?,?)",
+                    (device_id, first, last, lost, reason, time.time()))
+            return max(lost, 0)
 
     def lost_uploads(self, device_id: str | None = None) -> int:
         """How many upload numbers were recorded as lost (never to be stored)."""

@@ -3,7 +3,7 @@
 import struct
 
 from firmware import features, frames, isoforest, messages
-from firmware._compat import exists, sleep_ms, write_json
+from firmware._compat import exists, sleep_ms, ticks_add, write_json
 from firmware.data_comm import unpack_hello
 from firmware.device import Device
 from firmware.tests.util import FakeUART, samples_bytes, scratch, signal
@@ -95,6 +95,59 @@ def test_a_refused_upload_leaves_the_outbox_and_is_not_resent():
     assert dev.comm.uploads_refused == 1
     # the outbox on flash agrees: a reboot does not bring the refused upload back
     assert [e[0] for e in _device(root).comm.outbox] == box[1:]
+
+
+def _due(dev):
+    """Step until what the ack timeout made due is queued, then until it all went out."""
+    for _ in range(5000):
+        if dev.step():
+            break
+        sleep_ms(1)
+    _drain(dev, 5)
+
+
+def test_dropped_uploads_are_told_as_gaps_until_the_ack_passes_them():
+    root = scratch("gaps")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 90)), link)
+    _drain(dev)
+    d = dev.state.data
+    dropped = d["uploads_dropped"]
+    link.tx = bytearray()
+    dev.comm.gap_sent_at = ticks_add(dev.comm.gap_sent_at, -CFG["ack_timeout_ms"])  # the next round is due
+    _due(dev)
+    gaps = [struct.unpack(messages.GAP_FORMAT, b) for t, b in _sent(link) if t == messages.UPLOAD_GAP]
+    told = set()
+    for first, last, why in gaps:
+        assert why == messages.GAP_DROPPED
+        told.update(range(first, last + 1))
+    assert len(told) == dropped and not told & {e[0] for e in dev.comm.outbox}, (gaps, dropped)
+    link.feed(frames.encode(messages.pack(messages.UPLOAD_ACK, 1, struct.pack("<I", d["next_upload"] - 1))))
+    _drain(dev, 10)
+    assert d["gaps"] == [] and d["acked_through"] == d["next_upload"] - 1, d
+    # after a reboot the device tells what a gateway acknowledged before (a gateway with a new KB moves on)
+    link2 = FakeUART()
+    dev2 = _device(root, b"", link2)
+    _drain(dev2)
+    _due(dev2)
+    settled = [struct.unpack(messages.GAP_FORMAT, b) for t, b in _sent(link2) if t == messages.UPLOAD_GAP]
+    assert settled == [(0, d["next_upload"] - 1, messages.GAP_SETTLED)], settled
+
+
+def test_the_champion_upload_is_sent_again_until_the_gateway_acknowledges_it():
+    root = scratch("champ")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 31)), link)
+    _drain(dev)
+    first = [b for t, b in _sent(link) if t == messages.CHAMPION_CHUNK]
+    assert first and dev.comm.champion is not None
+    dev.comm.champion_sent_at = ticks_add(dev.comm.champion_sent_at, -CFG["ack_timeout_ms"])  # no CHAMPION_ACK
+    _due(dev)
+    assert [b for t, b in _sent(link) if t == messages.CHAMPION_CHUNK] == first * 2
+    link.feed(frames.encode(messages.pack(messages.CHAMPION_ACK, 2, struct.pack(messages.CHAMPION_ACK_FORMAT, 0,
+                                                                                 messages.CHAMPION_STORED))))
+    _drain(dev, 5)
+    assert dev.comm.champion is None
 
 
 def _same_champion(dev, forest_bytes):

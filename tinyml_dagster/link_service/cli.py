@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=1.0, help="link time x this = real time (tests: < 1)")
     ap.add_argument("--reply-slack", type=float, default=1.0,
                     help="real seconds added to every deploy reply timeout (busy hosts, scaled time)")
+    ap.add_argument("--db-timeout", type=float, default=5.0,
+                    help="seconds a write waits for another process's database lock before retrying later")
     ap.add_argument("--no-pool", action="store_true", help="store uploads only; Dagster's runs decide them")
     ap.add_argument("--ready-file", help="written once the service listens")
     args = ap.parse_args(argv)
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket,
                       timing=LinkTiming(baud=args.baud, time_scale=args.time_scale),
                       pool_factory=None if args.no_pool else repository_pool_factory(),
-                      reply_slack_s=args.reply_slack)
+                      reply_slack_s=args.reply_slack, db_timeout_s=args.db_timeout)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     signal.signal(signal.SIGINT, lambda *_: svc.stop())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit fails the write (EFBIG), not the process
     if args.ready_file:
         def announce():
             svc.ready.wait()

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 RETRY_MIN_S = 0.5  # a missing or failed port is reopened after this, doubling up to RETRY_MAX_S
 RETRY_MAX_S = 30.0
+MAX_CHAMPION_CHUNKS = 1200  # 1200 x 240 bytes > the largest champion the KB takes (MAX_MODEL_BYTES)
+MAX_PARTIAL_CHAMPIONS = 2  # versions being reassembled at once; a third evicts the oldest
+CHAMPION_EXPIRY_S = 600.0  # a partial champion not completed in this time is dropped
 WRITE_TIMEOUT_S = 2.0  # a frame that cannot leave in this time (nobody reads the port) fails its send
 
 
@@ -29,7 +32,7 @@ class SerialLink:
     refusals), so a port nobody reads never stalls the loop or another port. A port that cannot be opened or
     fails is reopened with exponential backoff, logged once per change of state."""
 
-    def __init__(self, service: LinkService, device_id: str, path: str, kb: KnowledgeBase):
+    def __init__(self, service: LinkService, device_id: str, path: str):
         self.service = service
         self.device_id = device_id
         self.path = path
@@ -37,15 +40,24 @@ class SerialLink:
         self.lock = threading.Lock()  # the transport (receive, deploy)
         self.state_lock = threading.Lock()  # contiguous, committed_above, outgoing, ack_due
         self.tx_seq = 0
-        # highest upload number such that all before it (from the first this gateway saw) are settled: committed,
-        # refused or recorded lost
-        self.contiguous = kb.settled_through(device_id)
+        # highest upload number such that all from 0 through it are settled: committed, refused or recorded lost
+        # (-1: not even upload 0; a device numbers its uploads from 0 and says which numbers will never come);
+        # read from the Knowledge Base once it opens (resume_from)
+        self.contiguous = -1
         self.committed_above: set[int] = set()
+        self.ranges_above: list[tuple[int, int]] = []  # settled ranges above contiguous + 1 (told gaps)
         self.outgoing: deque[tuple[int, bytes]] = deque()  # refusals, in order
         self.ack_due: int | None = None  # the newest cumulative ack not sent yet
         self.transport = None
         self.port_state = "closed"
-        self.champion_parts: dict[int, dict[int, bytes]] = {}
+        self.champion_parts: dict[int, tuple[float, int, dict[int, bytes]]] = {}  # version: (started, total, chunks)
+
+    def resume_from(self, kb: KnowledgeBase) -> None:
+        """How far this device's uploads are settled, from the Knowledge Base (the loop calls it when it opens)."""
+        through = kb.settled_through(self.device_id, start=0)
+        with self.state_lock:
+            self.contiguous = max(self.contiguous, through)
+            self._absorb()
 
     def run(self) -> None:
         from firmware import messages
@@ -122,6 +134,8 @@ class SerialLink:
             self.service.submit(u, self.ack, self.refuse, settles=True)
         elif mtype == messages.CHAMPION_CHUNK:
             self._champion_chunk(bytes(body))
+        elif mtype == messages.UPLOAD_GAP:
+            self._gap(bytes(body), messages)
 
     def _flush(self) -> None:
         """Send what the loop queued (refusals, then the latest cumulative ack) from this port's thread; while the
@@ -149,7 +163,9 @@ class SerialLink:
             self.transport.send(mtype, self.tx_seq, body)
 
     def _champion_chunk(self, body: bytes) -> None:
-        """Reassemble the device's self-trained champion; complete, it is stored once like an upload."""
+        """Reassemble the device's self-trained champion; complete, it is stored once like an upload and answered
+        with CHAMPION_ACK. Partial ones are bounded (versions, chunks) and expire."""
+        from firmware import messages
         from firmware.data_comm import CHAMPION_CHUNK_FORMAT
 
         head = struct.calcsize(CHAMPION_CHUNK_FORMAT)
@@ -157,24 +173,52 @@ class SerialLink:
             log.warning("%s: short CHAMPION_CHUNK", self.device_id)
             return
         version, index, total = struct.unpack_from(CHAMPION_CHUNK_FORMAT, body, 0)
-        parts = self.champion_parts.setdefault(version, {})
+        now = time.monotonic()
+        for v in [v for v, p in self.champion_parts.items() if now - p[0] > CHAMPION_EXPIRY_S]:
+            del self.champion_parts[v]
+        if not 0 <= index < total <= MAX_CHAMPION_CHUNKS:
+            log.warning("%s: CHAMPION_CHUNK %d of %d refused (at most %d chunks)", self.device_id, index, total,
+                        MAX_CHAMPION_CHUNKS)
+            return
+        if version not in self.champion_parts and len(self.champion_parts) >= MAX_PARTIAL_CHAMPIONS:
+            oldest = min(self.champion_parts, key=lambda v: self.champion_parts[v][0])
+            del self.champion_parts[oldest]
+        started, want, parts = self.champion_parts.setdefault(version, (now, total, {}))
+        if want != total:  # a new transfer of this version with another layout: start it over
+            started, want, parts = self.champion_parts[version] = (now, total, {})
         parts[index] = body[head:]
         if len(parts) == total:
             blob = b"".join(parts[i] for i in range(total))
             del self.champion_parts[version]
-            self.service.submit(Upload(self.device_id, CHAMPION_SEQ_BASE + version, "champion", model_blob=blob,
-                                       sent_at=time.time()), lambda u, dup: None)
+            self.service.submit(
+                Upload(self.device_id, CHAMPION_SEQ_BASE + version, "champion", model_blob=blob, sent_at=time.time()),
+                lambda u, dup: self._champion_answer(version, messages.CHAMPION_STORED),
+                lambda u, reason: self._champion_answer(version, messages.CHAMPION_REFUSED), settles=True)
 
-    def _settle(self, n: int) -> int:
-        """Mark upload number n settled (stored, refused or lost); the new cumulative ack."""
-        if self.contiguous is None or n <= self.contiguous + 1:
-            self.contiguous = n if self.contiguous is None else max(self.contiguous, n)
-            while self.contiguous + 1 in self.committed_above:
+    def _settle(self, first: int, last: int | None = None) -> int | None:
+        """Mark upload numbers first..last settled (stored, refused or lost); the new cumulative ack (None: none)."""
+        last = first if last is None else last
+        if first <= self.contiguous + 1:
+            self.contiguous = max(self.contiguous, last)
+        elif first == last:
+            self.committed_above.add(first)
+        else:
+            self.ranges_above.append((first, last))
+        return self._absorb()
+
+    def _absorb(self) -> int | None:
+        """Move contiguous over the settled numbers and ranges that now join it; the cumulative ack (or None)."""
+        while True:
+            if self.contiguous + 1 in self.committed_above:
                 self.committed_above.discard(self.contiguous + 1)
                 self.contiguous += 1
-        else:
-            self.committed_above.add(n)
-        return self.contiguous
+                continue
+            joined = [r for r in self.ranges_above if r[0] <= self.contiguous + 1]
+            if not joined:
+                break
+            self.ranges_above = [r for r in self.ranges_above if r[0] > self.contiguous + 1]
+            self.contiguous = max([self.contiguous] + [r[1] for r in joined])
+        return self.contiguous if self.contiguous >= 0 else None
 
     def ack(self, u: Upload, duplicate: bool) -> None:
         """Upload u is committed: the cumulative UPLOAD_ACK is due (sent by the port's thread)."""
@@ -188,6 +232,29 @@ class SerialLink:
         with self.state_lock:
             self.outgoing.append((messages.UPLOAD_REFUSED, messages.pack_upload_refused(u.seq, reason)))
             self.ack_due = self._settle(u.seq)
+
+    def gap_recorded(self, first: int, last: int) -> None:
+        """The numbers the device said will never come are recorded lost: the ack moves past them."""
+        with self.state_lock:
+            self.ack_due = self._settle(first, last)
+
+    def _champion_answer(self, version: int, status: int) -> None:
+        from firmware import messages
+
+        with self.state_lock:
+            self.outgoing.append((messages.CHAMPION_ACK, struct.pack(messages.CHAMPION_ACK_FORMAT, version, status)))
+
+    def _gap(self, body: bytes, messages) -> None:
+        if len(body) < struct.calcsize(messages.GAP_FORMAT):
+            log.warning("%s: short UPLOAD_GAP", self.device_id)
+            return
+        first, last, why = struct.unpack_from(messages.GAP_FORMAT, body, 0)
+        if first > last:
+            log.warning("%s: UPLOAD_GAP %d..%d is empty", self.device_id, first, last)
+            return
+        reason = {messages.GAP_DROPPED: "dropped by the device (outbox full)",
+                  messages.GAP_SETTLED: "acknowledged before (not in this Knowledge Base)"}.get(why, "lost (%d)" % why)
+        self.service.submit_gap(self.device_id, first, last, reason, self.gap_recorded)
 
     def _deploy(self) -> None:
         req_id, device_id, model_id, blob = self.deploy_pending

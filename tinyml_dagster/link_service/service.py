@@ -21,6 +21,10 @@ Deployer = Callable[[str, bytes, str, object], dict]
 PoolFactory = Callable[[], object]
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
 CHAMPION_SEQ_BASE = 1 << 40
+MAX_QUEUED = 200_000  # uploads waiting for the database; beyond, new ones are dropped unacknowledged
+DB_RETRY_MIN_S = 0.25  # after a database fault the loop retries after this, doubling up to DB_RETRY_MAX_S
+DB_RETRY_MAX_S = 8.0
+REUSED = "upload number reused with different content"
 INVALID_ID = "(invalid id)"  # refusals of uploads without a usable device id are counted under this name
 
 
@@ -47,13 +51,19 @@ def door_problem(u: Upload) -> str | None:
     return reason
 
 
+def _transient(e: sqlite3.Error) -> bool:
+    """A fault the open connection outlives (a lock, a full disk); others reopen the database."""
+    text = str(e).lower()
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text or "full" in text)
+
+
 class LinkService:
     """Ingest loop, ports, ingest socket and deploy queue of one gateway."""
 
     def __init__(self, kb_path: str | Path | None = None, *, ports: dict[str, str] | None = None,
                  ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
                  deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
-                 pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0):
+                 pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0, db_timeout_s: float = 5.0):
         self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
         self.ports = dict(ports or {})
         self.ingest_socket = Path(ingest_socket) if ingest_socket else None
@@ -67,14 +77,19 @@ class LinkService:
         self.batch_max = batch_max
         self.pool_refresh_s = pool_refresh_s
         self.reply_slack_s = reply_slack_s
+        self.db_timeout_s = db_timeout_s  # a write waits this long for another process's lock, then retries later
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self._q: queue.Queue[_Item] = queue.Queue()
+        self._gap_q: queue.Queue[tuple] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._links: dict[str, object] = {}
         self._problems: dict[str, str] = {}
         self._refusals_logged: set[tuple[str, str]] = set()
-        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0}
+        self._retry: list[_Item] = []
+        self._pool, self._pool_at, self._next_decide, self._next_deploy_check = None, 0.0, 0.0, 0.0
+        self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0,
+                         "dropped": 0}
 
     # -- main loop: commit, acknowledge, decide, deploy --------------------------------------------------
 
@@ -82,49 +97,84 @@ class LinkService:
         from tinyml_dagster.link_service.ingest import serve_socket
         from tinyml_dagster.link_service.ports import SerialLink
 
-        kb = KnowledgeBase(self.kb_path)
-        kb.requeue_running()
         for device_id, path in self.ports.items():
-            link = SerialLink(self, device_id, path, kb)
+            link = SerialLink(self, device_id, path)
             self._links[device_id] = link
             self._spawn(link.run, "port-%s" % device_id)
         if self.ingest_socket:
             self._spawn(lambda: serve_socket(self), "ingest-socket")
-        pool, pool_at = None, 0.0
-        next_deploy_check = next_decide = 0.0
         self.ready.set()
         log.info("link service up: kb=%s ports=%s socket=%s", self.kb_path, self.ports, self.ingest_socket)
+        kb: KnowledgeBase | None = None
+        backoff = DB_RETRY_MIN_S
         try:
             while not self.stop_event.is_set():
-                batch = self._take_batch(timeout=0.05)
-                if batch:
-                    self._commit(kb, batch)
-                now = time.monotonic()
-                if self.pool_factory is not None and (not pool_at or now - pool_at > self.pool_refresh_s):
-                    try:
-                        pool = self.pool_factory()
-                    except Exception as e:  # no repository yet: ingest anyway, decide later
-                        if pool is not None or not pool_at:
-                            log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
-                        pool = None
-                    pool_at = now
-                if pool is not None and (batch or now >= next_decide):
-                    next_decide = now + 1.0
-                    try:
-                        self.counters["decided"] += pool.decide_pending(kb).decided
-                    except Exception as e:  # the rows it could not use are quarantined; anything else: next round
-                        self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
-                                       % (type(e).__name__, e))
-                    else:
-                        self._log_once("pool", None)
-                if now >= next_deploy_check:
-                    self._dispatch_deploys(kb)
-                    next_deploy_check = now + 0.2
+                try:
+                    if kb is None:
+                        kb = self._open_kb()
+                    self._turn(kb)
+                except sqlite3.Error as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
+                    self._log_once("database", "Knowledge Base %s: %s: %s (nothing acknowledged; retrying with"
+                                   " backoff up to %.0f s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
+                    if kb is not None and not _transient(e):
+                        kb.close()
+                        kb = None
+                    self.stop_event.wait(backoff)
+                    backoff = min(DB_RETRY_MAX_S, backoff * 2)
+                else:
+                    if backoff != DB_RETRY_MIN_S:
+                        self._log_once("database", None)
+                        backoff = DB_RETRY_MIN_S
         finally:
             self.stop_event.set()
             for t in self._threads:
                 t.join(timeout=5)
+            if kb is not None:
+                kb.close()
+
+    def _open_kb(self) -> KnowledgeBase:
+        """Open the Knowledge Base; each port then learns from it how far its device's uploads are settled."""
+        kb = KnowledgeBase(self.kb_path, timeout_s=self.db_timeout_s)
+        try:
+            kb.requeue_running()
+            for link in self._links.values():
+                link.resume_from(kb)
+        except BaseException:
             kb.close()
+            raise
+        return kb
+
+    def _turn(self, kb: KnowledgeBase) -> None:
+        """One turn of the loop: commit a batch (then acknowledge it), record gaps, decide, hand out deploys."""
+        batch = self._retry or self._take_batch(timeout=0.05)
+        self._retry = batch  # until committed: a database fault leaves it for the next turn
+        if batch:
+            self._commit(kb, batch)
+        self._retry = []
+        self._record_gaps(kb)
+        now = time.monotonic()
+        if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
+            try:
+                self._pool = self.pool_factory()
+            except Exception as e:  # no repository yet: ingest anyway, decide later
+                if self._pool is not None or not self._pool_at:
+                    log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
+                self._pool = None
+            self._pool_at = now
+        if self._pool is not None and (batch or now >= self._next_decide):
+            self._next_decide = now + 1.0
+            try:
+                self.counters["decided"] += self._pool.decide_pending(kb).decided
+            except sqlite3.Error:
+                raise
+            except Exception as e:  # the rows it could not use are quarantined; anything else: next round
+                self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
+                               % (type(e).__name__, e))
+            else:
+                self._log_once("pool", None)
+        if now >= self._next_deploy_check:
+            self._dispatch_deploys(kb)
+            self._next_deploy_check = now + 0.2
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -134,7 +184,31 @@ class LinkService:
                settles: bool = False) -> None:
         """Queue an upload; ack(upload, duplicate) is called once it is committed, refuse(upload, reason) when
         it will never be stored (reason: refused already)."""
+        if self._q.qsize() >= MAX_QUEUED:  # the database is down for long: not acknowledged, the sender resends
+            self.counters["dropped"] += 1
+            return
         self._q.put(_Item(upload, ack, refuse, reason, settles))
+
+    def submit_gap(self, device_id: str, first: int, last: int, reason: str, done: Callable[[int, int], None]
+                   ) -> None:
+        """A port's device says first..last will never come: done(first, last) once that is recorded."""
+        self._gap_q.put((device_id, first, last, reason, done))
+
+    def _record_gaps(self, kb: KnowledgeBase) -> None:
+        while True:
+            try:
+                device_id, first, last, reason, done = self._gap_q.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                lost = kb.record_lost(device_id, first, last, reason)
+            except sqlite3.Error:
+                self._gap_q.put((device_id, first, last, reason, done))
+                raise
+            if lost:
+                log.warning("%s: uploads %d..%d recorded lost (%d never stored): %s", device_id, first, last, lost,
+                            reason)
+            done(first, last)
 
     def _take_batch(self, timeout: float) -> list[_Item]:
         try:
@@ -158,9 +232,12 @@ class LinkService:
             result = kb.ingest([i.upload for i in good])  # committed when this returns
         except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError):
             good, result = self._commit_one_by_one(kb, good, refused)
-        if refused:
-            self._refuse(kb, refused)
-        for item, dup in zip(good, result.duplicates):
+        reused = [(i, REUSED) for i, conflict in zip(good, result.conflicts) if conflict]
+        if refused or reused:
+            self._refuse(kb, refused, reused)
+        for item, dup, conflict in zip(good, result.duplicates, result.conflicts):
+            if conflict:
+                continue
             self.counters["duplicates" if dup else "ingested"] += 1
             try:
                 item.ack(item.upload, dup)
@@ -179,14 +256,19 @@ class LinkService:
             kept.append(item)
             result.upload_ids += one.upload_ids
             result.duplicates += one.duplicates
+            result.conflicts += one.conflicts
         return kept, result
 
-    def _refuse(self, kb: KnowledgeBase, refused: list[tuple[_Item, str]]) -> None:
-        """Count the refusals per device and reason in the KB, log each (device, reason) once, tell the senders."""
+    def _refuse(self, kb: KnowledgeBase, refused: list[tuple[_Item, str]], reused: list[tuple[_Item, str]] = ()
+                ) -> None:
+        """Count the refusals per device and reason in the KB, log each (device, reason) once, tell the senders;
+        a refused number a port's device drops is recorded as lost (a reused one stays stored as first sent)."""
+        refused = list(refused) + list(reused)
         rows = [(i.upload.device_id if valid_id(i.upload.device_id) else INVALID_ID, r, i.upload.seq)
                 for i, r in refused]
         kb.record_refusals(rows)
-        kb.record_gaps([(d, s, s, 1, "refused: " + r) for (item, _), (d, r, s) in zip(refused, rows) if item.settles])
+        kb.record_gaps([(d, s, s, 1, "refused: " + r) for (item, _), (d, r, s) in zip(refused, rows)
+                        if item.settles and r != REUSED and item.upload.kind != "champion"])
         for (item, reason), (device_id, _, seq) in zip(refused, rows):
             self.counters["rejected"] += 1
             if (device_id, reason) not in self._refusals_logged:

@@ -14,9 +14,9 @@ class KnowledgeBaseResource(dg.ConfigurableResource):
     """The Knowledge Base (SQLite, WAL) that the link service writes and the loop reads."""
 
     path: str = Field(default="", description="database path; empty: settings.kb_path() (TINYML_KB_PATH or <data>/kb.sqlite)")
-    n_fp: int = Field(default=5, description="false positives of a champion that trigger its replacement (paper: 5)")
-    deploy_timeout_s: float = Field(default=900.0, description="how long a deploy run waits for the link service")
-    max_deploy_attempts: int = Field(default=3, description="deploys of one episode tried before giving up")
+    n_fp: int = Field(default=5, ge=1, description="false positives of a champion that trigger its replacement (paper: 5)")
+    deploy_timeout_s: float = Field(default=900.0, gt=0, description="how long a deploy run waits for the link service")
+    max_deploy_attempts: int = Field(default=3, ge=1, description="deploys of one episode tried before giving up")
 
     def open(self) -> KnowledgeBase:
         return KnowledgeBase(self.path or None)
