@@ -14,10 +14,14 @@ from firmware import frames, messages
 from tinyml_dagster.link_service import LinkService
 
 
+KEY = bytes(range(32))  # the device key of the tests' devices (the service gets it through `keys`)
+
+
 class Pty:
     """A real pseudo-terminal: the service opens `path`, the test plays the device on the master side."""
 
-    def __init__(self):
+    def __init__(self, device_id: str = "dev-a", key: bytes = KEY):
+        self.device_id, self.key = device_id, key
         self.master, self.slave = pty.openpty()
         tty.setraw(self.master)
         tty.setraw(self.slave)
@@ -40,8 +44,13 @@ class Pty:
                 assert time.time() < deadline, "the gateway stopped reading its port"
                 time.sleep(0.005)
 
+    def sealed(self, tag: bytes, body: bytes) -> bytes:
+        """body with its MAC under this device's key."""
+        return messages.seal(self.key, tag, self.device_id, body)
+
     def upload(self, no: int, feats=(0.01, -0.2, 1.5), anomaly: bool = False, score: float = 0.3) -> None:
-        self.send(messages.UPLOAD, messages.pack_upload(no, 1000 + no, anomaly, 3, score, feats))
+        body = messages.pack_upload(no, 1000 + no, anomaly, 3, score, feats)
+        self.send(messages.UPLOAD, messages.seal(self.key, messages.TAG_UPLOAD, self.device_id, body))
 
     def read(self, want: int, timeout: float = 20.0, until=None) -> list[tuple[int, bytes]]:
         """Up to `want` messages (type, body) from the gateway, or those that arrived within timeout."""
@@ -80,6 +89,7 @@ def refusals(msgs: list[tuple[int, bytes]]) -> list[tuple[int, str]]:
 def running(kb_path, wait_ports: bool = True, **kwargs):
     """The link service in a thread (its ports open, unless not wait_ports), stopped (and checked to have kept
     running) on exit."""
+    kwargs.setdefault("keys", lambda device_id: KEY)
     svc = LinkService(kb_path, **kwargs)
     errors: list[BaseException] = []
 

@@ -12,7 +12,7 @@ import time
 import dagster as dg
 import numpy as np
 
-from gateway_harness import Pty, acks, refusals, running, wait_for
+from gateway_harness import KEY, Pty, acks, refusals, running, wait_for
 from firmware import isoforest, messages
 from firmware.data_comm import CHAMPION_CHUNK_FORMAT
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
@@ -94,6 +94,7 @@ def test_garbage_socket_lines_are_refused_and_never_take_the_service_down(tmp_pa
         b'{"d":"d 1","s":12,"k":"normal","f":[1,2,3],"cd":0}',
         b'{"d":"d1","s":13,"k":"champion"}',
         b'{"d":"d1","s":14,"k":"normal","f":[1,2,3],"cd":0,"w":1e999}',
+        b'{"d":"d1","s":15,"k":"normal","f":[1,2,%s],"cd":0}' % (b"9" * 400),  # an int no float64 holds
     ]
     with running(tmp_path / "kb.sqlite", ingest_socket=tmp_path / "s.sock", pool_factory=real_pool) as svc:
         c = IngestClient(tmp_path / "s.sock")
@@ -132,7 +133,7 @@ def test_a_garbage_champion_over_serial_is_refused_at_the_door(tmp_path):
     port = Pty()
     try:
         with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}) as svc:
-            blob = b"\x10\x00" + b"{" * 16 + b"junk"
+            blob = port.sealed(messages.TAG_CHAMPION, b"\x10\x00" + b"{" * 16 + b"junk")
             port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 0, 0, 1) + blob)
             assert wait_for(lambda: svc.counters["rejected"] == 1)
         kb = KnowledgeBase(tmp_path / "kb.sqlite")
@@ -230,9 +231,10 @@ def test_an_outage_longer_than_the_outbox_is_recorded_lost_and_the_ack_moves_on(
 
     port = Pty()
     root = tmp_path / "flash"
-    root.mkdir()
+    (root / "deploy").mkdir(parents=True)
+    (root / "deploy" / "key").write_bytes(KEY)
     comm = DataComm(PtyLink(port), str(root), State(), baud=1_000_000, outbox_max=4, upload_every=1,
-                    ack_timeout_ms=300)
+                    ack_timeout_ms=300, device_id="dev-a")
     try:
         with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}):
             for i in range(10):  # the gateway is out of reach: 10 uploads for an outbox of 4
@@ -304,14 +306,15 @@ def test_champion_uploads_are_acknowledged_and_partial_ones_are_bounded(tmp_path
             for version in range(5000):  # first halves of champions that never complete
                 port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 100 + version, 0, 2) + b"x" * 200)
             port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 7, 5, 60000) + b"x")
-            blob = champion_blob()
+            blob = port.sealed(messages.TAG_CHAMPION, champion_blob())
             chunks = [blob[i:i + 240] for i in range(0, len(blob), 240)]
             for i, c in enumerate(chunks):
                 port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 0, i, len(chunks)) + c)
-            port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 1, 0, 1) + b"\x03\x00{}}")
+            port.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 1, 0, 1)
+                      + port.sealed(messages.TAG_CHAMPION, b"\x03\x00{}}"))
             got = port.read(2, timeout=60)
             answers = [struct.unpack(messages.CHAMPION_ACK_FORMAT, b) for t, b in got if t == messages.CHAMPION_ACK]
-            assert answers == [(0, messages.CHAMPION_STORED), (1, messages.CHAMPION_REFUSED)]
+            assert sorted(answers) == [(0, messages.CHAMPION_STORED), (1, messages.CHAMPION_REFUSED)]
             assert len(link.champion_parts) <= 2
         assert len(KnowledgeBase(tmp_path / "kb.sqlite").model_uploads()) == 1
     finally:
@@ -443,3 +446,48 @@ def test_device_keys_match_ids_exactly_and_never_fall_back_to_a_new_key(tmp_path
     with pytest.raises(PackagingError, match="'dev-2' has no key in TINYML_DEVICE_KEYS"):
         keys.key("dev-2")
     assert not (tmp_path / "keys").exists()  # no random key was made up
+
+
+# -- authentication -------------------------------------------------------------------------------------------
+
+def test_only_uploads_with_the_device_key_are_stored_and_forgeries_are_not_answered(tmp_path):
+    port = Pty()
+    forger = Pty(key=b"not the device key 0123456789abc")
+    forger.master, forger.slave, forger.decoder = port.master, port.slave, port.decoder  # the same line
+    try:
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}) as svc:
+            forger.upload(0, feats=(9.0, 9.0, 9.0), anomaly=True, score=0.9)  # the next number, first
+            port.send(messages.UPLOAD, messages.pack_upload(1, 1001, True, 3, 0.9, (9.0, 9.0, 9.0)))  # no MAC
+            # nor may anyone but the device say its numbers are lost, or upload its champion
+            forger.send(messages.UPLOAD_GAP, forger.sealed(messages.TAG_GAP, struct.pack(messages.GAP_FORMAT, 0, 99,
+                                                                                         messages.GAP_DROPPED)))
+            forger.send(messages.CHAMPION_CHUNK, struct.pack(CHAMPION_CHUNK_FORMAT, 0, 0, 1)
+                        + forger.sealed(messages.TAG_CHAMPION, champion_blob(isoforest.train(
+                            [[0.0, 0.1, float(i)] for i in range(20)], n_trees=1, psi=4, seed=1))))
+            assert wait_for(lambda: svc.counters["rejected"] == 4)
+            assert port.read(5, timeout=2) == []  # no answer: a refusal would make the real device drop its own
+            port.upload(0)
+            assert acks(port.read(5, until=lambda g: 0 in acks(g))) == [0]
+        kb = KnowledgeBase(tmp_path / "kb.sqlite")
+        assert kb.query("SELECT device_id, seq, kind FROM uploads") == [("dev-a", 0, "normal")]
+        assert kb.refusals() == {("dev-a", "unauthenticated upload (bad or missing MAC)"): 2,
+                                 ("dev-a", "unauthenticated UPLOAD_GAP (bad or missing MAC)"): 1,
+                                 ("dev-a", "unauthenticated champion upload (bad or missing MAC)"): 1}
+        assert kb.gaps() == [] and kb.model_uploads() == []
+    finally:
+        port.close()
+
+
+def test_the_socket_is_local_only_and_refuses_the_ids_of_the_serial_devices(tmp_path):
+    port = Pty()
+    try:
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}, ingest_socket=tmp_path / "s.sock"):
+            assert (tmp_path / "s.sock").stat().st_mode & 0o777 == 0o600
+            c = IngestClient(tmp_path / "s.sock")
+            c.send([("dev-a", 0, good_line("dev-a", 0)), ("gw-7", 0, good_line("gw-7", 0))])
+            got = []
+            assert wait_for(lambda: len(got.__iadd__(c.receive_acks())) == 1 and c.refused)
+            assert got == [("gw-7", 0)] and c.refused[0][0] == ("dev-a", 0)
+        assert KnowledgeBase(tmp_path / "kb.sqlite").query("SELECT device_id FROM uploads") == [("gw-7",)]
+    finally:
+        port.close()

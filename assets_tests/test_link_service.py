@@ -89,7 +89,8 @@ def test_serial_port_upload_is_committed_then_acked(tmp_path):
     try:
         with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}):
             # a device whose uploads 0..9 a gateway acknowledged before says so: this KB moves on from there
-            port.send(messages.UPLOAD_GAP, struct.pack(messages.GAP_FORMAT, 0, 9, messages.GAP_SETTLED))
+            port.send(messages.UPLOAD_GAP, port.sealed(messages.TAG_GAP, struct.pack(messages.GAP_FORMAT, 0, 9,
+                                                                                     messages.GAP_SETTLED)))
             for no in (10, 11, 13):  # 12 is lost on the line: the ack must not pass it
                 port.upload(no, anomaly=no == 11, score=0.71 if no == 11 else 0.3)
             kb = KnowledgeBase(tmp_path / "kb.sqlite")

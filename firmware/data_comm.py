@@ -47,9 +47,11 @@ class DataComm:
     """Frames in and out over `link` (readinto/write: machine.UART or the emulator's bridge)."""
 
     def __init__(self, link, root, state, baud=2400, outbox_max=64, upload_every=10, ack_timeout_ms=5000,
-                 transfer=None, status=None):
+                 transfer=None, status=None, device_id=""):
         self.link = link
         self.root = root
+        self.device_id = device_id
+        self.key = None  # the deploy key (<root>/deploy/key), read once it is provisioned
         self.state = state
         self.ms_per_byte = _BITS_PER_BYTE * 1000 / baud
         self.outbox_max = outbox_max
@@ -116,7 +118,8 @@ class DataComm:
         data = self.state.data
         no = data.get("next_upload", 0)
         data["next_upload"] = no + 1
-        body = messages.pack_upload(no, window_time, anomaly, champion_version, score, feats)
+        body = messages.seal(self._key(), messages.TAG_UPLOAD, self.device_id,
+                             messages.pack_upload(no, window_time, anomaly, champion_version, score, feats))
         if len(self.outbox) >= self.outbox_max:
             drop = 0
             for i in range(len(self.outbox)):
@@ -129,6 +132,12 @@ class DataComm:
         self.outbox.append([no, anomaly, bytes(body), None])
         self._save_outbox()
         return True
+
+    def _key(self):
+        """The device's key, which authenticates its uploads (empty until provisioned: the gateway refuses them)."""
+        if self.key is None and exists(self.root + "/deploy/key"):
+            self.key = read_bytes(self.root + "/deploy/key")
+        return self.key or b""
 
     # --- gaps: upload numbers that will never come, told to the gateway until its ack passes them
     def _add_gap(self, first, last):
@@ -145,7 +154,8 @@ class DataComm:
             return False
         self.gap_sent_at = now
         for g in gaps[:16]:
-            self.control.append((messages.UPLOAD_GAP, struct.pack(messages.GAP_FORMAT, g[0], g[1], g[2])))
+            self.control.append((messages.UPLOAD_GAP, messages.seal(self._key(), messages.TAG_GAP, self.device_id,
+                                                                    struct.pack(messages.GAP_FORMAT, *g))))
         return True
 
     # --- sending
@@ -258,7 +268,8 @@ class DataComm:
     def queue_champion(self, version, config_json, compact):
         """Send the self-trained champion (config.json and compact bytes) as CHAMPION_CHUNK messages, again
         every ack timeout until the gateway's CHAMPION_ACK."""
-        compact = struct.pack("<H", len(config_json)) + config_json + compact
+        compact = messages.seal(self._key(), messages.TAG_CHAMPION, self.device_id,
+                                struct.pack("<H", len(config_json)) + config_json + compact)
         total = (len(compact) + CHAMPION_CHUNK_DATA - 1) // CHAMPION_CHUNK_DATA
         chunks = []
         for i in range(total):

@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from firmware import messages as fmsg
 from firmware import package as fpkg
 
 from . import settings
@@ -91,6 +92,14 @@ class DeviceKeys:
             raise PackagingError(f"{path}: line 1: key of {len(key)} bytes, need >= 16")
         return key
 
+    def existing(self, device_id: str) -> bytes | None:
+        """The device's key if the gateway holds one (TINYML_DEVICE_KEYS or its key file), never a new one."""
+        if device_id in self._env:
+            return self._env[device_id]
+        if self._env or not _DEVICE_ID.match(device_id or "") or not (self.root / f"{device_id}.key").exists():
+            return None
+        return self.key(device_id)
+
     def provision(self, device_id: str, flash_dir: Path) -> Path:
         """Put the device's key where firmware/transfer.py reads it: <flash>/deploy/key (raw bytes)."""
         path = Path(flash_dir) / "deploy" / "key"
@@ -138,6 +147,16 @@ class Package:
     encoding: str
     files: list[dict] = field(default_factory=list)
     head_size: int = 0
+    offer_mac: bytes = b""  # the DEPLOY_OFFER's MAC under the device's key (firmware.messages.seal)
+
+    def offer_body(self) -> bytes:
+        """The DEPLOY_OFFER body before its MAC: sha256, size, version, file count, then sha8 + size per file."""
+        return struct.pack(fmsg.OFFER_FORMAT, self.sha256, self.size, self.version, len(self.files)) + b"".join(
+            struct.pack(fmsg.OFFER_FILE_FORMAT, e["sha8"], e["size"]) for e in self.files)
+
+    def offer(self) -> bytes:
+        """The authenticated DEPLOY_OFFER body."""
+        return self.offer_body() + self.offer_mac
 
     @property
     def sha256(self) -> bytes:
@@ -217,8 +236,10 @@ def build_package(
     data = body + hashlib.sha256(body).digest() + hmac.new(key, body, hashlib.sha256).digest()
     if len(data) > fpkg.MAX_PACKAGE:
         raise PackagingError(f"{model_id}: {encoding} package of {len(data)} bytes > device limit {fpkg.MAX_PACKAGE}")
-    return Package(data=data, model_id=model_id, device_id=device_id, version=version,
-                   encoding=encoding, files=files, head_size=len(head))
+    pkg = Package(data=data, model_id=model_id, device_id=device_id, version=version,
+                  encoding=encoding, files=files, head_size=len(head))
+    pkg.offer_mac = fmsg.mac(key, fmsg.TAG_OFFER, device_id, pkg.offer_body())
+    return pkg
 
 
 def model_file(forest, encoding: str) -> tuple[str, bytes]:

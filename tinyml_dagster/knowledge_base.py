@@ -229,7 +229,13 @@ def _is_int(x) -> bool:
 
 
 def _is_finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A number (not a bool) that is finite as a float64 (an int too large for one is not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def valid_id(x) -> bool:

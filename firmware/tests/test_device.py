@@ -3,7 +3,7 @@
 import struct
 
 from firmware import features, frames, isoforest, messages
-from firmware._compat import exists, sleep_ms, ticks_add, write_json
+from firmware._compat import exists, makedirs, sleep_ms, ticks_add, write_json
 from firmware.data_comm import unpack_hello
 from firmware.device import Device
 from firmware.tests.util import FakeUART, samples_bytes, scratch, signal
@@ -59,7 +59,7 @@ def test_trains_first_champion_then_infers_and_uploads():
     hello = unpack_hello(sent[0][1])
     assert hello["device_id"] == "dev-t" and hello["phase"] == 0
     assert messages.CHAMPION_CHUNK in types
-    ups = [messages.unpack_upload(b) for t, b in sent if t == messages.UPLOAD]
+    ups = [messages.unpack_upload(b[:-messages.MAC_SIZE]) for t, b in sent if t == messages.UPLOAD]
     # 30 inferred windows: every 5th normal one plus every anomaly, bounded by the outbox (6)
     assert len(ups) >= 6
     assert [u[0] for u in ups] == list(range(len(ups)))
@@ -116,7 +116,8 @@ def test_dropped_uploads_are_told_as_gaps_until_the_ack_passes_them():
     link.tx = bytearray()
     dev.comm.gap_sent_at = ticks_add(dev.comm.gap_sent_at, -CFG["ack_timeout_ms"])  # the next round is due
     _due(dev)
-    gaps = [struct.unpack(messages.GAP_FORMAT, b) for t, b in _sent(link) if t == messages.UPLOAD_GAP]
+    gaps = [struct.unpack(messages.GAP_FORMAT, b[:-messages.MAC_SIZE]) for t, b in _sent(link)
+            if t == messages.UPLOAD_GAP]
     told = set()
     for first, last, why in gaps:
         assert why == messages.GAP_DROPPED
@@ -130,7 +131,8 @@ def test_dropped_uploads_are_told_as_gaps_until_the_ack_passes_them():
     dev2 = _device(root, b"", link2)
     _drain(dev2)
     _due(dev2)
-    settled = [struct.unpack(messages.GAP_FORMAT, b) for t, b in _sent(link2) if t == messages.UPLOAD_GAP]
+    settled = [struct.unpack(messages.GAP_FORMAT, b[:-messages.MAC_SIZE]) for t, b in _sent(link2)
+               if t == messages.UPLOAD_GAP]
     assert settled == [(0, d["next_upload"] - 1, messages.GAP_SETTLED)], settled
 
 
@@ -148,6 +150,38 @@ def test_the_champion_upload_is_sent_again_until_the_gateway_acknowledges_it():
                                                                                  messages.CHAMPION_STORED))))
     _drain(dev, 5)
     assert dev.comm.champion is None
+
+
+def test_a_forged_offer_touches_neither_the_transfer_nor_the_flash():
+    from firmware import transfer
+
+    root = scratch("offer")
+    key = b"k" * 32
+    makedirs(root + "/deploy")
+    with open(root + "/deploy/key", "wb") as f:
+        f.write(key)
+
+    class Agent:
+        device_id = "dev-t"
+
+        def champion_info(self):
+            return "", 0
+
+    r = transfer.Receiver(root, Agent())
+    body = struct.pack(messages.OFFER_FORMAT, b"\x11" * 32, 300, 1, 1) + struct.pack(messages.OFFER_FILE_FORMAT,
+                                                                                    b"\x22" * 8, 100)
+    replies = r.handle(messages.DEPLOY_OFFER, messages.seal(key, messages.TAG_OFFER, "dev-t", body), 5)
+    assert [t for t, _ in replies] == [messages.DEPLOY_HAVE]
+    state = open(root + "/deploy/xfer.json").read()
+    big = struct.pack(messages.OFFER_FORMAT, b"\x33" * 32, 500000, 9, 1) + struct.pack(messages.OFFER_FILE_FORMAT,
+                                                                                      b"\x44" * 8, 400000)
+    for forged in (body + bytes(messages.MAC_SIZE), messages.seal(b"x" * 32, messages.TAG_OFFER, "dev-t", big),
+                   messages.seal(key, messages.TAG_OFFER, "dev-u", big), big):
+        replies = r.handle(messages.DEPLOY_OFFER, forged, 6)
+        assert [t for t, _ in replies] == [messages.DEPLOY_RESULT]
+        assert b"unauthenticated" in replies[0][1]
+    assert open(root + "/deploy/xfer.json").read() == state  # the transfer in progress and its resume state
+    assert r.state["digest"] == "11" * 32
 
 
 def _same_champion(dev, forest_bytes):

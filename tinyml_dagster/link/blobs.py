@@ -11,7 +11,7 @@ from tinyml_dagster.knowledge_base import KnowledgeBaseError
 def package_to_blob(pkg) -> bytes:
     """A deployment_agent.Package as bytes for the KB's deploy queue (JSON head + the package bytes)."""
     head = {"model_id": pkg.model_id, "device_id": pkg.device_id, "version": pkg.version,
-            "encoding": pkg.encoding, "head_size": pkg.head_size,
+            "encoding": pkg.encoding, "head_size": pkg.head_size, "offer_mac": pkg.offer_mac.hex(),
             "files": [dict(f, sha8=f["sha8"].hex()) for f in pkg.files]}
     h = json.dumps(head, separators=(",", ":")).encode()
     return struct.pack("<I", len(h)) + h + pkg.data
@@ -25,6 +25,7 @@ def package_from_blob(blob: bytes):
     (n,) = struct.unpack_from("<I", blob, 0)
     head = json.loads(blob[4:4 + n])
     head["files"] = [dict(f, sha8=bytes.fromhex(f["sha8"])) for f in head["files"]]
+    head["offer_mac"] = bytes.fromhex(head.get("offer_mac", ""))
     return Package(data=bytes(blob[4 + n:]), **head)
 
 

@@ -1,8 +1,15 @@
-"""The ingest socket: a Unix socket taking one JSON upload per line and answering `ack <device_id> <seq>`."""
+"""The ingest socket: a Unix socket taking one JSON upload per line and answering `ack <device_id> <seq>`.
+
+It is a trusted local interface (mode 0600: the service's user only; traffic generators, other gateways that
+verified their devices): its lines carry no MAC, so it refuses the ids of the devices on this gateway's serial
+ports, whose uploads are authenticated. Answers: `ack <device_id> <seq>` once committed, `refused <device_id>
+<seq> <reason>` for an upload that will never be stored (do not resend it), `error <message>` for a line that is
+not an upload at all."""
 
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import threading
@@ -37,6 +44,8 @@ def upload_to_json(u: Upload) -> bytes:
                         "w": u.window_start, "t": u.sent_at}, separators=(",", ":")) + "\n").encode()
 
 
+# the ids of the devices on this gateway's serial ports are theirs alone: their uploads are authenticated there
+PORT_OWNED = "device is served by a serial port of this gateway (authenticated uploads only)"
 MAX_LINE = 64 * 1024  # bytes of one JSON line; a longer one closes the connection
 MAX_PENDING_OUT = 1 << 20  # answers waiting for a client that does not read them; beyond, the client is dropped
 
@@ -51,8 +60,13 @@ def serve_socket(service) -> None:
     if path.exists():
         path.unlink()
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(path))
+    staging = path.with_name(path.name + ".new")
+    if staging.exists():
+        staging.unlink()
+    srv.bind(str(staging))
+    os.chmod(staging, 0o600)  # a trusted local interface: only the service's user may connect
     srv.listen(64)
+    os.rename(staging, path)  # the path appears listening and restricted
     srv.setblocking(False)
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -139,7 +153,8 @@ class _SocketConn:
             except KnowledgeBaseError as e:
                 self._send(b"error %s\n" % str(e).encode())
                 continue
-            self.service.submit(u, self.ack, self.refuse)
+            owned = isinstance(u.device_id, str) and u.device_id in self.service.ports
+            self.service.submit(u, self.ack, self.refuse, reason=PORT_OWNED if owned else None)
         return True
 
     def ack(self, u: Upload, duplicate: bool) -> None:

@@ -22,6 +22,10 @@ RETRY_MAX_S = 30.0
 MAX_CHAMPION_CHUNKS = 1200  # 1200 x 240 bytes > the largest champion the KB takes (MAX_MODEL_BYTES)
 MAX_PARTIAL_CHAMPIONS = 2  # versions being reassembled at once; a third evicts the oldest
 CHAMPION_EXPIRY_S = 600.0  # a partial champion not completed in this time is dropped
+KEY_RETRY_S = 10.0
+UNAUTHENTICATED = "unauthenticated upload (bad or missing MAC)"
+UNAUTHENTICATED_GAP = "unauthenticated UPLOAD_GAP (bad or missing MAC)"
+UNAUTHENTICATED_CHAMPION = "unauthenticated champion upload (bad or missing MAC)"
 WRITE_TIMEOUT_S = 2.0  # a frame that cannot leave in this time (nobody reads the port) fails its send
 
 
@@ -50,6 +54,8 @@ class SerialLink:
         self.ack_due: int | None = None  # the newest cumulative ack not sent yet
         self.transport = None
         self.port_state = "closed"
+        self.key: bytes | None = None
+        self.key_checked = -KEY_RETRY_S
         self.champion_parts: dict[int, tuple[float, int, dict[int, bytes]]] = {}  # version: (started, total, chunks)
 
     def resume_from(self, kb: KnowledgeBase) -> None:
@@ -118,6 +124,12 @@ class SerialLink:
             return
         mtype, _seq, body = msg
         if mtype == messages.UPLOAD:
+            body = messages.unseal(self._key(), messages.TAG_UPLOAD, self.device_id, body)
+            if body is None:  # forged or from a device without its key: counted, and never answered (a refusal
+                # would make the real device drop its own upload of that number)
+                stub = Upload(self.device_id, -1, "normal")
+                self.service.submit(stub, self.ack, None, reason=UNAUTHENTICATED)
+                return
             try:
                 no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
             except ValueError as e:
@@ -136,6 +148,17 @@ class SerialLink:
             self._champion_chunk(bytes(body))
         elif mtype == messages.UPLOAD_GAP:
             self._gap(bytes(body), messages)
+
+    def _key(self) -> bytes | None:
+        """This device's key; looked up again every KEY_RETRY_S while the gateway holds none."""
+        now = time.monotonic()
+        if self.key is None and now >= self.key_checked + KEY_RETRY_S:
+            self.key_checked = now
+            self.key = self.service.device_key(self.device_id)
+            self.service._log_once("key-" + self.device_id, None if self.key else
+                                   "%s: the gateway holds no key for it: its uploads cannot be verified and are"
+                                   " not stored" % self.device_id)
+        return self.key
 
     def _flush(self) -> None:
         """Send what the loop queued (refusals, then the latest cumulative ack) from this port's thread; while the
@@ -188,8 +211,13 @@ class SerialLink:
             started, want, parts = self.champion_parts[version] = (now, total, {})
         parts[index] = body[head:]
         if len(parts) == total:
-            blob = b"".join(parts[i] for i in range(total))
+            blob = messages.unseal(self._key(), messages.TAG_CHAMPION, self.device_id,
+                                   b"".join(parts[i] for i in range(total)))
             del self.champion_parts[version]
+            if blob is None:  # not the device's: counted, not answered
+                self.service.submit(Upload(self.device_id, -1, "champion"), self.ack, None,
+                                    reason=UNAUTHENTICATED_CHAMPION)
+                return
             self.service.submit(
                 Upload(self.device_id, CHAMPION_SEQ_BASE + version, "champion", model_blob=blob, sent_at=time.time()),
                 lambda u, dup: self._champion_answer(version, messages.CHAMPION_STORED),
@@ -245,6 +273,10 @@ class SerialLink:
             self.outgoing.append((messages.CHAMPION_ACK, struct.pack(messages.CHAMPION_ACK_FORMAT, version, status)))
 
     def _gap(self, body: bytes, messages) -> None:
+        body = messages.unseal(self._key(), messages.TAG_GAP, self.device_id, body)
+        if body is None:  # only the device may say that its numbers will never come
+            self.service.submit(Upload(self.device_id, -1, "normal"), self.ack, None, reason=UNAUTHENTICATED_GAP)
+            return
         if len(body) < struct.calcsize(messages.GAP_FORMAT):
             log.warning("%s: short UPLOAD_GAP", self.device_id)
             return

@@ -23,7 +23,7 @@ PoolFactory = Callable[[], object]
 CHAMPION_SEQ_BASE = 1 << 40
 MAX_QUEUED = 200_000  # uploads waiting for the database; beyond, new ones are dropped unacknowledged
 DB_RETRY_MIN_S = 0.25  # after a database fault the loop retries after this, doubling up to DB_RETRY_MAX_S
-DB_RETRY_MAX_S = 8.0
+DB_RETRY_MAX_S = 2.0
 REUSED = "upload number reused with different content"
 INVALID_ID = "(invalid id)"  # refusals of uploads without a usable device id are counted under this name
 
@@ -63,7 +63,8 @@ class LinkService:
     def __init__(self, kb_path: str | Path | None = None, *, ports: dict[str, str] | None = None,
                  ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
                  deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
-                 pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0, db_timeout_s: float = 5.0):
+                 pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0, db_timeout_s: float = 5.0,
+                 keys: Callable[[str], bytes | None] | None = None):
         self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
         self.ports = dict(ports or {})
         self.ingest_socket = Path(ingest_socket) if ingest_socket else None
@@ -77,6 +78,8 @@ class LinkService:
         self.batch_max = batch_max
         self.pool_refresh_s = pool_refresh_s
         self.reply_slack_s = reply_slack_s
+        # the device keys that authenticate uploads (default: DeviceKeys().existing; never a new key)
+        self.keys = keys
         self.db_timeout_s = db_timeout_s  # a write waits this long for another process's lock, then retries later
         self.stop_event = threading.Event()
         self.ready = threading.Event()
@@ -189,6 +192,18 @@ class LinkService:
             return
         self._q.put(_Item(upload, ack, refuse, reason, settles))
 
+    def device_key(self, device_id: str) -> bytes | None:
+        """The key of a device (None: the gateway holds none, so nothing of it can be verified)."""
+        if self.keys is None:
+            from tinyml_dagster.deployment_agent import DeviceKeys
+
+            self.keys = DeviceKeys().existing
+        try:
+            return self.keys(device_id)
+        except ValueError as e:  # a bad key file or TINYML_DEVICE_KEYS: named, and nothing is verified
+            self._log_once("keys-" + device_id, "%s: no usable key: %s" % (device_id, e))
+            return None
+
     def submit_gap(self, device_id: str, first: int, last: int, reason: str, done: Callable[[int, int], None]
                    ) -> None:
         """A port's device says first..last will never come: done(first, last) once that is recorded."""
@@ -290,7 +305,7 @@ class LinkService:
     def _log_once(self, topic: str, message: str | None) -> None:
         """Log a topic's problem when it starts or changes, and once when it clears (message None)."""
         last = self._problems.get(topic)
-        if message == last:
+        if message == last or (message is None and last is None):
             return
         if message is None:
             log.info("%s: recovered", topic)
