@@ -18,6 +18,7 @@ from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_p
 
 RECORDING_MANIFEST = "ims_recording.json"
 SUBSAMPLED_INDEX = "index.json"
+ATTEMPTS_DIR = "attempts"  # <asset>.json: when each data asset was last attempted
 
 
 class IMSRecordingConfig(dg.Config):
@@ -53,6 +54,27 @@ def _read_json(path: Path, upstream: str) -> dict:
         raise dg.Failure(f"{path} is missing: materialize {upstream} first") from None
 
 
+def _attempt(asset: str, context: dg.AssetExecutionContext) -> float:
+    """Record that asset is being materialized now (data/attempts/<asset>.json); its output carries the time."""
+    at = time.time()
+    _write_json(settings.data_dir() / ATTEMPTS_DIR / f"{asset}.json", {"at": at, "run_id": context.run.run_id})
+    return at
+
+
+def _check_upstream(asset: str, used_at: float | None, what: str) -> None:
+    """dg.Failure when `asset` was attempted after the output of it this step would read (used_at): that attempt
+    failed or was not followed through, and the data here is older than it."""
+    path = settings.data_dir() / ATTEMPTS_DIR / f"{asset}.json"
+    if not path.exists():
+        return
+    last = json.loads(path.read_text())
+    if used_at is None or last["at"] > used_at:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+        raise dg.Failure(
+            f"{what} comes from before the latest attempt of {asset} (run {last['run_id']} at {when}), which failed "
+            f"or was not followed through: materialize {asset} (and what depends on it) again")
+
+
 def _span(timestamps: Iterable) -> str:
     ts = pd.to_datetime(list(timestamps))
     return f"{ts[0]:%Y-%m-%d %H:%M:%S} .. {ts[-1]:%Y-%m-%d %H:%M:%S} ({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)"
@@ -61,6 +83,7 @@ def _span(timestamps: Iterable) -> str:
 @dg.asset(group_name="data", kinds={"ascii"})
 def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig) -> dg.MaterializeResult:
     """The IMS run-to-failure recording: real files from ims_dir, or the synthetic set 1 generated under data/."""
+    attempt_at = _attempt("ims_recording", context)
     directory = settings.ims_dir(config.ims_dir or None)
     synthetic_run = settings.is_synthetic(directory)
     if synthetic_run:
@@ -81,6 +104,7 @@ def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig)
         "seed": config.seed if synthetic_run else None,
         "n_channels": int(first.shape[1]),
         "files": [p.name for p in paths],
+        "attempt_at": attempt_at,
     }
     _write_json(settings.data_dir() / RECORDING_MANIFEST, manifest)
     rms = np.sqrt((first**2).mean(axis=0))
@@ -105,6 +129,8 @@ def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig)
 def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Every file at 500 Hz, 1 kHz and 2 kHz: FFT, rectangular low-pass at fs/2, inverse FFT at the new rate."""
     manifest = _read_json(settings.data_dir() / RECORDING_MANIFEST, "ims_recording")
+    _check_upstream("ims_recording", manifest.get("attempt_at"), "the recording manifest")
+    attempt_at = _attempt("subsampled_signals", context)
     paths = [Path(manifest["directory"]) / name for name in manifest["files"]]
     started = time.perf_counter()
     signals = subsampling.subsample_files(paths, settings.RATES_HZ)
@@ -122,6 +148,8 @@ def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "timestamps": [str(t) for t in stamps.astype("datetime64[s]")],
             "n_channels": manifest["n_channels"],
             "rates_hz": list(signals),
+            "attempt_at": attempt_at,
+            "recording_attempt_at": manifest.get("attempt_at"),
         },
     )
     context.log.info("subsampled %d files to %s Hz in %.2f s", len(paths), list(signals), seconds)
@@ -172,6 +200,8 @@ def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     rate, bearing = int(key["rate"]), int(key["bearing"])
     src = settings.subsampled_dir()
     index = _read_json(src / SUBSAMPLED_INDEX, "subsampled_signals")
+    _check_upstream("subsampled_signals", index.get("attempt_at"), "the subsampled signals")
+    _check_upstream("ims_recording", index.get("recording_attempt_at"), "the recording of the subsampled signals")
     signals = np.load(src / f"rate={rate}.npy", mmap_mode="r")
     stamps = np.array(index["timestamps"], dtype="datetime64[ns]")
     df = features.feature_windows_frame(signals, stamps, rate, bearing)
