@@ -77,6 +77,34 @@ class Pty:
         os.close(self.slave)
 
 
+class PtyLink:
+    """The device end of a pty as the firmware's link (readinto/write), for the real DataComm."""
+
+    def __init__(self, port: Pty):
+        self.port = port
+
+    def readinto(self, buf) -> int:
+        try:
+            data = os.read(self.port.master, len(buf))
+        except BlockingIOError:
+            return 0
+        buf[:len(data)] = data
+        return len(data)
+
+    def write(self, data) -> None:
+        self.port.write(bytes(data))
+
+
+class State:
+    """The device state DataComm keeps its counters in (RAM only)."""
+
+    def __init__(self):
+        self.data = {}
+
+    def save(self):
+        pass
+
+
 def acks(msgs: list[tuple[int, bytes]]) -> list[int]:
     return [struct.unpack_from("<I", b, 0)[0] for t, b in msgs if t == messages.UPLOAD_ACK]
 

@@ -12,7 +12,7 @@ import time
 import dagster as dg
 import numpy as np
 
-from gateway_harness import KEY, Pty, acks, refusals, running, wait_for
+from gateway_harness import KEY, Pty, PtyLink, State, acks, refusals, running, wait_for
 from firmware import isoforest, messages
 from firmware.data_comm import CHAMPION_CHUNK_FORMAT
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
@@ -198,32 +198,6 @@ def test_a_missing_port_is_retried_with_backoff_and_logged_once_per_change(tmp_p
 
 
 # -- acknowledgement that means stored ------------------------------------------------------------------------
-
-class PtyLink:
-    """The device end of a pty as the firmware's link (readinto/write), for the real DataComm."""
-
-    def __init__(self, port: Pty):
-        self.fd = port.master
-
-    def readinto(self, buf) -> int:
-        try:
-            data = os.read(self.fd, len(buf))
-        except BlockingIOError:
-            return 0
-        buf[:len(data)] = data
-        return len(data)
-
-    def write(self, data) -> None:
-        os.write(self.fd, bytes(data))
-
-
-class State:
-    def __init__(self):
-        self.data = {}
-
-    def save(self):
-        pass
-
 
 def test_an_outage_longer_than_the_outbox_is_recorded_lost_and_the_ack_moves_on(tmp_path):
     from firmware._compat import ticks_ms

@@ -108,6 +108,14 @@ class DataComm:
             out += e[2]
         write_atomic(self._outbox_path(), out)
 
+    def _drop(self, settled):
+        """Remove the uploads whose number is settled(no) from the outbox (and flash); how many went."""
+        before = len(self.outbox)
+        self.outbox = [e for e in self.outbox if not settled(e[0])]
+        if len(self.outbox) != before:
+            self._save_outbox()
+        return before - len(self.outbox)
+
     def queue_upload(self, window_time, anomaly, champion_version, score, feats):
         """Queue an UPLOAD for this window when it is an anomaly or the periodic normal one; True if queued."""
         if not anomaly:
@@ -224,21 +232,13 @@ class DataComm:
                 return
             upto = struct.unpack_from("<I", body, 0)[0]
             self._acked(upto)
-            before = len(self.outbox)
-            self.outbox = [e for e in self.outbox if e[0] > upto]
-            if len(self.outbox) != before:
-                self.uploads_acked += before - len(self.outbox)
-                self._save_outbox()
+            self.uploads_acked += self._drop(lambda no: no <= upto)
         elif msg_type == messages.UPLOAD_REFUSED:
             if len(body) < 4:
                 self.bad_messages += 1
                 return
-            no = struct.unpack_from(messages.UPLOAD_REFUSED_FORMAT, body, 0)[0]
-            before = len(self.outbox)
-            self.outbox = [e for e in self.outbox if e[0] != no]
-            if len(self.outbox) != before:
-                self.uploads_refused += 1
-                self._save_outbox()
+            refused = struct.unpack_from(messages.UPLOAD_REFUSED_FORMAT, body, 0)[0]
+            self.uploads_refused += self._drop(lambda no: no == refused)
         elif msg_type == messages.CHAMPION_ACK:
             if len(body) < 5:
                 self.bad_messages += 1

@@ -106,8 +106,9 @@ class PoolInferenceEngine:
             agree=votes == pool_anomaly[:, None],
         )
 
-    def decide_pending(self, kb: KnowledgeBase, batch: int = 20_000) -> DecideSummary:
-        """Decide every stored window the pool has not decided yet and update the ranking (idempotent)."""
+    def decide_pending(self, kb: KnowledgeBase, batch: int = 20_000, max_batches: int | None = None) -> DecideSummary:
+        """Decide every stored window the pool has not decided yet (at most max_batches batches of them) and
+        update the ranking (idempotent)."""
         pool_id = kb.pool_id(self.model_ids)
         decided = anomalies = fps = 0
         through = self._through.get(str(kb.path), 0)
@@ -130,7 +131,9 @@ class PoolInferenceEngine:
             fps += int(d.false_positive.sum())
             through = last_id
             self._through[str(kb.path)] = through
-            if not full:
+            if max_batches is not None:
+                max_batches -= 1
+            if not full or max_batches == 0:
                 break
         return DecideSummary(decided, anomalies, fps, through)
 

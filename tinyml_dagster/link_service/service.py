@@ -21,6 +21,7 @@ Deployer = Callable[[str, bytes, str, object], dict]
 PoolFactory = Callable[[], object]
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
 CHAMPION_SEQ_BASE = 1 << 40
+DECIDE_BATCH = 5000  # windows the pool decides per turn of the loop
 MAX_QUEUED = 200_000  # uploads waiting for the database; beyond, new ones are dropped unacknowledged
 DB_RETRY_MIN_S = 0.25  # after a database fault the loop retries after this, doubling up to DB_RETRY_MAX_S
 DB_RETRY_MAX_S = 2.0
@@ -166,8 +167,11 @@ class LinkService:
             self._pool_at = now
         if self._pool is not None and (batch or now >= self._next_decide):
             self._next_decide = now + 1.0
-            try:
-                self.counters["decided"] += self._pool.decide_pending(kb).decided
+            try:  # one batch a turn: a backlog of decisions never holds the acks of new uploads back
+                decided = self._pool.decide_pending(kb, batch=DECIDE_BATCH, max_batches=1).decided
+                self.counters["decided"] += decided
+                if decided >= DECIDE_BATCH:
+                    self._next_decide = now
             except sqlite3.Error:
                 raise
             except Exception as e:  # the rows it could not use are quarantined; anything else: next round
