@@ -2,7 +2,8 @@
 
 Sends HELLO at boot and on STATUS_REQUEST, an UPLOAD for every anomaly and every `upload_every`-th normal
 window; uploads stay in a bounded outbox (persisted in outbox.bin) until the gateway's UPLOAD_ACK; unacked ones
-are re-sent after ack_timeout_ms; a full outbox drops its oldest normal upload (else its oldest) and counts it.
+are re-sent after ack_timeout_ms, one the gateway refuses (UPLOAD_REFUSED) is dropped; a full outbox drops its
+oldest normal upload (else its oldest) and counts it.
 Deploy messages go to firmware/transfer.py. Replies and control messages go before uploads.
 """
 
@@ -46,9 +47,11 @@ class DataComm:
     """Frames in and out over `link` (readinto/write: machine.UART or the emulator's bridge)."""
 
     def __init__(self, link, root, state, baud=2400, outbox_max=64, upload_every=10, ack_timeout_ms=5000,
-                 transfer=None, status=None):
+                 transfer=None, status=None, device_id=""):
         self.link = link
         self.root = root
+        self.device_id = device_id
+        self.key = None  # the deploy key (<root>/deploy/key), read once it is provisioned
         self.state = state
         self.ms_per_byte = _BITS_PER_BYTE * 1000 / baud
         self.outbox_max = outbox_max
@@ -68,7 +71,15 @@ class DataComm:
         self.bad_messages = 0
         self.uploads_sent = 0
         self.uploads_acked = 0
+        self.uploads_refused = 0  # the gateway will never store them (UPLOAD_REFUSED): dropped, not resent
         self._normal_count = 0
+        self.champion = None  # (version, CHAMPION_CHUNK bodies) until the gateway's CHAMPION_ACK
+        self.champion_sent_at = None
+        self.gap_sent_at = None
+        # after a boot: the numbers a gateway acknowledged before, told once more (a gateway whose Knowledge Base
+        # is new moves its ack past them); state's "gaps": the numbers dropped from a full outbox
+        through = state.data.get("acked_through", -1)
+        self.settled = [[0, through, messages.GAP_SETTLED]] if through >= 0 else []
         self._load_outbox()
 
     # --- outbox (survives reboots)
@@ -97,6 +108,14 @@ class DataComm:
             out += e[2]
         write_atomic(self._outbox_path(), out)
 
+    def _drop(self, settled):
+        """Remove the uploads whose number is settled(no) from the outbox (and flash); how many went."""
+        before = len(self.outbox)
+        self.outbox = [e for e in self.outbox if not settled(e[0])]
+        if len(self.outbox) != before:
+            self._save_outbox()
+        return before - len(self.outbox)
+
     def queue_upload(self, window_time, anomaly, champion_version, score, feats):
         """Queue an UPLOAD for this window when it is an anomaly or the periodic normal one; True if queued."""
         if not anomaly:
@@ -107,17 +126,44 @@ class DataComm:
         data = self.state.data
         no = data.get("next_upload", 0)
         data["next_upload"] = no + 1
-        body = messages.pack_upload(no, window_time, anomaly, champion_version, score, feats)
+        body = messages.seal(self._key(), messages.TAG_UPLOAD, self.device_id,
+                             messages.pack_upload(no, window_time, anomaly, champion_version, score, feats))
         if len(self.outbox) >= self.outbox_max:
             drop = 0
             for i in range(len(self.outbox)):
                 if not self.outbox[i][1]:
                     drop = i
                     break
-            self.outbox.pop(drop)
+            lost = self.outbox.pop(drop)[0]
             data["uploads_dropped"] = data.get("uploads_dropped", 0) + 1
+            self._add_gap(lost, lost)
         self.outbox.append([no, anomaly, bytes(body), None])
         self._save_outbox()
+        return True
+
+    def _key(self):
+        """The device's key, which authenticates its uploads (empty until provisioned: the gateway refuses them)."""
+        if self.key is None and exists(self.root + "/deploy/key"):
+            self.key = read_bytes(self.root + "/deploy/key")
+        return self.key or b""
+
+    # --- gaps: upload numbers that will never come, told to the gateway until its ack passes them
+    def _add_gap(self, first, last):
+        gaps = self.state.data.setdefault("gaps", [])
+        if gaps and gaps[-1][1] + 1 == first and gaps[-1][2] == messages.GAP_DROPPED:
+            gaps[-1][1] = last
+        else:
+            gaps.append([first, last, messages.GAP_DROPPED])
+
+    def _queue_gaps(self, now):
+        """Every ack timeout while gaps are untold: queue an UPLOAD_GAP for each (at most 16 a round)."""
+        gaps = self.settled + self.state.data.get("gaps", [])
+        if not gaps or (self.gap_sent_at is not None and ticks_diff(now, self.gap_sent_at) < self.ack_timeout_ms):
+            return False
+        self.gap_sent_at = now
+        for g in gaps[:16]:
+            self.control.append((messages.UPLOAD_GAP, messages.seal(self._key(), messages.TAG_GAP, self.device_id,
+                                                                    struct.pack(messages.GAP_FORMAT, *g))))
         return True
 
     # --- sending
@@ -136,6 +182,13 @@ class DataComm:
         """Send at most one frame if the link has finished the previous one; True when something was sent."""
         if self.busy_until is not None and ticks_diff(self.busy_until, now) > 0:
             return False
+        if not self.control and self.champion is not None and (
+                self.champion_sent_at is None or ticks_diff(now, self.champion_sent_at) >= self.ack_timeout_ms):
+            self.champion_sent_at = now
+            for b in self.champion[1]:
+                self.control.append((messages.CHAMPION_CHUNK, b))
+        if not self.control:
+            self._queue_gaps(now)
         if self.control:
             t, b = self.control.pop(0)
             self._write(t, b, now)
@@ -178,11 +231,21 @@ class DataComm:
                 self.bad_messages += 1
                 return
             upto = struct.unpack_from("<I", body, 0)[0]
-            before = len(self.outbox)
-            self.outbox = [e for e in self.outbox if e[0] > upto]
-            if len(self.outbox) != before:
-                self.uploads_acked += before - len(self.outbox)
-                self._save_outbox()
+            self._acked(upto)
+            self.uploads_acked += self._drop(lambda no: no <= upto)
+        elif msg_type == messages.UPLOAD_REFUSED:
+            if len(body) < 4:
+                self.bad_messages += 1
+                return
+            refused = struct.unpack_from(messages.UPLOAD_REFUSED_FORMAT, body, 0)[0]
+            self.uploads_refused += self._drop(lambda no: no == refused)
+        elif msg_type == messages.CHAMPION_ACK:
+            if len(body) < 5:
+                self.bad_messages += 1
+                return
+            version = struct.unpack_from(messages.CHAMPION_ACK_FORMAT, body, 0)[0]
+            if self.champion is not None and self.champion[0] == version:
+                self.champion = None
         elif msg_type in _DEPLOY_TYPES:
             if self.transfer is None:
                 self.send(messages.ERROR, b"no transfer module")
@@ -192,10 +255,25 @@ class DataComm:
         else:
             self.bad_messages += 1
 
+    def _acked(self, upto):
+        """The gateway's cumulative ack: the gaps it passed are told; the next acked-before range starts there."""
+        data = self.state.data
+        data["acked_through"] = max(data.get("acked_through", -1), upto)
+        self.settled = [g for g in self.settled if g[1] > upto]
+        gaps = data.get("gaps", [])
+        if gaps and any(g[1] <= upto for g in gaps):
+            data["gaps"] = [g for g in gaps if g[1] > upto]
+            self.state.save()  # acked_through is saved with the other counters otherwise
+
     def queue_champion(self, version, config_json, compact):
-        """Queue the self-trained champion (config.json and compact bytes) as CHAMPION_CHUNK messages."""
-        compact = messages.pack_champion(config_json, compact)
+        """Send the self-trained champion (config.json and compact bytes) as CHAMPION_CHUNK messages, again
+        every ack timeout until the gateway's CHAMPION_ACK."""
+        compact = messages.seal(self._key(), messages.TAG_CHAMPION, self.device_id,
+                                messages.pack_champion(config_json, compact))
         total = (len(compact) + CHAMPION_CHUNK_DATA - 1) // CHAMPION_CHUNK_DATA
+        chunks = []
         for i in range(total):
             head = struct.pack(CHAMPION_CHUNK_FORMAT, version, i, total)
-            self.send(messages.CHAMPION_CHUNK, head + compact[i * CHAMPION_CHUNK_DATA:(i + 1) * CHAMPION_CHUNK_DATA])
+            chunks.append(head + compact[i * CHAMPION_CHUNK_DATA:(i + 1) * CHAMPION_CHUNK_DATA])
+        self.champion = (version, chunks)
+        self.champion_sent_at = None

@@ -83,7 +83,7 @@ class Device:
         else:
             transfer = transfer_factory(self.root, self.agent)
         self.comm = DataComm(link_uart, self.root, self.state, cfg["baud"], cfg["outbox_max"],
-                             cfg["upload_every"], cfg["ack_timeout_ms"], transfer, self.hello)
+                             cfg["upload_every"], cfg["ack_timeout_ms"], transfer, self.hello, cfg["device_id"])
         self.windows = 0
         self.scored = {}  # champion version -> [windows scored, anomalies] since boot
         self.state.save()

@@ -8,16 +8,18 @@ MAX_BODY = 254 - HEADER_SIZE - CHECK_SIZE  # 249
 
 # device -> gateway
 HELLO = 0x01  # device status: id, champion, version, counters (body: see device engineer's data_comm)
-UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT)
+UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT, then its MAC)
 CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
+UPLOAD_GAP = 0x15  # upload numbers that will never come (body: GAP_FORMAT): the gateway records them as lost
 DEPLOY_HAVE = 0x21  # what the device holds / where a transfer resumes
 DEPLOY_ACK = 0x23  # acknowledgement of a window of data frames
 DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
 # gateway -> device
 STATUS_REQUEST = 0x02
 UPLOAD_ACK = 0x11  # uploads up to and including an upload number are committed
-CHAMPION_ACK = 0x13
-DEPLOY_OFFER = 0x20  # a package is coming: id, version, size, hash, manifest
+UPLOAD_REFUSED = 0x14  # this upload will never be stored (body: UPLOAD_REFUSED_FORMAT + reason): drop it
+CHAMPION_ACK = 0x13  # the champion upload is stored or refused for good (body: CHAMPION_ACK_FORMAT)
+DEPLOY_OFFER = 0x20  # a package is coming: id, version, size, hash, manifest, then its MAC
 DEPLOY_DATA = 0x22  # one fragment: offset + bytes
 DEPLOY_COMMIT = 0x24  # all fragments sent: verify and install
 # either way
@@ -115,6 +117,62 @@ def unpack_upload(body):
     features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
     return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features
 
+
+# Authentication: an UPLOAD body, an UPLOAD_GAP body, a champion blob and a DEPLOY_OFFER body end with a MAC (MAC_SIZE bytes) over the body before it,
+# taken as opaque bytes: HMAC-SHA256(device key, tag | u8 length | device id | body), cut to MAC_SIZE. The
+# upload number inside the UPLOAD body is covered; the gateway stores only uploads whose MAC verifies under the
+# key of the device the port (or id) belongs to, the device starts a transfer only on a verified offer.
+MAC_SIZE = 16
+TAG_UPLOAD = b"TMUP"
+TAG_OFFER = b"TMOF"
+TAG_GAP = b"TMGP"  # an UPLOAD_GAP body is sealed too: only the device may say its numbers will never come
+TAG_CHAMPION = b"TMCH"  # and the champion blob, before it is cut into CHAMPION_CHUNKs
+
+
+def mac(key, tag, device_id, body):
+    """The MAC of a body sent by (UPLOAD) or to (DEPLOY_OFFER) device_id."""
+    from firmware.package import hmac_sha256
+
+    d = device_id.encode()
+    return hmac_sha256(key, tag + bytes([len(d)]) + d + bytes(body))[:MAC_SIZE]
+
+
+def seal(key, tag, device_id, body):
+    """body followed by its MAC."""
+    return bytes(body) + mac(key, tag, device_id, body)
+
+
+def unseal(key, tag, device_id, sealed):
+    """The body of a sealed message whose MAC verifies under key, else None."""
+    from firmware.package import equal
+
+    if not key or len(sealed) < MAC_SIZE:
+        return None
+    body = bytes(sealed[:len(sealed) - MAC_SIZE])
+    if not equal(mac(key, tag, device_id, body), bytes(sealed[len(sealed) - MAC_SIZE:])):
+        return None
+    return body
+
+
+# UPLOAD_REFUSED body: the refused upload number (u32), then the reason (ASCII, the rest of the body).
+UPLOAD_REFUSED_FORMAT = "<I"
+
+
+def pack_upload_refused(upload_no, reason):
+    """UPLOAD_REFUSED body: the number, then the reason cut to fit one message."""
+    return struct.pack(UPLOAD_REFUSED_FORMAT, upload_no) + reason.encode()[:MAX_BODY - 4]
+
+
+# UPLOAD_GAP body: first and last upload number (inclusive) and why they will never come: GAP_DROPPED (the
+# outbox was full), GAP_SETTLED (acknowledged by a gateway before: sent after a boot, so that a gateway with an
+# empty Knowledge Base moves its ack past them). The gateway answers with its cumulative UPLOAD_ACK.
+GAP_FORMAT = "<IIB"
+GAP_DROPPED = 0
+GAP_SETTLED = 1
+# CHAMPION_ACK body: champion version, status (CHAMPION_STORED or CHAMPION_REFUSED; either way: stop sending it).
+CHAMPION_ACK_FORMAT = "<IB"
+CHAMPION_STORED = 0
+CHAMPION_REFUSED = 1
 
 # Deploy bodies (firmware/transfer.py <-> tinyml_dagster/link/protocol.py). Replies start with the u16 seq of
 # the message they answer, so the gateway can tell a fresh reply from a stale or duplicated one.

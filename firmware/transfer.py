@@ -115,7 +115,18 @@ class Receiver:
             return self._result(seq, m.RESULT_REFUSED, "refused: %s" % e)
         return []
 
+    def _key(self):
+        try:
+            with open(self._path("key"), "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
     def _offer(self, body, seq):
+        # authenticated before anything: a forged offer touches neither the transfer in progress nor the flash
+        body = m.unseal(self._key(), m.TAG_OFFER, self.agent.device_id, body)
+        if body is None:
+            return self._result(seq, m.RESULT_REFUSED, "bad signature: unauthenticated offer")
         digest, size, version, n_files = struct.unpack_from(m.OFFER_FORMAT, body, 0)
         if size > package.MAX_PACKAGE:
             return self._result(seq, m.RESULT_REFUSED, "oversized package: %d bytes > %d" % (size, package.MAX_PACKAGE))

@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from firmware import messages as fmsg
 from firmware import package as fpkg
 
 from . import settings
@@ -56,23 +57,28 @@ class DeviceKeys:
 
     def __init__(self, root: Path | None = None, env: str | None = None) -> None:
         self.root = Path(root) if root is not None else settings.data_dir() / "keys"
-        self._env = {}
+        self._env: dict[str, bytes] = {}
         spec = os.environ.get("TINYML_DEVICE_KEYS", "") if env is None else env
         for i, item in enumerate(filter(None, (s.strip() for s in spec.split(",")))):
             name, sep, hexkey = item.partition("=")
-            try:
-                key = bytes.fromhex(hexkey)
-            except ValueError:
-                key = b""
-            if not sep or len(key) < 16:
-                raise PackagingError(f"TINYML_DEVICE_KEYS item {i + 1} ({name!r}): expected <device>=<hex, >= 16 bytes>")
-            self._env[name] = key
+            where = f"TINYML_DEVICE_KEYS item {i + 1} ({name!r})"
+            if not sep or not _DEVICE_ID.match(name):
+                raise PackagingError(f"{where}: expected <device>=<hex>, device id 1-64 of [A-Za-z0-9_.-] exactly")
+            if not re.fullmatch(r"(?:[0-9a-fA-F]{2}){16,}", hexkey):
+                raise PackagingError(f"{where}: key must be hex digits only, >= 16 bytes")
+            if name in self._env:
+                raise PackagingError(f"{where}: device {name} is listed twice")
+            self._env[name] = bytes.fromhex(hexkey)
 
     def key(self, device_id: str) -> bytes:
-        """The device's key; a new random one is created (and kept, mode 0600) for an unknown device."""
+        """The device's key: from TINYML_DEVICE_KEYS when it is set (an id not listed is an error), else its key
+        file, created with a new random key (mode 0600) on first use."""
         _check_device_id(device_id)
         if device_id in self._env:
             return self._env[device_id]
+        if self._env:  # the keys come from the environment: never a new random key for an id not listed
+            raise PackagingError(f"device {device_id!r} has no key in TINYML_DEVICE_KEYS (listed: "
+                                 f"{', '.join(sorted(self._env))})")
         path = self.root / f"{device_id}.key"
         if not path.exists():
             atomic_write(path, os.urandom(32).hex().encode() + b"\n")
@@ -85,6 +91,14 @@ class DeviceKeys:
         if len(key) < 16:
             raise PackagingError(f"{path}: line 1: key of {len(key)} bytes, need >= 16")
         return key
+
+    def existing(self, device_id: str) -> bytes | None:
+        """The device's key if the gateway holds one (TINYML_DEVICE_KEYS or its key file), never a new one."""
+        if device_id in self._env:
+            return self._env[device_id]
+        if self._env or not _DEVICE_ID.match(device_id or "") or not (self.root / f"{device_id}.key").exists():
+            return None
+        return self.key(device_id)
 
     def provision(self, device_id: str, flash_dir: Path) -> Path:
         """Put the device's key where firmware/transfer.py reads it: <flash>/deploy/key (raw bytes)."""
@@ -133,6 +147,16 @@ class Package:
     encoding: str
     files: list[dict] = field(default_factory=list)
     head_size: int = 0
+    offer_mac: bytes = b""  # the DEPLOY_OFFER's MAC under the device's key (firmware.messages.seal)
+
+    def offer_body(self) -> bytes:
+        """The DEPLOY_OFFER body before its MAC: sha256, size, version, file count, then sha8 + size per file."""
+        return struct.pack(fmsg.OFFER_FORMAT, self.sha256, self.size, self.version, len(self.files)) + b"".join(
+            struct.pack(fmsg.OFFER_FILE_FORMAT, e["sha8"], e["size"]) for e in self.files)
+
+    def offer(self) -> bytes:
+        """The authenticated DEPLOY_OFFER body."""
+        return self.offer_body() + self.offer_mac
 
     @property
     def sha256(self) -> bytes:
@@ -160,7 +184,7 @@ class Package:
     def to_blob(self) -> bytes:
         """The package as the Knowledge Base's deploy queue stores it: u32 length, JSON head, package bytes."""
         head = {"model_id": self.model_id, "device_id": self.device_id, "version": self.version,
-                "encoding": self.encoding, "head_size": self.head_size,
+                "encoding": self.encoding, "head_size": self.head_size, "offer_mac": self.offer_mac.hex(),
                 "files": [dict(f, sha8=f["sha8"].hex()) for f in self.files]}
         h = json.dumps(head, separators=(",", ":")).encode()
         return struct.pack("<I", len(h)) + h + self.data
@@ -172,6 +196,7 @@ class Package:
             (n,) = struct.unpack_from("<I", blob or b"", 0)
             head = json.loads(blob[4:4 + n])
             head["files"] = [dict(f, sha8=bytes.fromhex(f["sha8"])) for f in head["files"]]
+            head["offer_mac"] = bytes.fromhex(head.get("offer_mac", ""))
             return cls(data=bytes(blob[4 + n:]), **head)
         except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise PackagingError(f"deploy request package: not a queued package blob ({exc})") from None
@@ -251,8 +276,10 @@ def build_package(
     data = body + hashlib.sha256(body).digest() + hmac.new(key, body, hashlib.sha256).digest()
     if len(data) > fpkg.MAX_PACKAGE:
         raise PackagingError(f"{model_id}: {encoding} package of {len(data)} bytes > device limit {fpkg.MAX_PACKAGE}")
-    return Package(data=data, model_id=model_id, device_id=device_id, version=version,
-                   encoding=encoding, files=files, head_size=len(head))
+    pkg = Package(data=data, model_id=model_id, device_id=device_id, version=version,
+                  encoding=encoding, files=files, head_size=len(head))
+    pkg.offer_mac = fmsg.mac(key, fmsg.TAG_OFFER, device_id, pkg.offer_body())
+    return pkg
 
 
 def model_file(forest, encoding: str) -> tuple[str, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +18,11 @@ CHANNEL_COUNTS = (8, 4)  # set 1: bearings 1-4 x and y; sets 2 and 3: one column
 NAME_FORMAT = "%Y.%m.%d.%H.%M.%S"
 
 _TAB, _LF, _MINUS, _DOT = 9, 10, 45, 46
+# a cell: a plain decimal number (optional sign, digits with an optional point, optional exponent); not the
+# forms only Python's float() takes (1_0.5, inf, nan, surrounding spaces)
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# the largest file worth reading: 20,480 rows of 8 cells of up to 24 characters (the real ones are ~1.1 MB)
+MAX_FILE_BYTES = ROWS * 8 * 24
 _POW10 = 10.0 ** np.arange(23)
 
 
@@ -69,6 +75,12 @@ def file_timestamps(paths: Sequence[str | os.PathLike]) -> np.ndarray:
 def read_ims_file(path: str | os.PathLike, n_channels: int | None = None) -> np.ndarray:
     """One IMS file as float64 (20480, n_channels); IMSFormatError names the file, line and column of bad input."""
     path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise IMSFormatError(path, "file does not exist") from None
+    if size > MAX_FILE_BYTES and path.is_file():
+        raise IMSFormatError(path, f"file of {size} bytes, larger than any IMS file ({MAX_FILE_BYTES} at most)")
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -200,10 +212,7 @@ def _parse_lines(path: Path, raw: bytes) -> np.ndarray:
             raise IMSFormatError(path, f"{len(cells)} columns, expected {n_cols} as on line 1", line=number)
         row = []
         for column, cell in enumerate(cells, start=1):
-            try:
-                value = float(cell)
-            except ValueError:
-                value = math.nan
+            value = float(cell) if _NUMBER.fullmatch(cell) else math.nan
             if not math.isfinite(value):
                 raise IMSFormatError(path, f"non-numeric cell {cell!r}", line=number, column=column)
             row.append(value)

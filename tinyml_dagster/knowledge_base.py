@@ -8,6 +8,7 @@ number) is stored once: the device's upload number (u32, monotonic, survives reb
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -125,7 +126,40 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE deploy_requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
     """,
+    # 3: uploads refused at the door (counted per device and reason), stored rows a later step could not use
+    # (quarantined with the reason), and upload numbers the devices reported lost (ranges, with their count)
+    """
+    CREATE TABLE upload_refusals (
+        device_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        last_seq INTEGER,
+        last_at REAL NOT NULL,
+        PRIMARY KEY (device_id, reason)
+    );
+    CREATE TABLE quarantine (
+        upload_id INTEGER PRIMARY KEY REFERENCES uploads (id),
+        step TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE TABLE upload_gaps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        first_seq INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        lost INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX upload_gaps_device ON upload_gaps (device_id, first_seq);
+    """,
 )
+
+MAX_ID = 64  # characters of a device or champion id
+MAX_SEQ = (1 << 63) - 1
+MAX_WINDOW_BYTES = 64 * 1024
+MAX_MODEL_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -184,22 +218,62 @@ class Upload:
     window_to: float | None = None
 
     def validate(self) -> None:
-        """Raise KnowledgeBaseError naming the bad field."""
-        where = "upload device=%r seq=%r" % (self.device_id, self.seq)
-        if not isinstance(self.device_id, str) or not self.device_id:
-            raise KnowledgeBaseError("%s: field device_id must be a non-empty string" % where)
-        if not isinstance(self.seq, int) or self.seq < 0:
-            raise KnowledgeBaseError("%s: field seq must be a non-negative int" % where)
+        """Raise KnowledgeBaseError naming the bad field (its .reason: the field and rule, without the value)."""
+        reason = self.problem()
+        if reason is not None:
+            err = KnowledgeBaseError("upload device=%.80r seq=%.40r: %s" % (self.device_id, self.seq, reason))
+            err.reason = reason
+            raise err
+
+    def problem(self) -> str | None:
+        """What is wrong with this upload (types, lengths, finiteness, sizes), or None when it can be stored."""
+        if not valid_id(self.device_id):
+            return "field device_id must be 1-%d printable characters without spaces" % MAX_ID
+        if not _is_int(self.seq) or not 0 <= self.seq <= MAX_SEQ:
+            return "field seq must be an int in 0..2**63-1"
         if self.kind not in KINDS:
-            raise KnowledgeBaseError("%s: field kind must be one of %s, got %r" % (where, KINDS, self.kind))
+            return "field kind must be one of %s" % (KINDS,)
+        for name in ("window_start", "sent_at", "window_from", "window_to"):
+            if getattr(self, name) is not None and not _is_finite(getattr(self, name)):
+                return "field %s must be a finite number" % name
+        if self.champion_id is not None and not valid_id(self.champion_id):
+            return "field champion_id must be 1-%d printable characters without spaces" % MAX_ID
+        if self.window is not None and (not isinstance(self.window, bytes) or len(self.window) > MAX_WINDOW_BYTES):
+            return "field window must be at most %d bytes" % MAX_WINDOW_BYTES
         if self.kind == "champion":
-            if not self.model_blob:
-                raise KnowledgeBaseError("%s: field model_blob is required for a champion upload" % where)
-        else:
-            if self.features is None or len(self.features) != 3:
-                raise KnowledgeBaseError("%s: field features must hold 3 values (mean, skewness, kurtosis)" % where)
-            if self.champion_decision not in (0, 1):
-                raise KnowledgeBaseError("%s: field champion_decision must be 0 or 1" % where)
+            if not isinstance(self.model_blob, bytes) or not self.model_blob:
+                return "field model_blob is required for a champion upload"
+            if len(self.model_blob) > MAX_MODEL_BYTES:
+                return "field model_blob must be at most %d bytes" % MAX_MODEL_BYTES
+            return None
+        if not isinstance(self.features, (tuple, list)) or len(self.features) != 3:
+            return "field features must hold 3 values (mean, skewness, kurtosis)"
+        if not all(_is_finite(x) for x in self.features):
+            return "field features must be finite numbers"
+        if self.champion_score is not None and not _is_finite(self.champion_score):
+            return "field champion_score must be a finite number"
+        if not _is_int(self.champion_decision) or self.champion_decision not in (0, 1):
+            return "field champion_decision must be 0 or 1"
+        return None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite(x) -> bool:
+    """A number (not a bool) that is finite as a float64 (an int too large for one is not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def valid_id(x) -> bool:
+    """A device or champion id: 1-MAX_ID printable ASCII characters, no spaces."""
+    return isinstance(x, str) and 0 < len(x) <= MAX_ID and x.isascii() and x.isprintable() and " " not in x
 
 
 @dataclass
@@ -208,6 +282,8 @@ class IngestResult:
 
     upload_ids: list[int] = field(default_factory=list)
     duplicates: list[bool] = field(default_factory=list)
+    # a repeat whose content differs from what is stored under its number (the stored one stays)
+    conflicts: list[bool] = field(default_factory=list)
 
     @property
     def stored(self) -> int:
@@ -217,16 +293,21 @@ class IngestResult:
 class KnowledgeBase:
     """The Knowledge Base manager over one SQLite database (WAL)."""
 
-    def __init__(self, path: str | Path | None = None, *, synchronous: str = "FULL"):
+    def __init__(self, path: str | Path | None = None, *, synchronous: str = "FULL", timeout_s: float = 60.0):
+        """timeout_s: how long a write waits for another process's lock before sqlite3.OperationalError."""
         self.path = Path(path) if path is not None else settings.kb_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=%s" % synchronous)
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._last_seq: dict[str, int] = {}
-        self.migrate()
+        self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=%s" % synchronous)
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._last_seq: dict[str, int] = {}
+            self.migrate()
+        except BaseException:
+            self._conn.close()
+            raise
 
     # -- plumbing -----------------------------------------------------------------------------------------
 
@@ -299,6 +380,7 @@ class KnowledgeBase:
                             uid = cur.lastrowid
                             result.upload_ids.append(uid)
                             result.duplicates.append(False)
+                            result.conflicts.append(False)
                             if u.kind == "champion":
                                 c.execute(
                                     "INSERT INTO model_uploads (upload_id, device_id, blob, window_from, window_to)"
@@ -309,10 +391,16 @@ class KnowledgeBase:
                                 self._add_champion(u.device_id, u.champion_id, "reported", now, uid - 1)
                         else:
                             row = c.execute(
-                                "SELECT id FROM uploads WHERE device_id=? AND seq=?", (u.device_id, seq)
+                                "SELECT id, kind, f_mean, f_skewness, f_kurtosis, champion_id, champion_score,"
+                                " champion_decision, window_start, (SELECT blob FROM model_uploads m"
+                                " WHERE m.upload_id = uploads.id) FROM uploads WHERE device_id=? AND seq=?",
+                                (u.device_id, seq),
                             ).fetchone()
                             result.upload_ids.append(row[0])
                             result.duplicates.append(True)
+                            result.conflicts.append(tuple(row[1:]) != (
+                                u.kind, *f, u.champion_id, u.champion_score, u.champion_decision, u.window_start,
+                                u.model_blob))
             except BaseException:
                 self._last_seq.clear()  # the rollback undid our view of the devices' upload numbers
                 raise
@@ -363,6 +451,7 @@ class KnowledgeBase:
             "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision FROM uploads u"
             " WHERE u.id > ? AND u.kind != 'champion'"
             " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
+            " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
             (after_id, limit),
         )
@@ -383,7 +472,7 @@ class KnowledgeBase:
         """(upload_id, device_id, blob, window_from, window_to, model_id) of champions devices uploaded."""
         sql = "SELECT upload_id, device_id, blob, window_from, window_to, model_id FROM model_uploads"
         if unregistered_only:
-            sql += " WHERE model_id IS NULL"
+            sql += " WHERE model_id IS NULL AND upload_id NOT IN (SELECT upload_id FROM quarantine)"
         return self.query(sql + " ORDER BY upload_id")
 
     def register_model_upload(self, upload_id: int, model_id: str) -> None:
@@ -403,6 +492,93 @@ class KnowledgeBase:
                 self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?", (model_id, cur.episode_id))
             else:
                 self._add_champion(row[0], model_id, "device", time.time(), upload_id)
+
+    # -- refusals at the door and quarantined rows --------------------------------------------------------
+
+    def record_refusals(self, refusals: Iterable[tuple[str, str, int | None]], now: float | None = None) -> None:
+        """Count refused uploads: (device_id, reason, upload number) each adds one to its (device, reason)."""
+        now = time.time() if now is None else now
+        with self._lock, self.transaction():
+            self._conn.executemany(
+                "INSERT INTO upload_refusals (device_id, reason, count, last_seq, last_at) VALUES (?,?,1,?,?)"
+                " ON CONFLICT (device_id, reason) DO UPDATE SET count = count + 1, last_seq = excluded.last_seq,"
+                " last_at = excluded.last_at",
+                [(d, r, s if isinstance(s, int) and 0 <= s <= MAX_SEQ else None, now) for d, r, s in refusals],
+            )
+
+    def refusals(self, device_id: str | None = None) -> dict[tuple[str, str], int]:
+        """{(device_id, reason): count} of the uploads refused at the door."""
+        sql, params = "SELECT device_id, reason, count FROM upload_refusals", ()
+        if device_id is not None:
+            sql, params = sql + " WHERE device_id=?", (device_id,)
+        return {(d, r): n for d, r, n in self.query(sql, params)}
+
+    def record_gaps(self, gaps: Iterable[tuple[str, int, int, int, str]], now: float | None = None) -> None:
+        """Record upload numbers that will never be stored: (device_id, first, last, lost count, reason)."""
+        now = time.time() if now is None else now
+        with self._lock, self.transaction():
+            self._conn.executemany(
+                "INSERT INTO upload_gaps (device_id, first_seq, last_seq, lost, reason, at) VALUES (?,?,?,?,?,?)",
+                [(d, a, b, n, r, now) for d, a, b, n, r in gaps])
+
+    def gaps(self, device_id: str | None = None) -> list[tuple[str, int, int, int, str]]:
+        """(device_id, first, last, lost count, reason) of the recorded gaps, oldest first."""
+        sql, params = "SELECT device_id, first_seq, last_seq, lost, reason FROM upload_gaps", ()
+        if device_id is not None:
+            sql, params = sql + " WHERE device_id=?", (device_id,)
+        return [tuple(r) for r in self.query(sql + " ORDER BY id", params)]
+
+    def record_lost(self, device_id: str, first: int, last: int, reason: str) -> int:
+        """A device says upload numbers first..last will never come: record those neither stored nor recorded
+        before as one gap (with their count); returns that count (0: nothing new)."""
+        with self._lock, self.transaction():
+            stored = self._conn.execute(
+                "SELECT COUNT(*) FROM uploads WHERE device_id=? AND kind != 'champion' AND seq BETWEEN ? AND ?",
+                (device_id, first, last)).fetchone()[0]
+            gapped = self._conn.execute(
+                "SELECT COALESCE(SUM(MIN(last_seq, ?) - MAX(first_seq, ?) + 1), 0) FROM upload_gaps"
+                " WHERE device_id=? AND first_seq <= ? AND last_seq >= ?",
+                (last, first, device_id, last, first)).fetchone()[0]
+            lost = (last - first + 1) - stored - gapped
+            if lost > 0:
+                self._conn.execute(
+                    "INSERT INTO upload_gaps (device_id, first_seq, last_seq, lost, reason, at) VALUES (?,?,?,?,?,?)",
+                    (device_id, first, last, lost, reason, time.time()))
+            return max(lost, 0)
+
+    def lost_uploads(self, device_id: str | None = None) -> int:
+        """How many upload numbers were recorded as lost (never to be stored)."""
+        return sum(g[3] for g in self.gaps(device_id))
+
+    def settled_through(self, device_id: str, start: int | None = None) -> int | None:
+        """The highest upload number n such that every number from start (default: the lowest known) through n is
+        stored or recorded as a gap; start - 1 when start itself is not, None when nothing is known."""
+        spans = [(r[0], r[0]) for r in self.query(
+            "SELECT seq FROM uploads WHERE device_id=? AND kind != 'champion'", (device_id,))]
+        spans += [(r[0], r[1]) for r in self.query(
+            "SELECT first_seq, last_seq FROM upload_gaps WHERE device_id=?", (device_id,))]
+        if not spans:
+            return None if start is None else start - 1
+        spans.sort()
+        n = (spans[0][0] if start is None else start) - 1
+        for a, b in spans:
+            if a > n + 1:
+                break
+            n = max(n, b)
+        return n
+
+    def quarantine(self, upload_ids: Iterable[int], step: str, reason: str) -> None:
+        """Set stored rows aside that `step` cannot use (with the reason): later runs skip them."""
+        now = time.time()
+        with self._lock, self.transaction():
+            self._conn.executemany("INSERT OR IGNORE INTO quarantine (upload_id, step, reason, at) VALUES (?,?,?,?)",
+                                   [(int(i), step, reason[:500], now) for i in upload_ids])
+
+    def quarantined(self) -> list[tuple[int, str, str, str]]:
+        """(upload_id, device_id, step, reason) of the quarantined rows."""
+        return [tuple(r) for r in self.query(
+            "SELECT q.upload_id, u.device_id, q.step, q.reason FROM quarantine q JOIN uploads u ON u.id = q.upload_id"
+            " ORDER BY q.upload_id")]
 
     # -- pool decisions and ranking -----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from firmware import features as fw_features
-from firmware import isoforest, messages
+from firmware import isoforest
 from tinyml_dagster import settings
 from tinyml_dagster.storage import atomic_write
 
@@ -316,13 +316,11 @@ class ModelRepository:
 
 def add_device_champion(repo: ModelRepository, device_id: str, blob: bytes, window_from, window_to,
                         upload_id: int) -> str:
-    """Put a champion a device trained itself (its CHAMPION_CHUNK blob) in the repository with its lineage."""
-    try:
-        config_json, compact = messages.unpack_champion(blob)
-        cfg = json.loads(config_json)
-        forest = isoforest.load(compact, [tuple(g) for g in cfg["grid"]])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"champion upload {upload_id} of device {device_id}: {exc}") from None
+    """Put a champion a device trained itself (its CHAMPION_CHUNK blob) in the repository with its lineage;
+    KnowledgeBaseError naming what is wrong with a blob that is not one."""
+    from tinyml_dagster.link.blobs import parse_device_champion
+
+    cfg, forest = parse_device_champion(blob)
     lineage = {"source": "device", "device_id": device_id, "device_model_id": cfg.get("model_id"),
                "device_version": cfg.get("version"), "window_from": window_from, "window_to": window_to,
                "kb_upload_id": upload_id}

@@ -106,8 +106,9 @@ class PoolInferenceEngine:
             agree=votes == pool_anomaly[:, None],
         )
 
-    def decide_pending(self, kb: KnowledgeBase, batch: int = 20_000) -> DecideSummary:
-        """Decide every stored window the pool has not decided yet and update the ranking (idempotent)."""
+    def decide_pending(self, kb: KnowledgeBase, batch: int = 20_000, max_batches: int | None = None) -> DecideSummary:
+        """Decide every stored window the pool has not decided yet (at most max_batches batches of them) and
+        update the ranking (idempotent)."""
         pool_id = kb.pool_id(self.model_ids)
         decided = anomalies = fps = 0
         through = self._through.get(str(kb.path), 0)
@@ -115,10 +116,9 @@ class PoolInferenceEngine:
             rows = kb.undecided(limit=batch, after_id=through)
             if not rows:
                 break
+            last_id, full = rows[-1][0], len(rows) == batch
+            rows, d = self._decide_rows(kb, self._usable(kb, rows))
             ids = [r[0] for r in rows]
-            X = np.array([[r[2], r[3], r[4]] for r in rows], dtype=np.float64)
-            champ = np.array([r[5] or 0 for r in rows], dtype=bool)
-            d = self.decide(X, champ)
             scores32 = d.scores.astype("<f4")
             va = d.votes.sum(axis=1)
             out = [
@@ -129,11 +129,51 @@ class PoolInferenceEngine:
             decided += kb.store_decisions(pool_id, self.model_ids, out)
             anomalies += int(d.pool_anomaly.sum())
             fps += int(d.false_positive.sum())
-            through = ids[-1]
+            through = last_id
             self._through[str(kb.path)] = through
-            if len(rows) < batch:
+            if max_batches is not None:
+                max_batches -= 1
+            if not full or max_batches == 0:
                 break
         return DecideSummary(decided, anomalies, fps, through)
+
+    def _usable(self, kb: KnowledgeBase, rows: list[tuple]) -> list[tuple]:
+        """The rows the pool can score; the others (features that are not finite numbers, a champion decision
+        that is not 0/1) are quarantined with the reason, so one row never stops the decisions on every other."""
+        good, bad = [], {}
+        for r in rows:
+            try:
+                x = np.array(r[2:5], dtype=np.float64)
+            except (TypeError, ValueError):
+                x = np.array([np.nan])
+            if not np.isfinite(x).all():
+                bad[r[0]] = "features are not 3 finite numbers"
+            elif r[5] not in (None, 0, 1):
+                bad[r[0]] = "champion decision is not 0 or 1"
+            else:
+                good.append(r)
+        for uid, reason in bad.items():
+            kb.quarantine([uid], "pool_decisions", reason)
+        return good
+
+    def _decide_rows(self, kb: KnowledgeBase, rows: list[tuple]) -> tuple[list[tuple], PoolDecision]:
+        """The pool's decision on rows; when the candidates fail on the batch, the failing rows are found one
+        at a time and quarantined with the error."""
+        def run(rs):
+            X = np.array([[r[2], r[3], r[4]] for r in rs], dtype=np.float64).reshape(-1, 3)
+            return self.decide(X, np.array([r[5] or 0 for r in rs], dtype=bool))
+
+        try:
+            return rows, run(rows)
+        except Exception:
+            kept = []
+            for r in rows:
+                try:
+                    run([r])
+                    kept.append(r)
+                except Exception as e:
+                    kb.quarantine([r[0]], "pool_decisions", "pool scoring failed: %s: %s" % (type(e).__name__, e))
+            return kept, run(kept)
 
     def top_candidate(self, kb: KnowledgeBase, exclude: Sequence[str] = ()) -> str:
         """The best-ranked candidate of this pool (excluding e.g. the current champion); ties by model id."""

@@ -69,9 +69,27 @@ def ims_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(chosen).resolve() if chosen else generated_ims_dir()
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the variable and the rule."""
+
+
+def env_int(name: str, default: int, minimum: int | None = None) -> int:
+    """An integer environment variable, parsed strictly (ConfigError naming it otherwise); default when unset."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    text = raw.strip()
+    if not (text.isdigit() or (text[0] in "+-" and text[1:].isdigit())):
+        raise ConfigError("%s=%r: not an integer" % (name, raw))
+    value = int(text)
+    if minimum is not None and value < minimum:
+        raise ConfigError("%s=%d: must be >= %d" % (name, value, minimum))
+    return value
+
+
 def synthetic_files(default: int = 240) -> int:
     """Files of the synthetic recording (TINYML_SYNTHETIC_FILES; 2156 is full-scale set 1)."""
-    return int(os.environ.get("TINYML_SYNTHETIC_FILES") or default)
+    return env_int("TINYML_SYNTHETIC_FILES", default, minimum=1)
 
 
 def is_synthetic(directory: Path) -> bool:
@@ -112,7 +130,7 @@ def bench_dir(root: Path | None = None) -> Path:
 
 def n_fp() -> int:
     """False positives of a champion that trigger its replacement (TINYML_N_FP, paper: 5)."""
-    return int(os.environ.get("TINYML_N_FP", "5"))
+    return env_int("TINYML_N_FP", 5, minimum=1)
 
 
 def device_flash_dir(device_id: str, root: Path | None = None) -> Path:

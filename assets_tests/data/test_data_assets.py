@@ -88,19 +88,35 @@ def test_ims_dir_from_environment(data_dir, tmp_path, monkeypatch):
     assert set(df.axis) == {"x"} and len(df) == 2  # set 2: one column per bearing, one file
 
 
+def _stored(data_dir):
+    """What the data assets stored (their attempt times aside)."""
+    out = {}
+    for p in data_dir.rglob("*"):
+        if p.is_file() and p.parent.name != "attempts":
+            out[p] = p.read_bytes()
+            if p.suffix == ".json":
+                out[p] = json.dumps({k: v for k, v in json.loads(out[p]).items() if not k.endswith("attempt_at")})
+    return out
+
+
 def test_bad_recording_fails_naming_file_and_keeps_stored_data(data_dir, tmp_path):
     real = tmp_path / "real"
     shutil.copytree(FIXTURES / "1st_test", real)
     assert all(r.success for r in assets.materialize_data(rates_hz=(500,), bearings=(1,), ims_dir=str(real)))
-    before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
+    before = _stored(data_dir)
 
     lines = (real / "2003.10.22.12.09.13").read_text().splitlines(keepends=True)
     lines[41] = lines[41].replace("\t", "\t?", 1)
     (real / "2003.10.22.12.09.13").write_text("".join(lines))
     with pytest.raises(ims.IMSFormatError, match=r"2003.10.22.12.09.13, line 42, column 2: non-numeric cell"):
         assets.materialize_data(rates_hz=(500,), bearings=(1,), ims_dir=str(real))
-    after = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
-    assert after == before  # the manifest may be rewritten identically; no array or table half-written
+    assert _stored(data_dir) == before  # the manifest may be rewritten (same files); no array or table half-written
+
+    # the step after the failed one does not go on with the data of the attempt before without saying so
+    with pytest.raises(dg.Failure, match="comes from before the latest attempt of subsampled_signals"):
+        dg.materialize([assets.feature_windows, assets.subsampled_signals], selection=[assets.feature_windows],
+                       partition_key=feature_partition_key(500, 1))
+    assert _stored(data_dir) == before
 
     with pytest.raises(ims.IMSFormatError, match="IMS directory is empty"):
         empty = tmp_path / "empty"

@@ -61,7 +61,7 @@ class Gateway:
 
 
 def _uploads(got):
-    return [messages.unpack_upload(b) for t, _, b, _ in got if t == messages.UPLOAD]
+    return [messages.unpack_upload(b[:-messages.MAC_SIZE]) for t, _, b, _ in got if t == messages.UPLOAD]
 
 
 def _gateway_features(files):

@@ -10,8 +10,8 @@ from firmware import features, isoforest
 from tinyml_dagster.micropython_vm import MicroPythonVM
 
 # collection is off in the WASI VM (its GC misses roots held in wasm locals), so tests get a large heap
-VM_HEAP = 16 * 1024 * 1024
-VM_MEMORY = 64 * 1024 * 1024
+VM_HEAP = 40 * 1024 * 1024
+VM_MEMORY = 96 * 1024 * 1024
 
 
 def _vm(flash):

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from firmware import messages
 from firmware import package as fpkg
 from tinyml_dagster import deployment_agent as da
 from tinyml_dagster.link import DeployError, Deployer, SerialTransport
@@ -73,20 +74,28 @@ def test_a_lost_install_answer_is_confirmed_on_the_next_offer(tmp_path):
         _close(link, device, transport)
 
 
+def _offered(good: da.Package, data: bytes) -> da.Package:
+    """good with other bytes, offered by a gateway that holds the device key (the offer itself verifies)."""
+    pkg = dataclasses.replace(good, data=data)
+    pkg.offer_mac = messages.mac(KEY, messages.TAG_OFFER, pkg.device_id, pkg.offer_body())
+    return pkg
+
+
 def _bad_packages(good: da.Package, old: da.Package):
     data = good.data
     body = bytearray(data[:-64])
     body[good.head_size + 20] ^= 0xFF  # inside the model file; the attacker recomputes the sha256
     tampered = bytes(body) + hashlib.sha256(bytes(body)).digest() + data[-32:]
-    yield "corrupted", dataclasses.replace(good, data=data[:-64] + bytes(32) + data[-32:]), "sha256 mismatch"
-    yield "unsigned", dataclasses.replace(good, data=data[:-32] + bytes(32)), "bad signature"
-    yield "tampered", dataclasses.replace(good, data=tampered), "hash mismatch"
+    yield "corrupted", _offered(good, data[:-64] + bytes(32) + data[-32:]), "sha256 mismatch"
+    yield "unsigned", _offered(good, data[:-32] + bytes(32)), "bad signature"
+    yield "tampered", _offered(good, tampered), "hash mismatch"
     other_key = da.build_package("evil", ("model.bin", b"x" * 100), {}, device_id="dev-1", version=9,
                                  key=b"not-the-device-key!")
     yield "forged", other_key, "bad signature"
-    yield "truncated", dataclasses.replace(good, data=data[:300] + data[-64:]), "truncated"
+    yield "truncated", _offered(good, data[:300] + data[-64:]), "truncated"
     yield "replayed", old, "replayed or old package"
-    yield "oversized", dataclasses.replace(good, data=data + bytes(fpkg.MAX_PACKAGE)), "oversized package"
+    yield "oversized", _offered(good, data + bytes(fpkg.MAX_PACKAGE)), "oversized package"
+    yield "unauthenticated offer", dataclasses.replace(good, offer_mac=bytes(16)), "unauthenticated offer"
 
 
 def test_bad_packages_are_never_activated(tmp_path):

@@ -1,20 +1,18 @@
 """Gateway link service: commit-then-ack over the ingest socket and a real pty serial port, SIGKILL + restart."""
 
-import os
-import pty
 import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
-import tty
 
 import pytest
+from gateway_harness import Pty, acks, running, wait_for
 
-from firmware import frames, messages
+from firmware import messages
 from tinyml_dagster.knowledge_base import KnowledgeBase
-from tinyml_dagster.link_service import IngestClient, LinkService
+from tinyml_dagster.link_service import IngestClient
 
 
 def line(d, s, k=1.0):
@@ -86,56 +84,27 @@ def test_socket_ingest_acks_after_commit_and_survives_sigkill(tmp_path):
                 proc.wait(timeout=30)
 
 
-def read_frames(fd, decoder, want, timeout=20):
-    got = []
-    deadline = time.time() + timeout
-    while len(got) < want and time.time() < deadline:
-        try:
-            data = os.read(fd, 256)
-        except BlockingIOError:
-            time.sleep(0.01)
-            continue
-        for b in data:
-            n = decoder.feed(b)
-            if n:
-                got.append(bytes(decoder.buf[:n]))
-    return got
-
-
 def test_serial_port_upload_is_committed_then_acked(tmp_path):
-    master, slave = pty.openpty()
-    tty.setraw(master)
-    tty.setraw(slave)
-    os.set_blocking(master, False)
-    path = os.ttyname(slave)
-    svc = LinkService(tmp_path / "kb.sqlite", ports={"dev-a": path})
-    t = threading.Thread(target=svc.run, daemon=True)
-    t.start()
+    port = Pty()
     try:
-        assert svc.ready.wait(30)
-        time.sleep(0.3)  # the port thread opens the pty
-        dec = frames.FrameDecoder()
-        for no in (10, 11, 13):  # 12 is lost on the line: the ack must not pass it
-            body = messages.pack_upload(no, 1000 + no, no == 11, 3, 0.71 if no == 11 else 0.3, (0.01, -0.2, 1.5))
-            os.write(master, frames.encode(messages.pack(messages.UPLOAD, no, body)))
-        acks = []
-        for payload in read_frames(master, dec, 3):
-            mtype, _, ack_body = messages.unpack(payload)
-            assert mtype == messages.UPLOAD_ACK
-            acks.append(struct.unpack("<I", bytes(ack_body))[0])
-        assert acks == [10, 11, 11]
-        kb = KnowledgeBase(tmp_path / "kb.sqlite")
-        rows = kb.query("SELECT seq, kind, champion_id, champion_decision, window_start FROM uploads ORDER BY seq")
-        assert rows == [(10, "normal", "3", 0, 1010.0), (11, "anomaly", "3", 1, 1011.0), (13, "normal", "3", 0, 1013.0)]
-        # the device retransmits 12 and 13: both acked up to 13, 13 stored once
-        for no in (12, 13):
-            body = messages.pack_upload(no, 1000 + no, False, 3, 0.3, (0.01, -0.2, 1.5))
-            os.write(master, frames.encode(messages.pack(messages.UPLOAD, no, body)))
-        acks = [struct.unpack("<I", bytes(messages.unpack(p)[2]))[0] for p in read_frames(master, dec, 2)]
-        assert acks == [13, 13]
-        assert kb.count_uploads(device_id="dev-a") == 4
+        with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}):
+            # a device whose uploads 0..9 a gateway acknowledged before says so: this KB moves on from there
+            port.send(messages.UPLOAD_GAP, port.sealed(messages.TAG_GAP, struct.pack(messages.GAP_FORMAT, 0, 9,
+                                                                                     messages.GAP_SETTLED)))
+            for no in (10, 11, 13):  # 12 is lost on the line: the ack must not pass it
+                port.upload(no, anomaly=no == 11, score=0.71 if no == 11 else 0.3)
+            kb = KnowledgeBase(tmp_path / "kb.sqlite")
+            assert wait_for(lambda: kb.count_uploads(device_id="dev-a") == 3)
+            got = port.read(10, timeout=3)  # acks coalesce: at least one, never past 11
+            assert acks(got) and set(acks(got)) <= {10, 11} and acks(got)[-1] == 11
+            rows = kb.query("SELECT seq, kind, champion_id, champion_decision, window_start FROM uploads ORDER BY seq")
+            assert rows == [(10, "normal", "3", 0, 1010.0), (11, "anomaly", "3", 1, 1011.0),
+                            (13, "normal", "3", 0, 1013.0)]
+            # the device retransmits 12 and 13: acked up to 13, 13 stored once
+            for no in (12, 13):
+                port.upload(no)
+            assert acks(port.read(10, until=lambda g: 13 in acks(g)))[-1] == 13
+            assert kb.count_uploads(device_id="dev-a") == 4
+            assert [g[1:4] for g in kb.gaps("dev-a")] == [(0, 9, 10)]
     finally:
-        svc.stop()
-        t.join(timeout=10)
-        os.close(master)
-        os.close(slave)
+        port.close()

@@ -57,6 +57,20 @@ def test_build_verify_extract_roundtrip(tmp_path):
     assert (out / "__init__.py").exists()
 
 
+@pytest.mark.parametrize("name", ["../evil.bin", "sub/evil.bin", ".hidden", "/abs.bin"])
+def test_a_signed_package_with_a_path_in_a_file_name_is_refused_and_writes_nothing(tmp_path, name):
+    pkg = da.build_package("b1_t10", (name, _model_bytes()), {"threshold": 0.6}, device_id="dev-1", version=3,
+                           key=KEY)
+    path = _write(tmp_path, pkg.data)
+    with pytest.raises(fpkg.PackageError, match="bad file name"):
+        fpkg.verify(path, KEY, "dev-1", 2)
+    out = tmp_path / "stage" / "new"
+    out.mkdir(parents=True)
+    with pytest.raises(fpkg.PackageError, match="bad file name"):
+        fpkg.parse_header(pkg.data[:1024])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "stage", "stage.pkg"]
+
+
 def test_device_hmac_matches_python_hmac():
     for key in (b"k" * 16, KEY, b"x" * 100):
         for msg in (b"", b"abc", bytes(1000)):

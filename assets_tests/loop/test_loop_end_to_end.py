@@ -50,9 +50,11 @@ def test_run_in_champion_false_positives_trigger_a_replacement_and_the_pool_conf
     assert [c.source for c in kb.champions("esp32-demo")] == ["device"] + ["deploy"] * f["replacements"]
     # the first replacement happened while the bearing was healthy (the recording's defect starts at 70% of life)
     assert first["windows"] + 64 < 0.7 * f["windows"]
-    # later in life, the failing bearing's anomalies are confirmed by the pool
-    last = f["champions"][-1]
-    assert last["confirmed_anomalies"] >= 20 and last["confirmed_anomalies"] > last["false_positives"]
+    # later in life, the failing bearing's anomalies are confirmed by the pool (whichever deployed champion ran
+    # then: how many replacements happen before depends on the host's pace)
+    deployed = f["champions"][1:]
+    confirmed = sum(c["confirmed_anomalies"] for c in deployed)
+    assert confirmed >= 20 and confirmed > sum(c["false_positives"] for c in deployed)
     # the deploy honoured the 2,400-baud wire time and its figures are in the KB
     assert f["deploy_wire_seconds"] >= f["package_bytes"] / 240
     assert 0 < f["occupation"] <= 1

@@ -3,7 +3,7 @@
 import struct
 
 from firmware import features, frames, isoforest, messages
-from firmware._compat import exists, sleep_ms, write_json
+from firmware._compat import exists, makedirs, sleep_ms, ticks_add, write_json
 from firmware.data_comm import unpack_hello
 from firmware.device import Device
 from firmware.tests.util import FakeUART, samples_bytes, scratch, signal
@@ -59,7 +59,7 @@ def test_trains_first_champion_then_infers_and_uploads():
     hello = unpack_hello(sent[0][1])
     assert hello["device_id"] == "dev-t" and hello["phase"] == 0
     assert messages.CHAMPION_CHUNK in types
-    ups = [messages.unpack_upload(b) for t, b in sent if t == messages.UPLOAD]
+    ups = [messages.unpack_upload(b[:-messages.MAC_SIZE]) for t, b in sent if t == messages.UPLOAD]
     # 30 inferred windows: every 5th normal one plus every anomaly, bounded by the outbox (6)
     assert len(ups) >= 6
     assert [u[0] for u in ups] == list(range(len(ups)))
@@ -80,6 +80,108 @@ def test_outbox_is_bounded_drops_are_counted_and_acks_clear_it():
     _drain(dev, 10)
     assert [e[0] for e in dev.comm.outbox] == [last - 1, last]
     assert dev.comm.uploads_acked == 4
+
+
+def test_a_refused_upload_leaves_the_outbox_and_is_not_resent():
+    root = scratch("refused")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 60)), link)
+    _drain(dev)
+    box = [e[0] for e in dev.comm.outbox]
+    assert len(box) >= 2
+    link.feed(frames.encode(messages.pack(messages.UPLOAD_REFUSED, 1, messages.pack_upload_refused(box[0], "no"))))
+    _drain(dev, 10)
+    assert [e[0] for e in dev.comm.outbox] == box[1:]
+    assert dev.comm.uploads_refused == 1
+    # the outbox on flash agrees: a reboot does not bring the refused upload back
+    assert [e[0] for e in _device(root).comm.outbox] == box[1:]
+
+
+def _due(dev):
+    """Step until what the ack timeout made due is queued, then until it all went out."""
+    for _ in range(5000):
+        if dev.step():
+            break
+        sleep_ms(1)
+    _drain(dev, 5)
+
+
+def test_dropped_uploads_are_told_as_gaps_until_the_ack_passes_them():
+    root = scratch("gaps")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 90)), link)
+    _drain(dev)
+    d = dev.state.data
+    dropped = d["uploads_dropped"]
+    link.tx = bytearray()
+    dev.comm.gap_sent_at = ticks_add(dev.comm.gap_sent_at, -CFG["ack_timeout_ms"])  # the next round is due
+    _due(dev)
+    gaps = [struct.unpack(messages.GAP_FORMAT, b[:-messages.MAC_SIZE]) for t, b in _sent(link)
+            if t == messages.UPLOAD_GAP]
+    told = set()
+    for first, last, why in gaps:
+        assert why == messages.GAP_DROPPED
+        told.update(range(first, last + 1))
+    assert len(told) == dropped and not told & {e[0] for e in dev.comm.outbox}, (gaps, dropped)
+    link.feed(frames.encode(messages.pack(messages.UPLOAD_ACK, 1, struct.pack("<I", d["next_upload"] - 1))))
+    _drain(dev, 10)
+    assert d["gaps"] == [] and d["acked_through"] == d["next_upload"] - 1, d
+    # after a reboot the device tells what a gateway acknowledged before (a gateway with a new KB moves on)
+    link2 = FakeUART()
+    dev2 = _device(root, b"", link2)
+    _drain(dev2)
+    _due(dev2)
+    settled = [struct.unpack(messages.GAP_FORMAT, b[:-messages.MAC_SIZE]) for t, b in _sent(link2)
+               if t == messages.UPLOAD_GAP]
+    assert settled == [(0, d["next_upload"] - 1, messages.GAP_SETTLED)], settled
+
+
+def test_the_champion_upload_is_sent_again_until_the_gateway_acknowledges_it():
+    root = scratch("champ")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 31)), link)
+    _drain(dev)
+    first = [b for t, b in _sent(link) if t == messages.CHAMPION_CHUNK]
+    assert first and dev.comm.champion is not None
+    dev.comm.champion_sent_at = ticks_add(dev.comm.champion_sent_at, -CFG["ack_timeout_ms"])  # no CHAMPION_ACK
+    _due(dev)
+    assert [b for t, b in _sent(link) if t == messages.CHAMPION_CHUNK] == first * 2
+    link.feed(frames.encode(messages.pack(messages.CHAMPION_ACK, 2, struct.pack(messages.CHAMPION_ACK_FORMAT, 0,
+                                                                                 messages.CHAMPION_STORED))))
+    _drain(dev, 5)
+    assert dev.comm.champion is None
+
+
+def test_a_forged_offer_touches_neither_the_transfer_nor_the_flash():
+    from firmware import transfer
+
+    root = scratch("offer")
+    key = b"k" * 32
+    makedirs(root + "/deploy")
+    with open(root + "/deploy/key", "wb") as f:
+        f.write(key)
+
+    class Agent:
+        device_id = "dev-t"
+
+        def champion_info(self):
+            return "", 0
+
+    r = transfer.Receiver(root, Agent())
+    body = struct.pack(messages.OFFER_FORMAT, b"\x11" * 32, 300, 1, 1) + struct.pack(messages.OFFER_FILE_FORMAT,
+                                                                                    b"\x22" * 8, 100)
+    replies = r.handle(messages.DEPLOY_OFFER, messages.seal(key, messages.TAG_OFFER, "dev-t", body), 5)
+    assert [t for t, _ in replies] == [messages.DEPLOY_HAVE]
+    state = open(root + "/deploy/xfer.json").read()
+    big = struct.pack(messages.OFFER_FORMAT, b"\x33" * 32, 500000, 9, 1) + struct.pack(messages.OFFER_FILE_FORMAT,
+                                                                                      b"\x44" * 8, 400000)
+    for forged in (body + bytes(messages.MAC_SIZE), messages.seal(b"x" * 32, messages.TAG_OFFER, "dev-t", big),
+                   messages.seal(key, messages.TAG_OFFER, "dev-u", big), big):
+        replies = r.handle(messages.DEPLOY_OFFER, forged, 6)
+        assert [t for t, _ in replies] == [messages.DEPLOY_RESULT]
+        assert b"unauthenticated" in replies[0][1]
+    assert open(root + "/deploy/xfer.json").read() == state  # the transfer in progress and its resume state
+    assert r.state["digest"] == "11" * 32
 
 
 def _same_champion(dev, forest_bytes):

@@ -165,8 +165,7 @@ class Deployer:
         t0 = time.monotonic()
         w0_out, w0_in = self.t.wire_bytes_out, self.t.wire_bytes_in
         rep = DeployReport(installed=False, reason="", package_sha256=pkg.sha256.hex(), package_bytes=pkg.size)
-        offer = struct.pack(m.OFFER_FORMAT, pkg.sha256, pkg.size, pkg.version, len(pkg.files)) + b"".join(
-            struct.pack(m.OFFER_FILE_FORMAT, e["sha8"], e["size"]) for e in pkg.files)
+        offer = pkg.offer()
         sent_once: set[int] = set()
         try:
             for attempt in range(self.retries):

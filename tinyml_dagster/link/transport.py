@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import time
 from dataclasses import dataclass
 
@@ -26,13 +27,20 @@ class LinkTiming:
 
 
 class SerialTransport:
-    """Messages (type, seq, body) over the real pySerialTransfer; counts what it puts on and takes off the wire."""
+    """Messages (type, seq, body) over the real pySerialTransfer; counts what it puts on and takes off the wire.
 
-    def __init__(self, port: str, timing: LinkTiming = LinkTiming()) -> None:
+    OSError names the port when it cannot be opened; with write_timeout_s a port nobody reads fails a send
+    (OSError) instead of blocking it forever."""
+
+    def __init__(self, port: str, timing: LinkTiming = LinkTiming(), write_timeout_s: float | None = None) -> None:
         self.timing = timing
         self.link = txfer.SerialTransfer(port, baud=115200 if port.startswith("/dev/pts") else timing.baud,
-                                         debug=False, restrict_ports=False, timeout=0.002)
-        self.link.open()
+                                         debug=False, restrict_ports=False, timeout=0.002,
+                                         write_timeout=write_timeout_s)
+        try:  # the port itself, not link.open(), which logs a traceback and carries on when the port is missing
+            self.link.connection.open()
+        except (OSError, ValueError) as e:
+            raise OSError("serial port %s: %s" % (port, e)) from None
         self.tx_busy_until = 0.0  # real time when our last frame has left the wire
         self.wire_bytes_out = 0
         self.wire_bytes_in = 0
@@ -56,6 +64,10 @@ class SerialTransport:
         self.wire_bytes_out += wire
         self.frames_out += 1
         return wire
+
+    def writable(self) -> bool:
+        """True when the port takes bytes now (its reader keeps up); a port nobody reads stays False."""
+        return bool(select.select([], [self.link.connection.fileno()], [], 0)[1])
 
     def drain_time(self) -> float:
         """Real seconds until what we sent has left the wire."""

@@ -20,6 +20,7 @@ from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_p
 
 RECORDING_MANIFEST = "ims_recording.json"
 SUBSAMPLED_INDEX = "index.json"
+ATTEMPTS_DIR = "attempts"  # <asset>.json: when each data asset was last attempted
 
 
 class IMSRecordingConfig(dg.Config):
@@ -82,6 +83,27 @@ def _read_json(path: Path, upstream: str) -> dict:
         raise dg.Failure(f"{path} is missing: materialize {upstream} first") from None
 
 
+def _attempt(asset: str, context: dg.AssetExecutionContext) -> float:
+    """Record that asset is being materialized now (data/attempts/<asset>.json); its output carries the time."""
+    at = time.time()
+    _write_json(settings.data_dir() / ATTEMPTS_DIR / f"{asset}.json", {"at": at, "run_id": context.run.run_id})
+    return at
+
+
+def _check_upstream(asset: str, used_at: float | None, what: str) -> None:
+    """dg.Failure when `asset` was attempted after the output of it this step would read (used_at): that attempt
+    failed or was not followed through, and the data here is older than it."""
+    path = settings.data_dir() / ATTEMPTS_DIR / f"{asset}.json"
+    if not path.exists():
+        return
+    last = json.loads(path.read_text())
+    if used_at is None or last["at"] > used_at:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["at"]))
+        raise dg.Failure(
+            f"{what} comes from before the latest attempt of {asset} (run {last['run_id']} at {when}), which failed "
+            f"or was not followed through: materialize {asset} (and what depends on it) again")
+
+
 def _span(timestamps: Iterable) -> str:
     ts = pd.to_datetime(list(timestamps))
     return f"{ts[0]:%Y-%m-%d %H:%M:%S} .. {ts[-1]:%Y-%m-%d %H:%M:%S} ({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)"
@@ -90,9 +112,10 @@ def _span(timestamps: Iterable) -> str:
 @dg.asset(group_name="data", kinds={"ascii"})
 def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig) -> dg.MaterializeResult:
     """The recording: a recording spec's files, else IMS files from ims_dir, else the synthetic set 1 under data/."""
+    attempt_at = _attempt("ims_recording", context)
     spec = active_spec(config)
     if spec is not None:
-        return _spec_recording(context, spec)
+        return _spec_recording(context, spec, attempt_at)
     directory = settings.ims_dir(config.ims_dir or None)
     synthetic_run = settings.is_synthetic(directory)
     if synthetic_run:
@@ -113,6 +136,7 @@ def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig)
         "seed": config.seed if synthetic_run else None,
         "n_channels": int(first.shape[1]),
         "files": [p.name for p in paths],
+        "attempt_at": attempt_at,
     }
     _write_json(settings.data_dir() / RECORDING_MANIFEST, manifest)
     rms = np.sqrt((first**2).mean(axis=0))
@@ -133,7 +157,8 @@ def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig)
     )
 
 
-def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.RecordingSpec) -> dg.MaterializeResult:
+def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.RecordingSpec,
+                    attempt_at: float) -> dg.MaterializeResult:
     """A user's recording: opened and checked (its first file read), its layout written to the manifest."""
     try:
         rec = recordings.open_recording(spec)
@@ -144,7 +169,8 @@ def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.Recordin
     _write_json(settings.data_dir() / RECORDING_MANIFEST, {
         "spec": spec.model_dump(), "directory": spec.path, "format": rec.format, "files": [str(p) for p in rec.files],
         "n_channels": len(rec.channels), "channels": rec.channels, "units": [list(u) for u in units],
-        "rate_hz": rec.rate_hz, "snapshot_samples": rec.snapshot_samples, "snapshots": len(rec)})
+        "rate_hz": rec.rate_hz, "snapshot_samples": rec.snapshot_samples, "snapshots": len(rec),
+        "attempt_at": attempt_at})
     first = rec.snapshot(0)
     rms = np.sqrt((first**2).mean(axis=0))
     context.log.info("%s recording: %d snapshots of %d channels at %g Hz", rec.format, len(rec), len(rec.channels),
@@ -172,8 +198,10 @@ def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.Recordin
 def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Every file at 500 Hz, 1 kHz and 2 kHz: FFT, rectangular low-pass at fs/2, inverse FFT at the new rate."""
     manifest = _read_json(settings.data_dir() / RECORDING_MANIFEST, "ims_recording")
+    _check_upstream("ims_recording", manifest.get("attempt_at"), "the recording manifest")
+    attempt_at = _attempt("subsampled_signals", context)
     if "spec" in manifest:
-        return _subsample_spec_recording(context, manifest)
+        return _subsample_spec_recording(context, manifest, attempt_at)
     paths = [Path(manifest["directory"]) / name for name in manifest["files"]]
     started = time.perf_counter()
     signals = subsampling.subsample_files(paths, settings.RATES_HZ)
@@ -191,6 +219,8 @@ def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResul
             "timestamps": [str(t) for t in stamps.astype("datetime64[s]")],
             "n_channels": manifest["n_channels"],
             "rates_hz": list(signals),
+            "attempt_at": attempt_at,
+            "recording_attempt_at": manifest.get("attempt_at"),
         },
     )
     context.log.info("subsampled %d files to %s Hz in %.2f s", len(paths), list(signals), seconds)
@@ -209,7 +239,8 @@ def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     )
 
 
-def _subsample_spec_recording(context: dg.AssetExecutionContext, manifest: dict) -> dg.MaterializeResult:
+def _subsample_spec_recording(context: dg.AssetExecutionContext, manifest: dict,
+                              attempt_at: float) -> dg.MaterializeResult:
     """A spec recording at its device rates: each snapshot (or group of short ones) FFT-resampled from its own rate."""
     spec = recordings.spec_from_dict(manifest["spec"], "manifest")
     started = time.perf_counter()
@@ -227,7 +258,8 @@ def _subsample_spec_recording(context: dg.AssetExecutionContext, manifest: dict)
     _write_json(out / SUBSAMPLED_INDEX, {
         "directory": spec.path, "files": [str(p) for p in rec.files], "timestamps": [str(t) for t in stamps],
         "n_channels": len(rec.channels), "channels": rec.channels, "units": manifest["units"],
-        "rates_hz": list(signals), "window_ms": window_ms(spec), "snapshots_per_group": group})
+        "rates_hz": list(signals), "window_ms": window_ms(spec), "snapshots_per_group": group,
+        "attempt_at": attempt_at, "recording_attempt_at": manifest.get("attempt_at")})
     context.log.info("resampled %d snapshots from %g Hz to %s Hz in %.2f s", len(rec), rec.rate_hz, list(signals), seconds)
     return dg.MaterializeResult(metadata={
         "snapshots": len(rec), "source_rate_hz": rec.rate_hz, "rates_hz": ", ".join(str(r) for r in signals),
@@ -267,6 +299,8 @@ def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     rate, bearing = int(key["rate"]), int(key["bearing"])
     src = settings.subsampled_dir()
     index = _read_json(src / SUBSAMPLED_INDEX, "subsampled_signals")
+    _check_upstream("subsampled_signals", index.get("attempt_at"), "the subsampled signals")
+    _check_upstream("ims_recording", index.get("recording_attempt_at"), "the recording of the subsampled signals")
     signals = np.load(src / f"rate={rate}.npy", mmap_mode="r")
     stamps = np.array(index["timestamps"], dtype="datetime64[ns]")
     axes = None

@@ -11,6 +11,7 @@ from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
 from tinyml_dagster.deployment_agent import (Package, deploy_outcome_metadata, deploy_through_link_service, footprint,
                                              next_package, progress_line)
+from tinyml_dagster.knowledge_base import KnowledgeBaseError
 from tinyml_dagster.link import estimate_deploy
 from tinyml_dagster.model_repository import add_device_champion
 from tinyml_dagster.report import plot_metadata
@@ -46,6 +47,9 @@ def pool_decisions(context: dg.AssetExecutionContext, knowledge_base: KnowledgeB
             "false_positives_now": s.false_positives,
             "windows_total": kb.count_uploads() - kb.count_uploads(kind="champion"),
             "false_positives_total": kb.count_false_positives(),
+            "uploads_lost": kb.lost_uploads(),
+            "uploads_refused": sum(kb.refusals().values()),
+            "uploads_quarantined": len(kb.quarantined()),
             "pool_size": len(engine.model_ids),
             "top_candidate": ranking[0][0] if ranking else "",
             "ranking": dg.MetadataValue.md(ranking_markdown(ranking)),
@@ -60,12 +64,18 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
                      pool: PoolResource) -> dg.MaterializeResult:
     """Champions the devices trained themselves, entered in the repository with their lineage; who runs what."""
     with knowledge_base.open() as kb:
-        added = []
+        added, quarantined = [], []
         uploads = kb.model_uploads()
         if uploads:
             repo = pool.repository()
             for upload_id, device_id, blob, wfrom, wto, _ in uploads:
-                model_id = add_device_champion(repo, device_id, blob, wfrom, wto, upload_id)
+                try:
+                    model_id = add_device_champion(repo, device_id, blob, wfrom, wto, upload_id)
+                except KnowledgeBaseError as e:  # one device's garbage must not keep the others' unregistered
+                    context.log.warning("%s: champion upload %d quarantined: %s", device_id, upload_id, e)
+                    kb.quarantine([upload_id], "device_champions", str(e))
+                    quarantined.append(upload_id)
+                    continue
                 kb.register_model_upload(upload_id, model_id)
                 added.append(model_id)
         rows = ["| device | champion | since | source |", "|---|---|---|---|"]
@@ -77,6 +87,7 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
         return dg.MaterializeResult(metadata={
             "registered_now": len(added),
             "registered": dg.MetadataValue.json(added),
+            "quarantined_now": len(quarantined),
             "champions": dg.MetadataValue.md("\n".join(rows)),
         })
 

@@ -15,8 +15,8 @@ class KnowledgeBaseResource(dg.ConfigurableResource):
     """The Knowledge Base (SQLite, WAL) that the link service writes and the loop reads."""
 
     gateway: GatewayResource
-    deploy_timeout_s: float = Field(default=900.0, description="how long a deploy run waits for the link service")
-    max_deploy_attempts: int = Field(default=3, description="deploys of one episode tried before giving up")
+    deploy_timeout_s: float = Field(default=900.0, gt=0, description="how long a deploy run waits for the link service")
+    max_deploy_attempts: int = Field(default=3, ge=1, description="deploys of one episode tried before giving up")
 
     @property
     def n_fp(self) -> int:

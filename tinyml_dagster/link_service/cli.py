@@ -1,0 +1,71 @@
+"""Command line of the link service: python -m tinyml_dagster.link_service (script: tinyml-link-service)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from tinyml_dagster.link_service.service import LinkService, PoolFactory
+
+
+def repository_pool_factory() -> PoolFactory:
+    """The pool from the model repository under settings (its candidates, as the forest engineer stores them)."""
+
+    def make():
+        from tinyml_dagster.pool_inference import pool_from_repository
+
+        return pool_from_repository()
+
+    return make
+
+
+def _summary() -> str:
+    import tinyml_dagster.link_service as package
+
+    return package.__doc__.split("\n")[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.link_service", description=_summary())
+    ap.add_argument("--kb", help="Knowledge Base path (default: settings.kb_path())")
+    ap.add_argument("--port", action="append", default=[], metavar="DEVICE_ID=PATH", help="a device's serial port")
+    ap.add_argument("--ingest-socket", help="Unix socket for JSON-line uploads")
+    ap.add_argument("--baud", type=int, default=2400)
+    ap.add_argument("--time-scale", type=float, default=1.0, help="link time x this = real time (tests: < 1)")
+    ap.add_argument("--reply-slack", type=float, default=1.0,
+                    help="real seconds added to every deploy reply timeout (busy hosts, scaled time)")
+    ap.add_argument("--db-timeout", type=float, default=5.0,
+                    help="seconds a write waits for another process's database lock before retrying later")
+    ap.add_argument("--no-pool", action="store_true", help="store uploads only; Dagster's runs decide them")
+    ap.add_argument("--ready-file", help="written once the service listens")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s link_service %(levelname)s %(message)s")
+    ports = {}
+    for spec in args.port:
+        if "=" not in spec:
+            ap.error("--port %r: expected DEVICE_ID=PATH" % spec)
+        dev, path = spec.split("=", 1)
+        ports[dev] = path
+    from tinyml_dagster.link.transport import LinkTiming
+
+    svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket,
+                      timing=LinkTiming(baud=args.baud, time_scale=args.time_scale),
+                      pool_factory=None if args.no_pool else repository_pool_factory(),
+                      reply_slack_s=args.reply_slack, db_timeout_s=args.db_timeout)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    signal.signal(signal.SIGINT, lambda *_: svc.stop())
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit fails the write (EFBIG), not the process
+    if args.ready_file:
+        def announce():
+            svc.ready.wait()
+            while args.ingest_socket and not Path(args.ingest_socket).exists():
+                time.sleep(0.01)
+            Path(args.ready_file).write_text(str(os.getpid()))
+        threading.Thread(target=announce, daemon=True).start()
+    svc.run()
+    return 0
