@@ -46,7 +46,8 @@ def estimate_deploy(stream_bytes: int, n_files: int, model_id: str, version: int
     fragments in windows, acks, result (the device's processing is not counted)."""
     n_frag = max(1, math.ceil(stream_bytes / m.DEPLOY_FRAG))
     windows = math.ceil(n_frag / window)
-    offer = MESSAGE_WIRE + struct.calcsize(m.OFFER_FORMAT) + n_files * struct.calcsize(m.OFFER_FILE_FORMAT)
+    offer = (MESSAGE_WIRE + struct.calcsize(m.OFFER_FORMAT) + n_files * struct.calcsize(m.OFFER_FILE_FORMAT)
+             + m.MAC_SIZE)
     have = MESSAGE_WIRE + struct.calcsize(m.HAVE_FORMAT)
     data = n_frag * (MESSAGE_WIRE + struct.calcsize(m.DATA_FORMAT)) + stream_bytes
     reason = "installed %s v%d" % (model_id, version)  # firmware/model_deployment_agent.py
