@@ -97,7 +97,7 @@ class DataComm:
             out += e[2]
         write_atomic(self._outbox_path(), out)
 
-    def queue_upload(self, window_time, anomaly, champion_version, score, feats):
+    def queue_upload(self, window_time, anomaly, champion_version, score, feats, feature_set=0):
         """Queue an UPLOAD for this window when it is an anomaly or the periodic normal one; True if queued."""
         if not anomaly:
             self._normal_count += 1
@@ -107,7 +107,7 @@ class DataComm:
         data = self.state.data
         no = data.get("next_upload", 0)
         data["next_upload"] = no + 1
-        body = messages.pack_upload(no, window_time, anomaly, champion_version, score, feats)
+        body = messages.pack_upload(no, window_time, anomaly, champion_version, score, feats, feature_set)
         if len(self.outbox) >= self.outbox_max:
             drop = 0
             for i in range(len(self.outbox)):

@@ -7,6 +7,8 @@ package(
         "__init__.py",
         "_compat.py",
         "features.py",
+        "features_wear.py",
+        "feature_sets.py",
         "isoforest.py",
         "frames.py",
         "messages.py",

@@ -24,10 +24,12 @@ DEPLOY_COMMIT = 0x24  # all fragments sent: verify and install
 ERROR = 0x7F
 
 # UPLOAD body: upload number (u32, monotonic per device, survives reboots), window time (u32, s),
-# flags (u8: FLAG_ANOMALY), champion version (u16), champion score (f32), then the features (f32 each).
+# flags (u8: FLAG_ANOMALY; high nibble: the feature set's code, firmware.feature_sets.CODES, 0 = the paper's),
+# champion version (u16), champion score (f32), then the features (f32 each, as many as the set has).
 UPLOAD_FORMAT = "<IIBHf"
 UPLOAD_HEAD_SIZE = struct.calcsize(UPLOAD_FORMAT)
 FLAG_ANOMALY = 0x01
+FEATURE_SET_SHIFT = 4
 
 
 def _crc16_table():
@@ -80,25 +82,27 @@ def unpack(payload):
     return payload[0], payload[1] | (payload[2] << 8), mv[HEADER_SIZE:n - CHECK_SIZE]
 
 
-def pack_upload(upload_no, window_time, anomaly, champion_version, score, features):
-    """UPLOAD body for one window."""
+def pack_upload(upload_no, window_time, anomaly, champion_version, score, features, feature_set=0):
+    """UPLOAD body for one window (feature_set: the code of the set the features belong to)."""
     nf = len(features)
+    if not 0 <= feature_set < 16:
+        raise ValueError("feature set code %d outside 0..15" % feature_set)
     body = bytearray(UPLOAD_HEAD_SIZE + 4 * nf)
     struct.pack_into(UPLOAD_FORMAT, body, 0, upload_no, window_time,
-                     FLAG_ANOMALY if anomaly else 0, champion_version, score)
+                     (FLAG_ANOMALY if anomaly else 0) | (feature_set << FEATURE_SET_SHIFT), champion_version, score)
     for i in range(nf):
         struct.pack_into("<f", body, UPLOAD_HEAD_SIZE + 4 * i, features[i])
     return body
 
 
 def unpack_upload(body):
-    """(upload_no, window_time, anomaly, champion_version, score, features tuple) of an UPLOAD body."""
+    """(upload_no, window_time, anomaly, champion_version, score, features tuple, feature set code) of an UPLOAD."""
     if len(body) < UPLOAD_HEAD_SIZE or (len(body) - UPLOAD_HEAD_SIZE) % 4:
         raise ValueError("UPLOAD body of %d bytes is malformed" % len(body))
     upload_no, window_time, flags, version, score = struct.unpack_from(UPLOAD_FORMAT, body, 0)
     nf = (len(body) - UPLOAD_HEAD_SIZE) // 4
     features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
-    return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features
+    return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features, flags >> FEATURE_SET_SHIFT
 
 
 # Deploy bodies (firmware/transfer.py <-> tinyml_dagster/link/protocol.py). Replies start with the u16 seq of

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from firmware import feature_sets as _sets
 from firmware import features as _fw
+from firmware import features_wear as _wear
 from tinyml_dagster import settings
 
 FEATURE_NAMES: tuple[str, ...] = tuple(_fw.FEATURE_NAMES)
@@ -142,3 +146,97 @@ def load_feature_windows(
     frames = [pq.read_table(p, schema=SCHEMA).to_pandas() for p in paths]
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return df.sort_values(["bearing", "file_index", "window_index", "axis"], kind="stable").reset_index(drop=True)
+
+
+# -- feature sets -------------------------------------------------------------------------------------------
+
+def wear_sums_np(x: np.ndarray, window: int, steps: int = _wear.STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """The "wear" set's scale and integer sums of every complete window, as the device forms them:
+    shapes (..., n_windows) and (..., n_windows, 9).
+
+    Samples are rounded to float32 first (what the device's data UART carries); the mean is summed in sample order
+    (as MicroPython's sum()), so the integer steps, and hence every sum, are the device's exactly.
+    """
+    x = np.asarray(x, dtype=np.float32).astype(np.float64)
+    n_windows = x.shape[-1] // window
+    if n_windows < 1:
+        raise ValueError(f"signal of {x.shape[-1]} samples holds no window of {window}")
+    w = x[..., : n_windows * window].reshape(*x.shape[:-1], n_windows, window)
+    head = w[..., : window >> 3] if window >= 16 else w
+    span = head.max(-1) - head.min(-1)
+    scale = np.where(span > 0, steps / np.where(span > 0, span, 1.0), float(steps))
+    c = np.trunc(np.cumsum(w, axis=-1)[..., -1] / window * scale).astype(np.int64)
+    d = np.trunc(w * scale[..., None]).astype(np.int64) - c[..., None]
+    a = d * d
+    sums = np.stack([
+        np.full(d.shape[:-1], window), d.sum(-1), a.sum(-1), (a * d).sum(-1), (a * a).sum(-1),
+        np.minimum(d.min(-1), 0), np.maximum(d.max(-1), 0),
+        (d[..., 1:] * d[..., :-1]).sum(-1), (d[..., 2:] * d[..., :-2]).sum(-1),
+    ], axis=-1)
+    return scale, sums
+
+
+def wear_features_np(x: np.ndarray, window: int, params: dict | None = None) -> np.ndarray:
+    """The "wear" set's features of every complete window, shape (..., n_windows, 7), as firmware computes them."""
+    scale, sums = wear_sums_np(x, window, _wear.check_params(params)["steps"])
+    rows = zip(sums.reshape(-1, sums.shape[-1]).tolist(), scale.ravel().tolist())
+    out = np.array([_wear.from_sums(*row, sc) for row, sc in rows], dtype=np.float64)
+    return out.reshape(*sums.shape[:-1], _wear.N_FEATURES)
+
+
+def paper_features_np(x: np.ndarray, window: int, params: dict | None = None) -> np.ndarray:
+    """The paper's set (mean, skewness, kurtosis) in the feature-set interface."""
+    _fw.make_extractor(params)  # refuses parameters, like the device
+    return window_features_np(x, window)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A named, versioned feature set: its firmware module, feature names, default parameters and numpy twin."""
+
+    name: str
+    version: int
+    names: tuple[str, ...]
+    params: dict
+    module_file: str
+    twin: Callable[[np.ndarray, int, dict | None], np.ndarray]
+
+    def compute(self, x: np.ndarray, window: int, params: dict | None = None) -> np.ndarray:
+        """Features of every complete window along the last axis: shape (..., n_windows, len(names))."""
+        return self.twin(x, window, params)
+
+    def config(self, params: dict | None = None) -> dict:
+        """What a model's config.json says of its feature set (the device picks its extraction from it)."""
+        return {"feature_set": self.name, "feature_set_version": self.version,
+                "feature_params": _check_params(self.name, params)}
+
+    def script(self) -> bytes:
+        """The set's MicroPython module, as it travels in a package."""
+        return (Path(_fw.__file__).parent / self.module_file).read_bytes()
+
+
+def _check_params(name: str, params: dict | None) -> dict:
+    """The set's parameters with defaults; ValueError naming a bad one (as the device would refuse them)."""
+    mod = _sets.module(name)
+    if hasattr(mod, "check_params"):
+        return mod.check_params(params)
+    mod.make_extractor(params)
+    return dict(mod.PARAMS)
+
+
+FEATURE_SETS: dict[str, FeatureSet] = {
+    "paper": FeatureSet("paper", _fw.VERSION, tuple(_fw.FEATURE_NAMES), dict(_fw.PARAMS), "features.py",
+                        paper_features_np),
+    "wear": FeatureSet("wear", _wear.VERSION, tuple(_wear.FEATURE_NAMES), dict(_wear.PARAMS), "features_wear.py",
+                       wear_features_np),
+}
+PAPER_FEATURE_SET = _sets.PAPER
+DEFAULT_FEATURE_SET = _sets.DEFAULT
+
+
+def feature_set(name: str) -> FeatureSet:
+    """A feature set by name; ValueError naming the known ones."""
+    try:
+        return FEATURE_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown feature set {name!r} (known: {', '.join(FEATURE_SETS)})") from None

@@ -387,7 +387,7 @@ class _SerialLink:
         mtype, _seq, body = msg
         if mtype == messages.UPLOAD:
             try:
-                no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
+                no, wtime, anomaly, version, score, feats, fset_code = messages.unpack_upload(body)
             except ValueError as e:
                 log.warning("%s: %s", self.device_id, e)
                 return

@@ -135,3 +135,29 @@ def test_refused_package_changes_nothing():
     assert not ok and reason
     assert dev.inference.forest is before and not exists(root + "/models/new")
     assert dev.agent.refusals == 1
+
+
+def test_feature_set_from_config_then_from_the_champion():
+    from firmware import feature_sets
+    from firmware._compat import read_json
+
+    root = scratch("fset")
+    link = FakeUART()
+    write_json(root + "/config.json", dict(CFG, feature_set="wear"))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 45)), burst=128), link, root)
+    _drain(dev)
+    assert dev.inference.ready() and dev.inference.forest.n_features == 7
+    assert read_json(root + "/models/champion/config.json")["feature_set"] == "wear"
+    ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
+    assert ups and all(len(u[5]) == 7 and u[6] == feature_sets.CODES["wear"] for u in ups)
+    want = feature_sets.extractor("wear")
+    rows = features.signal_features(signal(50 * 3, seed=2), 100)
+    assert len(rows[0]) == 3 and len(want(signal(50, seed=2))) == 7
+    # a champion on the paper's features takes over: the device extracts those from the next window on
+    paper = isoforest.train(rows * 10, 5, 16, 1)
+    dev.agent.install_local(paper, 0.6, ("paper", {}))
+    link.tx = bytearray()
+    dev.data_in.uart.feed(samples_bytes(signal(50 * 12, seed=4)))
+    _drain(dev)
+    ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
+    assert ups and all(len(u[5]) == 3 and u[6] == 0 for u in ups)
