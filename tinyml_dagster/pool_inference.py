@@ -86,8 +86,9 @@ class PoolInferenceEngine:
         return pool
 
     def decide(self, X: np.ndarray, champion_decision: np.ndarray) -> PoolDecision:
-        """Vote on feature rows X (n, 3) given the champion's decisions (n,) (1 = anomaly)."""
-        X = np.asarray(X, dtype=np.float64).reshape(-1, 3)
+        """Vote on feature rows X (n, n_features) given the champion's decisions (n,) (1 = anomaly)."""
+        X = np.asarray(X, dtype=np.float64)
+        X = X.reshape(len(X), -1) if X.ndim > 1 or not len(X) else X.reshape(1, -1)
         if not len(X):
             scores = np.zeros((0, len(self.candidates)))
         elif self._matrix_scorer is not None:
