@@ -3,7 +3,7 @@
 import json
 import time
 
-from firmware import feature_sets, features, messages
+from firmware import alarms, feature_sets, features, messages
 from firmware._compat import collect, exists, makedirs, read_json, sleep_ms, ticks_ms, write_json
 from firmware.data_comm import PHASE_COLLECTING, PHASE_INFERRING, DataComm, pack_hello
 from firmware.data_in import DataIn
@@ -28,6 +28,12 @@ DEFAULT_CONFIG = {
     # the features the first (self-trained) champion uses; a received champion's config.json names its own
     "feature_set": feature_sets.PAPER,
     "feature_params": {},
+    # alarm rule (firmware/alarms.py): raised when >= alarm_raise of the windows of the last alarm_span_s seconds
+    # are anomalous (at least alarm_min_windows of them), cleared when <= alarm_clear
+    "alarm_span_s": 600,
+    "alarm_raise": 0.5,
+    "alarm_clear": 0.1,
+    "alarm_min_windows": 4,
 }
 
 
@@ -73,6 +79,7 @@ class Device:
         self.data_in = DataIn(data_uart, cfg["rate_hz"], cfg["window_ms"],
                               feature_sets.extractor(cfg["feature_set"], cfg["feature_params"]))
         self.inference = LocalInference()
+        self.alarm = self.new_alarm_rule()
         self.training = LocalTraining(cfg["n_train"], cfg["n_trees"], cfg["psi"], cfg["seed"])
         self.agent = ModelDeploymentAgent(self.root, cfg["device_id"], self.inference, self.state,
                                           cfg["threshold"])
@@ -110,7 +117,13 @@ class Device:
         self.data_in.extract = feature_sets.extractor(want[0], want[1])
         self.data_in.fill = 0  # a window half-filled for the old features is dropped
         self.features = want
+        self.alarm = self.new_alarm_rule()  # scores of other features: the rule starts over
         return True
+
+    def new_alarm_rule(self):
+        c = self.cfg
+        return alarms.AlarmRule({"span_s": c["alarm_span_s"], "raise_fraction": c["alarm_raise"],
+                                 "clear_fraction": c["alarm_clear"], "min_windows": c["alarm_min_windows"]})
 
     def on_window(self, feats):
         """One window's features: train towards the first champion, or score and report it."""
@@ -127,8 +140,17 @@ class Device:
         score, anomaly = self.inference.infer(feats)
         if anomaly:
             d["anomalies"] = d.get("anomalies", 0) + 1
-        queued = self.comm.queue_upload(int(time.time()), anomaly, self.inference.version, score, feats,
-                                        feature_sets.CODES[self.features[0]])
+        now = int(time.time())
+        code = feature_sets.CODES[self.features[0]]
+        event = self.alarm.push(now, score, anomaly)
+        if event is not None:
+            a = self.alarm
+            if event == "raised":
+                d["alarms"] = d.get("alarms", 0) + 1
+            self.comm.send(messages.ALARM, messages.pack_alarm(int(a.start), now if event == "cleared" else 0,
+                                                               a.peak, code, self.inference.version,
+                                                               self.inference.model_id))
+        queued = self.comm.queue_upload(now, anomaly, self.inference.version, score, feats, code)
         # upload numbers must never be reused after a reboot: save with every queued upload
         if queued or self.windows % self.cfg["save_every"] == 0:
             self.state.save()

@@ -9,6 +9,7 @@ package(
         "features.py",
         "features_wear.py",
         "feature_sets.py",
+        "alarms.py",
         "isoforest.py",
         "frames.py",
         "messages.py",

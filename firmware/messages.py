@@ -10,6 +10,7 @@ MAX_BODY = 254 - HEADER_SIZE - CHECK_SIZE  # 249
 HELLO = 0x01  # device status: id, champion, version, counters (body: see device engineer's data_comm)
 UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT)
 CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
+ALARM = 0x14  # an alarm raised (end 0) or cleared (body: ALARM_FORMAT)
 DEPLOY_HAVE = 0x21  # what the device holds / where a transfer resumes
 DEPLOY_ACK = 0x23  # acknowledgement of a window of data frames
 DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
@@ -103,6 +104,27 @@ def unpack_upload(body):
     nf = (len(body) - UPLOAD_HEAD_SIZE) // 4
     features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
     return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features, flags >> FEATURE_SET_SHIFT
+
+
+# ALARM body: start (u32, s), end (u32, s; 0 while active), peak score (f32), feature set code (u8), champion
+# version (u16), then the champion id (u8 length + bytes).
+ALARM_FORMAT = "<IIfBH"
+ALARM_HEAD_SIZE = struct.calcsize(ALARM_FORMAT)
+
+
+def pack_alarm(start, end, peak, feature_set, champion_version, champion_id):
+    """ALARM body of one alarm event (end 0: still active)."""
+    cid = champion_id.encode()[:255]
+    return struct.pack(ALARM_FORMAT, start, end, peak, feature_set, champion_version) + bytes([len(cid)]) + cid
+
+
+def unpack_alarm(body):
+    """(start, end or None, peak, feature set code, champion version, champion id) of an ALARM body."""
+    if len(body) < ALARM_HEAD_SIZE + 1 or len(body) != ALARM_HEAD_SIZE + 1 + body[ALARM_HEAD_SIZE]:
+        raise ValueError("ALARM body of %d bytes is malformed" % len(body))
+    start, end, peak, code, version = struct.unpack_from(ALARM_FORMAT, body, 0)
+    cid = bytes(body[ALARM_HEAD_SIZE + 1:]).decode()
+    return start, (end or None), peak, code, version, cid
 
 
 # Deploy bodies (firmware/transfer.py <-> tinyml_dagster/link/protocol.py). Replies start with the u16 seq of

@@ -125,6 +125,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE deploy_requests ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1;
     """,
+    # 3: feature sets (every stored window keeps its three f_ columns and is the paper's set) and their vectors of
+    # any length (float64 LE; NULL: the f_ columns), and the devices' alarm events
+    """
+    ALTER TABLE uploads ADD COLUMN feature_set TEXT NOT NULL DEFAULT 'paper';
+    ALTER TABLE uploads ADD COLUMN features BLOB;
+    CREATE TABLE alarms (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        start REAL NOT NULL,
+        end REAL,
+        peak_score REAL NOT NULL,
+        feature_set TEXT NOT NULL,
+        champion_id TEXT,
+        champion_version INTEGER,
+        received_at REAL NOT NULL,
+        UNIQUE (device_id, start)
+    );
+    """,
 )
 
 
@@ -139,7 +157,8 @@ class Upload:
     device_id: str
     seq: int  # the device's upload number (monotonic per device): the dedup key
     kind: str
-    features: tuple[float, float, float] | None = None
+    features: tuple[float, ...] | None = None  # as many as the feature set has
+
     champion_id: str | None = None
     champion_score: float | None = None
     champion_decision: int | None = None
@@ -149,6 +168,7 @@ class Upload:
     model_blob: bytes | None = None
     window_from: float | None = None
     window_to: float | None = None
+    feature_set: str = "paper"
 
     def validate(self) -> None:
         """Raise KnowledgeBaseError naming the bad field."""
@@ -163,8 +183,15 @@ class Upload:
             if not self.model_blob:
                 raise KnowledgeBaseError("%s: field model_blob is required for a champion upload" % where)
         else:
-            if self.features is None or len(self.features) != 3:
-                raise KnowledgeBaseError("%s: field features must hold 3 values (mean, skewness, kurtosis)" % where)
+            from firmware import feature_sets
+
+            try:
+                names = feature_sets.module(self.feature_set).FEATURE_NAMES
+            except ValueError as e:
+                raise KnowledgeBaseError("%s: field feature_set: %s" % (where, e)) from None
+            if self.features is None or len(self.features) != len(names):
+                raise KnowledgeBaseError("%s: field features must hold %d values (%s) of feature set %s"
+                                         % (where, len(names), ", ".join(names), self.feature_set))
             if self.champion_decision not in (0, 1):
                 raise KnowledgeBaseError("%s: field champion_decision must be 0 or 1" % where)
 
@@ -254,13 +281,16 @@ class KnowledgeBase:
                     for u in uploads:
                         seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now)
                         seq = u.seq if u.kind == "champion" else seq
-                        f = u.features or (None, None, None)
+                        paper = u.feature_set == "paper"
+                        f = u.features if u.features is not None and paper else (None, None, None)
+                        vector = None if paper or u.features is None else pack_features(u.features)
                         cur = c.execute(
                             "INSERT OR IGNORE INTO uploads (device_id, seq, kind, received_at, sent_at, window_start,"
-                            " f_mean, f_skewness, f_kurtosis, champion_id, champion_score, champion_decision, window)"
-                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            " f_mean, f_skewness, f_kurtosis, champion_id, champion_score, champion_decision, window,"
+                            " feature_set, features)"
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             (u.device_id, seq, u.kind, now, u.sent_at, u.window_start, f[0], f[1], f[2],
-                             u.champion_id, u.champion_score, u.champion_decision, u.window),
+                             u.champion_id, u.champion_score, u.champion_decision, u.window, u.feature_set, vector),
                         )
                         if cur.rowcount:
                             uid = cur.lastrowid
@@ -321,18 +351,69 @@ class KnowledgeBase:
             params.append(device_id)
         return self.scalar(sql, params)
 
-    def undecided(self, limit: int = 10_000, after_id: int = 0) -> list[tuple]:
-        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows the pool has not decided.
+    def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper") -> list[tuple]:
+        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows of one feature set the pool
+        has not decided; for a set other than the paper's the three f_ values are replaced by its whole vector.
 
         Upload ids grow in commit order, so a caller that decided everything through after_id passes it on.
         """
-        return self.query(
-            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision FROM uploads u"
-            " WHERE u.id > ? AND u.kind != 'champion'"
+        rows = self.query(
+            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
+            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?"
             " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
-            (after_id, limit),
+            (after_id, feature_set, limit),
         )
+        if feature_set == "paper":
+            return [tuple(r[:6]) for r in rows]
+        return [(r[0], r[1], *unpack_features(r[6]), r[5]) for r in rows]
+
+    def feature_vectors(self, upload_ids: Sequence[int]) -> list[tuple[str, tuple[float, ...]]]:
+        """(feature set, feature vector) of stored windows, in the order of upload_ids."""
+        out = []
+        for uid in upload_ids:
+            row = self.query("SELECT feature_set, f_mean, f_skewness, f_kurtosis, features FROM uploads WHERE id=?",
+                             (uid,))
+            if not row:
+                raise KnowledgeBaseError("no upload with id %d" % uid)
+            fs, a, b, c, blob = row[0]
+            out.append((fs, unpack_features(blob) if blob is not None else (a, b, c)))
+        return out
+
+    # -- alarms -------------------------------------------------------------------------------------------
+
+    def record_alarm(self, device_id: str, start: float, end: float | None, peak_score: float, feature_set: str,
+                     champion_id: str | None = None, champion_version: int | None = None,
+                     now: float | None = None) -> int:
+        """Store a device's alarm event (raised: end None; cleared: end set; the same start updates it)."""
+        if not device_id:
+            raise KnowledgeBaseError("alarm: field device_id must be a non-empty string")
+        if end is not None and end < start:
+            raise KnowledgeBaseError("alarm of %s: end %s before start %s" % (device_id, end, start))
+        now = time.time() if now is None else now
+        with self._lock, self.transaction():
+            self._conn.execute(
+                "INSERT INTO alarms (device_id, start, end, peak_score, feature_set, champion_id, champion_version,"
+                " received_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (device_id, start) DO UPDATE SET"
+                " end = COALESCE(excluded.end, alarms.end), peak_score = MAX(alarms.peak_score, excluded.peak_score),"
+                " received_at = excluded.received_at",
+                (device_id, float(start), None if end is None else float(end), float(peak_score), feature_set,
+                 champion_id, champion_version, now),
+            )
+            return self._conn.execute("SELECT id FROM alarms WHERE device_id=? AND start=?",
+                                      (device_id, float(start))).fetchone()[0]
+
+    def alarms(self, device_id: str | None = None, since_id: int = 0) -> list[dict]:
+        """Alarm events (oldest first), as dicts."""
+        sql = ("SELECT id, device_id, start, end, peak_score, feature_set, champion_id, champion_version, received_at"
+               " FROM alarms WHERE id > ?")
+        params: list = [since_id]
+        if device_id is not None:
+            sql += " AND device_id=?"
+            params.append(device_id)
+        keys = ("id", "device_id", "start", "end", "peak_score", "feature_set", "champion_id", "champion_version",
+                "received_at")
+        return [dict(zip(keys, r)) for r in self.query(sql + " ORDER BY id", params)]
 
     def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None):
         """The normal windows stored after since_upload_id, as a DataFrame (for retraining)."""
@@ -657,6 +738,22 @@ class _Tx:
         else:
             self.kb._conn.execute("ROLLBACK")
         return False
+
+
+def pack_features(values: Sequence[float]) -> bytes:
+    """A feature vector as stored: float64 little-endian."""
+    import struct
+
+    return struct.pack("<%dd" % len(values), *values)
+
+
+def unpack_features(blob: bytes) -> tuple[float, ...]:
+    """The feature vector of pack_features."""
+    import struct
+
+    if len(blob) % 8:
+        raise KnowledgeBaseError("stored feature vector of %d bytes is not float64s" % len(blob))
+    return struct.unpack("<%dd" % (len(blob) // 8), blob)
 
 
 def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:

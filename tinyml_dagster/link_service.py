@@ -353,6 +353,7 @@ class _SerialLink:
         self.committed_above: set[int] = set()
         self.transport = None
         self.champion_parts: dict[int, dict[int, bytes]] = {}
+        self.kb = kb
 
     def _contiguous_from_kb(self, kb: KnowledgeBase) -> int | None:
         return kb.scalar(
@@ -388,16 +389,34 @@ class _SerialLink:
         if mtype == messages.UPLOAD:
             try:
                 no, wtime, anomaly, version, score, feats, fset_code = messages.unpack_upload(body)
+                from firmware import feature_sets
+
+                fset = feature_sets.name_of_code(fset_code)
             except ValueError as e:
                 log.warning("%s: %s", self.device_id, e)
                 return
             u = Upload(self.device_id, no, "anomaly" if anomaly else "normal",
-                       features=tuple(float(x) for x in feats[:3]), champion_id=str(version),
+                       features=tuple(float(x) for x in feats), champion_id=str(version),
                        champion_score=float(score), champion_decision=int(anomaly),
-                       window_start=float(wtime), sent_at=time.time())
+                       window_start=float(wtime), sent_at=time.time(), feature_set=fset)
             self.service.submit(u, self.ack)
         elif mtype == messages.CHAMPION_CHUNK:
             self._champion_chunk(bytes(body))
+        elif mtype == messages.ALARM:
+            self._alarm(messages, bytes(body))
+
+    def _alarm(self, messages, body: bytes) -> None:
+        """Store an alarm event in the Knowledge Base (raised, then the same start again when it clears)."""
+        from firmware import feature_sets
+
+        try:
+            start, end, peak, code, version, champion = messages.unpack_alarm(body)
+            fset = feature_sets.name_of_code(code)
+        except ValueError as e:
+            log.warning("%s: %s", self.device_id, e)
+            return
+        self.kb.record_alarm(self.device_id, float(start), None if end is None else float(end), float(peak), fset,
+                             champion or None, int(version))
 
     def _champion_chunk(self, body: bytes) -> None:
         """Reassemble the device's self-trained champion; complete, it is stored once like an upload."""

@@ -61,7 +61,8 @@ class DecideSummary:
 class PoolInferenceEngine:
     """Majority vote of the candidates and the +1/-1 ranking, stored in the Knowledge Base."""
 
-    def __init__(self, candidates: Sequence[Candidate], threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, candidates: Sequence[Candidate], threshold: float = DEFAULT_THRESHOLD,
+                 feature_set: str = "paper"):
         if not candidates:
             raise ValueError("the pool needs at least one candidate model")
         ids = [c.model_id for c in candidates]
@@ -69,19 +70,20 @@ class PoolInferenceEngine:
             raise ValueError("duplicate candidate model ids in the pool: %s" % ids)
         self.candidates = list(candidates)
         self.model_ids = ids
+        self.feature_set = feature_set  # only windows of this set are put to the vote
         self.thresholds = np.array([getattr(c, "threshold", threshold) for c in candidates], dtype=np.float64)
         self._through: dict[str, int] = {}  # per KB: every window through this upload id is decided
         self._matrix_scorer: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
-    def from_forests(cls, model_ids: Sequence[str], forests: Sequence, thresholds: Sequence[float] | None = None
-                     ) -> "PoolInferenceEngine":
+    def from_forests(cls, model_ids: Sequence[str], forests: Sequence, thresholds: Sequence[float] | None = None,
+                     feature_set: str = "paper") -> "PoolInferenceEngine":
         """A pool of compact Isolation Forests (firmware.isoforest.Forest), scored all at once by forest.PoolScorer."""
         from tinyml_dagster.forest import PoolScorer, score_forest
 
         thresholds = list(thresholds) if thresholds is not None else [DEFAULT_THRESHOLD] * len(model_ids)
         pool = cls([FunctionCandidate(m, lambda X, f=f: score_forest(f, X), t)
-                    for m, f, t in zip(model_ids, forests, thresholds)])
+                    for m, f, t in zip(model_ids, forests, thresholds)], feature_set=feature_set)
         pool._matrix_scorer = PoolScorer(list(forests)).scores
         return pool
 
@@ -113,12 +115,12 @@ class PoolInferenceEngine:
         decided = anomalies = fps = 0
         through = self._through.get(str(kb.path), 0)
         while True:
-            rows = kb.undecided(limit=batch, after_id=through)
+            rows = kb.undecided(limit=batch, after_id=through, feature_set=self.feature_set)
             if not rows:
                 break
             ids = [r[0] for r in rows]
-            X = np.array([[r[2], r[3], r[4]] for r in rows], dtype=np.float64)
-            champ = np.array([r[5] or 0 for r in rows], dtype=bool)
+            X = np.array([r[2:-1] for r in rows], dtype=np.float64)
+            champ = np.array([r[-1] or 0 for r in rows], dtype=bool)
             d = self.decide(X, champ)
             scores32 = d.scores.astype("<f4")
             va = d.votes.sum(axis=1)
@@ -162,4 +164,8 @@ def pool_from_repository(root=None) -> PoolInferenceEngine:
     if not ids:
         raise ValueError("the model repository under %s holds no candidate models yet" % repo.root)
     thresholds = [float(repo.get(m).get("threshold") or DEFAULT_THRESHOLD) for m in ids]
-    return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds)
+    sets = {m: repo.config(m).get("feature_set", "paper") for m in ids}
+    if len(set(sets.values())) > 1:
+        raise ValueError("the candidates of one pool must share a feature set, got %s" % sets)
+    return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds,
+                                            feature_set=next(iter(sets.values())))

@@ -161,3 +161,20 @@ def test_feature_set_from_config_then_from_the_champion():
     _drain(dev)
     ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
     assert ups and all(len(u[5]) == 3 and u[6] == 0 for u in ups)
+
+
+def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
+    from firmware import feature_sets
+
+    root = scratch("alarm")
+    link = FakeUART()
+    # every window is anomalous for a threshold this low: the rule raises once 4 windows are in its span
+    write_json(root + "/config.json", dict(CFG, threshold=0.01, feature_set="wear"))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
+    _drain(dev)
+    alarms = [messages.unpack_alarm(b) for t, b in _sent(link) if t == messages.ALARM]
+    assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
+    start, end, peak, code, version, champion = alarms[0]
+    assert end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["wear"]
+    assert version == 0 and champion == "local-dev-t"
+    assert messages.unpack_alarm(messages.pack_alarm(5, 9, 0.5, 1, 2, "m"))[:2] == (5, 9)
