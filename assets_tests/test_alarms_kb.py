@@ -100,3 +100,15 @@ def test_alarm_sensor_puts_alarms_on_the_device_partition(tmp_path):
     assert obs.metadata["alarm_state"].value == "active" and obs.metadata["alarm_feature_set"].value == "wear"
     again = alarm_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor))
     assert not again.asset_events
+
+
+def test_normal_windows_of_a_feature_set_for_retraining(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    wear = tuple(np.linspace(-1, 1, 7))
+    kb.ingest([_window(1, (0.1, 0.2, 0.3)), _window(2, wear, "wear"), _window(3, wear, "wear", anomaly=True)])
+    paper = kb.normal_windows()
+    assert list(paper.columns[3:]) == ["mean", "skewness", "kurtosis"] and len(paper) == 1
+    w = kb.normal_windows(feature_set="wear")
+    assert len(w) == 1 and list(w.columns[3:]) == ["log_rms", "crest", "skewness", "kurtosis", "band_hi",
+                                                   "band_mid", "band_lo"]
+    assert tuple(w.iloc[0, 3:]) == wear

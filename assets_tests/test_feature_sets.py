@@ -126,3 +126,40 @@ def test_a_wear_model_names_its_set_and_its_package_carries_the_set_module(tmp_p
     # paper models keep the config they always had (no feature-set fields: their content hashes do not move)
     paper = repo.add(isoforest.train([r[:3] for r in rows], 5, 16, 1), training={"bearing": 3}, rate_hz=2000)
     assert "feature_set" not in repo.config(paper)
+
+
+def test_feature_windows_of_another_set_are_stored_beside_the_papers(tmp_path):
+    rng = np.random.default_rng(5)
+    signals = rng.standard_t(4, (3, 2048, 8)) * 0.1
+    ts = np.array(["2003-10-22T12:06:24", "2003-10-22T12:16:24", "2003-10-22T12:56:24"], dtype="datetime64[ns]")
+    df = tf.feature_windows_frame(signals, ts, 2000, 3, "wear")
+    assert list(df.columns[-7:]) == list(wear.FEATURE_NAMES) and len(df) == 3 * 2 * 2
+    x32 = signals[1, 1000:2000, 5].astype(np.float32)  # file 1, window 1, bearing 3 y
+    row = df[(df.file_index == 1) & (df.window_index == 1) & (df.axis == "y")].iloc[0]
+    np.testing.assert_allclose(row[list(wear.FEATURE_NAMES)].to_numpy(float),
+                               feature_sets.extractor("wear")(array.array("f", x32.tolist())), rtol=1e-12)
+    path = tf.feature_windows_path(2000, 3, "wear", tmp_path)
+    assert path.parent.name == "set=wear"
+    tf.write_feature_windows(df, path, "wear")
+    tf.write_feature_windows(tf.feature_windows_frame(signals, ts, 2000, 3), tf.feature_windows_path(2000, 3, "paper", tmp_path))
+    got = tf.load_feature_windows(2000, 3, data_dir=tmp_path, feature_set="wear")
+    assert list(got.columns) == tf.schema_of("wear").names and len(got) == 12
+    assert list(tf.load_feature_windows(2000, data_dir=tmp_path).columns) == list(tf.COLUMNS)  # the paper's alone
+
+
+def test_a_device_champion_on_wear_enters_the_repository_with_its_set(tmp_path):
+    import struct
+
+    from firmware import isoforest
+    from tinyml_dagster.defs.loop.assets import add_device_champion
+    from tinyml_dagster.model_repository import ModelRepository
+
+    rows = tf.feature_set("wear").compute(_signals(6), 100).tolist()
+    forest = isoforest.train(rows, 5, 16, 1)
+    cfg = {"model_id": "local-d1", "version": 0, "grid": forest.grid, "threshold": 0.6, "feature_set": "wear",
+           "feature_params": {"steps": 256}}
+    raw = json.dumps(cfg).encode()
+    blob = struct.pack("<H", len(raw)) + raw + forest.to_bytes()
+    repo = ModelRepository(tmp_path)
+    mid = add_device_champion(repo, "d1", blob, 0.0, 10.0, 3)
+    assert repo.config(mid)["feature_set"] == "wear" and repo.get(mid)["lineage"]["device_id"] == "d1"

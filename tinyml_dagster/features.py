@@ -77,16 +77,18 @@ def life_fractions(timestamps: np.ndarray) -> np.ndarray:
 
 
 def feature_windows_frame(
-    signals: np.ndarray, timestamps: np.ndarray, rate_hz: int, bearing: int
+    signals: np.ndarray, timestamps: np.ndarray, rate_hz: int, bearing: int, feature_set: str = "paper"
 ) -> pd.DataFrame:
-    """One row per (file, axis, window) of a bearing, from signals shaped (n_files, n_samples, n_channels)."""
+    """One row per (file, axis, window) of a bearing, from signals shaped (n_files, n_samples, n_channels); the
+    feature columns are those of the feature set."""
+    names = feature_set_of(feature_set).names
     n_files, _, n_channels = signals.shape
     window = window_length(rate_hz)
     life = life_fractions(timestamps)
     ts = np.asarray(timestamps, dtype="datetime64[ns]")
     parts = []
     for axis, col in bearing_channels(n_channels, bearing):
-        feats = window_features_np(signals[:, :, col], window)  # (files, windows, 3)
+        feats = feature_set_of(feature_set).compute(np.asarray(signals[:, :, col]), window)  # (files, windows, d)
         n_windows = feats.shape[1]
         file_index = np.repeat(np.arange(n_files), n_windows)
         window_index = np.tile(np.arange(n_windows), n_files)
@@ -101,9 +103,7 @@ def feature_windows_frame(
                 "rate_hz": np.int64(rate_hz),
                 "life_fraction": life[file_index],
                 "split": np.where(life[file_index] < settings.TRAIN_FRACTION, "train", "test"),
-                "mean": feats[..., 0].ravel(),
-                "skewness": feats[..., 1].ravel(),
-                "kurtosis": feats[..., 2].ravel(),
+                **{name: feats[..., k].ravel() for k, name in enumerate(names)},
             }
         )
         parts.append(frame)
@@ -111,11 +111,28 @@ def feature_windows_frame(
     return df.sort_values(["file_index", "window_index", "axis"], kind="stable").reset_index(drop=True)
 
 
-def write_feature_windows(df: pd.DataFrame, path: Path) -> Path:
+def schema_of(feature_set: str = "paper") -> pa.Schema:
+    """The Parquet schema of a feature set's windows: SCHEMA's window columns, then the set's features."""
+    if feature_set == "paper":
+        return SCHEMA
+    base = [f for f in SCHEMA if f.name not in FEATURE_NAMES]
+    return pa.schema(base + [(name, pa.float64()) for name in feature_set_of(feature_set).names])
+
+
+def feature_windows_path(rate_hz: int, bearing: int, feature_set: str = "paper", root: Path | None = None) -> Path:
+    """The paper's windows at settings.feature_path; another set's in features/rate=<hz>/set=<name>/."""
+    if feature_set == "paper":
+        return settings.feature_path(rate_hz, bearing, root)
+    feature_set_of(feature_set)
+    return settings.features_dir(root) / f"rate={int(rate_hz)}" / f"set={feature_set}" / f"bearing={int(bearing)}.parquet"
+
+
+def write_feature_windows(df: pd.DataFrame, path: Path, feature_set: str = "paper") -> Path:
     """Write a feature-window table to Parquet atomically (temp file, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(df[list(COLUMNS)], schema=SCHEMA, preserve_index=False)
+    schema = schema_of(feature_set)
+    table = pa.Table.from_pandas(df[list(schema.names)], schema=schema, preserve_index=False)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -128,14 +145,14 @@ def write_feature_windows(df: pd.DataFrame, path: Path) -> Path:
 
 
 def load_feature_windows(
-    rate_hz: int, bearing: int | None = None, data_dir: str | os.PathLike | None = None
+    rate_hz: int, bearing: int | None = None, data_dir: str | os.PathLike | None = None, feature_set: str = "paper"
 ) -> pd.DataFrame:
     """Feature windows of one rate (and one bearing, or all materialised bearings), as written by `feature_windows`."""
     root = Path(data_dir) if data_dir is not None else settings.data_dir()
     if bearing is not None:
-        paths = [settings.feature_path(rate_hz, bearing, root)]
+        paths = [feature_windows_path(rate_hz, bearing, feature_set, root)]
     else:
-        paths = sorted(settings.features_dir(root).joinpath(f"rate={int(rate_hz)}").glob("bearing=*.parquet"))
+        paths = sorted(feature_windows_path(rate_hz, 0, feature_set, root).parent.glob("bearing=*.parquet"))
     missing = [str(p) for p in paths if not p.exists()]
     if not paths or missing:
         raise FileNotFoundError(
@@ -143,7 +160,7 @@ def load_feature_windows(
             + (f", bearing {bearing}" if bearing is not None else "")
             + f" under {settings.features_dir(root)}: materialize the feature_windows asset first"
         )
-    frames = [pq.read_table(p, schema=SCHEMA).to_pandas() for p in paths]
+    frames = [pq.read_table(p, schema=schema_of(feature_set)).to_pandas() for p in paths]
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     return df.sort_values(["bearing", "file_index", "window_index", "axis"], kind="stable").reset_index(drop=True)
 
@@ -234,9 +251,12 @@ PAPER_FEATURE_SET = _sets.PAPER
 DEFAULT_FEATURE_SET = _sets.DEFAULT
 
 
-def feature_set(name: str) -> FeatureSet:
+def feature_set(name: str) -> "FeatureSet":
     """A feature set by name; ValueError naming the known ones."""
     try:
         return FEATURE_SETS[name]
     except KeyError:
         raise ValueError(f"unknown feature set {name!r} (known: {', '.join(FEATURE_SETS)})") from None
+
+
+feature_set_of = feature_set  # for the functions above whose parameter is named feature_set

@@ -415,17 +415,25 @@ class KnowledgeBase:
                 "received_at")
         return [dict(zip(keys, r)) for r in self.query(sql + " ORDER BY id", params)]
 
-    def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None):
-        """The normal windows stored after since_upload_id, as a DataFrame (for retraining)."""
+    def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None,
+                       feature_set: str = "paper"):
+        """The normal windows of one feature set stored after since_upload_id, as a DataFrame (for retraining)."""
         import pandas as pd
 
+        from firmware import feature_sets
+
+        names = list(feature_sets.module(feature_set).FEATURE_NAMES)
         through = self.max_upload_id() if through_upload_id is None else through_upload_id
         rows = self.query(
-            "SELECT id, device_id, window_start, f_mean, f_skewness, f_kurtosis FROM uploads"
-            " WHERE kind='normal' AND id > ? AND id <= ? ORDER BY id",
-            (since_upload_id, through),
+            "SELECT id, device_id, window_start, f_mean, f_skewness, f_kurtosis, features FROM uploads"
+            " WHERE kind='normal' AND id > ? AND id <= ? AND feature_set = ? ORDER BY id",
+            (since_upload_id, through, feature_set),
         )
-        return pd.DataFrame(rows, columns=["upload_id", "device_id", "window_start", "mean", "skewness", "kurtosis"])
+        if feature_set != "paper":
+            rows = [(*r[:3], *unpack_features(r[6])) for r in rows]
+        else:
+            rows = [tuple(r[:6]) for r in rows]
+        return pd.DataFrame(rows, columns=["upload_id", "device_id", "window_start", *names])
 
     def model_uploads(self, unregistered_only: bool = True) -> list[tuple]:
         """(upload_id, device_id, blob, window_from, window_to, model_id) of champions devices uploaded."""

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from pydantic import Field
 
 from firmware import messages
@@ -99,7 +100,8 @@ def add_device_champion(repo, device_id: str, blob: bytes, window_from, window_t
     lineage = {"source": "device", "device_id": device_id, "device_model_id": cfg.get("model_id"),
                "device_version": cfg.get("version"), "window_from": window_from, "window_to": window_to,
                "kb_upload_id": upload_id}
-    return repo.add(forest, lineage=lineage, threshold=cfg.get("threshold"))
+    return repo.add(forest, lineage=lineage, threshold=cfg.get("threshold"),
+                    feature_set=cfg.get("feature_set", "paper"), feature_params=cfg.get("feature_params") or None)
 
 
 class ChampionPackageConfig(dg.Config):
@@ -156,8 +158,11 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
     repo = pool.repository()
     forest = repo.load_forest(model_id)
     threshold = float(repo.get(model_id).get("threshold") or 0.6)
+    stored = repo.config(model_id)
+    # the model's own threshold, and its feature set when not the paper's (the device switches its extraction)
+    features = {k: stored[k] for k in ("feature_set", "feature_set_version", "feature_params") if k in stored}
     pkg = build_package(model_id, ("model.bin", forest.to_bytes()),
-                        {"grid": [list(g) for g in forest.grid], "threshold": threshold},
+                        {"grid": [list(g) for g in forest.grid], "threshold": threshold, **features},
                         device_id=device_id, version=VersionLedger().next(device_id),
                         key=DeviceKeys().key(device_id), encoding=config.encoding)
     blob = package_to_blob(pkg)
@@ -261,19 +266,29 @@ def retrained_candidate_models(context: dg.AssetExecutionContext, config: Retrai
     try:
         since = kb.last_retrained_through()
         through = kb.max_upload_id()
-        df = kb.normal_windows(since, through)
+        repo = pool.repository()
+        candidates = repo.candidate_ids()
+        feature_set = repo.config(candidates[0]).get("feature_set", "paper") if candidates else "paper"
+        df = kb.normal_windows(since, through, feature_set)
         if len(df) < config.min_windows:
             context.log.info("%d new normal windows (< %d): nothing to retrain", len(df), config.min_windows)
             return dg.MaterializeResult(metadata={"new_windows": len(df), "trained": 0})
         started = time.time()
-        rows = df[["mean", "skewness", "kurtosis"]].to_numpy().tolist()
-        repo = pool.repository()
+        from tinyml_dagster.features import feature_set as _feature_set
+        from tinyml_dagster.forest import score_forest
+        from tinyml_dagster.training import calibrated_threshold, default_target_fa
+
+        rows = df[list(_feature_set(feature_set).names)].to_numpy().tolist()
+        target_fa = default_target_fa(feature_set)
         lineage = {"source": "retraining", "kb_uploads": [since + 1, through], "windows": len(rows),
                    "devices": sorted(df["device_id"].unique().tolist()), "run_id": context.run.run_id}
         ids = []
         for i, n_trees in enumerate(config.n_trees):
             forest = isoforest.train(rows, n_trees=n_trees, psi=config.psi, seed=config.seed + i)
-            ids.append(repo.add(forest, lineage=lineage, seed=config.seed + i,
+            threshold = None if target_fa is None else calibrated_threshold(score_forest(forest, np.array(rows)),
+                                                                            target_fa)
+            ids.append(repo.add(forest, lineage=dict(lineage, threshold={"target_fa": target_fa}), seed=config.seed + i,
+                                threshold=threshold, feature_set=feature_set,
                                 training={"kb_uploads": [since + 1, through], "windows": len(rows)}))
         # the retrained models join the pool's candidates
         repo.set_candidates(list(dict.fromkeys(repo.candidate_ids() + ids)), note={"retrained_by": context.run.run_id})

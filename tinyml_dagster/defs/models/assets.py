@@ -5,7 +5,7 @@ from pydantic import Field
 
 from tinyml_dagster import settings
 from tinyml_dagster.deployment_agent import package_sizes
-from tinyml_dagster.features import load_feature_windows
+from tinyml_dagster.features import PAPER_FEATURE_SET, load_feature_windows
 from tinyml_dagster.report import plot_metadata
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, default_target_fa, train_candidates
 
@@ -22,7 +22,8 @@ class CandidateModelsConfig(dg.Config):
     psi: int = Field(default=PSI, description="subsample size per tree (paper: 100); height limit ceil(log2 psi)")
     threshold: float = Field(default=THRESHOLD, description="anomaly when score > threshold (paper: 0.6), when "
                              "thresholds are not calibrated")
-    feature_set: str = Field(default="paper", description="the feature set the models are trained on")
+    feature_set: str = Field(default=PAPER_FEATURE_SET, description="the feature set the models are trained on "
+                             "(\"paper\", as the loop's demo, or \"wear\", the default for new deployments)")
     target_fa: float | None = Field(default=None, description="calibrate each model's threshold so that this share "
                                     "of its training windows are anomalous; none: fixed threshold for the paper's "
                                     "set, 0.002 for any other")
@@ -34,7 +35,7 @@ def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsC
                      model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
     """Candidate Isolation Forests in the model repository, one per bearing and forest size."""
     repo = model_repository.open()
-    windows = load_feature_windows(config.rate_hz)
+    windows = load_feature_windows(config.rate_hz, feature_set=config.feature_set)
     trained = train_candidates(windows, repo, rate_hz=config.rate_hz, bearings=config.bearings,
                                tree_counts=config.tree_counts, psi=config.psi, threshold=config.threshold,
                                seed=config.seed, lineage={"run_id": context.run.run_id},
