@@ -3,7 +3,7 @@
 MicroPython 1.27 and CPython alike. Why these features (physics, not any one rig):
 - log_rms: wear grows the vibration amplitude multiplicatively (log scale), around the sensor's offset (excluded);
 - crest (peak / RMS), kurtosis (excess) and skewness: impacts of a local defect make the signal impulsive;
-- band_hi / band_mid / band_lo: log RMS of three octave-like bands. Defect impacts and their harmonics raise the
+- band_hi / band_mid / band_lo: log RMS of three bands of the spectrum. Defect impacts and their harmonics raise the
   energy high in the spectrum first, shaft-order faults (imbalance, looseness) low in it.
 
 The bands are the binomial second-order filter bank: lo = (1 + z^-1)^2 / 4, mid = (1 - z^-2) / (2 sqrt 2),
@@ -24,22 +24,15 @@ quantisation noise (1/12 step^2) count as that floor.
 
 import math
 
+from firmware.features import WINDOW_MS, window_length  # noqa: F401 (the set's interface)
+
 FEATURE_SET = "wear"
 VERSION = 1
 FEATURE_NAMES = ("log_rms", "crest", "skewness", "kurtosis", "band_hi", "band_mid", "band_lo")
 N_FEATURES = 7
-WINDOW_MS = 500
 STEPS = 256
 PARAMS = {"steps": STEPS}
 _FLOOR = 1.0 / 12.0  # quantisation noise power, LSB^2
-
-
-def window_length(rate_hz, window_ms=WINDOW_MS):
-    """Samples in one window at rate_hz."""
-    n = (rate_hz * window_ms) // 1000
-    if n < 1:
-        raise ValueError("window of %d ms at %d Hz holds no sample" % (window_ms, rate_hz))
-    return n
 
 
 def scale_of(buf, steps=STEPS):
