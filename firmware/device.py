@@ -28,6 +28,9 @@ DEFAULT_CONFIG = {
     # the features the first (self-trained) champion uses; a received champion's config.json names its own
     "feature_set": feature_sets.PAPER,
     "feature_params": {},
+    # the self-trained champion's threshold on a set other than the paper's: the share of its training windows
+    # above it (local_training.calibrated_threshold); the paper's set keeps `threshold`
+    "target_fa": 0.002,
     # alarm rule (firmware/alarms.py): raised when >= alarm_raise of the windows of the last alarm_span_s seconds
     # are anomalous (at least alarm_min_windows of them), cleared when <= alarm_clear
     "alarm_span_s": 600,
@@ -132,8 +135,10 @@ class Device:
         self.windows += 1
         if not self.inference.ready():
             if self.training.add(feats):
-                forest = self.training.train()
-                cfg = self.agent.install_local(forest, self.cfg["threshold"], self.features)
+                calibrate = self.features[0] != feature_sets.PAPER
+                forest = self.training.train(self.cfg["target_fa"] if calibrate else 0.0)
+                threshold = self.training.threshold if calibrate else self.cfg["threshold"]
+                cfg = self.agent.install_local(forest, threshold, self.features)
                 self.comm.queue_champion(0, json.dumps(cfg).encode(), forest.to_bytes())
                 self.state.save()
             return None

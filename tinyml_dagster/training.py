@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from firmware import isoforest
+from firmware import isoforest, local_training
 from tinyml_dagster import settings
 from tinyml_dagster.features import FEATURE_NAMES, WINDOW_MS
 from tinyml_dagster.forest import PoolScorer
@@ -30,8 +30,7 @@ THRESHOLD = 0.6
 # drift), so the target sits well inside the 0.5% a monitored healthy machine may show; at 2 windows/s it is about
 # one anomalous window per 4 min of healthy running, which the alarm rule (k of n over seconds) never turns into an alarm.
 TARGET_FA = 0.002
-# a calibrated threshold stays within these bounds: 0.5 is the score of a window as easy to isolate as any
-THRESHOLD_BOUNDS = (0.5, 0.99)
+THRESHOLD_BOUNDS = local_training.THRESHOLD_BOUNDS
 
 
 def default_target_fa(feature_set: str) -> float | None:
@@ -40,14 +39,9 @@ def default_target_fa(feature_set: str) -> float | None:
 
 
 def calibrated_threshold(train_scores: np.ndarray, target_fa: float = TARGET_FA) -> float:
-    """The threshold above which a target_fa share of a model's own training-window scores lie (a high quantile)."""
-    if not 0.0 < target_fa < 1.0:
-        raise ValueError(f"target false-alarm rate must be in (0, 1), got {target_fa}")
-    s = np.asarray(train_scores, dtype=np.float64)
-    if s.size == 0:
-        raise ValueError("no training scores to calibrate a threshold on")
-    t = float(np.quantile(s, 1.0 - target_fa, method="higher"))
-    return float(min(max(t, THRESHOLD_BOUNDS[0]), THRESHOLD_BOUNDS[1]))
+    """The threshold above which a target_fa share of a model's own training-window scores lie (a high quantile);
+    the firmware's, which calibrates the device's self-trained champion the same way."""
+    return local_training.calibrated_threshold(np.asarray(train_scores, dtype=np.float64).tolist(), target_fa)
 
 
 def model_seed(seed: int, bearing: int, n_trees: int) -> int:

@@ -169,12 +169,34 @@ def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
     root = scratch("alarm")
     link = FakeUART()
     # every window is anomalous for a threshold this low: the rule raises once 4 windows are in its span
-    write_json(root + "/config.json", dict(CFG, threshold=0.01, feature_set="wear"))
+    write_json(root + "/config.json", dict(CFG, threshold=0.01))
     dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
     _drain(dev)
     alarms = [messages.unpack_alarm(b) for t, b in _sent(link) if t == messages.ALARM]
     assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
     start, end, peak, code, version, champion = alarms[0]
-    assert end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["wear"]
+    assert end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
     assert version == 0 and champion == "local-dev-t"
     assert messages.unpack_alarm(messages.pack_alarm(5, 9, 0.5, 1, 2, "m"))[:2] == (5, 9)
+
+
+def test_self_trained_champion_on_wear_gets_a_calibrated_threshold():
+    from firmware._compat import read_json
+    from firmware.local_training import LocalTraining, calibrated_threshold
+
+    rows = features.signal_features(signal(50 * 40, seed=8), 100)
+    t = LocalTraining(40, 10, 16, 3)
+    for r in rows:
+        t.add(r)
+    forest = t.train(0.05)
+    scores = [forest.score(r) for r in rows]
+    assert t.threshold == calibrated_threshold(scores, 0.05) and 0.5 <= t.threshold <= 0.99
+    assert sum(1 for s in scores if s > t.threshold) <= 0.05 * len(scores) + 1e-9
+    assert calibrated_threshold([0.1, 0.2], 0.5) == 0.5 and calibrated_threshold([0.995], 0.1) == 0.99
+    # a device on the wear set installs its first champion with such a threshold (the paper's keeps 0.6)
+    root = scratch("cal")
+    write_json(root + "/config.json", dict(CFG, feature_set="wear", target_fa=0.05))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 35)), burst=128), FakeUART(), root)
+    _drain(dev)
+    thr = read_json(root + "/models/champion/config.json")["threshold"]
+    assert thr == dev.inference.threshold and thr != 0.6 and 0.5 <= thr <= 0.99
