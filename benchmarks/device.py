@@ -25,6 +25,14 @@ from tinyml_dagster.micropython_vm import MicroPythonVM  # noqa: E402
 from tinyml_dagster.storage import atomic_write  # noqa: E402
 
 SIZES = (10, 20, 30, 40, 50)
+# the report's model of device time (docs/results.md): wasm instructions x this constant, calibrated so that the
+# paper-like forest takes the paper's 8.7 ms for a 10-tree bearing-1 inference
+NS_PER_INSTRUCTION = 23.84
+FEATURE_RATE_HZ = 2000
+FEATURE_BUDGET_MS = 200.0  # per 500-ms window: real time with 2x headroom
+# windows the feature sets are timed on: a heavy-tailed signal (Student t, 4 dof) around an offset, at a healthy
+# amplitude, a worn one and one filling the sensor's range (clipped at +-5): the integer sums grow with amplitude
+FEATURE_SIGNALS = {"healthy": 0.1, "worn": 0.5, "full_scale": 2.0}
 PSI = 100
 RATE_HZ = 1000
 N_WINDOWS = 64
@@ -117,6 +125,40 @@ for k in range(%(k)d):
 """
 
 
+FEATURE_SET_RUN = """
+import array
+from firmware import feature_sets
+extract = feature_sets.extractor(%(name)r)
+buf = array.array('f', %(x)s)
+for k in range(%(k)d):
+    extract(buf)
+"""
+
+
+def feature_set_costs(vm: MicroPythonVM, k: int = 4) -> dict:
+    """Fuel and modelled ESP32 ms per 500-ms window at FEATURE_RATE_HZ of every feature set, per kind of signal."""
+    import numpy as np
+
+    from firmware import feature_sets
+
+    n = features.window_length(FEATURE_RATE_HZ)
+    rng = np.random.default_rng(7)
+    out: dict = {"rate_hz": FEATURE_RATE_HZ, "samples": n, "ns_per_instruction": NS_PER_INSTRUCTION,
+                 "budget_ms": FEATURE_BUDGET_MS, "sets": {}}
+    for name in feature_sets.NAMES:
+        per = {}
+        for kind, amp in FEATURE_SIGNALS.items():
+            x = np.clip(rng.standard_t(4, n) * amp - 0.1, -5.0, 5.0).astype(np.float32).tolist()
+            args = {"name": name, "x": json.dumps(x)}
+            f0, _ = _fuel(vm, FEATURE_SET_RUN % {**args, "k": 0})
+            f1, _ = _fuel(vm, FEATURE_SET_RUN % {**args, "k": k})
+            fuel = (f1 - f0) // k
+            per[kind] = {"fuel": fuel, "ms": round(fuel * NS_PER_INSTRUCTION * 1e-6, 1)}
+        worst = max(v["ms"] for v in per.values())
+        out["sets"][name] = {"signals": per, "worst_ms": worst, "within_budget": worst <= FEATURE_BUDGET_MS}
+    return out
+
+
 FIRMWARE_HEAP = """
 import gc
 gc.collect()
@@ -182,6 +224,7 @@ def measure() -> dict:
         f0, _ = _fuel(vm, FEATURES_SETUP % {"w": w})
         f1, _ = _fuel(vm, FEATURES_SETUP % {"w": w} + FEATURES_RUN % {"k": k, "w": w})
         out["feature_fuel_per_window"] = {"rate_hz": RATE_HZ, "samples": w, "fuel": (f1 - f0) // k}
+        out["feature_sets"] = feature_set_costs(vm)
         # the whole firmware: every module imported and a Device running a 50-tree champion
         fw = flash / "fw"
         (fw / "models" / "champion").mkdir(parents=True)
@@ -219,6 +262,12 @@ def main() -> int:
     print("node-array walk (isoforest.Forest, no compile): " + ", ".join(
         f"{n} trees {a['inference_fuel'][n]} fuel/{a['heap_bytes'][n]} B" for n in SIZES))
     print(f"feature extraction: {f['fuel']} fuel per window of {f['samples']} samples ({f['rate_hz']} Hz, 500 ms)")
+    fs = out["feature_sets"]
+    print(f"feature sets at {fs['rate_hz']} Hz ({fs['samples']} samples per 500-ms window; "
+          f"{fs['ns_per_instruction']} ns per instruction; budget {fs['budget_ms']:.0f} ms):")
+    for name, v in fs["sets"].items():
+        print(f"  {name:>6}: " + ", ".join(f"{kind} {c['fuel']:,} fuel = {c['ms']} ms" for kind, c in v["signals"].items())
+              + f"; worst {v['worst_ms']} ms {'within' if v['within_budget'] else 'OVER'} budget")
     print(f"whole firmware (imports + Device with the 50-tree champion): {out['firmware_heap_bytes']} B of heap")
     print(f"targets: {out['targets']}")
     path = settings.bench_dir() / "device.json"

@@ -116,7 +116,11 @@ class DataComm:
             self._save_outbox()
         return before - len(self.outbox)
 
-    def queue_upload(self, window_time, anomaly, champion_version, score, feats):
+    def send_alarm(self, body):
+        """Send an ALARM body, sealed like the uploads."""
+        self.send(messages.ALARM, messages.seal(self._key(), messages.TAG_ALARM, self.device_id, body))
+
+    def queue_upload(self, window_time, anomaly, champion_version, score, feats, feature_set=0):
         """Queue an UPLOAD for this window when it is an anomaly or the periodic normal one; True if queued."""
         if not anomaly:
             self._normal_count += 1
@@ -127,7 +131,8 @@ class DataComm:
         no = data.get("next_upload", 0)
         data["next_upload"] = no + 1
         body = messages.seal(self._key(), messages.TAG_UPLOAD, self.device_id,
-                             messages.pack_upload(no, window_time, anomaly, champion_version, score, feats))
+                             messages.pack_upload(no, window_time, anomaly, champion_version, score, feats,
+                                                  feature_set))
         if len(self.outbox) >= self.outbox_max:
             drop = 0
             for i in range(len(self.outbox)):

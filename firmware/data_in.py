@@ -12,8 +12,10 @@ from firmware import features
 class DataIn:
     """Buffers and windows samples from `uart` (anything with readinto: machine.UART, a stream, a bridge)."""
 
-    def __init__(self, uart, rate_hz, window_ms=features.WINDOW_MS):
+    def __init__(self, uart, rate_hz, window_ms=features.WINDOW_MS, extract=None):
         self.uart = uart
+        # window array -> feature tuple (firmware.feature_sets.extractor); the paper's set by default
+        self.extract = extract if extract is not None else features.make_extractor()
         self.rate_hz = rate_hz
         self.length = features.window_length(rate_hz, window_ms)
         self.wbuf = bytearray(4 * self.length)  # the window being filled, as raw float32 bytes
@@ -33,7 +35,7 @@ class DataIn:
         if self.fill < len(self.wbuf):
             return None
         self.fill = 0
-        r = features.window_features(array("f", self.wbuf), 0, self.length)
+        r = self.extract(array("f", self.wbuf))
         for v in r:
             if v != v or v > 1e300 or v < -1e300:
                 self.bad_windows += 1

@@ -3,7 +3,7 @@
 import json
 import time
 
-from firmware import features, messages
+from firmware import alarms, feature_sets, features, messages
 from firmware._compat import collect, exists, makedirs, read_json, sleep_ms, ticks_ms, write_json
 from firmware.data_comm import PHASE_COLLECTING, PHASE_INFERRING, DataComm, pack_hello
 from firmware.data_in import DataIn
@@ -25,6 +25,18 @@ DEFAULT_CONFIG = {
     "baud": 2400,
     "ack_timeout_ms": 5000,
     "save_every": 20,
+    # the features the first (self-trained) champion uses; a received champion's config.json names its own
+    "feature_set": feature_sets.PAPER,
+    "feature_params": {},
+    # the self-trained champion's threshold on a set other than the paper's: the share of its training windows
+    # above it (local_training.calibrated_threshold); the paper's set keeps `threshold`
+    "target_fa": 0.002,
+    # alarm rule (firmware/alarms.py): raised when >= alarm_raise of the windows of the last alarm_span_s seconds
+    # are anomalous (at least alarm_min_windows of them), cleared when <= alarm_clear
+    "alarm_span_s": 600,
+    "alarm_raise": 0.5,
+    "alarm_clear": 0.1,
+    "alarm_min_windows": 4,
 }
 
 
@@ -66,12 +78,17 @@ class Device:
         self.cfg = cfg = load_config(self.root)
         self.state = State(self.root)
         self.state.data["boots"] = self.state.data.get("boots", 0) + 1
-        self.data_in = DataIn(data_uart, cfg["rate_hz"], cfg["window_ms"])
+        self.features = (cfg["feature_set"], cfg["feature_params"])
+        self.data_in = DataIn(data_uart, cfg["rate_hz"], cfg["window_ms"],
+                              feature_sets.extractor(cfg["feature_set"], cfg["feature_params"]))
         self.inference = LocalInference()
+        self.alarm = self.new_alarm_rule()
         self.training = LocalTraining(cfg["n_train"], cfg["n_trees"], cfg["psi"], cfg["seed"])
         self.agent = ModelDeploymentAgent(self.root, cfg["device_id"], self.inference, self.state,
                                           cfg["threshold"])
         self.agent.boot()
+        self._champion_features = self.inference.feature_set
+        self.sync_features()
         transfer = None
         if transfer_factory is None:
             try:
@@ -96,6 +113,22 @@ class Device:
         return pack_hello(self.cfg["device_id"], version, model_id, d.get("windows", 0), d.get("anomalies", 0),
                           d.get("next_upload", 0), d.get("uploads_dropped", 0), len(self.comm.outbox), phase)
 
+    def sync_features(self):
+        """Extract the champion's feature set (the configured one before any champion); True when it changed."""
+        want = self.inference.feature_set or (self.cfg["feature_set"], self.cfg["feature_params"])
+        if want == self.features:
+            return False
+        self.data_in.extract = feature_sets.extractor(want[0], want[1])
+        self.data_in.fill = 0  # a window half-filled for the old features is dropped
+        self.features = want
+        self.alarm = self.new_alarm_rule()  # scores of other features: the rule starts over
+        return True
+
+    def new_alarm_rule(self):
+        c = self.cfg
+        return alarms.AlarmRule({"span_s": c["alarm_span_s"], "raise_fraction": c["alarm_raise"],
+                                 "clear_fraction": c["alarm_clear"], "min_windows": c["alarm_min_windows"]})
+
     def on_window(self, feats):
         """One window's features: train towards the first champion, or score and report it."""
         d = self.state.data
@@ -103,8 +136,10 @@ class Device:
         self.windows += 1
         if not self.inference.ready():
             if self.training.add(feats):
-                forest = self.training.train()
-                cfg = self.agent.install_local(forest, self.cfg["threshold"])
+                calibrate = self.features[0] != feature_sets.PAPER
+                forest = self.training.train(self.cfg["target_fa"] if calibrate else 0.0)
+                threshold = self.training.threshold if calibrate else self.cfg["threshold"]
+                cfg = self.agent.install_local(forest, threshold, self.features)
                 self.comm.queue_champion(0, json.dumps(cfg).encode(), forest.to_bytes())
                 self.state.save()
             return None
@@ -114,7 +149,16 @@ class Device:
         if anomaly:
             counts[1] += 1
             d["anomalies"] = d.get("anomalies", 0) + 1
-        queued = self.comm.queue_upload(int(time.time()), anomaly, self.inference.version, score, feats)
+        now = int(time.time())
+        code = feature_sets.CODES[self.features[0]]
+        event = self.alarm.push(now, score, anomaly)
+        if event is not None:
+            a = self.alarm
+            if event == "raised":
+                d["alarms"] = d.get("alarms", 0) + 1
+            self.comm.send_alarm(messages.pack_alarm(int(a.start), now if event == "cleared" else 0, a.peak, code,
+                                                     self.inference.version, self.inference.model_id))
+        queued = self.comm.queue_upload(now, anomaly, self.inference.version, score, feats, code)
         # upload numbers must never be reused after a reboot: save with every queued upload
         if queued or self.windows % self.cfg["save_every"] == 0:
             self.state.save()
@@ -123,6 +167,9 @@ class Device:
     def step(self):
         """One turn: link in, data in (at most one window), link out; True when anything happened."""
         busy = self.comm.poll() > 0
+        if self.inference.feature_set is not self._champion_features:
+            self._champion_features = self.inference.feature_set
+            self.sync_features()
         feats = self.data_in.poll()
         if feats is not None:
             self.on_window(feats)

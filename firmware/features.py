@@ -6,9 +6,12 @@ MicroPython 1.27 and CPython alike. Population (biased) moments, two passes over
 A constant window (m2 negligible against mean**2) gives skewness 0 and kurtosis 0.
 """
 
+FEATURE_SET = "paper"
+VERSION = 1
 FEATURE_NAMES = ("mean", "skewness", "kurtosis")
 N_FEATURES = 3
 WINDOW_MS = 500
+PARAMS = {}
 
 # m2 below this fraction of mean**2 is rounding noise: the window is constant
 _FLAT = 1e-12
@@ -48,6 +51,13 @@ def window_features(buf, start=0, length=-1):
     m3 = s3 / length
     m4 = s4 / length
     return (mean, m3 / (m2 * m2 ** 0.5), m4 / (m2 * m2) - 3.0)
+
+
+def make_extractor(params=None):
+    """window buffer -> feature tuple (the paper's set has no parameters)."""
+    if params:
+        raise ValueError("feature set paper: unknown parameters %s" % ", ".join(sorted(params)))
+    return lambda buf: window_features(buf, 0, len(buf))
 
 
 def signal_features(buf, rate_hz, window_ms=WINDOW_MS):

@@ -1,6 +1,6 @@
 """Local Inference Engine: scores each window with the champion: score, decision, counters."""
 
-from firmware import isoforest
+from firmware import feature_sets, isoforest
 from firmware.compiled_forest import CompiledForest
 from firmware._compat import read_bytes, read_json
 
@@ -35,6 +35,15 @@ def load_champion(path, default_threshold=None):
             forest = isoforest.load(read_bytes(model_path), cfg["grid"])
     except (OSError, ValueError, KeyError) as e:
         raise ChampionError("%s: %s" % (model_path, e))
+    name, params = feature_sets.of_config(cfg)
+    try:
+        feature_sets.extractor(name, params)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ChampionError("%s/config.json: %s" % (path, e))
+    n = feature_sets.module(name).N_FEATURES
+    if forest.n_features != n:
+        raise ChampionError("%s: forest of %d features for feature set %s of %d" % (model_path, forest.n_features,
+                                                                                   name, n))
     return forest, cfg
 
 
@@ -49,6 +58,7 @@ class LocalInference:
         self.windows = 0
         self.anomalies = 0
         self.last_score = 0.0
+        self.feature_set = None  # (name, params) of the champion's features; None before the first champion
 
     def set_champion(self, forest, cfg):
         """Hot-swap the champion (takes effect for the next window), compiled to bytecode for scoring."""
@@ -56,6 +66,7 @@ class LocalInference:
         self.threshold = float(cfg["threshold"])
         self.model_id = cfg["model_id"]
         self.version = int(cfg["version"])
+        self.feature_set = (cfg.get("feature_set", "paper"), cfg.get("feature_params", {}))
 
     def ready(self):
         return self.forest is not None

@@ -11,6 +11,7 @@ HELLO = 0x01  # device status: id, champion, version, counters (body: see device
 UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT, then its MAC)
 CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
 UPLOAD_GAP = 0x15  # upload numbers that will never come (body: GAP_FORMAT): the gateway records them as lost
+ALARM = 0x16  # an alarm raised (end 0) or cleared (body: ALARM_FORMAT, then its MAC)
 DEPLOY_HAVE = 0x21  # what the device holds / where a transfer resumes
 DEPLOY_ACK = 0x23  # acknowledgement of a window of data frames
 DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
@@ -26,10 +27,12 @@ DEPLOY_COMMIT = 0x24  # all fragments sent: verify and install
 ERROR = 0x7F
 
 # UPLOAD body: upload number (u32, monotonic per device, survives reboots), window time (u32, s),
-# flags (u8: FLAG_ANOMALY), champion version (u16), champion score (f32), then the features (f32 each).
+# flags (u8: FLAG_ANOMALY; high nibble: the feature set's code, firmware.feature_sets.CODES, 0 = the paper's),
+# champion version (u16), champion score (f32), then the features (f32 each, as many as the set has).
 UPLOAD_FORMAT = "<IIBHf"
 UPLOAD_HEAD_SIZE = struct.calcsize(UPLOAD_FORMAT)
 FLAG_ANOMALY = 0x01
+FEATURE_SET_SHIFT = 4
 
 
 def pack_champion(config_json, compact):
@@ -97,29 +100,52 @@ def unpack(payload):
     return payload[0], payload[1] | (payload[2] << 8), mv[HEADER_SIZE:n - CHECK_SIZE]
 
 
-def pack_upload(upload_no, window_time, anomaly, champion_version, score, features):
-    """UPLOAD body for one window."""
+def pack_upload(upload_no, window_time, anomaly, champion_version, score, features, feature_set=0):
+    """UPLOAD body for one window (feature_set: the code of the set the features belong to)."""
     nf = len(features)
+    if not 0 <= feature_set < 16:
+        raise ValueError("feature set code %d outside 0..15" % feature_set)
     body = bytearray(UPLOAD_HEAD_SIZE + 4 * nf)
     struct.pack_into(UPLOAD_FORMAT, body, 0, upload_no, window_time,
-                     FLAG_ANOMALY if anomaly else 0, champion_version, score)
+                     (FLAG_ANOMALY if anomaly else 0) | (feature_set << FEATURE_SET_SHIFT), champion_version, score)
     for i in range(nf):
         struct.pack_into("<f", body, UPLOAD_HEAD_SIZE + 4 * i, features[i])
     return body
 
 
 def unpack_upload(body):
-    """(upload_no, window_time, anomaly, champion_version, score, features tuple) of an UPLOAD body."""
+    """(upload_no, window_time, anomaly, champion_version, score, features tuple, feature set code) of an UPLOAD."""
     if len(body) < UPLOAD_HEAD_SIZE or (len(body) - UPLOAD_HEAD_SIZE) % 4:
         raise ValueError("UPLOAD body of %d bytes is malformed" % len(body))
     upload_no, window_time, flags, version, score = struct.unpack_from(UPLOAD_FORMAT, body, 0)
     nf = (len(body) - UPLOAD_HEAD_SIZE) // 4
     features = struct.unpack_from("<%df" % nf, body, UPLOAD_HEAD_SIZE)
-    return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features
+    return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features, flags >> FEATURE_SET_SHIFT
 
 
-# Authentication: an UPLOAD body, an UPLOAD_GAP body, a champion blob and a DEPLOY_OFFER body end with a MAC (MAC_SIZE bytes) over the body before it,
-# taken as opaque bytes: HMAC-SHA256(device key, tag | u8 length | device id | body), cut to MAC_SIZE. The
+# ALARM body: start (u32, s), end (u32, s; 0 while active), peak score (f32), feature set code (u8), champion
+# version (u16), then the champion id (u8 length + bytes).
+ALARM_FORMAT = "<IIfBH"
+ALARM_HEAD_SIZE = struct.calcsize(ALARM_FORMAT)
+
+
+def pack_alarm(start, end, peak, feature_set, champion_version, champion_id):
+    """ALARM body of one alarm event (end 0: still active)."""
+    cid = champion_id.encode()[:255]
+    return struct.pack(ALARM_FORMAT, start, end, peak, feature_set, champion_version) + bytes([len(cid)]) + cid
+
+
+def unpack_alarm(body):
+    """(start, end or None, peak, feature set code, champion version, champion id) of an ALARM body."""
+    if len(body) < ALARM_HEAD_SIZE + 1 or len(body) != ALARM_HEAD_SIZE + 1 + body[ALARM_HEAD_SIZE]:
+        raise ValueError("ALARM body of %d bytes is malformed" % len(body))
+    start, end, peak, code, version = struct.unpack_from(ALARM_FORMAT, body, 0)
+    cid = bytes(body[ALARM_HEAD_SIZE + 1:]).decode()
+    return start, (end or None), peak, code, version, cid
+
+
+# Authentication: an UPLOAD, UPLOAD_GAP or ALARM body, a champion blob and a DEPLOY_OFFER body end with a MAC
+# (MAC_SIZE bytes) over the body before it, taken as opaque bytes: HMAC-SHA256(device key, tag | u8 length | device id | body), cut to MAC_SIZE. The
 # upload number inside the UPLOAD body is covered; the gateway stores only uploads whose MAC verifies under the
 # key of the device the port (or id) belongs to, the device starts a transfer only on a verified offer.
 MAC_SIZE = 16
@@ -127,6 +153,7 @@ TAG_UPLOAD = b"TMUP"
 TAG_OFFER = b"TMOF"
 TAG_GAP = b"TMGP"  # an UPLOAD_GAP body is sealed too: only the device may say its numbers will never come
 TAG_CHAMPION = b"TMCH"  # and the champion blob, before it is cut into CHAMPION_CHUNKs
+TAG_ALARM = b"TMAL"  # and an ALARM body: only the device raises or clears its alarms
 
 
 def mac(key, tag, device_id, body):

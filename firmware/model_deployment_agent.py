@@ -75,13 +75,14 @@ class ModelDeploymentAgent:
         self.installs += 1
         return cfg
 
-    def install_local(self, forest, threshold):
-        """Install a self-trained forest as champion version 0."""
+    def install_local(self, forest, threshold, features=("paper", {})):
+        """Install a self-trained forest (on the (name, params) feature set) as champion version 0."""
         rmtree(self.new_dir)
         makedirs(self.new_dir)
         write_atomic(self.new_dir + "/" + LOCAL_MODEL_FILE, forest.to_bytes())
         cfg = {"model_id": "local-" + self.device_id, "version": 0, "encoding": "compact",
-               "model_file": LOCAL_MODEL_FILE, "grid": forest.grid, "threshold": threshold}
+               "model_file": LOCAL_MODEL_FILE, "grid": forest.grid, "threshold": threshold,
+               "feature_set": features[0], "feature_params": features[1]}
         write_json(self.new_dir + "/config.json", cfg)
         return self._swap_in()
 

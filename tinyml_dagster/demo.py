@@ -52,11 +52,16 @@ def device_channel() -> tuple[int, str]:
 
 
 BEARING, AXIS = device_channel()
+# the loop's feature set: the paper's. On "wear" the loop runs end to end (the device extracts it, the pool votes on
+# it, packages carry it) but its calibrated 10-tree champion misses the synthetic run's last windows that the pool
+# flags; the default set waits for that to be settled
+FEATURE_SET = "paper"
 
 
 # -- the pool: the repository's candidates for the device's bearing ------------------------------------------
 
-def pool_candidates(source_models: Path, rate_hz: int = RATE_HZ, bearing: int = BEARING) -> list[dict]:
+def pool_candidates(source_models: Path, rate_hz: int = RATE_HZ, bearing: int = BEARING,
+                    feature_set: str = FEATURE_SET) -> list[dict]:
     """The source repository's candidates trained on this bearing at this rate (metadata, 5 forest sizes).
 
     The pool is the device's bearing's models only: the candidates of the other bearings learnt other machines'
@@ -68,7 +73,8 @@ def pool_candidates(source_models: Path, rate_hz: int = RATE_HZ, bearing: int = 
 
     def fits(m: dict) -> bool:
         t = m.get("training") or {}
-        return m.get("source") == "gateway" and t.get("bearing") == bearing and t.get("rate_hz") == rate_hz
+        return (m.get("source") == "gateway" and t.get("bearing") == bearing and t.get("rate_hz") == rate_hz
+                and (m.get("feature_schema") or {}).get("feature_set", "paper") == feature_set)
 
     found = [m for m in repo.candidates() if fits(m)]
     if not found:  # the current candidate set is of another rate: the newest stored version of each forest size
@@ -78,12 +84,14 @@ def pool_candidates(source_models: Path, rate_hz: int = RATE_HZ, bearing: int = 
                 latest[m["family"]] = m
         found = sorted(latest.values(), key=lambda m: m["hyperparameters"]["n_trees"])
     if not found:
-        raise RuntimeError("%s: no candidate models of bearing %d at %d Hz; materialise candidate_models "
-                           "(rate_hz=%d) first (make demo does it in step 1)" % (source_models, bearing, rate_hz, rate_hz))
+        raise RuntimeError("%s: no candidate models of bearing %d at %d Hz on feature set %s; materialise "
+                           "candidate_models (rate_hz=%d, feature_set=%s) first (make demo does it in step 1)"
+                           % (source_models, bearing, rate_hz, feature_set, rate_hz, feature_set))
     return found
 
 
-def materialize_pool_inputs(rate_hz: int = RATE_HZ, bearing: int = BEARING, instance=None) -> None:
+def materialize_pool_inputs(rate_hz: int = RATE_HZ, bearing: int = BEARING, instance=None,
+                            feature_set: str = FEATURE_SET) -> None:
     """Step 1 for one channel only: recording, features and candidate_models of one bearing, in TINYML_DATA_DIR."""
     import dagster as dg
 
@@ -98,22 +106,25 @@ def materialize_pool_inputs(rate_hz: int = RATE_HZ, bearing: int = BEARING, inst
             raise RuntimeError("materialising the data assets failed")
     repository = ModelRepositoryResource(gateway=GatewayResource())
     r = dg.materialize([candidate_models], instance=instance, resources={"model_repository": repository},
-                       run_config={"ops": {"candidate_models": {"config": {"rate_hz": rate_hz, "bearings": [bearing]}}}})
+                       run_config={"ops": {"candidate_models": {"config": {
+                           "rate_hz": rate_hz, "bearings": [bearing], "feature_set": feature_set}}}})
     if not r.success:
         raise RuntimeError("materialising candidate_models failed")
 
 
-def seed_pool(models_root: Path, source_models: Path, rate_hz: int = RATE_HZ, bearing: int = BEARING) -> list[str]:
+def seed_pool(models_root: Path, source_models: Path, rate_hz: int = RATE_HZ, bearing: int = BEARING,
+              feature_set: str = FEATURE_SET) -> list[str]:
     """Copy the pool's candidates into the loop's repository (same ids) and make them its candidate set."""
     from tinyml_dagster.model_repository import ModelRepository
 
     src, dst = ModelRepository(source_models), ModelRepository(models_root)
     ids = []
-    for meta in pool_candidates(source_models, rate_hz, bearing):
+    for meta in pool_candidates(source_models, rate_hz, bearing, feature_set):
         forest, cfg = src.load(meta["model_id"])
         mid = dst.add(forest, lineage=meta.get("lineage"), threshold=cfg["threshold"], rate_hz=cfg["rate_hz"],
                       window_ms=cfg.get("window_ms", 500), seed=meta.get("seed"), training=meta.get("training"),
-                      metrics=meta.get("metrics"), prefix=meta["family"].rsplit("-t", 1)[0])
+                      metrics=meta.get("metrics"), prefix=meta["family"].rsplit("-t", 1)[0],
+                      feature_set=cfg.get("feature_set", "paper"), feature_params=cfg.get("feature_params") or None)
         if mid != meta["model_id"]:
             raise RuntimeError("candidate %s copied as %s (content differs)" % (meta["model_id"], mid))
         ids.append(mid)
@@ -232,7 +243,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     provision_flash(flash, DEVICE_ID, gateway.device_keys().key(DEVICE_ID), timing)
     cfg = json.loads((flash / "config.json").read_text())
     cfg.update({"rate_hz": rate_hz, "window_ms": settings.WINDOW_MS, "n_train": n_train, "upload_every": upload_every,
-                "ack_timeout_ms": max(200, int(5000 * time_scale * 4))})
+                "ack_timeout_ms": max(200, int(5000 * time_scale * 4)), "feature_set": FEATURE_SET})
     (flash / "config.json").write_text(json.dumps(cfg))
     run_dir = data_dir / "run"
     run_dir.mkdir(exist_ok=True)
@@ -367,7 +378,11 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
                           "false_positive_rate": round(n_fps / scored, 4) if scored else None})
     return {
         "device": DEVICE_ID,
+        "feature_set": FEATURE_SET,
         "champions": champions,
+        # what a person sees: the alarms the device raised (k of n anomalous windows over its span), as stored
+        "alarms": [{k: a[k] for k in ("start", "end", "peak_score", "feature_set", "champion_id", "champion_version")}
+                   for a in kb.alarms()],
         # false positives per window scored, by the device's own champion and by the one the gateway deployed
         "false_positive_rate_before": champions[0]["false_positive_rate"] if champions else None,
         "false_positive_rate_after": champions[1]["false_positive_rate"] if len(champions) > 1 else None,
@@ -509,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         f["deploy_wire_seconds"], f["deploy_real_seconds"]))
     print("  link occupation                   %s" % f["occupation"])
     print("  device runs                       %s (new champion: %s)" % (f["device_runs"], f["device_runs_new_champion"]))
+    print("  alarms raised by the device       %d" % len(f["alarms"]))
     for c in f["champions"]:
         print("  champion v%-3d windows %4d  anomalies %3d  pool-confirmed %3d  false positives %3d (rate %s)" % (
             c["version"], c["windows"], c["anomalies"], c["confirmed_anomalies"], c["false_positives"],

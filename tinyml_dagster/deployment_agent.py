@@ -41,9 +41,11 @@ def deflate(data: bytes) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def feature_script() -> bytes:
-    """The device's feature extraction script: a copy of firmware/features.py."""
-    return (Path(fpkg.__file__).parent / "features.py").read_bytes()
+def feature_script(feature_set: str = "paper") -> bytes:
+    """The device's feature extraction script of a feature set: a copy of its firmware module."""
+    from firmware import feature_sets
+
+    return (Path(fpkg.__file__).parent / (feature_sets.module(feature_set).__name__.split(".")[-1] + ".py")).read_bytes()
 
 
 def _check_device_id(device_id: str) -> str:
@@ -247,7 +249,8 @@ def build_package(
     cfg = dict(config, model_id=model_id, version=version, encoding=encoding, model_file=name)
     raw_files = [
         (name, model_bytes),
-        ("features.py", features_src if features_src is not None else feature_script()),
+        ("features.py", features_src if features_src is not None
+         else feature_script(config.get("feature_set", "paper"))),
         ("config.json", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()),
         ("__init__.py", INIT_PY.encode()),
     ]

@@ -13,6 +13,11 @@ Isolation Forest as the repository trains it, and scikit-learn's IsolationForest
 
 Bearings 3 and 4 fail at the end of set 1 (inner race, roller); bearings 1 and 2 do not, so their "end of life"
 windows are healthy too and an AUC near 0.5 is the right answer for them.
+
+`detection_records` (`--detection`, and `make report`) judges each feature set on whole lives instead: per source
+(the synthetic run through the device's feature extraction at 2 kHz, the per-file tables of IMS sets 1 and 2),
+bearing, feature set and model, with calibrated thresholds, the labels of BearingLabels and the alarm rule of
+firmware/alarms.py; it writes data/bench/detection.json.
 """
 
 from __future__ import annotations
@@ -363,14 +368,293 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--build-real-excerpt", metavar="IMS_DIR",
                     help="rebuild the packaged real excerpt from a copy of the IMS data, then exit")
+    ap.add_argument("--build-per-file-tables", metavar="IMS_DIR",
+                    help="rebuild the packaged per-file feature tables of IMS sets 1 and 2, then exit")
+    ap.add_argument("--detection", action="store_true",
+                    help="judge the feature sets on whole lives (thresholds, alarms) and write data/bench/detection.json")
     args = ap.parse_args(argv)
     if args.build_real_excerpt:
         out = resources.files("tinyml_dagster").joinpath(REAL_EXCERPT)
         print(build_real_excerpt(args.build_real_excerpt, Path(str(out))))
         return
+    if args.build_per_file_tables:
+        out = resources.files("tinyml_dagster").joinpath(PER_FILE_TABLES)
+        print(build_per_file_tables(args.build_per_file_tables, Path(str(out))))
+        return
+    if args.detection:
+        records = detection_records(DetectionConfig(synthetic_files=args.files, sklearn=not args.no_sklearn))
+        for model in ("firmware", "sklearn"):
+            table = detection_table(records, model)
+            if len(table):
+                print(f"model: {model}")
+                print(table.to_string(index=False))
+        print(f"wrote {write_detection(records)}")
+        return
     df = evaluate(QualityConfig(n_files=args.files, sklearn=not args.no_sklearn, real=not args.no_real))
     print(df.to_string(max_rows=40))
     print(f"wrote {write_frame(df, default_path())}")
+
+
+# -- whole-life detection per feature set: thresholds, alarms, lead times -------------------------------------
+
+PER_FILE_TABLES = "data/ims_per_file_features.npz"
+PER_FILE_COLUMNS = ("std", "skew", "kurtosis", "crest", "rms")
+# the "wear" set's time-domain features, the part of it a per-file table of the 20 kHz signal can give
+WEAR_TIME_DOMAIN = ("log_rms", "crest", "skewness", "kurtosis")
+# on recordings of 1-s snapshots 10 min apart the rule's span must hold several snapshots: one hour (6 snapshots)
+SNAPSHOT_ALARM = {"span_s": 3600, "raise_fraction": 0.5, "clear_fraction": 0.1, "min_windows": 4}
+
+
+@dataclass(frozen=True)
+class BearingLabels:
+    """What is known of one bearing: does it fail, from which file it is degraded, at which file it failed."""
+
+    failing: bool
+    onset: int | None = None
+    failure: int | None = None
+
+
+# published labels (PROVENANCE.md of the IMS copy): set 1 bearing 3 degraded from file ~1,800, failed ~2,100;
+# bearing 4 degraded from ~1,400, failed ~1,850. Set 2 bearing 1 (outer race): the literature puts the onset near
+# file 530 of 984; the per-file RMS of its channel is flat (0.076-0.079) to file ~520 and rises from ~530 (0.083 at
+# 540, 0.089 at 560), so 530 is used; files 982-983 were recorded after the rig stopped (RMS ~0.002): the life
+# ends at 981, the failure.
+IMS_LABELS: dict[str, dict[int, BearingLabels]] = {
+    "ims-set1-files": {1: BearingLabels(False), 2: BearingLabels(False), 3: BearingLabels(True, 1800, 2100),
+                       4: BearingLabels(True, 1400, 1850)},
+    "ims-set2-files": {1: BearingLabels(True, 530, 981), 2: BearingLabels(False), 3: BearingLabels(False),
+                       4: BearingLabels(False)},
+}
+IMS_SET2_FILES = 982
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """How detection is judged: training split, model, threshold, alarm rule, sources."""
+
+    train_fraction: float = 0.25  # the first quarter of a recording's time trains the models (healthy everywhere)
+    target_fa: float = 0.002  # training.TARGET_FA: each model's calibrated threshold
+    n_trees: int = 50
+    psi: int = PSI
+    seed: int = 0
+    alarm: tuple = tuple(SNAPSHOT_ALARM.items())
+    synthetic_files: int = synthetic.FULL_FILES
+    sklearn: bool = True
+    sources: tuple[str, ...] = ("synthetic-2khz", "ims-set1-files", "ims-set2-files")
+
+
+@dataclass
+class Channel:
+    """The windows of one bearing of one source, in time order: time (s), file index, features per set."""
+
+    source: str
+    bearing: int
+    labels: BearingLabels
+    t: np.ndarray
+    file: np.ndarray
+    features: dict[str, np.ndarray]
+    note: str = ""
+
+
+def per_file_tables() -> dict[str, np.ndarray]:
+    """The packaged per-file feature tables of IMS sets 1 and 2 (see build_per_file_tables)."""
+    ref = resources.files("tinyml_dagster").joinpath(PER_FILE_TABLES)
+    with resources.as_file(ref) as path, np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def build_per_file_tables(shared_ims: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Package the per-file features of IMS sets 1 and 2 (derived_features/ChoCho66_test{1,2}_timefeatures.csv):
+    (files, channels, PER_FILE_COLUMNS) float32 and the files' times; set 2 without its 2 after-stop files."""
+    root = Path(shared_ims) / "derived_features"
+    arrays = {}
+    for key, name, channels, n in (("set1", "ChoCho66_test1_timefeatures.csv",
+                                    [f"B{c // 2 + 1}_{'xy'[c % 2]}_" for c in range(8)], synthetic.FULL_FILES),
+                                   ("set2", "ChoCho66_test2_timefeatures.csv",
+                                    [f"B{c + 1}_" for c in range(4)], IMS_SET2_FILES)):
+        table = pd.read_csv(root / name, index_col=0)
+        if len(table) < n:
+            raise ValueError(f"{root / name}: {len(table)} rows, expected at least {n}")
+        table = table.iloc[:n]
+        arrays[key] = np.stack([np.stack([table[p + c].to_numpy(np.float64) for c in PER_FILE_COLUMNS], axis=-1)
+                                for p in channels], axis=1).astype(np.float32)
+        arrays[key + "_time"] = pd.to_datetime(table.index).to_numpy("datetime64[s]").astype(np.int64)
+    out = Path(out)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out)
+    return out
+
+
+def _per_file_sets(cols: np.ndarray) -> dict[str, np.ndarray]:
+    """Paper and wear (time-domain part) features from per-file columns (..., PER_FILE_COLUMNS)."""
+    std, skew, kurt, crest, rms = (cols[..., i].astype(np.float64) for i in range(len(PER_FILE_COLUMNS)))
+    mean = -np.sqrt(np.maximum(rms * rms - std * std, 0.0))  # the table keeps mean |x|; the offset is negative
+    return {"paper": np.stack([mean, skew, kurt], axis=-1),
+            "wear": np.stack([np.log10(np.maximum(std, 1e-12)), crest, skew, kurt], axis=-1)}
+
+
+def ims_file_channels(source: str, tables: dict[str, np.ndarray] | None = None) -> list[Channel]:
+    """One Channel per bearing of IMS set 1 or 2 from the per-file tables (one window per file and axis)."""
+    tables = tables if tables is not None else per_file_tables()
+    key = {"ims-set1-files": "set1", "ims-set2-files": "set2"}[source]
+    data, times = tables[key], tables[key + "_time"].astype(np.float64)
+    axes = 2 if data.shape[1] == 8 else 1
+    out = []
+    for bearing, labels in IMS_LABELS[source].items():
+        cols = data[:, (bearing - 1) * axes:bearing * axes, :]  # (files, axes, columns)
+        feats = {k: v.reshape(-1, v.shape[-1]) for k, v in _per_file_sets(cols).items()}
+        files = np.repeat(np.arange(len(data)), axes)
+        out.append(Channel(source, bearing, labels, times[files] - times[0], files, feats,
+                           "per-file features of the raw 20 kHz signal (1-s files); wear: its time-domain part "
+                           "(log_rms, crest, skewness, kurtosis), no bands"))
+    return out
+
+
+def synthetic_channels(n_files: int, rate_hz: int = settings.DEFAULT_RATE_HZ, chunk: int = 64,
+                       seed: int = synthetic.DEFAULT_SEED) -> list[Channel]:
+    """One Channel per bearing of the synthetic run, subsampled to rate_hz and windowed as the device does."""
+    from tinyml_dagster.features import FEATURE_SETS, window_length
+
+    index = synthetic.schedule(n_files)
+    stamps = np.array(synthetic.set1_timestamps(), dtype="datetime64[s]").astype(np.int64)[index].astype(float)
+    window = window_length(rate_hz)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURE_SETS}
+    for lo in range(0, len(index), chunk):
+        raw = np.stack([synthetic.synthesize_file(i, seed) for i in index[lo:lo + chunk]])
+        x = subsampling.subsample_many(raw, (rate_hz,), axis=1)[rate_hz].astype(np.float64)  # (files, n, 8)
+        x = np.moveaxis(x, 1, -1)  # (files, 8, n)
+        for name, fs in FEATURE_SETS.items():
+            parts[name].append(fs.compute(x, window))  # (files, 8, windows, d)
+    feats = {k: np.concatenate(v) for k, v in parts.items()}
+    n_win = feats["paper"].shape[2]
+    life = life_fractions(stamps.astype("datetime64[s]"))
+    onset = int(np.argmax(life >= synthetic.DEFECT_ONSET))
+    out = []
+    for bearing in settings.BEARINGS:
+        cols = [2 * (bearing - 1), 2 * (bearing - 1) + 1]
+        # windows in time order: file, window, axis
+        per = {k: np.transpose(v[:, cols], (0, 2, 1, 3)).reshape(-1, v.shape[-1]) for k, v in feats.items()}
+        files = np.repeat(np.arange(len(index)), n_win * 2)
+        t = stamps[files] - stamps[0] + np.tile(np.repeat(np.arange(n_win) * WINDOW_S, 2), len(index))
+        labels = BearingLabels(True, onset, len(index) - 1) if bearing in FAILING_BEARINGS else BearingLabels(False)
+        out.append(Channel("synthetic-2khz", bearing, labels, t, files, per,
+                           f"synthetic set-1-like run, {rate_hz} Hz, the device's feature extraction (numpy twin)"))
+    return out
+
+
+def span_score(t: np.ndarray, scores: np.ndarray, span_s: float, fraction: float) -> np.ndarray:
+    """Per window, the score the k-of-n rule acts on: the k-th highest window score of the last span_s seconds
+    (k = ceil(fraction * n) of its n windows). At least k of n windows are anomalous exactly when it exceeds the
+    threshold, so it is the rule's smoothed score (exact windows here; the device counts in BUCKETS buckets)."""
+    t = np.asarray(t, dtype=np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    left = np.searchsorted(t, t - span_s, side="right")
+    out = np.empty(len(s))
+    for i in range(len(s)):
+        w = s[left[i]:i + 1]
+        k = max(1, int(np.ceil(fraction * len(w))))
+        out[i] = np.partition(w, len(w) - k)[len(w) - k]
+    return out
+
+
+def _scores(model: str, X_train: np.ndarray, X: np.ndarray, cfg: DetectionConfig, seed: int) -> np.ndarray:
+    return model_scores(X_train, X, (cfg.n_trees,), 0, seed, model, cfg.psi)[:, 0]
+
+
+def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, threshold_mode: str) -> dict:
+    """One record: a model of one feature set on one channel, with its threshold and the alarm rule."""
+    from firmware.alarms import AlarmRule
+    from tinyml_dagster.training import THRESHOLD, calibrated_threshold
+
+    X = ch.features[feature_set]
+    t_end_train = ch.t[0] + cfg.train_fraction * (ch.t[-1] - ch.t[0])
+    train = ch.t < t_end_train
+    seed = model_seed(cfg.seed, ch.bearing, cfg.n_trees)
+    s = _scores(model, X[train], X, cfg, seed)
+    thr = THRESHOLD if threshold_mode == "paper-0.6" else calibrated_threshold(s[train], cfg.target_fa)
+    anomalous = s > thr
+    lab = ch.labels
+    healthy = ch.file < lab.onset if lab.failing else np.ones(len(s), bool)
+    heldout = healthy & ~train
+    degraded = ch.file >= lab.onset if lab.failing else np.zeros(len(s), bool)
+    alarm = dict(cfg.alarm)
+    rule = AlarmRule(alarm)
+    raises = [i for i in range(len(s)) if rule.push(float(ch.t[i]), float(s[i]), bool(anomalous[i])) == "raised"]
+    smooth = span_score(ch.t, s, alarm["span_s"], alarm["raise_fraction"])
+    monitored = np.array([i for i in raises if not train[i]], dtype=int)
+    in_healthy = [i for i in monitored if healthy[i]]
+    healthy_days = (ch.t[heldout].max() - ch.t[heldout].min()) / 86400.0 if heldout.sum() > 1 else 0.0
+    rec = {"source": ch.source, "bearing": ch.bearing, "feature_set": feature_set, "model": model,
+           "threshold_mode": threshold_mode, "features": list(_feature_names(feature_set, ch)),
+           "failing": lab.failing, "threshold": round(float(thr), 4),
+           "n_train": int(train.sum()), "n_heldout_healthy": int(heldout.sum()), "n_degraded": int(degraded.sum()),
+           "auc": roc_auc(smooth[heldout], smooth[degraded]) if lab.failing else None,
+           "auc_window": roc_auc(s[heldout], s[degraded]) if lab.failing else None,
+           "fa_rate_heldout": float(anomalous[heldout].mean()) if heldout.any() else None,
+           "alarms_in_healthy": len(in_healthy),
+           "alarms_per_healthy_day": round(len(in_healthy) / healthy_days, 3) if healthy_days else None,
+           "first_alarm_h_before_failure": None, "first_alarm_h_after_onset": None, "note": ch.note}
+    if lab.failing:
+        t_onset = ch.t[np.argmax(ch.file >= lab.onset)]
+        t_fail = ch.t[np.argmax(ch.file >= lab.failure)]
+        after = [i for i in monitored if ch.t[i] >= t_onset]
+        if after:
+            rec["first_alarm_h_before_failure"] = round(float(t_fail - ch.t[after[0]]) / 3600.0, 1)
+            rec["first_alarm_h_after_onset"] = round(float(ch.t[after[0]] - t_onset) / 3600.0, 1)
+    return rec
+
+
+def _feature_names(feature_set: str, ch: Channel) -> tuple[str, ...]:
+    from tinyml_dagster.features import feature_set as fs
+
+    names = fs(feature_set).names
+    return names if ch.features[feature_set].shape[1] == len(names) else WEAR_TIME_DOMAIN
+
+
+def detection_records(cfg: DetectionConfig = DetectionConfig(), log=print) -> list[dict]:
+    """Every source, bearing, feature set, model and threshold mode: one record each."""
+    t0 = time.perf_counter()
+    channels: list[Channel] = []
+    for source in cfg.sources:
+        if source == "synthetic-2khz":
+            channels += synthetic_channels(cfg.synthetic_files)
+        elif source in IMS_LABELS:
+            channels += ims_file_channels(source)
+        else:
+            raise ValueError(f"unknown source {source!r}: one of synthetic-2khz, {', '.join(IMS_LABELS)}")
+        log(f"detection: {source} features ready ({time.perf_counter() - t0:.1f} s)")
+    records = []
+    models = MODELS if cfg.sklearn else MODELS[:1]
+    for ch in channels:
+        for feature_set in ch.features:
+            modes = ("calibrated", "paper-0.6") if feature_set == "paper" else ("calibrated",)
+            for model in models:
+                for mode in modes:
+                    records.append(judge(ch, feature_set, model, cfg, mode))
+    log(f"detection: {len(records)} records ({time.perf_counter() - t0:.1f} s)")
+    return records
+
+
+def write_detection(records: list[dict], path: str | os.PathLike | None = None) -> Path:
+    """data/bench/detection.json: {"default_feature_set": NAME, "records": [...]} (atomically)."""
+    import json
+
+    from tinyml_dagster.features import DEFAULT_FEATURE_SET
+
+    path = Path(path) if path is not None else settings.bench_dir() / "detection.json"
+    doc = {"default_feature_set": DEFAULT_FEATURE_SET, "records": records}
+    atomic_write(path, json.dumps(doc, indent=1), mode=0o644)
+    return path
+
+
+def detection_table(records: list[dict], model: str = "firmware") -> pd.DataFrame:
+    """The records of one model as a table, one row per source, bearing, feature set and threshold mode."""
+    cols = ["source", "bearing", "feature_set", "threshold_mode", "failing", "threshold", "auc", "auc_window",
+            "fa_rate_heldout", "alarms_in_healthy", "alarms_per_healthy_day", "first_alarm_h_before_failure",
+            "first_alarm_h_after_onset"]
+    df = pd.DataFrame([r for r in records if r["model"] == model])
+    return df[cols] if len(df) else df
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from firmware import isoforest
 
 CHUNK_WINDOWS = 256  # windows per vectorised step: (windows x trees) temporaries stay in cache
 HEAP_MAX_DEPTH = 12  # deeper trees (only hand-made ones: training caps the height at 7) walk node arrays instead
+RANK_MAX_FEATURES = 4  # rank tables (a product over the features) beyond this cost more than they save
 RANK_MAX_TABLE = 1 << 25  # leaf-table entries (bytes) above which the pool falls back to walking the trees
 RANK_CHUNK_PAIRS = 1 << 20  # (tree, window) pairs per lookup step
 
@@ -87,7 +88,7 @@ class PoolScorer:
     method "rank" (the default): a tree's leaf depends only on the window's rank among the tree's thresholds on
     each feature, so each model maps grid values to ranks (one lookup per feature and window), and each tree maps
     those ranks to its leaf code through a small table: 4 lookups per (tree, window), whatever the depth.
-    method "heap" (fallback when the tables would exceed RANK_MAX_TABLE bytes): each tree laid out as a complete
+    method "heap" (fallback for more than RANK_MAX_FEATURES features or tables over RANK_MAX_TABLE bytes): each tree laid out as a complete
     binary tree of depth D (children of slot s at 2s+1, 2s+2; shallow leaves pushed down along always-right slots),
     walked D vectorised steps; trees deeper than HEAP_MAX_DEPTH walk node arrays.
     """
@@ -112,7 +113,7 @@ class PoolScorer:
         self.n_trees = len(tree_model)
         self._rank = None
         self._nodes = None
-        if method in ("auto", "rank"):
+        if method == "rank" or (method == "auto" and d <= RANK_MAX_FEATURES):
             self._rank = _rank_tables(decoded, d, RANK_MAX_TABLE if method == "auto" else None)
             if self._rank is not None:
                 self.method = "rank"

@@ -154,8 +154,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX upload_gaps_device ON upload_gaps (device_id, first_seq);
     """,
+    # 4: feature sets (every stored window keeps its three f_ columns and is the paper's set) and their vectors of
+    # any length (float64 LE; NULL: the f_ columns), and the devices' alarm events
+    """
+    ALTER TABLE uploads ADD COLUMN feature_set TEXT NOT NULL DEFAULT 'paper';
+    ALTER TABLE uploads ADD COLUMN features BLOB;
+    CREATE TABLE alarms (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        start REAL NOT NULL,
+        end REAL,
+        peak_score REAL NOT NULL,
+        feature_set TEXT NOT NULL,
+        champion_id TEXT,
+        champion_version INTEGER,
+        received_at REAL NOT NULL,
+        UNIQUE (device_id, start)
+    );
+    """,
 )
 
+# a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
+CHAMPION_SEQ_BASE = 1 << 40
 MAX_ID = 64  # characters of a device or champion id
 MAX_SEQ = (1 << 63) - 1
 MAX_WINDOW_BYTES = 64 * 1024
@@ -206,7 +226,8 @@ class Upload:
     device_id: str
     seq: int  # the device's upload number (monotonic per device): the dedup key
     kind: str
-    features: tuple[float, float, float] | None = None
+    features: tuple[float, ...] | None = None  # as many as the feature set has
+
     champion_id: str | None = None
     champion_score: float | None = None
     champion_decision: int | None = None
@@ -216,6 +237,7 @@ class Upload:
     model_blob: bytes | None = None
     window_from: float | None = None
     window_to: float | None = None
+    feature_set: str = "paper"
 
     def validate(self) -> None:
         """Raise KnowledgeBaseError naming the bad field (its .reason: the field and rule, without the value)."""
@@ -246,8 +268,15 @@ class Upload:
             if len(self.model_blob) > MAX_MODEL_BYTES:
                 return "field model_blob must be at most %d bytes" % MAX_MODEL_BYTES
             return None
-        if not isinstance(self.features, (tuple, list)) or len(self.features) != 3:
-            return "field features must hold 3 values (mean, skewness, kurtosis)"
+        from firmware import feature_sets
+
+        try:
+            names = feature_sets.module(self.feature_set).FEATURE_NAMES
+        except (ValueError, TypeError) as e:
+            return "field feature_set: %s" % e
+        if not isinstance(self.features, (tuple, list)) or len(self.features) != len(names):
+            return "field features must hold %d values (%s) of feature set %s" % (
+                len(names), ", ".join(names), self.feature_set)
         if not all(_is_finite(x) for x in self.features):
             return "field features must be finite numbers"
         if self.champion_score is not None and not _is_finite(self.champion_score):
@@ -368,13 +397,16 @@ class KnowledgeBase:
                     for u in uploads:
                         seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now)
                         seq = u.seq if u.kind == "champion" else seq
-                        f = u.features or (None, None, None)
+                        paper = u.feature_set == "paper"
+                        f = u.features if u.features is not None and paper else (None, None, None)
+                        vector = None if paper or u.features is None else pack_features(u.features)
                         cur = c.execute(
                             "INSERT OR IGNORE INTO uploads (device_id, seq, kind, received_at, sent_at, window_start,"
-                            " f_mean, f_skewness, f_kurtosis, champion_id, champion_score, champion_decision, window)"
-                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            " f_mean, f_skewness, f_kurtosis, champion_id, champion_score, champion_decision, window,"
+                            " feature_set, features)"
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             (u.device_id, seq, u.kind, now, u.sent_at, u.window_start, f[0], f[1], f[2],
-                             u.champion_id, u.champion_score, u.champion_decision, u.window),
+                             u.champion_id, u.champion_score, u.champion_decision, u.window, u.feature_set, vector),
                         )
                         if cur.rowcount:
                             uid = cur.lastrowid
@@ -393,14 +425,15 @@ class KnowledgeBase:
                             row = c.execute(
                                 "SELECT id, kind, f_mean, f_skewness, f_kurtosis, champion_id, champion_score,"
                                 " champion_decision, window_start, (SELECT blob FROM model_uploads m"
-                                " WHERE m.upload_id = uploads.id) FROM uploads WHERE device_id=? AND seq=?",
+                                " WHERE m.upload_id = uploads.id), feature_set, features FROM uploads"
+                                " WHERE device_id=? AND seq=?",
                                 (u.device_id, seq),
                             ).fetchone()
                             result.upload_ids.append(row[0])
                             result.duplicates.append(True)
                             result.conflicts.append(tuple(row[1:]) != (
                                 u.kind, *f, u.champion_id, u.champion_score, u.champion_decision, u.window_start,
-                                u.model_blob))
+                                u.model_blob, u.feature_set, vector))
             except BaseException:
                 self._last_seq.clear()  # the rollback undid our view of the devices' upload numbers
                 raise
@@ -442,31 +475,90 @@ class KnowledgeBase:
             params.append(device_id)
         return self.scalar(sql, params)
 
-    def undecided(self, limit: int = 10_000, after_id: int = 0) -> list[tuple]:
-        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows the pool has not decided.
+    def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper") -> list[tuple]:
+        """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows of one feature set the pool
+        has not decided; for a set other than the paper's the three f_ values are replaced by its whole vector.
 
         Upload ids grow in commit order, so a caller that decided everything through after_id passes it on.
         """
-        return self.query(
-            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision FROM uploads u"
-            " WHERE u.id > ? AND u.kind != 'champion'"
+        rows = self.query(
+            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
+            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?"
             " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
             " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
-            (after_id, limit),
+            (after_id, feature_set, limit),
         )
+        if feature_set == "paper":
+            return [tuple(r[:6]) for r in rows]
+        return [(r[0], r[1], *unpack_features(r[6]), r[5]) for r in rows]
 
-    def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None):
-        """The normal windows stored after since_upload_id, as a DataFrame (for retraining)."""
+    def feature_vectors(self, upload_ids: Sequence[int]) -> list[tuple[str, tuple[float, ...]]]:
+        """(feature set, feature vector) of stored windows, in the order of upload_ids."""
+        out = []
+        for uid in upload_ids:
+            row = self.query("SELECT feature_set, f_mean, f_skewness, f_kurtosis, features FROM uploads WHERE id=?",
+                             (uid,))
+            if not row:
+                raise KnowledgeBaseError("no upload with id %d" % uid)
+            fs, a, b, c, blob = row[0]
+            out.append((fs, unpack_features(blob) if blob is not None else (a, b, c)))
+        return out
+
+    # -- alarms -------------------------------------------------------------------------------------------
+
+    def record_alarm(self, device_id: str, start: float, end: float | None, peak_score: float, feature_set: str,
+                     champion_id: str | None = None, champion_version: int | None = None,
+                     now: float | None = None) -> int:
+        """Store a device's alarm event (raised: end None; cleared: end set; the same start updates it)."""
+        if not device_id:
+            raise KnowledgeBaseError("alarm: field device_id must be a non-empty string")
+        if end is not None and end < start:
+            raise KnowledgeBaseError("alarm of %s: end %s before start %s" % (device_id, end, start))
+        now = time.time() if now is None else now
+        with self._lock, self.transaction():
+            self._conn.execute(
+                "INSERT INTO alarms (device_id, start, end, peak_score, feature_set, champion_id, champion_version,"
+                " received_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (device_id, start) DO UPDATE SET"
+                " end = COALESCE(excluded.end, alarms.end), peak_score = MAX(alarms.peak_score, excluded.peak_score),"
+                " received_at = excluded.received_at",
+                (device_id, float(start), None if end is None else float(end), float(peak_score), feature_set,
+                 champion_id, champion_version, now),
+            )
+            return self._conn.execute("SELECT id FROM alarms WHERE device_id=? AND start=?",
+                                      (device_id, float(start))).fetchone()[0]
+
+    def alarms(self, device_id: str | None = None, since_id: int = 0) -> list[dict]:
+        """Alarm events (oldest first), as dicts."""
+        sql = ("SELECT id, device_id, start, end, peak_score, feature_set, champion_id, champion_version, received_at"
+               " FROM alarms WHERE id > ?")
+        params: list = [since_id]
+        if device_id is not None:
+            sql += " AND device_id=?"
+            params.append(device_id)
+        keys = ("id", "device_id", "start", "end", "peak_score", "feature_set", "champion_id", "champion_version",
+                "received_at")
+        return [dict(zip(keys, r)) for r in self.query(sql + " ORDER BY id", params)]
+
+    def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None,
+                       feature_set: str = "paper"):
+        """The normal windows of one feature set stored after since_upload_id, as a DataFrame (for retraining)."""
         import pandas as pd
 
+        from firmware import feature_sets
+
+        names = list(feature_sets.module(feature_set).FEATURE_NAMES)
         through = self.max_upload_id() if through_upload_id is None else through_upload_id
         rows = self.query(
-            "SELECT id, device_id, window_start, f_mean, f_skewness, f_kurtosis FROM uploads"
-            " WHERE kind='normal' AND id > ? AND id <= ? ORDER BY id",
-            (since_upload_id, through),
+            "SELECT id, device_id, window_start, f_mean, f_skewness, f_kurtosis, features FROM uploads"
+            " WHERE kind='normal' AND id > ? AND id <= ? AND feature_set = ? ORDER BY id",
+            (since_upload_id, through, feature_set),
         )
-        return pd.DataFrame(rows, columns=["upload_id", "device_id", "window_start", "mean", "skewness", "kurtosis"])
+        if feature_set != "paper":
+            rows = [(*r[:3], *unpack_features(r[6])) for r in rows]
+        else:
+            rows = [tuple(r[:6]) for r in rows]
+        return pd.DataFrame(rows, columns=["upload_id", "device_id", "window_start", *names])
 
     def model_uploads(self, unregistered_only: bool = True) -> list[tuple]:
         """(upload_id, device_id, blob, window_from, window_to, model_id) of champions devices uploaded."""
@@ -922,6 +1014,22 @@ class _Tx:
         else:
             self.kb._conn.execute("ROLLBACK")
         return False
+
+
+def pack_features(values: Sequence[float]) -> bytes:
+    """A feature vector as stored: float64 little-endian."""
+    import struct
+
+    return struct.pack("<%dd" % len(values), *values)
+
+
+def unpack_features(blob: bytes) -> tuple[float, ...]:
+    """The feature vector of pack_features."""
+    import struct
+
+    if len(blob) % 8:
+        raise KnowledgeBaseError("stored feature vector of %d bytes is not float64s" % len(blob))
+    return struct.unpack("<%dd" % (len(blob) // 8), blob)
 
 
 def iter_batches(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -73,10 +73,21 @@ def _slug(text: str) -> str:
 
 def model_config(forest: isoforest.Forest, threshold: float = DEFAULT_THRESHOLD, rate_hz: int | None = None,
                  window_ms: int = fw_features.WINDOW_MS,
-                 feature_names: Sequence[str] = tuple(fw_features.FEATURE_NAMES)) -> dict:
-    """The config a device needs with the compact bytes (covered by the content hash)."""
+                 feature_names: Sequence[str] | None = None, feature_set: str = fw_features.FEATURE_SET,
+                 feature_params: dict | None = None) -> dict:
+    """The config a device needs with the compact bytes (covered by the content hash).
+
+    A feature set other than the paper's is named in it (feature_set, its version and parameters); a config that
+    names none is the paper's set, as every model stored before feature sets existed.
+    """
+    from tinyml_dagster.features import feature_set as _feature_set
+
+    fs = _feature_set(feature_set)
+    if feature_names is None:
+        feature_names = fs.names
     if len(feature_names) != forest.n_features:
         raise ValueError(f"{len(feature_names)} feature names for a forest of {forest.n_features} features")
+    extra = {} if fs.name == fw_features.FEATURE_SET and not feature_params else fs.config(feature_params)
     return {
         "format": COMPACT_FORMAT,
         "n_features": forest.n_features,
@@ -87,6 +98,7 @@ def model_config(forest: isoforest.Forest, threshold: float = DEFAULT_THRESHOLD,
         "threshold": float(threshold),
         "rate_hz": None if rate_hz is None else int(rate_hz),
         "window_ms": int(window_ms),
+        **extra,
     }
 
 
@@ -172,7 +184,8 @@ class ModelRepository:
 
     def add(self, forest: isoforest.Forest, *, lineage: dict | None = None, threshold: float | None = None,
             rate_hz: int | None = None, window_ms: int = fw_features.WINDOW_MS,
-            feature_names: Sequence[str] = tuple(fw_features.FEATURE_NAMES), seed: int | None = None,
+            feature_names: Sequence[str] | None = None, feature_set: str = fw_features.FEATURE_SET,
+            feature_params: dict | None = None, seed: int | None = None,
             training: dict | None = None, metrics: dict | None = None, prefix: str | None = None,
             created_at: str | None = None) -> str:
         """Store a forest as a new model (or find the identical one); returns its id. Never overwrites."""
@@ -183,7 +196,8 @@ class ModelRepository:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if rate_hz is None:
             rate_hz = training.get("rate_hz", lineage.get("rate_hz"))
-        config = model_config(forest, threshold, rate_hz, window_ms, feature_names)
+        config = model_config(forest, threshold, rate_hz, window_ms, feature_names, feature_set, feature_params)
+        feature_names = config["feature_names"]
         data = forest.to_bytes()
         digest = content_hash(data, config)
         if prefix is None:
@@ -218,7 +232,8 @@ class ModelRepository:
                 "seed": seed,
                 "training": training,
                 "feature_schema": {"names": list(feature_names), "order": list(range(len(feature_names))),
-                                   "rate_hz": config["rate_hz"], "window_ms": int(window_ms)},
+                                   "rate_hz": config["rate_hz"], "window_ms": int(window_ms),
+                                   "feature_set": config.get("feature_set", fw_features.FEATURE_SET)},
                 "size_bytes": len(data),
                 "metrics": dict(metrics or {}),
                 "lineage": lineage,
@@ -324,4 +339,5 @@ def add_device_champion(repo: ModelRepository, device_id: str, blob: bytes, wind
     lineage = {"source": "device", "device_id": device_id, "device_model_id": cfg.get("model_id"),
                "device_version": cfg.get("version"), "window_from": window_from, "window_to": window_to,
                "kb_upload_id": upload_id}
-    return repo.add(forest, lineage=lineage, threshold=cfg.get("threshold"))
+    return repo.add(forest, lineage=lineage, threshold=cfg.get("threshold"),
+                    feature_set=cfg.get("feature_set", "paper"), feature_params=cfg.get("feature_params") or None)

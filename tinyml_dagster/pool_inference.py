@@ -61,7 +61,8 @@ class DecideSummary:
 class PoolInferenceEngine:
     """Majority vote of the candidates and the +1/-1 ranking, stored in the Knowledge Base."""
 
-    def __init__(self, candidates: Sequence[Candidate], threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, candidates: Sequence[Candidate], threshold: float = DEFAULT_THRESHOLD,
+                 feature_set: str = "paper"):
         if not candidates:
             raise ValueError("the pool needs at least one candidate model")
         ids = [c.model_id for c in candidates]
@@ -69,25 +70,27 @@ class PoolInferenceEngine:
             raise ValueError("duplicate candidate model ids in the pool: %s" % ids)
         self.candidates = list(candidates)
         self.model_ids = ids
+        self.feature_set = feature_set  # only windows of this set are put to the vote
         self.thresholds = np.array([getattr(c, "threshold", threshold) for c in candidates], dtype=np.float64)
         self._through: dict[str, int] = {}  # per KB: every window through this upload id is decided
         self._matrix_scorer: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
-    def from_forests(cls, model_ids: Sequence[str], forests: Sequence, thresholds: Sequence[float] | None = None
-                     ) -> "PoolInferenceEngine":
+    def from_forests(cls, model_ids: Sequence[str], forests: Sequence, thresholds: Sequence[float] | None = None,
+                     feature_set: str = "paper") -> "PoolInferenceEngine":
         """A pool of compact Isolation Forests (firmware.isoforest.Forest), scored all at once by forest.PoolScorer."""
         from tinyml_dagster.forest import PoolScorer, score_forest
 
         thresholds = list(thresholds) if thresholds is not None else [DEFAULT_THRESHOLD] * len(model_ids)
         pool = cls([FunctionCandidate(m, lambda X, f=f: score_forest(f, X), t)
-                    for m, f, t in zip(model_ids, forests, thresholds)])
+                    for m, f, t in zip(model_ids, forests, thresholds)], feature_set=feature_set)
         pool._matrix_scorer = PoolScorer(list(forests)).scores
         return pool
 
     def decide(self, X: np.ndarray, champion_decision: np.ndarray) -> PoolDecision:
-        """Vote on feature rows X (n, 3) given the champion's decisions (n,) (1 = anomaly)."""
-        X = np.asarray(X, dtype=np.float64).reshape(-1, 3)
+        """Vote on feature rows X (n, n_features) given the champion's decisions (n,) (1 = anomaly)."""
+        X = np.asarray(X, dtype=np.float64)
+        X = X.reshape(len(X), -1) if X.ndim > 1 or not len(X) else X.reshape(1, -1)
         if not len(X):
             scores = np.zeros((0, len(self.candidates)))
         elif self._matrix_scorer is not None:
@@ -113,7 +116,7 @@ class PoolInferenceEngine:
         decided = anomalies = fps = 0
         through = self._through.get(str(kb.path), 0)
         while True:
-            rows = kb.undecided(limit=batch, after_id=through)
+            rows = kb.undecided(limit=batch, after_id=through, feature_set=self.feature_set)
             if not rows:
                 break
             last_id, full = rows[-1][0], len(rows) == batch
@@ -143,12 +146,12 @@ class PoolInferenceEngine:
         good, bad = [], {}
         for r in rows:
             try:
-                x = np.array(r[2:5], dtype=np.float64)
+                x = np.array(r[2:-1], dtype=np.float64)
             except (TypeError, ValueError):
                 x = np.array([np.nan])
             if not np.isfinite(x).all():
-                bad[r[0]] = "features are not 3 finite numbers"
-            elif r[5] not in (None, 0, 1):
+                bad[r[0]] = "features are not %d finite numbers" % (len(r) - 3)
+            elif r[-1] not in (None, 0, 1):
                 bad[r[0]] = "champion decision is not 0 or 1"
             else:
                 good.append(r)
@@ -160,8 +163,8 @@ class PoolInferenceEngine:
         """The pool's decision on rows; when the candidates fail on the batch, the failing rows are found one
         at a time and quarantined with the error."""
         def run(rs):
-            X = np.array([[r[2], r[3], r[4]] for r in rs], dtype=np.float64).reshape(-1, 3)
-            return self.decide(X, np.array([r[5] or 0 for r in rs], dtype=bool))
+            X = np.array([r[2:-1] for r in rs], dtype=np.float64).reshape(len(rs), -1)
+            return self.decide(X, np.array([r[-1] or 0 for r in rs], dtype=bool))
 
         try:
             return rows, run(rows)
@@ -201,4 +204,8 @@ def pool_from_repository(root=None) -> PoolInferenceEngine:
     if not ids:
         raise ValueError("the model repository under %s holds no candidate models yet" % repo.root)
     thresholds = [float(repo.get(m).get("threshold") or DEFAULT_THRESHOLD) for m in ids]
-    return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds)
+    sets = {m: repo.config(m).get("feature_set", "paper") for m in ids}
+    if len(set(sets.values())) > 1:
+        raise ValueError("the candidates of one pool must share a feature set, got %s" % sets)
+    return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds,
+                                            feature_set=next(iter(sets.values())))

@@ -3,7 +3,8 @@
 As in the paper, the gateway trains with "the same library used for the embedded device": firmware/isoforest.py,
 run under CPython on rows of feature windows; the pool scorer (tinyml_dagster/forest.py) then measures each model's
 anomaly rate on its training windows and on the later ones. One model per (bearing, forest size): trained on the
-bearing's windows of both axes whose life_fraction < 0.6 (split "train"), psi = 100, threshold 0.6.
+bearing's windows of both axes whose life_fraction < 0.6 (split "train"), psi = 100, threshold 0.6 (the paper's), or
+each model's own threshold calibrated on its training windows for a target window false-alarm rate (TARGET_FA).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from firmware import isoforest
+from firmware import isoforest, local_training
 from tinyml_dagster import settings
 from tinyml_dagster.features import FEATURE_NAMES, WINDOW_MS
 from tinyml_dagster.forest import PoolScorer
@@ -24,6 +25,23 @@ from tinyml_dagster.model_repository import ModelRepository
 TREE_COUNTS: tuple[int, ...] = (10, 20, 30, 40, 50)
 PSI = 100
 THRESHOLD = 0.6
+# Default target window false-alarm rate of a calibrated threshold: 0.2% of the model's own training windows score
+# above it. Healthy windows the model never saw score a little higher than those it was grown on (and conditions
+# drift), so the target sits well inside the 0.5% a monitored healthy machine may show; at 2 windows/s it is about
+# one anomalous window per 4 min of healthy running, which the alarm rule (k of n over seconds) never turns into an alarm.
+TARGET_FA = 0.002
+THRESHOLD_BOUNDS = local_training.THRESHOLD_BOUNDS
+
+
+def default_target_fa(feature_set: str) -> float | None:
+    """The paper's set keeps its fixed 0.6 (its figures stay reproducible); every other set calibrates to TARGET_FA."""
+    return None if feature_set == "paper" else TARGET_FA
+
+
+def calibrated_threshold(train_scores: np.ndarray, target_fa: float = TARGET_FA) -> float:
+    """The threshold above which a target_fa share of a model's own training-window scores lie (a high quantile);
+    the firmware's, which calibrates the device's self-trained champion the same way."""
+    return local_training.calibrated_threshold(np.asarray(train_scores, dtype=np.float64).tolist(), target_fa)
 
 
 def model_seed(seed: int, bearing: int, n_trees: int) -> int:
@@ -31,18 +49,19 @@ def model_seed(seed: int, bearing: int, n_trees: int) -> int:
     return int(seed) * 100_000 + int(bearing) * 1000 + int(n_trees)
 
 
-def feature_matrix(windows: pd.DataFrame, what: str = "feature windows") -> np.ndarray:
-    """(n, 3) float64 matrix of the feature columns; a clear error naming the first bad window."""
-    missing = [c for c in FEATURE_NAMES if c not in windows.columns]
+def feature_matrix(windows: pd.DataFrame, what: str = "feature windows",
+                   names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
+    """(n, len(names)) float64 matrix of the feature columns; a clear error naming the first bad window."""
+    missing = [c for c in names if c not in windows.columns]
     if missing:
         raise ValueError(f"{what}: missing feature columns {missing}")
-    X = windows[list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+    X = windows[list(names)].to_numpy(dtype=np.float64)
     bad = np.argwhere(~np.isfinite(X))
     if len(bad):
         i, j = bad[0]
         row = windows.iloc[int(i)]
         where = ", ".join(f"{k}={row[k]}" for k in ("bearing", "axis", "file_index", "window_index") if k in row)
-        raise ValueError(f"{what}: window {where} has a non-finite {FEATURE_NAMES[j]}: {X[i, j]}")
+        raise ValueError(f"{what}: window {where} has a non-finite {names[j]}: {X[i, j]}")
     return X
 
 
@@ -51,11 +70,12 @@ def train_forest(X: np.ndarray, n_trees: int, psi: int = PSI, seed: int = 0) -> 
     return isoforest.train(np.asarray(X, dtype=np.float64).tolist(), n_trees, psi, seed)
 
 
-def anomaly_rates(forests: Sequence[isoforest.Forest], X: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
-    """Per forest, the fraction of rows whose score exceeds threshold (score > threshold = anomaly)."""
+def anomaly_rates(forests: Sequence[isoforest.Forest], X: np.ndarray,
+                  threshold: float | Sequence[float] = THRESHOLD) -> np.ndarray:
+    """Per forest, the fraction of rows whose score exceeds its threshold (score > threshold = anomaly)."""
     if len(X) == 0:
         return np.full(len(forests), np.nan)
-    return (PoolScorer(forests).scores(X) > threshold).mean(axis=0)
+    return (PoolScorer(forests).scores(X) > np.asarray(threshold, dtype=np.float64)).mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,7 @@ class TrainedCandidate:
     anomaly_rate_train: float
     anomaly_rate_later: float
     train_seconds: float
+    threshold: float = THRESHOLD
 
 
 def _time(t) -> str | None:
@@ -79,8 +100,16 @@ def _time(t) -> str | None:
 def train_candidates(windows: pd.DataFrame, repo: ModelRepository, *, rate_hz: int,
                      bearings: Sequence[int] = settings.BEARINGS, tree_counts: Sequence[int] = TREE_COUNTS,
                      psi: int = PSI, threshold: float = THRESHOLD, seed: int = 0,
-                     lineage: dict | None = None) -> list[TrainedCandidate]:
-    """Train and store one model per (bearing, forest size) on the first 60% of life; returns them in order."""
+                     lineage: dict | None = None, target_fa: float | None = None,
+                     feature_set: str = "paper") -> list[TrainedCandidate]:
+    """Train and store one model per (bearing, forest size) on the first 60% of life; returns them in order.
+
+    target_fa None: every model anomalous above `threshold` (the paper's 0.6); else each model's own threshold,
+    calibrated on its training windows (calibrated_threshold) and recorded in its lineage.
+    """
+    from tinyml_dagster.features import feature_set as _feature_set
+
+    names = _feature_set(feature_set).names
     out: list[TrainedCandidate] = []
     for bearing in bearings:
         df = windows[(windows.bearing == bearing) & (windows.rate_hz == rate_hz)]
@@ -89,8 +118,8 @@ def train_candidates(windows: pd.DataFrame, repo: ModelRepository, *, rate_hz: i
         if len(train) < 2:
             raise ValueError(f"feature windows at {rate_hz} Hz, bearing {bearing}: {len(train)} training windows "
                              f"(life_fraction < {settings.TRAIN_FRACTION}); need at least 2")
-        X_train = feature_matrix(train, f"bearing {bearing} training windows")
-        X_later = feature_matrix(later, f"bearing {bearing} later windows")
+        X_train = feature_matrix(train, f"bearing {bearing} training windows", names)
+        X_later = feature_matrix(later, f"bearing {bearing} later windows", names)
         training = {
             "asset": "feature_windows",
             "rate_hz": int(rate_hz),
@@ -111,25 +140,43 @@ def train_candidates(windows: pd.DataFrame, repo: ModelRepository, *, rate_hz: i
             forests.append(train_forest(X_train, n_trees, psi, s))
             seconds.append(time.perf_counter() - t0)
             seeds.append(s)
-        rate_train = anomaly_rates(forests, X_train, threshold)
-        rate_later = anomaly_rates(forests, X_later, threshold)
-        for forest, s, secs, r_tr, r_la in zip(forests, seeds, seconds, rate_train, rate_later):
+        if target_fa is None:
+            thresholds = [float(threshold)] * len(forests)
+            calibration = {"method": "fixed", "threshold": float(threshold)}
+        else:
+            train_scores = PoolScorer(forests).scores(X_train)
+            thresholds = [calibrated_threshold(train_scores[:, j], target_fa) for j in range(len(forests))]
+            calibration = {"method": "quantile of the model's scores on its training windows",
+                           "target_fa": float(target_fa), "quantile": 1.0 - float(target_fa),
+                           "n_windows": int(len(X_train)), "bounds": list(THRESHOLD_BOUNDS)}
+        rate_train = anomaly_rates(forests, X_train, thresholds)
+        rate_later = anomaly_rates(forests, X_later, thresholds)
+        for forest, s, secs, r_tr, r_la, thr in zip(forests, seeds, seconds, rate_train, rate_later, thresholds):
             metrics = {"anomaly_rate_train": float(r_tr),
                        "anomaly_rate_later": None if np.isnan(r_la) else float(r_la),
                        "train_seconds": round(secs, 4)}
-            model_id = repo.add(forest, lineage={"source": "gateway", **(lineage or {})}, threshold=threshold,
-                                rate_hz=rate_hz, window_ms=WINDOW_MS, seed=s, training=training, metrics=metrics)
+            model_lineage = {"source": "gateway", **(lineage or {}), "threshold": {**calibration, "threshold": thr}}
+            model_id = repo.add(forest, lineage=model_lineage, threshold=thr, rate_hz=rate_hz, window_ms=WINDOW_MS,
+                                seed=s, training=training, metrics=metrics, feature_set=feature_set)
             out.append(TrainedCandidate(model_id, int(bearing), forest.n_trees, s, len(forest.to_bytes()),
-                                        float(r_tr), float(r_la), secs))
+                                        float(r_tr), float(r_la), secs, thr))
     return out
 
 
-def retrain(windows: pd.DataFrame, repo: ModelRepository, *, tree_counts: Sequence[int] = TREE_COUNTS,
-            psi: int = PSI, seed: int = 0, lineage: dict | None = None, training: dict | None = None) -> list[str]:
-    """New candidates from the normal windows devices uploaded: one model per forest size; their ids."""
-    X = feature_matrix(windows, "uploaded normal windows")
+def retrain(windows: pd.DataFrame, repo: ModelRepository, *, feature_set: str = "paper",
+            tree_counts: Sequence[int] = TREE_COUNTS, psi: int = PSI, seed: int = 0, lineage: dict | None = None,
+            training: dict | None = None) -> list[str]:
+    """New candidates from the normal windows devices uploaded, one model per forest size, each with the
+    threshold its feature set calls for (calibrated on those windows, or the paper's fixed one); their ids."""
+    from tinyml_dagster.features import feature_set as _feature_set
+
+    X = feature_matrix(windows, "uploaded normal windows", _feature_set(feature_set).names)
+    target_fa = default_target_fa(feature_set)
     ids = []
     for i, n_trees in enumerate(tree_counts):
-        ids.append(repo.add(train_forest(X, n_trees, psi, seed + i), lineage={"source": "retraining", **(lineage or {})},
-                            seed=seed + i, training=training))
+        forest = train_forest(X, n_trees, psi, seed + i)
+        threshold = None if target_fa is None else calibrated_threshold(PoolScorer([forest]).scores(X)[:, 0], target_fa)
+        ids.append(repo.add(forest, lineage={"source": "retraining", **(lineage or {}),
+                                             "threshold": {"target_fa": target_fa, "threshold": threshold}},
+                            threshold=threshold, seed=seed + i, training=training, feature_set=feature_set))
     return ids

@@ -86,9 +86,14 @@ def test_envelope_roundtrip_and_check():
     envelope = messages.pack(messages.UPLOAD, 65535, body)
     msg_type, seq, got = messages.unpack(envelope)
     assert (msg_type, seq) == (messages.UPLOAD, 65535)
-    upload_no, window_time, anomaly, version, score, features = messages.unpack_upload(got)
+    upload_no, window_time, anomaly, version, score, features, feature_set = messages.unpack_upload(got)
     assert (upload_no, window_time, anomaly, version) == (7, 1_700_000_000, True, 3)
-    assert score == pytest.approx(0.71) and features == pytest.approx((0.1, -0.2, 3.5))
+    assert score == pytest.approx(0.71) and features == pytest.approx((0.1, -0.2, 3.5)) and feature_set == 0
+    # a set of seven features travels in the same body; its code rides in the flags' high nibble
+    seven = messages.unpack_upload(messages.pack_upload(8, 5, False, 3, 0.2, tuple(range(7)), feature_set=1))
+    assert seven[2] is False and seven[5] == tuple(float(i) for i in range(7)) and seven[6] == 1
+    with pytest.raises(ValueError, match="code 16"):
+        messages.pack_upload(8, 5, False, 3, 0.2, (0.0,), feature_set=16)
     for i in range(len(envelope)):
         flipped = bytearray(envelope)
         flipped[i] ^= 0x01

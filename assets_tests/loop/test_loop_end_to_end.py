@@ -50,6 +50,7 @@ def test_run_in_champion_false_positives_trigger_a_replacement_and_the_pool_conf
     assert [c.source for c in kb.champions("esp32-demo")] == ["device"] + ["deploy"] * f["replacements"]
     # the first replacement happened while the bearing was healthy (the recording's defect starts at 70% of life)
     assert first["windows"] + 64 < 0.7 * f["windows"]
+    assert f["feature_set"] == "paper" and all(a["feature_set"] == "paper" for a in f["alarms"])
     # later in life, the failing bearing's anomalies are confirmed by the pool (whichever deployed champion ran
     # then: how many replacements happen before depends on the host's pace)
     deployed = f["champions"][1:]

@@ -33,7 +33,7 @@ def test_add_get_list_load_round_trip(tmp_path):
         assert field in meta, field
     assert meta["hyperparameters"] == {"n_trees": 10, "psi": 64, "height_limit": 6, "threshold": 0.6}
     assert meta["feature_schema"] == {"names": ["mean", "skewness", "kurtosis"], "order": [0, 1, 2],
-                                      "rate_hz": 500, "window_ms": 500}
+                                      "rate_hz": 500, "window_ms": 500, "feature_set": "paper"}
     assert meta["size_bytes"] == len(forest.to_bytes())
     assert meta["content_hash"] == content_hash(forest.to_bytes(), repo.config(mid))
     assert [e["model_id"] for e in repo.list()] == [mid] == repo.ids()

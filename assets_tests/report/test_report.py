@@ -1,5 +1,6 @@
 """The report: detection-quality metrics, the packaged real IMS excerpt, the KB episodes, and the generator itself."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,13 @@ def test_report_generator_runs_on_a_small_configuration(tmp_path, data_dir):
     path = generate.build(generate.SMALL, tmp_path / "docs", log=lambda *_: None)
     text = path.read_text()
     for heading in ("## Device time (Fig. 3a, 3b, 3c)", "## Deploy (Fig. 4a, 4b)", "## Detection quality",
-                    "### What follows for the default sampling rate", "## Closing note"):
+                    "### What follows for the default sampling rate", "## Detection per feature set on whole lives",
+                    "## Closing note"):
         assert heading in text
+    detection = json.loads((tmp_path / "data" / "bench" / "detection.json").read_text())
+    assert detection["default_feature_set"] == "wear"
+    assert {r["source"] for r in detection["records"]} == {"synthetic-2khz", "ims-set1-files", "ims-set2-files"}
+    assert "detection, default set (wear): " in text
     assert "ns per instruction" in text and "8.7 ms" in text
     pngs = sorted((tmp_path / "docs" / "results").glob("*.png"))
     names = {p.name for p in pngs}

@@ -237,3 +237,68 @@ def test_refused_package_changes_nothing():
     assert not ok and reason
     assert dev.inference.forest is before and not exists(root + "/models/new")
     assert dev.agent.refusals == 1
+
+
+def test_feature_set_from_config_then_from_the_champion():
+    from firmware import feature_sets
+    from firmware._compat import read_json
+
+    root = scratch("fset")
+    link = FakeUART()
+    write_json(root + "/config.json", dict(CFG, feature_set="wear"))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 45)), burst=128), link, root)
+    _drain(dev)
+    assert dev.inference.ready() and dev.inference.forest.n_features == 7
+    assert read_json(root + "/models/champion/config.json")["feature_set"] == "wear"
+    ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
+    assert ups and all(len(u[5]) == 7 and u[6] == feature_sets.CODES["wear"] for u in ups)
+    want = feature_sets.extractor("wear")
+    rows = features.signal_features(signal(50 * 3, seed=2), 100)
+    assert len(rows[0]) == 3 and len(want(signal(50, seed=2))) == 7
+    # a champion on the paper's features takes over: the device extracts those from the next window on
+    paper = isoforest.train(rows * 10, 5, 16, 1)
+    dev.agent.install_local(paper, 0.6, ("paper", {}))
+    link.tx = bytearray()
+    dev.data_in.uart.feed(samples_bytes(signal(50 * 12, seed=4)))
+    _drain(dev)
+    ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
+    assert ups and all(len(u[5]) == 3 and u[6] == 0 for u in ups)
+
+
+def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
+    from firmware import feature_sets
+
+    root = scratch("alarm")
+    link = FakeUART()
+    # every window is anomalous for a threshold this low: the rule raises once 4 windows are in its span
+    write_json(root + "/config.json", dict(CFG, threshold=0.01))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
+    _drain(dev)
+    alarms = [messages.unpack_alarm(b) for t, b in _sent(link) if t == messages.ALARM]
+    assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
+    start, end, peak, code, version, champion = alarms[0]
+    assert end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
+    assert version == 0 and champion == "local-dev-t"
+    assert messages.unpack_alarm(messages.pack_alarm(5, 9, 0.5, 1, 2, "m"))[:2] == (5, 9)
+
+
+def test_self_trained_champion_on_wear_gets_a_calibrated_threshold():
+    from firmware._compat import read_json
+    from firmware.local_training import LocalTraining, calibrated_threshold
+
+    rows = features.signal_features(signal(50 * 40, seed=8), 100)
+    t = LocalTraining(40, 10, 16, 3)
+    for r in rows:
+        t.add(r)
+    forest = t.train(0.05)
+    scores = [forest.score(r) for r in rows]
+    assert t.threshold == calibrated_threshold(scores, 0.05) and 0.5 <= t.threshold <= 0.99
+    assert sum(1 for s in scores if s > t.threshold) <= 0.05 * len(scores) + 1e-9
+    assert calibrated_threshold([0.1, 0.2], 0.5) == 0.5 and calibrated_threshold([0.995], 0.1) == 0.99
+    # a device on the wear set installs its first champion with such a threshold (the paper's keeps 0.6)
+    root = scratch("cal")
+    write_json(root + "/config.json", dict(CFG, feature_set="wear", target_fa=0.05))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 35)), burst=128), FakeUART(), root)
+    _drain(dev)
+    thr = read_json(root + "/models/champion/config.json")["threshold"]
+    assert thr == dev.inference.threshold and thr != 0.6 and 0.5 <= thr <= 0.99

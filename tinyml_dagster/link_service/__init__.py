@@ -18,7 +18,8 @@ ingest (the socket server and its line format), client (IngestClient), cli (the 
 from tinyml_dagster.link_service.cli import main, repository_pool_factory
 from tinyml_dagster.link_service.client import IngestClient
 from tinyml_dagster.link_service.ingest import upload_from_json, upload_to_json
-from tinyml_dagster.link_service.service import CHAMPION_SEQ_BASE, Deployer, LinkService, PoolFactory
+from tinyml_dagster.knowledge_base import CHAMPION_SEQ_BASE
+from tinyml_dagster.link_service.service import Deployer, LinkService, PoolFactory
 
 __all__ = ["CHAMPION_SEQ_BASE", "Deployer", "IngestClient", "LinkService", "PoolFactory", "main",
            "repository_pool_factory", "upload_from_json", "upload_to_json"]

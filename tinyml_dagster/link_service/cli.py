@@ -24,14 +24,11 @@ def repository_pool_factory() -> PoolFactory:
     return make
 
 
-def _summary() -> str:
-    import tinyml_dagster.link_service as package
-
-    return package.__doc__.split("\n")[0]
+SUMMARY = "Gateway link service: the one long-running process that owns the devices' serial ports."
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.link_service", description=_summary())
+    ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.link_service", description=SUMMARY)
     ap.add_argument("--kb", help="Knowledge Base path (default: settings.kb_path())")
     ap.add_argument("--port", action="append", default=[], metavar="DEVICE_ID=PATH", help="a device's serial port")
     ap.add_argument("--ingest-socket", help="Unix socket for JSON-line uploads")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 import time
@@ -10,9 +11,12 @@ from typing import TYPE_CHECKING
 
 from serial import SerialException
 
-from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
+from firmware import feature_sets
+
+from tinyml_dagster.knowledge_base import CHAMPION_SEQ_BASE, KnowledgeBase, Upload
 from tinyml_dagster.deployment_agent import Package
-from tinyml_dagster.link_service.service import CHAMPION_SEQ_BASE, log
+
+log = logging.getLogger("tinyml_dagster.link_service")
 
 if TYPE_CHECKING:
     from tinyml_dagster.link_service.service import LinkService
@@ -131,7 +135,8 @@ class SerialLink:
                 self.service.submit(stub, self.ack, None, reason=UNAUTHENTICATED)
                 return
             try:
-                no, wtime, anomaly, version, score, feats = messages.unpack_upload(body)
+                no, wtime, anomaly, version, score, feats, fset_code = messages.unpack_upload(body)
+                fset = feature_sets.name_of_code(fset_code)
             except ValueError as e:
                 if len(body) >= 4:  # the number is there: refuse it, so the device stops resending it
                     stub = Upload(self.device_id, struct.unpack_from("<I", body, 0)[0], "normal")
@@ -140,14 +145,31 @@ class SerialLink:
                     log.warning("%s: %s", self.device_id, e)
                 return
             u = Upload(self.device_id, no, "anomaly" if anomaly else "normal",
-                       features=tuple(float(x) for x in feats[:3]), champion_id=str(version),
+                       features=tuple(float(x) for x in feats), champion_id=str(version),
                        champion_score=float(score), champion_decision=int(anomaly),
-                       window_start=float(wtime), sent_at=time.time())
+                       window_start=float(wtime), sent_at=time.time(), feature_set=fset)
             self.service.submit(u, self.ack, self.refuse, settles=True)
         elif mtype == messages.CHAMPION_CHUNK:
             self._champion_chunk(bytes(body))
         elif mtype == messages.UPLOAD_GAP:
             self._gap(bytes(body), messages)
+        elif mtype == messages.ALARM:
+            self._alarm(bytes(body), messages)
+
+    def _alarm(self, body: bytes, messages) -> None:
+        """An alarm raised or cleared on the device (verified, like its uploads): stored by the service's loop."""
+        body = messages.unseal(self._key(), messages.TAG_ALARM, self.device_id, body)
+        if body is None:
+            log.warning("%s: unauthenticated ALARM dropped", self.device_id)
+            return
+        try:
+            start, end, peak, code, version, champion = messages.unpack_alarm(body)
+            fset = feature_sets.name_of_code(code)
+        except ValueError as e:
+            log.warning("%s: %s", self.device_id, e)
+            return
+        self.service.submit_alarm(self.device_id, float(start), None if end is None else float(end), float(peak),
+                                  fset, champion or None, int(version))
 
     def _key(self) -> bytes | None:
         """This device's key; looked up again every KEY_RETRY_S while the gateway holds none."""

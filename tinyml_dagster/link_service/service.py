@@ -19,8 +19,6 @@ log = logging.getLogger("tinyml_dagster.link_service")
 # (device_id, package blob, model_id, transport) -> link figures; default: tinyml_dagster.link's Deployer
 Deployer = Callable[[str, bytes, str, object], dict]
 PoolFactory = Callable[[], object]
-# a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
-CHAMPION_SEQ_BASE = 1 << 40
 DECIDE_BATCH = 5000  # windows the pool decides per turn of the loop
 MAX_QUEUED = 200_000  # uploads waiting for the database; beyond, new ones are dropped unacknowledged
 DB_RETRY_MIN_S = 0.25  # after a database fault the loop retries after this, doubling up to DB_RETRY_MAX_S
@@ -86,6 +84,7 @@ class LinkService:
         self.ready = threading.Event()
         self._q: queue.Queue[_Item] = queue.Queue()
         self._gap_q: queue.Queue[tuple] = queue.Queue()
+        self._alarm_q: queue.Queue[tuple] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._links: dict[str, object] = {}
         self._problems: dict[str, str] = {}
@@ -156,6 +155,7 @@ class LinkService:
             self._commit(kb, batch)
         self._retry = []
         self._record_gaps(kb)
+        self._record_alarms(kb)
         now = time.monotonic()
         if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
             try:
@@ -228,6 +228,25 @@ class LinkService:
                 log.warning("%s: uploads %d..%d recorded lost (%d never stored): %s", device_id, first, last, lost,
                             reason)
             done(first, last)
+
+    def submit_alarm(self, device_id: str, start: float, end: float | None, peak: float, feature_set: str,
+                     champion_id: str | None, champion_version: int) -> None:
+        """A port's device raised or cleared an alarm: stored by the loop."""
+        self._alarm_q.put((device_id, start, end, peak, feature_set, champion_id, champion_version))
+
+    def _record_alarms(self, kb: KnowledgeBase) -> None:
+        while True:
+            try:
+                alarm = self._alarm_q.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                kb.record_alarm(*alarm)
+            except sqlite3.Error:
+                self._alarm_q.put(alarm)
+                raise
+            except KnowledgeBaseError as e:
+                log.warning("%s: alarm refused: %s", alarm[0], e)
 
     def _take_batch(self, timeout: float) -> list[_Item]:
         try:

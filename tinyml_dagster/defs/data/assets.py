@@ -310,6 +310,14 @@ def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         axes = [(name, index["channels"].index(name)) for name in index["units"][bearing - 1]]
     df = features.feature_windows_frame(signals, stamps, rate, bearing, axes=axes, window_ms=index.get("window_ms"))
     path = features.write_feature_windows(df, settings.feature_path(rate, bearing))
+    # every other feature set's windows beside them (the default set's models train on those)
+    other_paths = {}
+    for name in features.FEATURE_SETS:
+        if name != features.PAPER_FEATURE_SET:
+            other = features.feature_windows_frame(signals, stamps, rate, bearing, axes=axes,
+                                                   window_ms=index.get("window_ms"), feature_set=name)
+            other_paths[name] = str(features.write_feature_windows(
+                other, features.feature_windows_path(rate, bearing, name), name))
     train = df[df.split == "train"]
     test = df[df.split == "test"]
     split_at = test.timestamp.min() if len(test) else None
@@ -330,6 +338,7 @@ def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "by_split": dg.MetadataValue.md(_split_summary(df)),
             "preview": dg.MetadataValue.md(_preview(df)),
             "path": dg.MetadataValue.path(str(path)),
+            "other_feature_sets": dg.MetadataValue.json(other_paths),
         }
     )
 

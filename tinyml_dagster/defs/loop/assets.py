@@ -190,14 +190,17 @@ def retrained_candidate_models(context: dg.AssetExecutionContext, config: Retrai
     with knowledge_base.open() as kb:
         since = kb.last_retrained_through()
         through = kb.max_upload_id()
-        df = kb.normal_windows(since, through)
+        repo = pool.repository()
+        candidates = repo.candidate_ids()
+        feature_set = repo.config(candidates[0]).get("feature_set", "paper") if candidates else "paper"
+        df = kb.normal_windows(since, through, feature_set)
         if len(df) < config.min_windows:
             context.log.info("%d new normal windows (< %d): nothing to retrain", len(df), config.min_windows)
             return dg.MaterializeResult(metadata={"new_windows": len(df), "trained": 0})
         started = time.time()
-        repo = pool.repository()
         span = {"kb_uploads": [since + 1, through], "windows": len(df)}
-        ids = retrain(df, repo, tree_counts=config.n_trees, psi=config.psi, seed=config.seed, training=span,
+        ids = retrain(df, repo, feature_set=feature_set, tree_counts=config.n_trees, psi=config.psi,
+                      seed=config.seed, training=span,
                       lineage={**span, "devices": sorted(df["device_id"].unique().tolist()),
                                "run_id": context.run.run_id})
         # the retrained models join the pool's candidates

@@ -73,3 +73,42 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=_new_devices(context, kb.devices()))
     finally:
         kb.close()
+
+
+ALARM_ASSET = dg.AssetKey("deployed_champion")  # device-partitioned: an alarm is metadata of its device's partition
+
+
+def alarm_observations(alarms: list[dict]) -> list[dg.AssetObservation]:
+    """One observation per alarm event on its device's partition: start, end, peak score, feature set, champion."""
+    out = []
+    for a in alarms:
+        out.append(dg.AssetObservation(
+            asset_key=ALARM_ASSET, partition=a["device_id"],
+            metadata={"alarm_id": a["id"], "alarm_state": "cleared" if a["end"] is not None else "active",
+                      "alarm_start": dg.MetadataValue.timestamp(a["start"]),
+                      **({"alarm_end": dg.MetadataValue.timestamp(a["end"])} if a["end"] is not None else {}),
+                      "alarm_peak_score": round(float(a["peak_score"]), 4), "alarm_feature_set": a["feature_set"],
+                      "alarm_champion": f"{a['champion_id'] or ''} v{a['champion_version']}"}))
+    return out
+
+
+@dg.sensor(minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
+def alarm_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource) -> dg.SensorResult:
+    """Alarm events the devices raised or cleared since the last tick, as metadata of the devices' partitions
+    (hook a notification to this sensor, or to the observations of deployed_champion)."""
+    cursor = json.loads(context.cursor) if context.cursor else {"received_at": 0.0}
+    kb = knowledge_base.open()
+    try:
+        new = [a for a in kb.alarms() if a["received_at"] > cursor["received_at"]]
+        devices = kb.devices()
+    finally:
+        kb.close()
+    if not new:
+        return dg.SensorResult(skip_reason="no alarm events since the last tick",
+                               dynamic_partitions_requests=_new_devices(context, devices))
+    for a in new:
+        context.log.warning("alarm %s on %s: peak score %.3f (%s, champion %s)", "cleared" if a["end"] else "raised",
+                            a["device_id"], a["peak_score"], a["feature_set"], a["champion_id"])
+    return dg.SensorResult(asset_events=alarm_observations(new),
+                           cursor=json.dumps({"received_at": max(a["received_at"] for a in new)}),
+                           dynamic_partitions_requests=_new_devices(context, devices))

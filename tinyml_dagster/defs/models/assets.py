@@ -5,9 +5,9 @@ from pydantic import Field
 
 from tinyml_dagster import settings
 from tinyml_dagster.deployment_agent import package_sizes
-from tinyml_dagster.features import load_feature_windows
+from tinyml_dagster.features import PAPER_FEATURE_SET, load_feature_windows
 from tinyml_dagster.report import plot_metadata
-from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, train_candidates
+from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, default_target_fa, train_candidates
 
 from .resources import ModelRepositoryResource
 
@@ -20,7 +20,13 @@ class CandidateModelsConfig(dg.Config):
     bearings: list[int] = Field(default=list(settings.BEARINGS), description="one model family per bearing")
     tree_counts: list[int] = Field(default=list(TREE_COUNTS), description="forest sizes (paper: 10..50)")
     psi: int = Field(default=PSI, description="subsample size per tree (paper: 100); height limit ceil(log2 psi)")
-    threshold: float = Field(default=THRESHOLD, description="anomaly when score > threshold (paper: 0.6)")
+    threshold: float = Field(default=THRESHOLD, description="anomaly when score > threshold (paper: 0.6), when "
+                             "thresholds are not calibrated")
+    feature_set: str = Field(default=PAPER_FEATURE_SET, description="the feature set the models are trained on "
+                             "(\"paper\", as the loop's demo, or \"wear\", the default for new deployments)")
+    target_fa: float | None = Field(default=None, description="calibrate each model's threshold so that this share "
+                                    "of its training windows are anomalous; none: fixed threshold for the paper's "
+                                    "set, 0.002 for any other")
     seed: int = Field(default=0, description="base seed; each model's seed derives from it, bearing and trees")
 
 
@@ -29,19 +35,22 @@ def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsC
                      model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
     """Candidate Isolation Forests in the model repository, one per bearing and forest size."""
     repo = model_repository.open()
-    windows = load_feature_windows(config.rate_hz)
+    windows = load_feature_windows(config.rate_hz, feature_set=config.feature_set)
     trained = train_candidates(windows, repo, rate_hz=config.rate_hz, bearings=config.bearings,
                                tree_counts=config.tree_counts, psi=config.psi, threshold=config.threshold,
-                               seed=config.seed, lineage={"run_id": context.run.run_id})
+                               seed=config.seed, lineage={"run_id": context.run.run_id},
+                               target_fa=config.target_fa if config.target_fa is not None
+                               else default_target_fa(config.feature_set), feature_set=config.feature_set)
     ids = [t.model_id for t in trained]
     repo.set_candidates(ids, note={"run_id": context.run.run_id, "rate_hz": config.rate_hz})
     context.log.info("%d candidate models in %s", len(ids), repo.root)
-    rows = ["| model | bearing | trees | version | bytes | package compact B | package json B | anomaly rate (train) "
-            "| anomaly rate (later) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | bearing | trees | version | bytes | package compact B | package json B | threshold "
+            "| anomaly rate (train) | anomaly rate (later) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in trained:
         sizes = package_sizes(t.model_id, *repo.load(t.model_id))
         rows.append(f"| `{t.model_id}` | {t.bearing} | {t.n_trees} | {repo.get(t.model_id)['version']} | "
-                    f"{t.size_bytes} | {sizes['compact']} | {sizes['json']} | {t.anomaly_rate_train:.3f} | "
+                    f"{t.size_bytes} | {sizes['compact']} | {sizes['json']} | {t.threshold:.4f} | "
+                    f"{t.anomaly_rate_train:.3f} | "
                     f"{t.anomaly_rate_later:.3f} |")
     return dg.MaterializeResult(metadata={
         "models": len(ids),

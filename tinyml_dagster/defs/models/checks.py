@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from firmware import feature_sets
 from firmware import features as fw_features
 from firmware import isoforest
 from tinyml_dagster import settings
@@ -19,8 +20,14 @@ def firmware_problems(meta: dict, config: dict, data: bytes) -> list[str]:
     problems = []
     if config.get("format") != COMPACT_FORMAT:
         problems.append(f"format {config.get('format')!r} (firmware reads {COMPACT_FORMAT!r})")
-    if list(config.get("feature_names", [])) != list(fw_features.FEATURE_NAMES):
-        problems.append(f"features {config.get('feature_names')} (firmware computes {list(fw_features.FEATURE_NAMES)})")
+    name = config.get("feature_set", fw_features.FEATURE_SET)
+    try:
+        computed = list(feature_sets.module(name).FEATURE_NAMES)
+    except ValueError as exc:
+        computed = []
+        problems.append(str(exc))
+    if computed and list(config.get("feature_names", [])) != computed:
+        problems.append(f"features {config.get('feature_names')} (firmware computes {computed} for set {name})")
     if config.get("window_ms") != settings.WINDOW_MS:
         problems.append(f"window {config.get('window_ms')} ms (devices: {settings.WINDOW_MS} ms)")
     if config.get("rate_hz") is not None and config["rate_hz"] not in settings.RATES_HZ:

@@ -1,0 +1,59 @@
+"""Whole-life detection per feature set: labels, the alarm's smoothed score, records and data/bench/detection.json."""
+
+import json
+
+import numpy as np
+import pytest
+
+from firmware.alarms import AlarmRule
+from tinyml_dagster import detection_quality as dq
+
+
+def test_packaged_per_file_tables_are_the_real_recordings():
+    t = dq.per_file_tables()
+    assert t["set1"].shape == (2156, 8, len(dq.PER_FILE_COLUMNS)) and t["set2"].shape == (982, 4, 5)
+    hours = (t["set2_time"][-1] - t["set2_time"][0]) / 3600
+    assert 163 < hours < 164  # 2004-02-12 10:32:39 .. 2004-02-19 06:02:39, the last file before the stop
+    std = t["set2"][:, 0, 0]
+    assert std[:500].max() < 0.09 and std[950:].mean() > 0.2  # bearing 1 wears out at the end of set 2
+    channels = dq.ims_file_channels("ims-set1-files", t)
+    b3 = channels[2]
+    assert b3.labels == dq.BearingLabels(True, 1800, 2100) and len(b3.t) == 2 * 2156
+    assert b3.features["paper"].shape == (4312, 3) and b3.features["wear"].shape == (4312, 4)
+    assert np.all(np.diff(b3.t) >= 0)
+
+
+def test_span_score_is_what_the_k_of_n_rule_acts_on():
+    rng = np.random.default_rng(0)
+    t = np.arange(400) * 60.0  # a window a minute, on bucket boundaries of a 1,800-s span
+    s = np.clip(rng.normal(0.45, 0.05, 400) + np.where(np.arange(400) > 250, 0.2, 0.0), 0, 1)
+    thr = 0.6
+    smooth = dq.span_score(t, s, 1800, 0.5)
+    rule = AlarmRule({"span_s": 1800, "raise_fraction": 0.5, "clear_fraction": 0.0, "min_windows": 1})
+    for i in range(len(s)):
+        rule.push(t[i], s[i], s[i] > thr)
+        assert (rule.share >= 0.5) == (smooth[i] > thr), i
+    assert dq.roc_auc(smooth[:200], smooth[300:]) == 1.0
+
+
+def test_detection_records_and_json(tmp_path):
+    cfg = dq.DetectionConfig(sources=("ims-set2-files",), sklearn=False, n_trees=20)
+    records = dq.detection_records(cfg, log=lambda *_: None)
+    assert {(r["bearing"], r["feature_set"], r["threshold_mode"]) for r in records} == {
+        (b, fs, m) for b in (1, 2, 3, 4) for fs, m in (("paper", "calibrated"), ("paper", "paper-0.6"),
+                                                       ("wear", "calibrated"))}
+    b1 = next(r for r in records if r["bearing"] == 1 and r["feature_set"] == "wear")
+    assert b1["failing"] and b1["features"] == list(dq.WEAR_TIME_DOMAIN) and "20 kHz" in b1["note"]
+    assert b1["auc"] > 0.7 and b1["auc_window"] > 0.9 and b1["fa_rate_heldout"] <= 0.05
+    assert b1["first_alarm_h_before_failure"] is not None and b1["first_alarm_h_before_failure"] > 0
+    assert all(r["auc"] is None and r["first_alarm_h_before_failure"] is None for r in records if not r["failing"])
+    paper = next(r for r in records if r["bearing"] == 1 and r["threshold_mode"] == "paper-0.6")
+    assert paper["threshold"] == 0.6
+    path = dq.write_detection(records, tmp_path / "detection.json")
+    doc = json.loads(path.read_text())
+    assert doc["default_feature_set"] == "wear" and len(doc["records"]) == len(records)
+    for key in ("source", "bearing", "feature_set", "failing", "auc", "fa_rate_heldout", "alarms_in_healthy",
+                "first_alarm_h_before_failure"):
+        assert key in doc["records"][0]
+    with pytest.raises(ValueError, match="unknown source 'ims-set9'"):
+        dq.detection_records(dq.DetectionConfig(sources=("ims-set9",)), log=lambda *_: None)
