@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinyml_dagster import deployment_agent as da  # noqa: E402
 from tinyml_dagster import settings  # noqa: E402
 from tinyml_dagster.emulator.deploy_run import (  # noqa: E402
     BAUD, TURNAROUND_S, account, deploy_log, deploy_on_emulator, package, training_rows)

@@ -129,16 +129,15 @@ def run_once(args, ids, forests, devices_n: int, per_device: int, connections: i
     acked = {k for lst in acked_lists for k in lst}
     kb = KnowledgeBase(spec["kb"])
     deadline = time.time() + 60
-    while kb.scalar("SELECT COUNT(*) FROM pool_decisions") < kb.count_uploads() and time.time() < deadline:
+    while kb.count_decisions() < kb.count_uploads() and time.time() < deadline:
         time.sleep(0.05)
     svc.send_signal(signal.SIGTERM)
     svc.wait(timeout=30)
-    stored = kb.scalar("SELECT COUNT(*) FROM uploads")
-    distinct = kb.scalar("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM uploads)")
+    stored = kb.count_uploads()
     expected = {(d, s) for d in devices for s in range(1, per_device + 1)}
-    stored_keys = {(d, s) for d, s in kb.query("SELECT device_id, seq FROM uploads")}
-    lat = np.array([r[0] for r in kb.query(
-        "SELECT d.decided_at - u.sent_at FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id")])
+    stored_keys = kb.upload_keys()
+    distinct = len(stored_keys)
+    lat = np.array(kb.upload_to_decision_seconds())
     out = {
         "devices": devices_n, "uploads": total, "connections": connections, "in_flight_per_connection": window,
         "pool_models": len(ids),

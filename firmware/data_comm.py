@@ -194,7 +194,7 @@ class DataComm:
 
     def queue_champion(self, version, config_json, compact):
         """Queue the self-trained champion (config.json and compact bytes) as CHAMPION_CHUNK messages."""
-        compact = struct.pack("<H", len(config_json)) + config_json + compact
+        compact = messages.pack_champion(config_json, compact)
         total = (len(compact) + CHAMPION_CHUNK_DATA - 1) // CHAMPION_CHUNK_DATA
         for i in range(total):
             head = struct.pack(CHAMPION_CHUNK_FORMAT, version, i, total)

@@ -85,6 +85,7 @@ class Device:
         self.comm = DataComm(link_uart, self.root, self.state, cfg["baud"], cfg["outbox_max"],
                              cfg["upload_every"], cfg["ack_timeout_ms"], transfer, self.hello)
         self.windows = 0
+        self.scored = {}  # champion version -> [windows scored, anomalies] since boot
         self.state.save()
         self.comm.send(messages.HELLO, self.hello())
 
@@ -108,7 +109,10 @@ class Device:
                 self.state.save()
             return None
         score, anomaly = self.inference.infer(feats)
+        counts = self.scored.setdefault(self.inference.version, [0, 0])
+        counts[0] += 1
         if anomaly:
+            counts[1] += 1
             d["anomalies"] = d.get("anomalies", 0) + 1
         queued = self.comm.queue_upload(int(time.time()), anomaly, self.inference.version, score, feats)
         # upload numbers must never be reused after a reboot: save with every queued upload

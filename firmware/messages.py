@@ -30,6 +30,21 @@ UPLOAD_HEAD_SIZE = struct.calcsize(UPLOAD_FORMAT)
 FLAG_ANOMALY = 0x01
 
 
+def pack_champion(config_json, compact):
+    """A self-trained champion as it travels in CHAMPION_CHUNKs: u16 length | config.json | compact forest bytes."""
+    return struct.pack("<H", len(config_json)) + config_json + compact
+
+
+def unpack_champion(blob):
+    """(config.json bytes, compact forest bytes) of a champion blob; ValueError when it is cut short."""
+    if len(blob) < 2:
+        raise ValueError("champion blob of %d bytes: no length" % len(blob))
+    n = struct.unpack_from("<H", blob, 0)[0]
+    if len(blob) < 2 + n:
+        raise ValueError("champion blob of %d bytes: config.json of %d bytes cut short" % (len(blob), n))
+    return bytes(blob[2:2 + n]), bytes(blob[2 + n:])
+
+
 def _crc16_table():
     table = []
     for i in range(256):

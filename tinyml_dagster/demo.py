@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -87,13 +89,15 @@ def materialize_pool_inputs(rate_hz: int = RATE_HZ, bearing: int = BEARING, inst
 
     from tinyml_dagster.defs.data.assets import materialize_data
     from tinyml_dagster.defs.models.assets import candidate_models
+    from tinyml_dagster.defs.gateway import GatewayResource
     from tinyml_dagster.defs.models.resources import ModelRepositoryResource
 
     instance = instance or dg.DagsterInstance.ephemeral()
     for r in materialize_data(rates_hz=[rate_hz], bearings=[bearing], instance=instance):
         if not r.success:
             raise RuntimeError("materialising the data assets failed")
-    r = dg.materialize([candidate_models], instance=instance, resources={"model_repository": ModelRepositoryResource()},
+    repository = ModelRepositoryResource(gateway=GatewayResource())
+    r = dg.materialize([candidate_models], instance=instance, resources={"model_repository": repository},
                        run_config={"ops": {"candidate_models": {"config": {"rate_hz": rate_hz, "bearings": [bearing]}}}})
     if not r.success:
         raise RuntimeError("materialising candidate_models failed")
@@ -123,7 +127,6 @@ def device_main(args) -> int:
     """The emulated device: SimulatedLink (its gateway end is a pty) + firmware Device + the bearing's DataFeed."""
     import signal as _signal
 
-    from firmware._compat import ticks_ms
     from firmware.device import Device
     from tinyml_dagster import ims
     from tinyml_dagster.emulator.data_feed import DataFeed
@@ -141,17 +144,17 @@ def device_main(args) -> int:
     else:
         feed = DataFeed(ims.list_ims_files(Path(args.ims_dir)), args.bearing, args.axis, args.rate_hz, time_scale=pace)
     device = Device(feed, link.device_uart, args.flash)
+    gc.freeze()  # the host's own objects: the firmware's collect once per window scans only what it allocates
     stop = threading.Event()
     _signal.signal(_signal.SIGTERM, lambda *_: stop.set())
     status = Path(args.status)
-    per_version: dict = {}  # champion version -> [windows scored, anomalies]
     error = None
 
     def write_status():
         doc = {"port": link.gateway_port, "windows": int(device.state.data.get("windows", 0)),
                "champion": list(device.agent.champion_info()), "signal_done": feed.exhausted(),
                "outbox": len(device.comm.outbox), "windows_planned": feed.windows_planned(),
-               "per_version": per_version, "error": error}
+               "per_version": {str(v): c for v, c in device.scored.items()}, "error": error}
         tmp = status.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, status)
@@ -159,22 +162,11 @@ def device_main(args) -> int:
     last_write = 0.0
     try:
         while not stop.is_set():
-            # Device.step(), counting the windows each champion version scored
-            busy = device.comm.poll() > 0
-            feats = device.data_in.poll()
-            if feats is not None:
-                out = device.on_window(feats)
-                if out is not None:
-                    c = per_version.setdefault(str(device.inference.version), [0, 0])
-                    c[0] += 1
-                    c[1] += bool(out[1])
-                busy = True
-            if device.comm.service(ticks_ms()):
-                busy = True
+            busy = device.step()
             if time.monotonic() - last_write > 0.1:
                 write_status()
                 last_write = time.monotonic()
-            if feats is None and not busy:
+            if not busy:
                 time.sleep(0.0005)
     except Exception as exc:
         error = repr(exc)
@@ -195,17 +187,19 @@ class LoopResult:
 def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | None = None,
              rate_hz: int = RATE_HZ, bearing: int = BEARING, axis: str = AXIS, n_train: int = 64,
              upload_every: int = 10, windows_per_s: float = 20.0, time_scale: float = 0.02, n_fp: int = 5,
-             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None) -> LoopResult:
+             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None,
+             progress=None) -> LoopResult:
     """Run the loop once on the IMS recording; returns its figures (windows, anomalies, false positives, ...).
 
     source_dir holds step 1's output (the recording unless ims_dir is given, and the candidate models);
     the device trains its first champion on its first n_train windows and uploads every upload_every-th
-    normal window; the recording is replayed at windows_per_s windows per real second, the link time-scaled.
+    normal window; the recording is replayed at windows_per_s windows per real second, the link time-scaled;
+    progress(windows done, windows planned, what) as the device goes.
     """
     import dagster as dg
 
-    from tinyml_dagster.deployment_agent import DeviceKeys
-    from tinyml_dagster.knowledge_base import KnowledgeBase
+    from tinyml_dagster.defs.gateway import GatewayResource
+    from tinyml_dagster.definitions import defs_for
     from tinyml_dagster.link.sim import provision_flash
     from tinyml_dagster.link.transport import LinkTiming
 
@@ -216,9 +210,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         else settings.generated_ims_dir(source_dir))
     if data_dir.exists():  # the loop's own directory: every run starts from a factory-fresh device and gateway
         shutil.rmtree(data_dir)
-    os.environ["TINYML_DATA_DIR"] = str(data_dir)
-    os.environ["TINYML_N_FP"] = str(n_fp)
-    os.environ.pop("TINYML_KB_PATH", None)
+    gateway = GatewayResource(data_dir=str(data_dir), n_fp=n_fp)
     data_dir.mkdir(parents=True, exist_ok=True)
     events: list = []
 
@@ -227,19 +219,17 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         log("[%7.2f s] %s %s" % (time.time() - t0, what, " ".join("%s=%s" % kv for kv in kw.items())))
 
     t0 = time.time()
-    candidates = seed_pool(settings.models_dir(), settings.models_dir(source_dir), rate_hz, bearing)
+    candidates = seed_pool(gateway.models_dir(), settings.models_dir(source_dir), rate_hz, bearing)
     note("pool", models=len(candidates), bearing=bearing, rate_hz=rate_hz)
 
-    from tinyml_dagster.definitions import defs as load_defs
-
-    defs = load_defs()
+    defs = defs_for(gateway)
     repo_def = defs.get_repository_def()
     resources = repo_def.get_top_level_resources()
     instance = instance or dg.DagsterInstance.ephemeral()
 
     timing = LinkTiming(time_scale=time_scale)
-    flash = settings.device_flash_dir(DEVICE_ID)
-    provision_flash(flash, DEVICE_ID, DeviceKeys().key(DEVICE_ID), timing)
+    flash = gateway.device_flash_dir(DEVICE_ID)
+    provision_flash(flash, DEVICE_ID, gateway.device_keys().key(DEVICE_ID), timing)
     cfg = json.loads((flash / "config.json").read_text())
     cfg.update({"rate_hz": rate_hz, "window_ms": settings.WINDOW_MS, "n_train": n_train, "upload_every": upload_every,
                 "ack_timeout_ms": max(200, int(5000 * time_scale * 4))})
@@ -259,30 +249,33 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     status = _wait_json(status_path, 60, procs[0])
     ready = run_dir / "service.ready"
     ready.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(settings.kb_path()),
+    cmd = [sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(gateway.knowledge_base_path()),
            "--port", "%s=%s" % (DEVICE_ID, status["port"]), "--time-scale", str(time_scale),
            "--ready-file", str(ready), "--reply-slack", "2"]
     if not pool_in_service:
         cmd.append("--no-pool")
-    procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf))
+    # the service's own pool reads this gateway's repository
+    procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env=dict(os.environ, TINYML_DATA_DIR=str(data_dir))))
     _wait_file(ready, 60, procs[1])
     source = {"recording": str(settings.recording_spec_file())} if settings.recording_spec_file() else {"ims": str(ims_dir)}
     note("started", device=DEVICE_ID, **source, channel="unit %d %s" % (bearing, axis),
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
-    kb = KnowledgeBase(settings.kb_path())
+    kb = gateway.knowledge_base()
     uploads_cursor = None
     done_keys: set[str] = set()
     replacements = []
     try:
         while time.time() - t0 < timeout_s:
             status = json.loads(status_path.read_text())
+            if progress:
+                progress(status["windows"], status["windows_planned"], "windows on the device")
             if status["error"] or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the device or the link service stopped: %s (see %s)" % (status["error"], logf.name))
             # device_uploads_sensor -> pool_decisions_job
-            ctx = dg.build_sensor_context(instance=instance, cursor=uploads_cursor, resources=resources,
-                                          repository_def=repo_def)
-            res = defs.resolve_sensor_def("device_uploads_sensor")(ctx)
+            with dg.build_sensor_context(instance=instance, cursor=uploads_cursor, resources=resources,
+                                         repository_def=repo_def) as ctx:
+                res = defs.resolve_sensor_def("device_uploads_sensor")(ctx)
             for req in res.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
             for req in res.run_requests or []:
@@ -290,8 +283,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 assert r.success
             uploads_cursor = res.cursor or uploads_cursor
             # false_positive_sensor -> replace_champion_job (once per episode: run_key)
-            ctx = dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def)
-            res = defs.resolve_sensor_def("false_positive_sensor")(ctx)
+            with dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def) as ctx:
+                res = defs.resolve_sensor_def("false_positive_sensor")(ctx)
             for req in res.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
             for req in res.run_requests or []:
@@ -362,19 +355,15 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
     first = done[0] if done else None
     fig = first["deploy"]["figures"] if first else {}
     new_model = done[-1]["deploy"]["model_id"] if done else None
-    after = kb.scalar(
-        "SELECT COUNT(*) FROM uploads WHERE kind != 'champion' AND received_at > ?",
-        (first["deploy"]["finished_at"],)) if first else 0
+    after = kb.count_windows_received_after(first["deploy"]["finished_at"]) if first else 0
     # per champion: the windows it scored (counted on the device) and its false positives (decided by the pool)
-    fps = dict(kb.query("SELECT u.champion_id, SUM(d.false_positive) FROM uploads u JOIN pool_decisions d "
-                        "ON d.upload_id = u.id WHERE u.kind != 'champion' GROUP BY u.champion_id"))
-    confirmed = dict(kb.query("SELECT u.champion_id, SUM(d.pool_anomaly) FROM uploads u JOIN pool_decisions d "
-                              "ON d.upload_id = u.id WHERE u.kind = 'anomaly' GROUP BY u.champion_id"))
+    decided = kb.champion_scores()
     champions = []
     for version, (scored, anomalies) in sorted(status["per_version"].items(), key=lambda kv: int(kv[0])):
-        n_fps = int(fps.get(version) or 0)
+        pool = decided.get(version)
+        n_fps = pool.false_positives if pool else 0
         champions.append({"version": int(version), "windows": scored, "anomalies": anomalies,
-                          "false_positives": n_fps, "confirmed_anomalies": int(confirmed.get(version) or 0),
+                          "false_positives": n_fps, "confirmed_anomalies": pool.confirmed_anomalies if pool else 0,
                           "false_positive_rate": round(n_fps / scored, 4) if scored else None})
     return {
         "device": DEVICE_ID,
@@ -385,7 +374,7 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
         "windows": status["windows"],
         "windows_uploaded": kb.count_uploads() - kb.count_uploads(kind="champion"),
         "anomalies": kb.count_uploads(kind="anomaly"),
-        "pool_confirmed_anomalies": kb.scalar("SELECT COUNT(*) FROM pool_decisions WHERE pool_anomaly=1"),
+        "pool_confirmed_anomalies": kb.count_pool_anomalies(),
         "false_positives": kb.count_false_positives(),
         "n_fp": n_fp,
         "replacements": len(done),
@@ -408,8 +397,9 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
     }
 
 
-def materialize_everything(log=print) -> dict:
-    """Materialise every asset outside the loop, in dependency order (each static partition of partitioned ones)."""
+def materialize_everything(log=print, progress=None) -> dict:
+    """Materialise every asset outside the loop, in dependency order (each static partition of partitioned ones);
+    progress(done, total, what) after each materialisation."""
     import dagster as dg
 
     from tinyml_dagster.definitions import defs as load_defs
@@ -419,22 +409,57 @@ def materialize_everything(log=print) -> dict:
     instance = dg.DagsterInstance.ephemeral()
     t = time.time()
     out = {"assets": [], "partitions": 0}
+    todo = []
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
         if not node.is_materializable or node.group_name == "loop":
             continue
-        job = defs.resolve_implicit_job_def_def_for_assets([key])
         pkeys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance) if node.partitions_def else [None]
-        for pk in pkeys:
-            r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk,
-                                       raise_on_error=False)
-            if not r.success:
-                raise RuntimeError("materialising %s%s failed" % (key.to_user_string(), " [%s]" % pk if pk else ""))
-            out["partitions"] += pk is not None
-        out["assets"].append(key.to_user_string())
-        log("materialised %s (%.1f s)" % (key.to_user_string(), time.time() - t))
+        todo += [(key, pk) for pk in pkeys]
+    for i, (key, pk) in enumerate(todo):
+        name = key.to_user_string() + (" [%s]" % pk if pk else "")
+        job = defs.resolve_implicit_job_def_def_for_assets([key])
+        r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk, raise_on_error=False)
+        if not r.success:
+            raise RuntimeError("materialising %s failed" % name)
+        out["partitions"] += pk is not None
+        if key.to_user_string() not in out["assets"]:
+            out["assets"].append(key.to_user_string())
+        log("materialised %s (%.1f s)" % (name, time.time() - t))
+        if progress:
+            progress(i + 1, len(todo), name)
     out["seconds"] = round(time.time() - t, 1)
     return out
+
+
+@contextlib.contextmanager
+def quiet_console(log_path: Path, verbose: bool):
+    """(log, progress factory): quiet, Dagster's event log and the steps go to log_path and the terminal shows a
+    progress bar per step with its ETA; verbose, everything goes to the terminal."""
+    if verbose:
+        yield print, lambda title: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console = Console(file=sys.stdout)
+    console.print("Dagster's event log and the loop's steps: %s (-v shows them here)" % log_path)
+    with open(log_path, "w") as logf, contextlib.redirect_stderr(logf), Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console) as bars:
+
+        def log(line: str) -> None:
+            print(line, file=logf, flush=True)
+
+        def progress(title: str):
+            task = bars.add_task(title, total=None, what="")
+
+            def update(done: int, total: int, what: str) -> None:
+                bars.update(task, completed=done, total=total, what=what)
+            return update
+
+        yield log, progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,14 +483,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=64, help="windows the device trains its first champion on")
     ap.add_argument("--upload-every", type=int, default=10, help="the device uploads every n-th normal window")
     ap.add_argument("--windows-per-s", type=float, default=20.0, help="recording replay pace (windows per real second)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show Dagster's event log and every step here")
     args = ap.parse_args(argv)
     root = settings.data_dir()
     summary: dict = {}
-    if not args.skip_assets:
-        summary["assets"] = materialize_everything()
-    res = run_loop(root / "demo", source_dir=root, time_scale=args.time_scale, n_fp=args.n_fp, n_train=args.n_train,
-                   upload_every=args.upload_every, windows_per_s=args.windows_per_s)
-    os.environ["TINYML_DATA_DIR"] = str(root)
+    with quiet_console(root / "logs" / "demo.log", args.verbose) as (log, progress):
+        if not args.skip_assets:
+            summary["assets"] = materialize_everything(log=log, progress=progress("step 1: assets"))
+        res = run_loop(root / "demo", source_dir=root, time_scale=args.time_scale, n_fp=args.n_fp,
+                       n_train=args.n_train, upload_every=args.upload_every, windows_per_s=args.windows_per_s,
+                       log=log, progress=progress("step 2: the loop"))
     f = res.figures
     summary.update(f)
     print()

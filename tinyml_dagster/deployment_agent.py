@@ -157,6 +157,45 @@ class Package:
     def file_sizes(self) -> dict[str, int]:
         return {e["name"]: e["size"] for e in self.files}
 
+    def to_blob(self) -> bytes:
+        """The package as the Knowledge Base's deploy queue stores it: u32 length, JSON head, package bytes."""
+        head = {"model_id": self.model_id, "device_id": self.device_id, "version": self.version,
+                "encoding": self.encoding, "head_size": self.head_size,
+                "files": [dict(f, sha8=f["sha8"].hex()) for f in self.files]}
+        h = json.dumps(head, separators=(",", ":")).encode()
+        return struct.pack("<I", len(h)) + h + self.data
+
+    @classmethod
+    def from_blob(cls, blob: bytes | None) -> Package:
+        """The package of a deploy request (the inverse of to_blob); PackagingError naming what is wrong."""
+        try:
+            (n,) = struct.unpack_from("<I", blob or b"", 0)
+            head = json.loads(blob[4:4 + n])
+            head["files"] = [dict(f, sha8=bytes.fromhex(f["sha8"])) for f in head["files"]]
+            return cls(data=bytes(blob[4 + n:]), **head)
+        except (struct.error, ValueError, KeyError, TypeError) as exc:
+            raise PackagingError(f"deploy request package: not a queued package blob ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a package occupies on the device once installed."""
+
+    flash_bytes: int  # the staged package, the extracted champion and the previous champion kept for fallback
+    heap_bytes: int  # the model held in RAM, the inflate window and the scoring buffers
+
+
+SCORING_BUFFERS = 2048  # the Local Inference Engine's feature and path buffers
+
+
+def footprint(pkg: Package) -> Footprint:
+    """Flash and heap a package takes on the device (firmware/package.py's staging and model_deployment_agent.py)."""
+    raw = {f["name"]: f["raw_size"] for f in pkg.files}
+    model = raw.get("model.bin", raw.get("model.json", 0))
+    inflate_window = 2**ZLIB_WBITS if pkg.encoding == "compact" else 0
+    return Footprint(flash_bytes=pkg.size + 2 * sum(raw.values()),
+                     heap_bytes=model + inflate_window + SCORING_BUFFERS)
+
 
 def build_package(
     model_id: str,
@@ -239,3 +278,38 @@ def package_model(repo, model_id: str, *, device_id: str, version: int, key: byt
     forest, config = repo.load(model_id)
     return build_package(model_id, model_file(forest, encoding), config, device_id=device_id, version=version,
                          key=key, encoding=encoding)
+
+
+def next_package(repo, model_id: str, device_id: str, encoding: str = "compact", *,
+                 keys: DeviceKeys | None = None, ledger: VersionLedger | None = None) -> Package:
+    """A repository model packaged for a device under its key and its next version: what every deploy sends."""
+    keys, ledger = keys or DeviceKeys(), ledger or VersionLedger()
+    return package_model(repo, model_id, device_id=device_id, version=ledger.next(device_id),
+                         key=keys.key(device_id), encoding=encoding)
+
+
+def deploy_through_link_service(kb, pkg: Package, *, timeout_s: float, episode_id: int | None = None,
+                                run_id: str | None = None, on_progress=None) -> dict:
+    """Queue pkg in the Knowledge Base for the link service that owns the device's port and wait for its outcome
+    (the request's row: status done or failed, error, figures); the deploy is recorded either way."""
+    request_id = kb.request_deploy(pkg.device_id, pkg.model_id, pkg.to_blob(), episode_id=episode_id, run_id=run_id)
+    if on_progress is not None:
+        on_progress({"request": request_id, "what": "queued", "bytes": 0, "total": pkg.size})
+    return kb.wait_deploy(request_id, timeout=timeout_s, on_progress=on_progress)
+
+
+def progress_line(p: dict) -> str:
+    """One log line of a deploy's progress as the link service reports it."""
+    if p.get("what") == "queued":
+        return f"deploy request {p['request']} queued ({p['total']} bytes): waiting for the link service"
+    return (f"deploy request {p['request']}: {p.get('what')} {p.get('bytes')}/{p.get('total')} bytes, "
+            f"{p.get('frames')} frames, {p.get('retransmissions')} retransmissions, {p.get('link_seconds')} link s, "
+            f"ETA {p.get('eta_seconds')} s")
+
+
+def deploy_outcome_metadata(outcome: dict) -> dict:
+    """The recorded deploy's figures as run metadata (what the link service measured on the wire)."""
+    fig = outcome["figures"]
+    keys = ("installed", "device_champion_id", "device_champion_version", "package_bytes", "stream_bytes",
+            "delta_saved_bytes", "wire_bytes", "payload_bytes", "retransmissions", "link_seconds", "occupation")
+    return {"request": outcome["id"], **{k: fig[k] for k in keys if fig.get(k) is not None}}

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--runtime", args.runtime, "--link", str(link),
                                        "--bearing", str(BEARING), "--axis", AXIS, "--rate-hz", str(RATE_HZ),
                                        # the firmware paces its sends by its configured baud: the scaled line's
-                                       "--set", "baud=%d" % int(2400 * args.speed)], cwd=ROOT))
+                                       "--set", "baud=%d" % int(settings.LINK_BAUD * args.speed)], cwd=ROOT))
         wait_for(link.exists, 120, "the emulator's link port", procs)
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.link_service",
                                        "--port", "%s=%s" % (args.device_id, os.path.realpath(link)),

@@ -128,6 +128,39 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Champion:
+    """One champion's time on a device (an episode): what it is, where it came from, since when."""
+
+    episode_id: int
+    device_id: str
+    model_id: str
+    source: str  # device (trained itself), reported, deploy, manual
+    since: float
+    since_upload_id: int
+    deploy_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A device's current champion and the false positives the pool found against it so far."""
+
+    device_id: str
+    episode_id: int
+    champion: str
+    false_positives: int
+    last_false_positive_at: float | None
+
+
+@dataclass(frozen=True)
+class ChampionScore:
+    """What the pool decided on the windows one champion version reported (keyed by its champion id)."""
+
+    champion_id: str
+    false_positives: int
+    confirmed_anomalies: int
+
+
 class KnowledgeBaseError(ValueError):
     """Bad input to the Knowledge Base (names the field and the upload)."""
 
@@ -365,9 +398,9 @@ class KnowledgeBase:
                 return
             self._conn.execute("UPDATE model_uploads SET model_id=? WHERE upload_id=?", (model_id, upload_id))
             cur = self.current_champion(row[0])
-            if cur is not None and cur[2] == "reported":
+            if cur is not None and cur.source == "reported":
                 # the champion the device's uploads named is this one: same episode, now with its repository id
-                self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?", (model_id, cur[0]))
+                self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?", (model_id, cur.episode_id))
             else:
                 self._add_champion(row[0], model_id, "device", time.time(), upload_id)
 
@@ -465,28 +498,78 @@ class KnowledgeBase:
         with self._lock, self.transaction():
             return self._add_champion(device_id, model_id, source, time.time(), self.max_upload_id())
 
-    def current_champion(self, device_id: str) -> tuple | None:
-        """(episode_id, model_id, source, since, since_upload_id) of the device's champion, or None."""
-        row = self._conn.execute(
-            "SELECT id, model_id, source, since, since_upload_id FROM champions WHERE device_id=?"
-            " ORDER BY id DESC LIMIT 1",
-            (device_id,),
-        ).fetchone()
-        return tuple(row) if row else None
+    _CHAMPION = "SELECT id, device_id, model_id, source, since, since_upload_id, deploy_id FROM champions"
 
-    def champions(self, device_id: str | None = None) -> list[tuple]:
-        sql = "SELECT id, device_id, model_id, source, since, since_upload_id, deploy_id FROM champions"
+    def current_champion(self, device_id: str) -> Champion | None:
+        """The device's champion now, or None."""
+        row = self._conn.execute(self._CHAMPION + " WHERE device_id=? ORDER BY id DESC LIMIT 1",
+                                 (device_id,)).fetchone()
+        return Champion(*row) if row else None
+
+    def champions(self, device_id: str | None = None) -> list[Champion]:
+        """Every champion a device (or every device) ran, oldest first."""
         if device_id:
-            return self.query(sql + " WHERE device_id=? ORDER BY id", (device_id,))
-        return self.query(sql + " ORDER BY id")
+            return [Champion(*r) for r in self.query(self._CHAMPION + " WHERE device_id=? ORDER BY id", (device_id,))]
+        return [Champion(*r) for r in self.query(self._CHAMPION + " ORDER BY id")]
 
-    def episodes(self) -> list[tuple[str, int, str, int, float | None]]:
-        """(device_id, episode_id, champion model_id, false positives so far, time of the latest one) per device.
+    def champion_scores(self) -> dict[str, ChampionScore]:
+        """Per champion id the devices reported: false positives and confirmed anomalies the pool decided."""
+        rows = self.query(
+            "SELECT u.champion_id, SUM(d.false_positive), SUM(CASE WHEN u.kind = 'anomaly' THEN d.pool_anomaly END)"
+            " FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id WHERE u.kind != 'champion'"
+            " GROUP BY u.champion_id")
+        return {r[0]: ChampionScore(r[0], int(r[1] or 0), int(r[2] or 0)) for r in rows}
+
+    def count_pool_anomalies(self) -> int:
+        """Windows the pool called anomalous."""
+        return self.scalar("SELECT COUNT(*) FROM pool_decisions WHERE pool_anomaly=1")
+
+    def count_decisions(self) -> int:
+        """Windows the pool decided."""
+        return self.scalar("SELECT COUNT(*) FROM pool_decisions")
+
+    def decided_windows(self) -> list[tuple[int, str, int]]:
+        """(upload id, device, false positive 0/1) of every window the pool decided, in upload order."""
+        return [tuple(r) for r in self.query(
+            "SELECT u.id, u.device_id, d.false_positive FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id"
+            " WHERE u.kind != 'champion' ORDER BY u.id")]
+
+    def episode_summaries(self) -> list[dict]:
+        """Per device and champion episode: windows the pool decided, the champion's anomalies, false positives."""
+        champs = self.champions()
+        rows = []
+        for i, c in enumerate(champs):
+            nxt = next((n.since_upload_id for n in champs[i + 1:] if n.device_id == c.device_id), None)
+            where = "u.device_id = ? AND u.id > ? AND u.kind != 'champion'" + (" AND u.id <= ?" if nxt else "")
+            params = (c.device_id, c.since_upload_id) + ((nxt,) if nxt else ())
+            decided, anomalies, fps = self.query(
+                "SELECT COUNT(d.upload_id), COALESCE(SUM(u.kind = 'anomaly'), 0), COALESCE(SUM(d.false_positive), 0)"
+                f" FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id WHERE {where}", params)[0]
+            rows.append({"device": c.device_id, "episode": c.episode_id, "champion": c.model_id, "source": c.source,
+                         "windows_decided": decided, "champion_anomalies": anomalies, "false_positives": fps,
+                         "fp_rate": fps / decided if decided else float("nan")})
+        return sorted(rows, key=lambda r: (r["device"], r["episode"]))
+
+    def upload_keys(self) -> set[tuple[str, int]]:
+        """(device, upload number) of every stored upload."""
+        return {(d, s) for d, s in self.query("SELECT device_id, seq FROM uploads")}
+
+    def upload_to_decision_seconds(self) -> list[float]:
+        """Per decided window, from the device sending it to the pool's decision."""
+        return [r[0] for r in self.query(
+            "SELECT d.decided_at - u.sent_at FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id")]
+
+    def count_windows_received_after(self, t: float) -> int:
+        """Window uploads (not champions) the gateway received after time t."""
+        return self.scalar("SELECT COUNT(*) FROM uploads WHERE kind != 'champion' AND received_at > ?", (t,))
+
+    def episodes(self) -> list[Episode]:
+        """Per device, its current champion's episode and the false positives so far.
 
         An episode is one champion's time on a device; its false positives are the pool-rejected anomalies
         uploaded since the champion took over.
         """
-        return [tuple(r) for r in self.query(
+        return [Episode(*r) for r in self.query(
             "SELECT c.device_id, c.id, c.model_id,"
             " (SELECT COUNT(*) FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id"
             "   WHERE u.device_id = c.device_id AND u.id > c.since_upload_id AND d.false_positive = 1),"
@@ -536,7 +619,7 @@ class KnowledgeBase:
     def deploy_for_episode(self, device_id: str, episode_id: int) -> dict | None:
         """The deploy request of a device's episode (with its status and attempts), if any."""
         row = self.query("SELECT id FROM deploy_requests WHERE device_id=? AND episode_id=?", (device_id, episode_id))
-        return self.deploy(row[0][0]) if row else None
+        return self.deploy_request(row[0][0]) if row else None
 
     def claim_deploy(self, device_ids: Iterable[str] | None = None) -> tuple | None:
         """Take the oldest pending request (for one of device_ids): (id, device_id, model_id, package) or None."""
@@ -582,7 +665,8 @@ class KnowledgeBase:
             if ok:
                 self._add_champion(row[0], row[1], "deploy", now, self.max_upload_id(), request_id)
 
-    def deploy(self, request_id: int) -> dict | None:
+    def deploy_request(self, request_id: int) -> dict | None:
+        """A deploy request's row (status, attempts, error, figures, times), or None."""
         rows = self.query(
             "SELECT id, device_id, model_id, episode_id, run_id, status, requested_at, started_at, finished_at,"
             " error, figures, attempts FROM deploy_requests WHERE id=?",
@@ -601,17 +685,22 @@ class KnowledgeBase:
             "SELECT id FROM deploy_requests" + (" WHERE device_id=?" if device_id else "") + " ORDER BY id",
             (device_id,) if device_id else (),
         )
-        return [self.deploy(r[0]) for r in ids]
+        return [self.deploy_request(r[0]) for r in ids]
 
-    def wait_deploy(self, request_id: int, timeout: float = 600.0, poll: float = 0.2) -> dict:
-        """Block until the link service finished the request; raise TimeoutError naming it otherwise."""
+    def wait_deploy(self, request_id: int, timeout: float = 600.0, poll: float = 0.2, on_progress=None) -> dict:
+        """Block until the link service finished the request (on_progress gets each new progress report);
+        raise TimeoutError naming it otherwise."""
         deadline = time.monotonic() + timeout
+        shown = None
         while True:
-            d = self.deploy(request_id)
+            d = self.deploy_request(request_id)
             if d is None:
                 raise KnowledgeBaseError("deploy request %d: no such request" % request_id)
             if d["status"] in ("done", "failed"):
                 return d
+            if on_progress is not None and d["status"] == "running" and d["figures"] and d["figures"] != shown:
+                shown = d["figures"]
+                on_progress(dict(shown, request=request_id))
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     "deploy request %d to %s still %s after %.0f s: is the link service running?"

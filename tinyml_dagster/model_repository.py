@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from firmware import features as fw_features
-from firmware import isoforest
+from firmware import isoforest, messages
 from tinyml_dagster import settings
 from tinyml_dagster.storage import atomic_write
 
@@ -312,3 +312,18 @@ class ModelRepository:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def add_device_champion(repo: ModelRepository, device_id: str, blob: bytes, window_from, window_to,
+                        upload_id: int) -> str:
+    """Put a champion a device trained itself (its CHAMPION_CHUNK blob) in the repository with its lineage."""
+    try:
+        config_json, compact = messages.unpack_champion(blob)
+        cfg = json.loads(config_json)
+        forest = isoforest.load(compact, [tuple(g) for g in cfg["grid"]])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"champion upload {upload_id} of device {device_id}: {exc}") from None
+    lineage = {"source": "device", "device_id": device_id, "device_model_id": cfg.get("model_id"),
+               "device_version": cfg.get("version"), "window_from": window_from, "window_to": window_to,
+               "kb_upload_id": upload_id}
+    return repo.add(forest, lineage=lineage, threshold=cfg.get("threshold"))

@@ -16,6 +16,9 @@ RATES_HZ: tuple[int, ...] = (500, 1000, 2000)
 DEFAULT_RATE_HZ = 2000
 BEARINGS: tuple[int, ...] = (1, 2, 3, 4)
 TRAIN_FRACTION = 0.6
+# the power-line link: 8N1 at LINK_BAUD, half-duplex, a turnaround at every change of direction
+LINK_BAUD = 2400
+LINK_TURNAROUND_S = 0.1
 WINDOW_MS = 500  # feature window length (a recording spec's window_s sets it)
 RECORDING_ENV = "TINYML_RECORDING"
 

@@ -122,3 +122,14 @@ def train_candidates(windows: pd.DataFrame, repo: ModelRepository, *, rate_hz: i
             out.append(TrainedCandidate(model_id, int(bearing), forest.n_trees, s, len(forest.to_bytes()),
                                         float(r_tr), float(r_la), secs))
     return out
+
+
+def retrain(windows: pd.DataFrame, repo: ModelRepository, *, tree_counts: Sequence[int] = TREE_COUNTS,
+            psi: int = PSI, seed: int = 0, lineage: dict | None = None, training: dict | None = None) -> list[str]:
+    """New candidates from the normal windows devices uploaded: one model per forest size; their ids."""
+    X = feature_matrix(windows, "uploaded normal windows")
+    ids = []
+    for i, n_trees in enumerate(tree_counts):
+        ids.append(repo.add(train_forest(X, n_trees, psi, seed + i), lineage={"source": "retraining", **(lineage or {})},
+                            seed=seed + i, training=training))
+    return ids

@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--axis", default="x", help="IMS axis (x or y), or the recording's channel fed")
     p.add_argument("--rate-hz", type=int, default=settings.DEFAULT_RATE_HZ)
     p.add_argument("--runtime", choices=RUNTIMES, default="vm", help="MicroPython VM (default) or CPython")
-    p.add_argument("--baud", type=int, default=2400)
+    p.add_argument("--baud", type=int, default=settings.LINK_BAUD)
     p.add_argument("--turnaround-ms", type=float, default=100.0, help="half-duplex turnaround each way")
     p.add_argument("--time-scale", type=float, default=1.0, help="run the wire and the data this many times faster")
     p.add_argument("--link", type=Path, help="also make this path a symlink to the link pty")

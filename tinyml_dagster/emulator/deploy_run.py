@@ -16,7 +16,7 @@ from tinyml_dagster.emulator.device_emulator import DeviceEmulator
 from tinyml_dagster.link import Deployer, LinkTiming, SerialTransport
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-BAUD, TURNAROUND_S = 2400, 0.1
+BAUD, TURNAROUND_S = settings.LINK_BAUD, settings.LINK_TURNAROUND_S
 KEY = bytes(range(32))
 
 

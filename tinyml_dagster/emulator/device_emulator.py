@@ -96,7 +96,7 @@ class DeviceEmulator:
     """One emulated device; start() brings it up, port_path is what the gateway opens, stop() shuts it down."""
 
     def __init__(self, device_id: str, *, flash_dir: Path | None = None, ims_files: list[Path] | None = None,
-                 bearing: int = 1, axis: str = "x", rate_hz: int = 1000, runtime: str = "vm", baud: int = 2400,
+                 bearing: int = 1, axis: str = "x", rate_hz: int = 1000, runtime: str = "vm", baud: int = settings.LINK_BAUD,
                  turnaround_ms: float = 10.0, time_scale: float = 1.0, link_path: Path | None = None,
                  config: dict | None = None, loop_data: bool = False, heap_bytes: int = VM_HEAP_BYTES,
                  feed: DataFeed | None = None) -> None:

@@ -21,6 +21,8 @@ import tty
 from collections import deque
 from pathlib import Path
 
+from tinyml_dagster import settings
+
 BITS_PER_BYTE = 10  # 8N1: start + 8 data + stop
 UP, DOWN = "up", "down"  # device -> gateway, gateway -> device
 _MAX_WAIT_S = 0.05
@@ -31,7 +33,7 @@ _MIN_WAIT_S = 0.0003  # deliver in batches at most this fine (late by this much 
 class HalfDuplexWire:
     """pty <-> device byte pipe with wire timing; device side via `device_port()` (readinto/write)."""
 
-    def __init__(self, baud: int = 2400, turnaround_s: float = 0.01, time_scale: float = 1.0,
+    def __init__(self, baud: int = settings.LINK_BAUD, turnaround_s: float = 0.01, time_scale: float = 1.0,
                  link_path: str | Path | None = None) -> None:
         if baud <= 0 or time_scale <= 0 or turnaround_s < 0:
             raise ValueError(f"bad wire settings: baud={baud} time_scale={time_scale} turnaround_s={turnaround_s}")

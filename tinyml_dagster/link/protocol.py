@@ -16,15 +16,44 @@ from typing import Callable
 from firmware import messages as m
 
 from ..deployment_agent import Package
-from .transport import SerialTransport
+from .transport import LinkTiming, SerialTransport
 
-ACK_WIRE = 6 + 5 + struct.calcsize(m.ACK_FORMAT)
+ACK_WIRE = 6 + m.HEADER_SIZE + m.CHECK_SIZE + struct.calcsize(m.ACK_FORMAT)
 RESULT_WIRE_MAX = 6 + 254
 # real seconds added to every reply timeout (thread scheduling on a busy gateway)
 REAL_SLACK_S = 0.25
 # link seconds a device may take to verify and install a package
 INSTALL_S = 30.0
 MAX_WINDOW = m.ACK_BITS + 1  # the ack bitmap covers the fragments after the contiguous offset
+
+
+FRAME_WIRE = 6  # pySerialTransfer: start, id, overhead, length, crc, stop
+MESSAGE_WIRE = FRAME_WIRE + m.HEADER_SIZE + m.CHECK_SIZE  # a message's wire bytes besides its body
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    """A deploy's cost on a clean line, from the protocol's own message sizes."""
+
+    wire_bytes: int
+    turnarounds: int
+    seconds: float
+
+
+def estimate_deploy(stream_bytes: int, n_files: int, model_id: str, version: int, timing: LinkTiming,
+                    window: int = MAX_WINDOW) -> LinkEstimate:
+    """Wire bytes, turnarounds and link seconds of one installing deploy on a clean line: offer, have,
+    fragments in windows, acks, result (the device's processing is not counted)."""
+    n_frag = max(1, math.ceil(stream_bytes / m.DEPLOY_FRAG))
+    windows = math.ceil(n_frag / window)
+    offer = MESSAGE_WIRE + struct.calcsize(m.OFFER_FORMAT) + n_files * struct.calcsize(m.OFFER_FILE_FORMAT)
+    have = MESSAGE_WIRE + struct.calcsize(m.HAVE_FORMAT)
+    data = n_frag * (MESSAGE_WIRE + struct.calcsize(m.DATA_FORMAT)) + stream_bytes
+    reason = "installed %s v%d" % (model_id, version)  # firmware/model_deployment_agent.py
+    result = MESSAGE_WIRE + struct.calcsize(m.RESULT_FORMAT) + 1 + len(model_id.encode()) + len(reason.encode())
+    wire = offer + have + data + (windows - 1) * ACK_WIRE + result
+    turnarounds = 2 * windows + 1  # offer -> have -> first window, then window -> ack -> next window, ..., result
+    return LinkEstimate(wire, turnarounds, wire * timing.byte_s + turnarounds * timing.turnaround_s)
 
 
 class DeployError(RuntimeError):

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 from pySerialTransfer import pySerialTransfer as txfer
 
 from firmware import messages
+from tinyml_dagster import settings
 
 
 @dataclass(frozen=True)
 class LinkTiming:
     """The channel model: 8N1 at `baud`, a turnaround per direction change, all times x time_scale in real time."""
 
-    baud: int = 2400
-    turnaround_s: float = 0.1
+    baud: int = settings.LINK_BAUD
+    turnaround_s: float = settings.LINK_TURNAROUND_S
     time_scale: float = 1.0
 
     @property

@@ -1,6 +1,6 @@
 """The report: the paper's figures reproduced in this system, and detection quality (docs/results.md).
 
-`make report` runs `python -m tinyml_dagster.report` (tinyml_dagster/report/generate.py). This module stays light:
+`make report` runs `python -m tinyml_dagster.report` (tinyml_dagster/report/generate.py's main). This module stays light:
 Dagster assets import it to attach the generated plots to their metadata.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCS = REPO_ROOT / "docs"
@@ -34,9 +33,3 @@ def plot_metadata(*names: str, directory: Path | None = None) -> dict:
         if md is not None:
             out["plot_" + Path(name).stem] = dg.MetadataValue.md(md)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from tinyml_dagster.report.generate import main as _main
-
-    _main(argv)

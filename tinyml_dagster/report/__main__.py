@@ -1,5 +1,5 @@
-"""`python -m tinyml_dagster.report`."""
+"""`python -m tinyml_dagster.report`: regenerate docs/results.md and its figures."""
 
-from tinyml_dagster.report import main
+from tinyml_dagster.report.generate import main
 
 main()

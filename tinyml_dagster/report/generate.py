@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pandas as pd
 
 from tinyml_dagster import detection_quality as dq
 from tinyml_dagster import settings, synthetic
+from tinyml_dagster.knowledge_base import KnowledgeBase
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.micropython_vm import REPO_ROOT
 from tinyml_dagster.report import device_time as dt
@@ -90,24 +90,8 @@ def demo_figures(mode: str, log=print) -> tuple[dict | None, Path | None]:
 
 def false_positive_episodes(kb_path: Path) -> pd.DataFrame:
     """Per device and champion episode: windows the pool decided, the champion's anomalies, false positives."""
-    con = sqlite3.connect(f"file:{kb_path}?mode=ro", uri=True)
-    try:
-        champs = con.execute("SELECT id, device_id, model_id, source, since_upload_id FROM champions"
-                             " ORDER BY device_id, id").fetchall()
-        rows = []
-        for i, (cid, device, model, source, since) in enumerate(champs):
-            nxt = next((c[4] for c in champs[i + 1:] if c[1] == device), None)
-            where = "u.device_id = ? AND u.id > ? AND u.kind != 'champion'" + (" AND u.id <= ?" if nxt else "")
-            params = (device, since) + ((nxt,) if nxt else ())
-            decided, anomalies, fps = con.execute(
-                "SELECT COUNT(d.upload_id), COALESCE(SUM(u.kind = 'anomaly'), 0), COALESCE(SUM(d.false_positive), 0)"
-                f" FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id WHERE {where}", params).fetchone()
-            rows.append({"device": device, "episode": cid, "champion": model, "source": source,
-                         "windows_decided": decided, "champion_anomalies": anomalies, "false_positives": fps,
-                         "fp_rate": fps / decided if decided else float("nan")})
-        return pd.DataFrame(rows)
-    finally:
-        con.close()
+    with KnowledgeBase(kb_path) as kb:
+        return pd.DataFrame(kb.episode_summaries())
 
 
 # -- plots --------------------------------------------------------------------------------------------------
@@ -287,16 +271,12 @@ def plot_quality(q: pd.DataFrame, out: Path) -> list[Path]:
 
 def false_positive_timeline(kb_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(decided windows in upload order with their false_positive flag, champion changes with their upload id)."""
-    con = sqlite3.connect(f"file:{kb_path}?mode=ro", uri=True)
-    try:
-        windows = pd.read_sql_query(
-            "SELECT u.id AS upload_id, u.device_id, d.false_positive FROM uploads u"
-            " JOIN pool_decisions d ON d.upload_id = u.id WHERE u.kind != 'champion' ORDER BY u.id", con)
-        changes = pd.read_sql_query(
-            "SELECT id AS episode, device_id, model_id, since_upload_id FROM champions ORDER BY id", con)
+    with KnowledgeBase(kb_path) as kb:
+        windows = pd.DataFrame(kb.decided_windows(), columns=["upload_id", "device_id", "false_positive"])
+        changes = pd.DataFrame([{"episode": c.episode_id, "device_id": c.device_id, "model_id": c.model_id,
+                                 "since_upload_id": c.since_upload_id} for c in kb.champions()],
+                               columns=["episode", "device_id", "model_id", "since_upload_id"])
         return windows, changes
-    finally:
-        con.close()
 
 
 def plot_score_over_life(series: dict[str, pd.DataFrame], out: Path, threshold: float) -> Path:
@@ -568,15 +548,10 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
           verdict + f" The failing bearings' defect frequencies ({defect}) lie above the 250 Hz Nyquist limit of 500 Hz "
           "sampling, so at 500 Hz their impacts reach the features only through the low band; at 1 and 2 kHz the "
           "defect lines themselves are inside the band.", ""]
-    try:
-        from tinyml_dagster.defs.models.assets import CandidateModelsConfig
-
-        L += [f"Defaults now: the candidate models train on {CandidateModelsConfig().rate_hz} Hz windows "
-              f"(`CandidateModelsConfig.rate_hz`, the paper's rate)"
-              + (" — the numbers above say it should be "
-                 f"{best} Hz." if CandidateModelsConfig().rate_hz != best else ", which the numbers support."), ""]
-    except Exception:  # noqa: BLE001 - the report still stands without the Dagster defs
-        pass
+    L += [f"Defaults now: the candidate models train on {settings.DEFAULT_RATE_HZ} Hz windows "
+          f"(`settings.DEFAULT_RATE_HZ`, the default of `candidate_models`)"
+          + (" — the numbers above say it should be "
+             f"{best} Hz." if settings.DEFAULT_RATE_HZ != best else ", which the numbers support."), ""]
     if dev is not None and device_bench:
         fb = device_bench["feature_fuel_per_window"]
         per_sample_ms = fb["fuel"] / fb["samples"] * dev.ms_per_fuel

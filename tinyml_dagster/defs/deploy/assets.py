@@ -1,25 +1,17 @@
 """model_packages: both encodings' package sizes (and link time at 2,400 baud) for every repository candidate."""
 
-from pathlib import Path
-
 import dagster as dg
-from pydantic import Field
 
-from tinyml_dagster import settings
+from tinyml_dagster.defs.models.resources import ModelRepositoryResource
 from tinyml_dagster.deployment_agent import package_sizes
+from tinyml_dagster.link import LinkTiming
 from tinyml_dagster.report import plot_metadata
-
-
-class ModelPackagesConfig(dg.Config):
-    models_dir: str = Field(default="", description="model repository root; empty: settings.models_dir()")
 
 
 @dg.asset(group_name="deploy", deps=["candidate_models"],
           description="Package sizes of every candidate in both encodings (compact default, paper-like json).")
-def model_packages(context: dg.AssetExecutionContext, config: ModelPackagesConfig) -> dg.MaterializeResult:
-    from tinyml_dagster.model_repository import ModelRepository
-
-    repo = ModelRepository(Path(config.models_dir) if config.models_dir else settings.models_dir())
+def model_packages(context: dg.AssetExecutionContext, model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
+    repo = model_repository.open()
     ids = repo.candidate_ids() or repo.ids()
     if not ids:
         raise dg.Failure(f"model repository {repo.root} has no models: materialize candidate_models first")
@@ -29,7 +21,7 @@ def model_packages(context: dg.AssetExecutionContext, config: ModelPackagesConfi
         sizes = package_sizes(model_id, forest, cfg)
         rows.append((model_id, forest.n_trees, sizes["compact"], sizes["json"]))
     table = "| model | trees | compact B | json B | json/compact | compact wire s |\n|---|---|---|---|---|---|\n" + "".join(
-        f"| {m} | {t} | {c} | {j} | {j / c:.1f}x | {c / 240:.1f} |\n" for m, t, c, j in rows)
+        f"| {m} | {t} | {c} | {j} | {j / c:.1f}x | {c * LinkTiming().byte_s:.1f} |\n" for m, t, c, j in rows)
     context.log.info(f"{len(rows)} candidates packaged in both encodings")
     return dg.MaterializeResult(metadata={
         "candidates": len(rows),

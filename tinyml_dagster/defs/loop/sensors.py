@@ -46,7 +46,7 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
 
     kb = knowledge_base.open()
     try:
-        due = [e for e in kb.episodes() if e[3] >= knowledge_base.n_fp]
+        due = [e for e in kb.episodes() if e.false_positives >= knowledge_base.n_fp]
         if not due:
             return dg.SensorResult(skip_reason="no champion has %d false positives" % knowledge_base.n_fp)
         try:
@@ -54,7 +54,8 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         except Exception as e:  # no repository yet: nothing to deploy
             return dg.SensorResult(skip_reason="no candidates to deploy: %s" % e)
         requests = []
-        for device_id, episode_id, champion, fps, _ in due:
+        for e in due:
+            device_id, episode_id = e.device_id, e.episode_id
             run_key = "replace-%s-episode-%d" % (device_id, episode_id)
             d = kb.deploy_for_episode(device_id, episode_id)
             if d is not None and d["status"] == "failed":  # the link failed: try again, a bounded number of times
@@ -63,11 +64,11 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
                                         % (device_id, d["attempts"], episode_id, d["error"]))
                     continue
                 run_key += "-retry-%d" % d["attempts"]
-            top = engine.top_candidate(kb, exclude=[champion])
+            top = engine.top_candidate(kb, exclude=[e.champion])
             requests.append(dg.RunRequest(
                 run_key=run_key,
                 partition_key=device_id,
-                tags={EPISODE_TAG: str(episode_id), MODEL_TAG: top, "tinyml/false_positives": str(fps)},
+                tags={EPISODE_TAG: str(episode_id), MODEL_TAG: top, "tinyml/false_positives": str(e.false_positives)},
             ))
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=_new_devices(context, kb.devices()))
     finally:

@@ -14,14 +14,7 @@ from tinyml_dagster import features, ims
 from tinyml_dagster.defs.data import assets
 from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ims"
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("TINYML_IMS_DIR", raising=False)
-    return tmp_path / "data"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "ims"
 
 
 def test_partitions_are_rate_by_bearing():

@@ -9,7 +9,7 @@ import pytest
 
 from tinyml_dagster import ims
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ims"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "ims"
 SET1 = FIXTURES / "1st_test"
 FIRST = SET1 / "2003.10.22.12.06.24"
 

@@ -5,7 +5,8 @@ import json
 import dagster as dg
 import numpy as np
 
-from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
+from tinyml_dagster.defs.gateway import GatewayResource
+from tinyml_dagster.defs.resources import gateway_resources
 from tinyml_dagster.defs.loop.sensors import device_uploads_sensor
 from tinyml_dagster.definitions import defs
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
@@ -26,16 +27,14 @@ def test_device_uploads_sensor_cursor_and_partitions(tmp_path):
     path = tmp_path / "kb.sqlite"
     kb = KnowledgeBase(path)
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"knowledge_base": KnowledgeBaseResource(path=str(path))}
+    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
 
-    ctx = dg.build_sensor_context(instance=instance, resources=resources)
-    result = device_uploads_sensor(ctx)
+    result = evaluate(device_uploads_sensor, instance=instance, resources=resources)
     assert not result.run_requests and result.skip_reason
 
     kb.ingest([Upload(d, s, "normal", features=(0, 0, 0), champion_id="v1", champion_decision=0)
                for d in ("dev-a", "dev-b") for s in (1, 2)])
-    ctx = dg.build_sensor_context(instance=instance, resources=resources)
-    result = device_uploads_sensor(ctx)
+    result = evaluate(device_uploads_sensor, instance=instance, resources=resources)
     (req,) = result.run_requests
     assert req.run_key == "uploads-through-4"
     assert json.loads(result.cursor) == {"upload_id": 4}
@@ -44,15 +43,19 @@ def test_device_uploads_sensor_cursor_and_partitions(tmp_path):
     instance.add_dynamic_partitions("devices", list(add.partition_keys))
 
     # re-evaluation with the same cursor: nothing new, no new partitions
-    ctx = dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor)
-    again = device_uploads_sensor(ctx)
+    again = evaluate(device_uploads_sensor, instance=instance, resources=resources, cursor=result.cursor)
     assert not again.run_requests and not again.dynamic_partitions_requests
 
     kb.ingest([Upload("dev-c", 1, "anomaly", features=(0, 0, 9), champion_id="v1", champion_decision=1)])
-    ctx = dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor)
-    third = device_uploads_sensor(ctx)
+    third = evaluate(device_uploads_sensor, instance=instance, resources=resources, cursor=result.cursor)
     assert [r.run_key for r in third.run_requests] == ["uploads-through-5"]
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
+
+
+def evaluate(sensor, **context):
+    """One evaluation of a sensor with its resources opened."""
+    with dg.build_sensor_context(**context) as ctx:
+        return sensor(ctx)
 
 
 def commissioning_features(seed: int = 3, window: int = 500) -> np.ndarray:
@@ -96,61 +99,59 @@ def _fleet_with_false_positives(tmp_path, monkeypatch, n_fp_seen):
     return kb, ids
 
 
-def _fp_context(instance, tmp_path, n_fp=5):
-    from tinyml_dagster.defs.loop.resources import PoolResource
+def _fp_sensor(instance, tmp_path, n_fp=5):
+    """false_positive_sensor evaluated once on the gateway under tmp_path."""
+    from tinyml_dagster.defs.loop.sensors import false_positive_sensor
 
-    return dg.build_sensor_context(instance=instance, resources={
-        "knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite"), n_fp=n_fp),
-        "pool": PoolResource(models_dir=str(tmp_path / "models"))})
+    return evaluate(false_positive_sensor, instance=instance,
+                    resources=gateway_resources(GatewayResource(data_dir=str(tmp_path), n_fp=n_fp)))
 
 
 def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, monkeypatch):
-    from tinyml_dagster.defs.loop.sensors import false_positive_sensor
 
     kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 12)
     fps = kb.count_false_positives("dev-a")
     assert fps >= 5
     instance = dg.DagsterInstance.ephemeral()
-    first = false_positive_sensor(_fp_context(instance, tmp_path))
+    first = _fp_sensor(instance, tmp_path)
     (req,) = first.run_requests
-    episode = kb.current_champion("dev-a")[0]
+    episode = kb.current_champion("dev-a").episode_id
     assert req.run_key == "replace-dev-a-episode-%d" % episode and req.partition_key == "dev-a"
     assert req.tags["tinyml/model_id"] == kb.ranking(ids)[0][0]
     # re-evaluated (more false positives meanwhile or not): the same run key, so the daemon launches one run
-    again = false_positive_sensor(_fp_context(instance, tmp_path))
+    again = _fp_sensor(instance, tmp_path)
     assert [r.run_key for r in again.run_requests] == [req.run_key]
     # with a higher N_fp nothing is due
-    assert not false_positive_sensor(_fp_context(instance, tmp_path, n_fp=fps + 1)).run_requests
+    assert not _fp_sensor(instance, tmp_path, n_fp=fps + 1).run_requests
     # the link failed: the episode's deploy is retried under a new run key, a bounded number of times
     rid = kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, False, error="DeployError: link cut")
-    retry = false_positive_sensor(_fp_context(instance, tmp_path))
+    retry = _fp_sensor(instance, tmp_path)
     assert [r.run_key for r in retry.run_requests] == [req.run_key + "-retry-1"]
     assert kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg2", episode_id=episode) == rid
-    assert kb.deploy(rid)["status"] == "pending" and kb.deploy(rid)["attempts"] == 2
+    assert kb.deploy_request(rid)["status"] == "pending" and kb.deploy_request(rid)["attempts"] == 2
     kb.claim_deploy()
     kb.finish_deploy(rid, False, error="DeployError: link cut")
     kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg3", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, False, error="DeployError: link cut")
-    assert not false_positive_sensor(_fp_context(instance, tmp_path)).run_requests  # 3 attempts: give up
+    assert not _fp_sensor(instance, tmp_path).run_requests  # 3 attempts: give up
     # the deploy landed: a new episode with no false positives, nothing more to request
     kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, True, {"link_seconds": 12.0})
-    assert not false_positive_sensor(_fp_context(instance, tmp_path)).run_requests
+    assert not _fp_sensor(instance, tmp_path).run_requests
 
 
 def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     from tinyml_dagster.defs.loop.assets import champion_package, deployed_champion
-    from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, PoolResource
+    from tinyml_dagster.defs.loop.resources import DeviceBudgetResource
 
     kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 8)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("devices", ["dev-a"])
-    resources = {"knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
-                 "pool": PoolResource(models_dir=str(tmp_path / "models"))}
+    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
     ok = dg.materialize([champion_package], partition_key="dev-a", instance=instance,
                         resources=dict(resources, device_budget=DeviceBudgetResource()))
     assert ok.success
@@ -172,7 +173,6 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
 
 def test_retrain_schedule_trains_new_candidates_from_the_kb(tmp_path, monkeypatch):
     from tinyml_dagster.defs.loop.assets import RetrainConfig, retrained_candidate_models
-    from tinyml_dagster.defs.loop.resources import PoolResource
     from tinyml_dagster.defs.loop.schedules import retrain_schedule
     from tinyml_dagster.model_repository import ModelRepository
 
@@ -185,8 +185,7 @@ def test_retrain_schedule_trains_new_candidates_from_the_kb(tmp_path, monkeypatc
     kb.ingest([Upload("dev-a", 999, "anomaly", features=(0.0, 0.0, 40.0), champion_id="0", champion_decision=1)])
     (req,) = retrain_schedule.evaluate_tick(dg.build_schedule_context()).run_requests
     assert retrain_schedule.job_name == "retrain_job" and req.tags["dagster/schedule_name"] == "retrain_schedule"
-    resources = {"knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
-                 "pool": PoolResource(models_dir=str(tmp_path / "models"))}
+    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
     cfg = RetrainConfig(min_windows=100, n_trees=[10, 20], psi=64)
     r = dg.materialize([retrained_candidate_models], resources=resources,
                        run_config=dg.RunConfig({"retrained_candidate_models": cfg}))

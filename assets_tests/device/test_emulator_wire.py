@@ -10,6 +10,7 @@ import serial
 
 from tinyml_dagster.emulator import deploy_run
 from tinyml_dagster.emulator.wire import HalfDuplexWire
+from tinyml_dagster.link import LinkTiming, estimate_deploy
 
 SCALE = 10.0
 BYTE_S = 10 / 2400 / SCALE  # 0.42 ms per byte in real time
@@ -187,3 +188,6 @@ def test_a_deploy_on_the_emulator_never_lets_a_byte_wait_on_a_free_wire():
     assert acc.span_s == pytest.approx(acc.busy_s + acc.idle_s + acc.turnaround_s, abs=1e-6)
     # the gateway's link time covers the whole exchange on the wire
     assert rep.link_seconds / SCALE >= acc.span_s - 0.005
+    # the Release check's estimate is this deploy's exact wire bytes and turnarounds
+    est = estimate_deploy(rep.stream_bytes, len(pkg.files), pkg.model_id, pkg.version, LinkTiming())
+    assert (est.wire_bytes, est.turnarounds) == (rep.wire_bytes, sum(e[4] for e in log[1:]))

@@ -9,7 +9,7 @@ import scipy.stats
 
 from tinyml_dagster import ims, synthetic
 
-REAL_FIRST = Path(__file__).parent / "fixtures" / "ims" / "1st_test" / "2003.10.22.12.06.24"
+REAL_FIRST = Path(__file__).parents[1] / "fixtures" / "ims" / "1st_test" / "2003.10.22.12.06.24"
 
 
 def _digest(directory):

@@ -123,11 +123,12 @@ def _materialize(root, seed=0):
         candidate_models_flag_a_sane_share_of_training,
         candidate_models_run_on_firmware,
     )
+    from tinyml_dagster.defs.gateway import GatewayResource
     from tinyml_dagster.defs.models.resources import ModelRepositoryResource
 
     return dg.materialize(
         [candidate_models, candidate_models_run_on_firmware, candidate_models_flag_a_sane_share_of_training],
-        resources={"model_repository": ModelRepositoryResource(models_dir=str(root / "models"))},
+        resources={"model_repository": ModelRepositoryResource(gateway=GatewayResource(data_dir=str(root)))},
         run_config={"ops": {"candidate_models": {"config": {"seed": seed, "rate_hz": 500}}}},
         instance=dg.DagsterInstance.ephemeral(),
         raise_on_error=False,
@@ -169,13 +170,14 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
 
 def test_firmware_check_fails_on_a_model_the_firmware_cannot_run(tmp_path):
     from tinyml_dagster.defs.models.checks import candidate_models_run_on_firmware
+    from tinyml_dagster.defs.gateway import GatewayResource
     from tinyml_dagster.defs.models.resources import ModelRepositoryResource
 
-    repo = ModelRepository(tmp_path)
+    repo = ModelRepository(tmp_path / "models")
     good = repo.add(_forest(seed=1), training={"bearing": 1}, rate_hz=500)
     odd = repo.add(_forest(seed=2), training={"bearing": 1}, rate_hz=500, feature_names=("rms", "peak", "crest"))
     slow = repo.add(_forest(seed=3), training={"bearing": 1}, rate_hz=333)
-    resource = ModelRepositoryResource(models_dir=str(tmp_path))
+    resource = ModelRepositoryResource(gateway=GatewayResource(data_dir=str(tmp_path)))
     repo.set_candidates([good])
     assert candidate_models_run_on_firmware(resource).passed
     repo.set_candidates([good, odd, slow])

@@ -121,7 +121,7 @@ def test_interop_gateway_pyserialtransfer_with_firmware_in_micropython_vm(tmp_pa
     flash = tmp_path / "vm-1" / "flash"
     (flash / "deploy").mkdir(parents=True)
     (flash / "deploy" / "key").write_bytes(KEY)
-    ims_file = sorted((Path(__file__).parent / "fixtures" / "ims" / "1st_test").iterdir())[0]
+    ims_file = sorted((Path(__file__).parents[1] / "fixtures" / "ims" / "1st_test").iterdir())[0]
     emu = DeviceEmulator("dev-1", flash_dir=flash, ims_files=[ims_file], runtime="vm", baud=2400,
                          turnaround_ms=100, time_scale=scale, config={"n_train": 100000})
     emu.start()

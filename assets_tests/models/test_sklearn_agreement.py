@@ -14,7 +14,7 @@ from tinyml_dagster.forest import score_forest
 from tinyml_dagster.subsampling import subsample
 from tinyml_dagster.training import train_forest
 
-FIXTURES = Path(__file__).parent / "fixtures" / "forest"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "forest"
 RATE_HZ = 500
 FILE_SAMPLES = 20480
 

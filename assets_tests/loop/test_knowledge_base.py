@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tinyml_dagster.knowledge_base import MIGRATIONS, KnowledgeBase, KnowledgeBaseError, Upload
+from tinyml_dagster.knowledge_base import MIGRATIONS, ChampionScore, KnowledgeBase, KnowledgeBaseError, Upload
 
 
 def win(device, seq, anomaly=False, champ="v1", f=(0.1, 0.2, 0.3)):
@@ -88,7 +88,8 @@ def test_champion_upload_registration_and_episodes(tmp_path):
     kb.register_model_upload(uid, "d1-champion-1")
     kb.register_model_upload(uid, "d1-champion-1")  # idempotent
     assert kb.model_uploads() == []
-    assert kb.current_champion("d1")[1:3] == ("d1-champion-1", "device")
+    c = kb.current_champion("d1")
+    assert (c.model_id, c.source) == ("d1-champion-1", "device")
     kb.ingest([win("d1", 2, anomaly=True), win("d1", 3, anomaly=True)])
     ids = [r[0] for r in kb.undecided()]
     pid = kb.pool_id(["a", "b"])
@@ -97,27 +98,30 @@ def test_champion_upload_registration_and_episodes(tmp_path):
     assert kb.store_decisions(pid, ["a", "b"], rows) == 2
     assert kb.store_decisions(pid, ["a", "b"], rows) == 0  # already decided: ranking unchanged
     assert kb.ranking() == [("a", 2, 2, 0), ("b", 0, 1, 1)]
-    (dev, episode, model, fps, last), = kb.episodes()
-    assert (dev, model, fps) == ("d1", "d1-champion-1", 1)
-    assert kb.nth_false_positive_time(episode, 1) == last
-    assert kb.nth_false_positive_time(episode, 2) is None
+    (e,) = kb.episodes()
+    assert (e.device_id, e.champion, e.false_positives) == ("d1", "d1-champion-1", 1)
+    assert kb.nth_false_positive_time(e.episode_id, 1) == e.last_false_positive_at
+    assert kb.nth_false_positive_time(e.episode_id, 2) is None
+    # what the pool decided on that champion's windows
+    assert kb.champion_scores() == {"v1": ChampionScore("v1", 1, 1)} and kb.count_pool_anomalies() == 1
 
 
 def test_reported_champion_identified_later_keeps_its_episode(tmp_path):
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
     kb.ingest([win("d1", 1, champ="0")])
-    episode, model, source = kb.current_champion("d1")[:3]
-    assert (model, source) == ("0", "reported")
+    c = kb.current_champion("d1")
+    assert (c.model_id, c.source) == ("0", "reported")
     kb.ingest([Upload("d1", 1 << 40, "champion", model_blob=b"\x00")])
     kb.register_model_upload(kb.model_uploads()[0][0], "d1-t50-abc")
-    assert kb.current_champion("d1")[:3] == (episode, "d1-t50-abc", "device")
+    c2 = kb.current_champion("d1")
+    assert (c2.episode_id, c2.model_id, c2.source) == (c.episode_id, "d1-t50-abc", "device")
     assert len(kb.champions("d1")) == 1
 
 
 def test_deploy_queue(tmp_path):
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
     kb.ingest([win("d1", 1)])
-    episode = kb.current_champion("d1")[0]
+    episode = kb.current_champion("d1").episode_id
     rid = kb.request_deploy("d1", "m7", b"pkg", episode_id=episode, run_id="r1")
     assert kb.request_deploy("d1", "m7", b"pkg", episode_id=episode, run_id="r2") == rid  # once per episode
     assert kb.claim_deploy(["d2"]) is None
@@ -128,7 +132,8 @@ def test_deploy_queue(tmp_path):
     kb.finish_deploy(rid, True, {"wire_seconds": 12.5})
     d = kb.wait_deploy(rid, timeout=1)
     assert d["status"] == "done" and d["figures"] == {"wire_seconds": 12.5}
-    assert kb.current_champion("d1")[1:3] == ("m7", "deploy")
+    c = kb.current_champion("d1")
+    assert (c.model_id, c.source, c.deploy_id) == ("m7", "deploy", rid)
     with pytest.raises(TimeoutError, match="deploy request .* to d1 still pending"):
         kb.wait_deploy(kb.request_deploy("d1", "m8", episode_id=None), timeout=0.3, poll=0.1)
 
@@ -144,4 +149,4 @@ def test_migration_from_version_1_keeps_the_data(tmp_path):
     con.close()
     kb = KnowledgeBase(path)
     assert kb.schema_version() == len(MIGRATIONS) >= 2
-    assert kb.deploy(1)["attempts"] == 1 and kb.deploy(1)["model_id"] == "m1"
+    assert kb.deploy_request(1)["attempts"] == 1 and kb.deploy_request(1)["model_id"] == "m1"

@@ -47,7 +47,7 @@ def test_run_in_champion_false_positives_trigger_a_replacement_and_the_pool_conf
     assert len(deploys) == f["replacements"] and deploys[0]["model_id"] in f["pool"]
     assert len({d["episode_id"] for d in deploys}) == len(deploys)  # never two deploys for one episode
     assert all(d["figures"]["installed"] for d in deploys)
-    assert [c[3] for c in kb.champions("esp32-demo")] == ["device"] + ["deploy"] * f["replacements"]
+    assert [c.source for c in kb.champions("esp32-demo")] == ["device"] + ["deploy"] * f["replacements"]
     # the first replacement happened while the bearing was healthy (the recording's defect starts at 70% of life)
     assert first["windows"] + 64 < 0.7 * f["windows"]
     # later in life, the failing bearing's anomalies are confirmed by the pool

@@ -12,7 +12,7 @@ from tinyml_dagster import report, subsampling
 from tinyml_dagster.report import generate
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def test_roc_auc_matches_sklearn_with_ties():
@@ -98,8 +98,7 @@ def test_false_positive_episodes_from_a_real_knowledge_base(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_report_generator_runs_on_a_small_configuration(tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "data"))
+def test_report_generator_runs_on_a_small_configuration(tmp_path, data_dir):
     path = generate.build(generate.SMALL, tmp_path / "docs", log=lambda *_: None)
     text = path.read_text()
     for heading in ("## Device time (Fig. 3a, 3b, 3c)", "## Deploy (Fig. 4a, 4b)", "## Detection quality",
@@ -145,7 +144,7 @@ def test_definitions_still_load_with_the_report_metadata():
     assert isinstance(d, dg.Definitions)
 
 
-def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeypatch):
+def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeypatch, data_dir):
     """A real Dagster materialization carries the generated Fig. 4 plots as Markdown metadata."""
     import random
 
@@ -154,9 +153,10 @@ def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeyp
     import tinyml_dagster.report as report_mod
     from firmware import isoforest
     from tinyml_dagster.defs.deploy.assets import model_packages
+    from tinyml_dagster.defs.gateway import GatewayResource
+    from tinyml_dagster.defs.resources import gateway_resources
     from tinyml_dagster.model_repository import ModelRepository
 
-    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path / "data"))
     docs = tmp_path / "docs"
     (docs / "results").mkdir(parents=True)
     png = b"\x89PNG\r\n\x1a\n" + bytes(32)
@@ -166,7 +166,7 @@ def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeyp
     rng = random.Random(3)
     rows = [[rng.gauss(0, 0.02), rng.gauss(0, 0.3), rng.gauss(0.5, 0.8)] for _ in range(200)]
     repo.add(isoforest.train(rows, 10, 100, 1), threshold=0.6, rate_hz=500)
-    result = dg.materialize([model_packages], selection=[model_packages])
+    result = dg.materialize([model_packages], resources=gateway_resources(GatewayResource()))
     assert result.success
     meta = result.asset_materializations_for_node("model_packages")[0].metadata
     assert "plot_fig4b_deploy_time" in meta and "plot_fig4a_occupation" not in meta

@@ -8,7 +8,7 @@ import scipy.signal
 
 from tinyml_dagster import ims, subsampling
 
-SET1 = Path(__file__).parent / "fixtures" / "ims" / "1st_test"
+SET1 = Path(__file__).parents[1] / "fixtures" / "ims" / "1st_test"
 
 
 @pytest.mark.parametrize("rate, length", [(500, 512), (1000, 1024), (2000, 2048)])

@@ -1,0 +1,132 @@
+"""One deploy seam: deploy_champion_job and replace_champion_job package a repository model the same way and send it
+through the Knowledge Base's queue and the real link service process to an emulated device (real firmware on a pty),
+in both encodings; model_packages shows both encodings' sizes."""
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pytest
+
+from firmware import isoforest
+from tinyml_dagster.defs.deploy.assets import model_packages
+from tinyml_dagster.defs.deploy.jobs import deploy_champion_job
+from tinyml_dagster.defs.loop.assets import champion_package, deployed_champion
+from tinyml_dagster.defs.loop.jobs import replace_champion_job
+from tinyml_dagster.defs.loop.partitions import devices_partitions
+from tinyml_dagster.defs.gateway import GatewayResource
+from tinyml_dagster.defs.resources import gateway_resources
+from tinyml_dagster.deployment_agent import DeviceKeys
+from tinyml_dagster.emulator import DeviceEmulator
+from tinyml_dagster.emulator.deploy_run import ims_files
+from tinyml_dagster.knowledge_base import KnowledgeBase
+from tinyml_dagster.model_repository import ModelRepository
+
+DEVICE = "dev-7"
+SCALE = 25.0  # the emulated wire runs 25x faster than 2,400 baud
+
+
+@pytest.fixture
+def repo(data_dir):
+    repo = ModelRepository(data_dir / "models")
+    rng = random.Random(4)
+    rows = [[rng.gauss(0, 0.02), rng.gauss(0, 0.3), rng.gauss(0.5, 0.8)] for _ in range(400)]
+    ids = [repo.add(isoforest.train(rows, n, 100, n), threshold=0.6, rate_hz=1000) for n in (2, 3, 4)]
+    repo.set_candidates(ids)
+    return repo, ids
+
+
+@pytest.fixture
+def gateway(tmp_path, repo):
+    """An emulated device holding its key, and the link service process that owns its port."""
+    flash = tmp_path / DEVICE / "flash"
+    DeviceKeys().provision(DEVICE, flash)
+    emu = DeviceEmulator(DEVICE, flash_dir=flash, ims_files=ims_files(), runtime="cpython", turnaround_ms=100,
+                         time_scale=SCALE, config={"n_train": 100000}).start()
+    kb_path, ready = tmp_path / "kb.sqlite", tmp_path / "ready"
+    svc = subprocess.Popen([sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(kb_path),
+                            "--port", f"{DEVICE}={emu.port_path}", "--time-scale", str(1 / SCALE), "--no-pool",
+                            "--reply-slack", "2", "--ready-file", str(ready)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert svc.poll() is None and time.monotonic() < deadline, "link service did not start"
+        time.sleep(0.05)
+    resources = gateway_resources(GatewayResource(data_dir=str(repo[0].root.parent), kb_path=str(kb_path)))
+    try:
+        yield flash, kb_path, resources
+    finally:
+        svc.terminate()
+        svc.wait(timeout=30)
+        emu.stop()
+
+
+def test_model_packages_shows_both_encodings(repo):
+    _, ids = repo
+    result = dg.materialize([model_packages], resources=gateway_resources(GatewayResource()))
+    assert result.success
+    meta = result.asset_materializations_for_node("model_packages")[0].metadata
+    compact, js = meta["compact_bytes"].value, meta["json_bytes"].value
+    assert set(compact) == set(js) == set(ids) and meta["candidates"].value == 3
+    assert all(compact[m] < js[m] for m in ids) and compact[ids[2]] * 4 < js[ids[2]]
+    assert "| json/compact |" in meta["packages"].value
+
+
+def _device_runs(flash) -> dict:
+    return json.loads((flash / "models" / "champion" / "config.json").read_text())
+
+
+def test_both_jobs_deploy_every_encoding_through_the_link_service(repo, gateway):
+    _, ids = repo
+    flash, kb_path, resources = gateway
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(devices_partitions.name, [DEVICE])
+    replace_job = dg.Definitions(assets=[champion_package, deployed_champion], jobs=[replace_champion_job],
+                                 resources=resources).resolve_job_def(replace_champion_job.name)
+    version = 0
+    for encoding in ("compact", "json"):
+        res = deploy_champion_job.execute_in_process(
+            run_config={"ops": {"deploy_champion": {"config": {"model_id": ids[1], "device_id": DEVICE,
+                                                               "encoding": encoding}}}},
+            resources=resources, instance=instance, raise_on_error=False)
+        logs = [r.user_message for r in instance.all_logs(res.run_id)]
+        assert res.success, logs
+        version += 1
+        out = res.output_for_node("deploy_champion")
+        assert out["installed"] and (out["device_champion_id"], out["device_champion_version"]) == (ids[1], version)
+        assert any("queued" in line for line in logs) and any(f"runs {ids[1]} v{version}" in line for line in logs)
+        running = _device_runs(flash)
+        assert (running["model_id"], running["encoding"], running["version"]) == (ids[1], encoding, version)
+        assert running["threshold"] == 0.6 and running["rate_hz"] == 1000 and running["window_ms"] > 0
+
+        res = replace_job.execute_in_process(
+            run_config={"ops": {"champion_package": {"config": {"model_id": ids[2], "encoding": encoding}}}},
+            instance=instance, partition_key=DEVICE, raise_on_error=False)
+        assert res.success, [r.user_message for r in instance.all_logs(res.run_id)]
+        version += 1
+        running = _device_runs(flash)
+        assert (running["model_id"], running["encoding"], running["version"]) == (ids[2], encoding, version)
+    # both jobs recorded every deploy, and the Knowledge Base knows what the device runs
+    kb = KnowledgeBase(kb_path)
+    deploys = kb.deploys(DEVICE)
+    assert [(d["model_id"], d["status"]) for d in deploys] == [(ids[1], "done"), (ids[2], "done")] * 2
+    assert kb.current_champion(DEVICE).model_id == ids[2]
+
+
+def test_a_refused_package_fails_the_run_with_the_devices_reason(repo, gateway):
+    _, ids = repo
+    flash, kb_path, resources = gateway
+    (flash / "deploy" / "key").write_bytes(b"a key the gateway does not hold")
+    instance = dg.DagsterInstance.ephemeral()
+    res = deploy_champion_job.execute_in_process(
+        run_config={"ops": {"deploy_champion": {"config": {"model_id": ids[0], "device_id": DEVICE}}}},
+        resources=resources, instance=instance, raise_on_error=False)
+    assert not res.success
+    logs = " ".join(r.user_message for r in instance.all_logs(res.run_id))
+    assert "refused" in logs and "bad signature" in logs, logs
+    assert not (flash / "models" / "champion").exists()
+    (d,) = KnowledgeBase(kb_path).deploys(DEVICE)
+    assert d["status"] == "failed" and "bad signature" in d["error"]
