@@ -12,7 +12,7 @@ from tinyml_dagster.recordings import SpecError, load_spec, monitored_units, ope
 from tinyml_dagster.recordings.inspect import inspect_path, spec_text
 from tinyml_dagster.recordings.writers import make_signal, write_snapshot
 
-IMS_SET1 = Path(__file__).parent / "fixtures" / "ims" / "1st_test"
+IMS_SET1 = Path(__file__).parents[1] / "fixtures" / "ims" / "1st_test"
 RATE = 25600.0
 
 
@@ -107,7 +107,7 @@ def test_inspect_one_long_file_is_a_stream_with_questions(tmp_path):
 def test_inspect_cli_writes_a_spec_that_opens(tmp_path):
     folder = folder_of(tmp_path, "wav_float")
     out = tmp_path / "rec" / "recording.toml"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     run = [sys.executable, "-m", "tinyml_dagster.recordings", "inspect", str(folder), "--out", str(out)]
     p = subprocess.run(run, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
@@ -130,7 +130,7 @@ def test_spec_text_is_relative_to_the_spec(tmp_path):
 
 def test_inspect_cli_error_leaves_no_spec(tmp_path):
     out = tmp_path / "recording.toml"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     p = subprocess.run([sys.executable, "-m", "tinyml_dagster.recordings", "inspect", str(tmp_path / "none"),
                         "--out", str(out)], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "no such file or folder" in p.stderr and not out.exists()

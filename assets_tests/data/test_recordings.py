@@ -10,7 +10,7 @@ from tinyml_dagster.recordings import RecordingSpec, open_recording
 from tinyml_dagster.recordings.writers import FORMATS, make_signal, spec_fields, tolerance, write_snapshot
 
 RATE = 25600.0
-IMS_FILE = Path(__file__).parent / "fixtures" / "ims" / "1st_test" / "2003.10.22.12.06.24"
+IMS_FILE = Path(__file__).parents[1] / "fixtures" / "ims" / "1st_test" / "2003.10.22.12.06.24"
 
 
 def write_folder(folder: Path, kind: str, signal: np.ndarray) -> Path:

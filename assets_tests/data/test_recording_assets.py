@@ -16,7 +16,7 @@ from tinyml_dagster import features, subsampling
 from tinyml_dagster.recordings import load_spec, open_recording
 from tinyml_dagster.recordings.writers import make_signal, write_snapshot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RATE = 25600.0
 SCRIPT = """
 import json, sys
