@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GATEWAY_ENV = ("TINYML_DEVICE_KEYS", "TINYML_KB_PATH", "TINYML_IMS_DIR", "TINYML_N_FP", "TINYML_SYNTHETIC_FILES")
+GATEWAY_ENV = ("TINYML_DEVICE_KEYS", "TINYML_KB_PATH", "TINYML_IMS_DIR", "TINYML_N_FP", "TINYML_SYNTHETIC_FILES",
+               "TINYML_RECORDING")
 
 
 @pytest.fixture

@@ -176,3 +176,16 @@ def test_inspect_reads_a_date_time_column_as_the_timestamps(tmp_path):
     assert f.fields["time_column"] == "when" and f.fields["timestamps"] == "column" and f.fields["rate_hz"] == RATE
     rec = open_recording(spec_from_dict(f.fields))
     assert rec.channels == ["DE", "FE"] and str(rec.timestamps[2]) == "2024-05-01T10:02:00.000000000"
+
+
+def test_inspect_turns_per_file_variable_names_into_patterns(tmp_path):
+    import scipy.io
+
+    for n, x in zip((97, 98), make_signal(n_snapshots=2)):  # Case Western Reserve style: the file number in each name
+        scipy.io.savemat(tmp_path / f"{n}.mat", {f"X{n:03d}_DE_time": x[:, :1], f"X{n:03d}_FE_time": x[:, 1:],
+                                                 f"X{n:03d}RPM": np.array([[1796.0]])})
+    f = inspect_path(tmp_path)
+    assert f.fields["columns"] == ["X*_DE_time", "X*_FE_time"] and f.fields["channels"] == ["X_DE_time", "X_FE_time"]
+    answered = dict(f.fields, rate_hz=12000.0, start="2024-05-01T10:00:00", interval_s=60.0)
+    rec = open_recording(spec_from_dict(answered))
+    np.testing.assert_array_equal(np.stack(list(rec.snapshots())), make_signal(n_snapshots=2))

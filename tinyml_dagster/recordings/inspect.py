@@ -6,6 +6,7 @@ never a silent default: above all the sampling rate, which only IMS, WAV and a t
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections import Counter
@@ -103,8 +104,20 @@ def inspect_path(path: str | os.PathLike) -> Finding:
     if keep != list(range(len(names))):
         f.fields["columns"] = [names[i] if fmt != "delimited" or table.first_line > 1 else str(i) for i in keep]
     channels = [names[i] for i in keep]
+    names_of_channels = channels
     if fmt in ("mat", "npz"):
         f.fields["columns"] = channels
+        last = _variables(chosen[-1], fmt)
+        if len(chosen) > 1 and not set(channels) <= set(last):  # e.g. X097_DE_time, X098_DE_time: numbers vary
+            patterns = [re.sub(r"\d+", "*", c) for c in channels]
+            first = _variables(chosen[0], fmt)
+            if all(len(fnmatch.filter(v, p)) == 1 for p in patterns for v in (first, last)):
+                f.fields["columns"] = patterns
+                names_of_channels = [p.replace("*", "").strip("_") for p in patterns]
+                f.facts.append(f"variable names vary with the file: read as {', '.join(patterns)}")
+            else:
+                f.questions.append(f"columns: {chosen[-1].name} has no {', '.join(channels)}; which variables "
+                                   "are the channels in every file (names or patterns such as '*_DE_time')?")
         others = _other_variables(chosen[0], fmt, channels)
         if others:
             f.facts.append(f"variables left out (not as long as the channels): {', '.join(others)}")
@@ -116,7 +129,7 @@ def inspect_path(path: str | os.PathLike) -> Finding:
                 f.questions.append(f"shaft_hz: variable {rpm[0]!r} looks like the shaft speed in rpm; shaft_hz = rpm / 60?")
     samples = table.data.shape[0]
     f.facts.append(f"channels: {len(channels)} ({', '.join(channels)}); {samples} samples in the first file")
-    f.fields["channels"] = [_clean(c) for c in channels]
+    f.fields["channels"] = [_clean(c) for c in names_of_channels]
     if fmt == "ims" and len(channels) == 8:
         f.fields["monitor"] = [f"b{b}x+b{b}y" for b in range(1, 5)]
         f.facts.append("IMS set 1 layout: bearings 1-4, an x and a y channel each")
@@ -215,19 +228,24 @@ def _index_columns(table, names: list[str]) -> list[int]:
 
 
 def _other_variables(path: Path, fmt: str, channels: list[str]) -> list[str]:
+    return [n for n in _variables(path, fmt) if n not in channels]
+
+
+def _variables(path: Path, fmt: str) -> list[str]:
+    """The variable names of an .npz or .mat file."""
     if fmt == "npz":
         with np.load(path, allow_pickle=False) as z:
-            return [n for n in z.files if n not in channels]
+            return list(z.files)
     from tinyml_dagster.recordings.readers import is_mat73
 
     if is_mat73(path):
         import h5py
 
         with h5py.File(path, "r") as h:
-            return [n for n in h if n not in channels and not n.startswith("#")]
+            return [n for n in h if not n.startswith("#")]
     import scipy.io
 
-    return [n for n, _, _ in scipy.io.whosmat(path) if n not in channels]
+    return [n for n, _, _ in scipy.io.whosmat(path)]
 
 
 def _timestamps(f: Finding, files: list[Path], table, time_col: int | None, rate: float | None) -> None:
