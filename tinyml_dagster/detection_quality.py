@@ -522,7 +522,7 @@ def synthetic_channels(n_files: int, rate_hz: int = settings.DEFAULT_RATE_HZ, ch
     parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURE_SETS}
     for lo in range(0, len(index), chunk):
         raw = np.stack([synthetic.synthesize_file(i, seed) for i in index[lo:lo + chunk]])
-        x = subsampling.subsample_many(raw, (rate_hz,), axis=1)[rate_hz].astype(np.float64)  # (files, n, 8)
+        x = subsampling.subsample_many(raw, (rate_hz,), ims.SAMPLE_RATE_HZ, axis=1)[rate_hz].astype(np.float64)  # (files, n, 8)
         x = np.moveaxis(x, 1, -1)  # (files, 8, n)
         for name, fs in FEATURE_SETS.items():
             parts[name].append(fs.compute(x, window))  # (files, 8, windows, d)

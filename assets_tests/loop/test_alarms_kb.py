@@ -30,7 +30,7 @@ def test_migration_keeps_an_existing_knowledge_base(tmp_path):
     con.commit()
     con.close()
     kb = KnowledgeBase(path)
-    assert kb.schema_version() == len(MIGRATIONS) == 3
+    assert kb.schema_version() == len(MIGRATIONS) == 4
     assert kb.query("SELECT f_mean, f_skewness, f_kurtosis, feature_set FROM uploads") == [(0.1, 0.2, 0.3, "paper")]
     assert kb.feature_vectors([1]) == [("paper", (0.1, 0.2, 0.3))]
     assert kb.alarms() == []
@@ -70,35 +70,49 @@ def test_alarm_events_are_stored_once_and_updated_when_cleared(tmp_path):
 
 
 def test_link_service_stores_a_devices_alarm(tmp_path):
-    from tinyml_dagster.link_service import LinkService, _SerialLink
+    from tinyml_dagster.link_service import LinkService
+    from tinyml_dagster.link_service.ports import SerialLink
 
+    key = bytes(range(32))
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
-    link = _SerialLink(LinkService(tmp_path / "kb.sqlite"), "esp-1", "/dev/null", kb)
-    link._alarm(messages, bytes(messages.pack_alarm(1000, 0, 0.8, 1, 3, "b3-t50-abc")))
-    link._alarm(messages, bytes(messages.pack_alarm(1000, 1300, 0.75, 1, 3, "b3-t50-abc")))
-    link._alarm(messages, b"\x01\x02")  # malformed: logged, nothing stored
+    service = LinkService(tmp_path / "kb.sqlite", keys={"esp-1": key}.get)
+    link = SerialLink(service, "esp-1", "/dev/null")
+
+    def sealed(body: bytes, k: bytes = key) -> bytes:
+        return messages.seal(k, messages.TAG_ALARM, "esp-1", body)
+
+    link._alarm(sealed(messages.pack_alarm(1000, 0, 0.8, 1, 3, "b3-t50-abc")), messages)
+    link._alarm(sealed(messages.pack_alarm(1000, 1300, 0.75, 1, 3, "b3-t50-abc")), messages)
+    link._alarm(sealed(b"\x01\x02"), messages)  # malformed: logged, nothing stored
+    link._alarm(sealed(messages.pack_alarm(2000, 0, 0.9, 1, 3, "x"), bytes(32)), messages)  # forged: dropped
+    service._record_alarms(kb)
     (a,) = kb.alarms()
     assert (a["device_id"], a["start"], a["end"], a["peak_score"], a["feature_set"], a["champion_id"]) == \
         ("esp-1", 1000.0, 1300.0, pytest.approx(0.8), "wear", "b3-t50-abc")
 
 
 def test_alarm_sensor_puts_alarms_on_the_device_partition(tmp_path):
-    from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
+    from tinyml_dagster.defs.gateway import GatewayResource
     from tinyml_dagster.defs.loop.sensors import ALARM_ASSET, alarm_sensor
+    from tinyml_dagster.defs.resources import gateway_resources
+
+    def evaluate(**context):
+        with dg.build_sensor_context(**context) as ctx:
+            return alarm_sensor(ctx)
 
     path = tmp_path / "kb.sqlite"
     kb = KnowledgeBase(path)
     kb.ingest([_window(1, (0.1, 0.2, 0.3))])
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"knowledge_base": KnowledgeBaseResource(path=str(path))}
-    result = alarm_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
+    result = evaluate(instance=instance, resources=resources)
     assert not result.asset_events
     kb.record_alarm("d1", 1000.0, None, 0.8, "wear", "m1", 2)
-    result = alarm_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    result = evaluate(instance=instance, resources=resources)
     (obs,) = result.asset_events
     assert obs.asset_key == ALARM_ASSET and obs.partition == "d1"
     assert obs.metadata["alarm_state"].value == "active" and obs.metadata["alarm_feature_set"].value == "wear"
-    again = alarm_sensor(dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor))
+    again = evaluate(instance=instance, resources=resources, cursor=result.cursor)
     assert not again.asset_events
 
 

@@ -250,7 +250,7 @@ def test_feature_set_from_config_then_from_the_champion():
     _drain(dev)
     assert dev.inference.ready() and dev.inference.forest.n_features == 7
     assert read_json(root + "/models/champion/config.json")["feature_set"] == "wear"
-    ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
+    ups = [messages.unpack_upload(b[:-messages.MAC_SIZE]) for t, b in _sent(link) if t == messages.UPLOAD]
     assert ups and all(len(u[5]) == 7 and u[6] == feature_sets.CODES["wear"] for u in ups)
     want = feature_sets.extractor("wear")
     rows = features.signal_features(signal(50 * 3, seed=2), 100)
@@ -261,7 +261,7 @@ def test_feature_set_from_config_then_from_the_champion():
     link.tx = bytearray()
     dev.data_in.uart.feed(samples_bytes(signal(50 * 12, seed=4)))
     _drain(dev)
-    ups = [messages.unpack_upload(b) for t, b in _sent(link) if t == messages.UPLOAD]
+    ups = [messages.unpack_upload(b[:-messages.MAC_SIZE]) for t, b in _sent(link) if t == messages.UPLOAD]
     assert ups and all(len(u[5]) == 3 and u[6] == 0 for u in ups)
 
 
@@ -274,7 +274,7 @@ def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
     write_json(root + "/config.json", dict(CFG, threshold=0.01))
     dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
     _drain(dev)
-    alarms = [messages.unpack_alarm(b) for t, b in _sent(link) if t == messages.ALARM]
+    alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for t, b in _sent(link) if t == messages.ALARM]
     assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
     start, end, peak, code, version, champion = alarms[0]
     assert end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
