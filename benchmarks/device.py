@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from firmware import features, isoforest  # noqa: E402
 from firmware.tests.util import signal  # noqa: E402
 from tinyml_dagster import settings  # noqa: E402
+from tinyml_dagster.deployment_agent import MpyTarget, runtime_mpy  # noqa: E402
 from tinyml_dagster.micropython_vm import MicroPythonVM  # noqa: E402
 from tinyml_dagster.storage import atomic_write  # noqa: E402
 
@@ -34,7 +35,7 @@ SPEEDUP_TARGET = 3.0
 SETUP = """
 import gc, json, math
 gc.enable()
-from firmware import isoforest, features, compiled_forest
+from firmware import isoforest, features, compiled_forest, local_inference
 rows = json.load(open('/flash/rows.json'))
 grid = json.load(open('/flash/grid.json'))
 q = [0, 0, 0]
@@ -47,6 +48,11 @@ f.close()
 f = None
 model = compiled_forest.CompiledForest(forest)
 forest = None
+"""
+
+# the champion precompiled by the gateway (mpy-cross): imported, nothing compiled on the device
+LOAD_MPY = """
+model = compiled_forest.PrecompiledForest(local_inference.import_runtime('/flash', 'm%(n)d.mpy'), grid)
 """
 
 LOAD_NODE_ARRAYS = """
@@ -151,6 +157,7 @@ def measure() -> dict:
     train_rows, test_rows = rows[:200], rows[200 : 200 + N_WINDOWS]
     out: dict = {"psi": PSI, "rate_hz": RATE_HZ, "windows": N_WINDOWS, "sizes": list(SIZES),
                  "ours": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
+                 "mpy": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
                  "node_arrays": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
                  "baseline": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,12 +171,15 @@ def measure() -> dict:
             (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
             out["ours"]["model_bytes"][n] = out["node_arrays"]["model_bytes"][n] = len(forest.to_bytes())
             out["baseline"]["model_bytes"][n] = (flash / f"m{n}.json").stat().st_size
+            (flash / f"m{n}.mpy").write_bytes(runtime_mpy(forest, MpyTarget()))
+            out["mpy"]["model_bytes"][n] = (flash / f"m{n}.mpy").stat().st_size
         vm = _vm(flash)
         base_fuel, base_out = _fuel(vm, SETUP + BASELINE_SCORER + "compiled_forest.scorers(3)\n" + HEAP)
         base_heap = _heap(base_out)
         setup_only, _ = _fuel(vm, SETUP + BASELINE_SCORER + COLLECT)
         for n in SIZES:
-            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("node_arrays", LOAD_NODE_ARRAYS, SCORE_OURS),
+            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("mpy", LOAD_MPY, SCORE_OURS),
+                                      ("node_arrays", LOAD_NODE_ARRAYS, SCORE_OURS),
                                       ("baseline", LOAD_BASELINE, SCORE_BASELINE)):
                 load_fuel, load_out = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + HEAP)
                 score_fuel, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + COLLECT + score)
