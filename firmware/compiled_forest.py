@@ -12,6 +12,8 @@ which it compiles with mpy-cross into a .mpy that `PrecompiledForest` imports wi
 """
 
 import math
+import os
+import sys
 
 from firmware import isoforest
 
@@ -97,6 +99,26 @@ def scorers(n_features):
     if n_features not in _SCORERS:
         _SCORERS[n_features] = (_path_summer(n_features), _scorer(n_features))
     return _SCORERS[n_features]
+
+
+def import_runtime(path, file_name):
+    """The runtime module <path>/<file_name> (a .mpy) imported under a throwaway name; ValueError when unloadable."""
+    name = file_name.rsplit(".", 1)[0]
+    if not file_name.endswith(".mpy") or "." in name:
+        raise ValueError("runtime file %s: not a <name>.mpy" % file_name)
+    try:
+        os.stat(path + "/" + file_name)
+    except OSError:
+        raise ValueError("runtime file %s/%s: missing" % (path, file_name))
+    sys.modules.pop(name, None)
+    sys.path.insert(0, path)
+    try:
+        return __import__(name)
+    except ImportError as e:  # CPython: no .mpy loader
+        raise ValueError("cannot import %s: %s" % (file_name, e))
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop(name, None)
 
 
 class CompiledForest:

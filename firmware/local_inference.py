@@ -1,32 +1,12 @@
 """Local Inference Engine: scores each window with the champion: score, decision, counters."""
 
 from firmware import isoforest
-from firmware.compiled_forest import CompiledForest, PrecompiledForest
-from firmware._compat import exists, read_bytes, read_json
+from firmware.compiled_forest import CompiledForest, PrecompiledForest, import_runtime
+from firmware._compat import read_bytes, read_json
 
 
 class ChampionError(Exception):
     """A champion directory that cannot be loaded; str() names the file and what is wrong."""
-
-
-def import_runtime(path, file_name):
-    """The runtime module <path>/<file_name> (a .mpy) imported under a throwaway name; ValueError when unloadable."""
-    import sys
-
-    name = file_name.rsplit(".", 1)[0]
-    if not file_name.endswith(".mpy") or "." in name:
-        raise ValueError("runtime file %s: not a <name>.mpy" % file_name)
-    if not exists(path + "/" + file_name):
-        raise ValueError("runtime file %s/%s: missing" % (path, file_name))
-    sys.modules.pop(name, None)
-    sys.path.insert(0, path)
-    try:
-        return __import__(name)
-    except ImportError as e:  # CPython: no .mpy loader
-        raise ValueError("cannot import %s: %s" % (file_name, e))
-    finally:
-        sys.path.pop(0)
-        sys.modules.pop(name, None)
 
 
 def _load_precompiled(path, cfg):

@@ -147,7 +147,8 @@ def plot_load(dev: dt.DeviceTime, out: Path) -> Path:
     """Fig. 3c: model load time (flash to memory) vs forest size."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for impl, style, label in (("baseline", "-", "paper-like JSON forest"), ("ours", "--", "this project's forest")):
+    for impl, style, label in (("baseline", "-", "paper-like JSON forest"), ("ours", "--", "this project's forest"),
+                               ("mpy", ":", "this project's forest, precompiled .mpy")):
         for bearing, color in zip(sorted(dev.load.bearing.unique()), ("tab:blue", "tab:orange", "tab:green")):
             d = dev.load[(dev.load.impl == impl) & (dev.load.bearing == bearing)].sort_values("n_trees")
             ax.plot(d.n_trees, d.load_ms, "o" + style, color=color, label=f"{label}, bearing {bearing}")
@@ -453,6 +454,16 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
               f"form) takes {ratio.min():.2f}-{ratio.max():.2f}x the instructions of the paper-like nested-dict forest "
               f"per inference and {load_ratio.min():.2f}-{load_ratio.max():.2f}x to load; its file is "
               f"{size_ratio.mean():.0f}x smaller.", ""]
+        if (dev.load.impl == "mpy").any():
+            mpy = dev.rows[(dev.rows.impl == "mpy")].set_index(["bearing", "n_trees", "kind"]).ms_mean
+            mpy_load = (dev.load[dev.load.impl == "mpy"].load_fuel.values
+                        / dev.load[dev.load.impl == "baseline"].load_fuel.values)
+            L += [f"Precompiled by the gateway (`LOAD_MPY`: the same champion's runtime module compiled by mpy-cross "
+                  f"and imported as a .mpy, nothing compiled on the device), it takes "
+                  f"{mpy_load.min():.2f}-{mpy_load.max():.2f}x the nested-dict forest's instructions to load and "
+                  f"{(mpy / ours.set_index(['bearing', 'n_trees', 'kind']).ms_mean).min():.2f}-"
+                  f"{(mpy / ours.set_index(['bearing', 'n_trees', 'kind']).ms_mean).max():.2f}x the device-compiled "
+                  f"champion's per inference.", ""]
     else:
         L += ["(not measured at this scale)", ""]
     if device_bench:
@@ -464,6 +475,14 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
               f"{device_bench['feature_fuel_per_window']['samples']} samples"
               + (f" = {device_bench['feature_fuel_per_window']['fuel'] * dev.ms_per_fuel:.0f} ms modelled" if dev
                  else "") + ".", ""]
+        if "mpy" in device_bench:
+            m, pb = device_bench["mpy"], device_bench.get("package_bytes", {})
+            L += [f"The champion precompiled to .mpy (50 trees): load {m['load_fuel']['50']:,} instructions vs "
+                  f"{o['load_fuel']['50']:,} compiled on the device and {b['load_fuel']['50']:,} for the JSON dicts; "
+                  f"heap {m['heap_bytes']['50']} B; {m['inference_fuel']['50']:,} instructions per inference vs "
+                  f"{o['inference_fuel']['50']:,}; package {pb.get('mpy', {}).get('50')} B (mpy) vs "
+                  f"{pb.get('compact', {}).get('50')} B (compact) and {pb.get('mpy+compact', {}).get('50')} B "
+                  f"(mpy+compact, the sources beside).", ""]
     forest = bench_all.get("forest") if bench_all else None
     L += ["## The model repository's sizes and costs", ""]
     if forest and forest.get("compact_bytes"):
