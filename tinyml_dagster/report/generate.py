@@ -385,6 +385,23 @@ def rate_verdict(q: pd.DataFrame) -> tuple[int, str, pd.DataFrame]:
     return best, text, table
 
 
+def _mpy_deploy_text(c: dict, m: dict, dev: dt.DeviceTime | None, device_bench: dict | None) -> str:
+    """The 50-tree deploy of the precompiled champion vs the compact one (both with the firmware in the VM)."""
+    text = (f"The 50-tree champion precompiled to .mpy (encoding mpy), deployed in real time to the firmware in the "
+            f"VM: {m['package_bytes']:,} B in {m['deploy_seconds']} s (transfer {m['transfer_seconds']} s + install "
+            f"{m['install_seconds']} s) vs compact {c['package_bytes']:,} B in {c['deploy_seconds']} s (transfer "
+            f"{c['transfer_seconds']} s + install {c['install_seconds']} s): "
+            f"{m['deploy_seconds'] / c['deploy_seconds']:.2f}x with the VM's install at the host's speed")
+    if dev is not None and device_bench and "mpy" in device_bench:
+        compile_s = device_bench["ours"]["load_fuel"]["50"] * dev.ms_per_fuel / 1000
+        import_s = device_bench["mpy"]["load_fuel"]["50"] * dev.ms_per_fuel / 1000
+        text += (f"; with the load modelled on the ESP32 ({compile_s:.1f} s to compile the compact champion, "
+                 f"{import_s:.2f} s to import the .mpy), {c['transfer_seconds'] + compile_s:.1f} s vs "
+                 f"{m['transfer_seconds'] + import_s:.1f} s = "
+                 f"{(m['transfer_seconds'] + import_s) / (c['transfer_seconds'] + compile_s):.2f}x")
+    return text + "."
+
+
 def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | None, device_bench: dict | None,
                    quality: pd.DataFrame, demo: dict | None, episodes: pd.DataFrame | None, figs: dict[str, list[Path]],
                    path: Path, seconds: float, bench_all: dict | None = None,
@@ -513,6 +530,9 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
             headline.append(f"deploying 50 trees: {c50.deploy_seconds.iloc[0]:.0f} s compact, "
                             f"{j50.deploy_seconds.iloc[0]:.0f} s JSON, vs the paper's 5,147 s; occupation "
                             f"{d.occupation.min():.2f}-{d.occupation.max():.2f} vs 0.6-0.7")
+        if "emulator_vm_50_mpy" in deploy and "emulator_vm_50_compact" in deploy:
+            L += [_mpy_deploy_text(deploy["emulator_vm_50_compact"], deploy["emulator_vm_50_mpy"], dev,
+                                   device_bench), ""]
     else:
         L += ["(data/bench/deploy.json missing: run `make bench`)", ""]
     # quality
