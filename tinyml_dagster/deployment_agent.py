@@ -11,6 +11,7 @@ Per-device HMAC keys come from TINYML_DEVICE_KEYS (``dev-a=<hex>,dev-b=<hex>``) 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -95,6 +96,7 @@ def device_mpy_target(device_id: str, env: str | None = None) -> MpyTarget:
     return registry.get(device_id, MpyTarget.from_sys_mpy(VM_SYS_MPY))
 
 
+@functools.lru_cache(maxsize=16)  # features.py is the same for every package of a target
 def mpy_compile(source: bytes, name: str, target: MpyTarget) -> bytes:
     """The .mpy of a module's source for the target, by mpy-cross; PackagingError with its message on failure."""
     with tempfile.TemporaryDirectory(prefix="tinyml-mpy-") as tmp:
@@ -361,10 +363,11 @@ def forest_package(model_id: str, forest, config: dict, *, device_id: str, versi
                          runtime=runtime_mpy(forest, target) if target else None)
 
 
-def package_sizes(model_id: str, forest, config: dict) -> dict[str, int]:
-    """Bytes of the model's whole package in each encoding (what a deploy sends, before delta)."""
-    return {enc: build_package(model_id, model_file(forest, enc), config, device_id="sizes", version=1,
-                               key=bytes(32), encoding=enc).size for enc in ("compact", "json")}
+def package_sizes(model_id: str, forest, config: dict, encodings: tuple[str, ...] = ("compact", "json")
+                  ) -> dict[str, int]:
+    """Bytes of the model's whole package in each encoding (what a deploy sends, before delta; mpy: for the VM)."""
+    return {enc: forest_package(model_id, forest, config, device_id="sizes", version=1, key=bytes(32),
+                                encoding=enc).size for enc in encodings}
 
 
 def package_model(repo, model_id: str, *, device_id: str, version: int, key: bytes,
