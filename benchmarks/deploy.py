@@ -5,11 +5,11 @@ emulator's pty, whose half-duplex wire schedules every byte exactly (10 bits / b
 of direction). The sweep runs the firmware under CPython in the emulator with the wire sped up (time scale);
 the 50-tree compact deploy runs again in real time with the firmware in the MicroPython VM, and so does the
 50-tree champion precompiled by the gateway (encoding mpy: champion.mpy + features.mpy, nothing compiled on the
-device). Link seconds are unscaled wire time; a sped-up point is the fastest of REPEAT tries (the emulated wire is exact, so extra
-time is the loaded host's scheduling magnified by the speed-up; every try is in the JSON). The device's verify
-+ install time (from the last fragment on the wire to its result, less the turnaround and the result's wire
-time) is reported apart: `transfer_seconds` excludes it, `deploy_seconds` includes it (in real seconds of the
-device: the VM's, or the CPython host's for the sweep).
+device). Link seconds are unscaled wire time; a sped-up point is the fastest of REPEAT tries (the emulated wire
+is exact, so extra time is the loaded host's scheduling magnified by the speed-up; every try is in the JSON).
+The device's verify + install time (from the last fragment on the wire to its result, less the turnaround and the
+result's wire time) is reported apart: `transfer_seconds` excludes it, `deploy_seconds` includes it (in real
+seconds of the device: the VM's, or the CPython host's for the sweep).
 Writes data/bench/deploy.json.
 """
 
@@ -62,7 +62,8 @@ def vm_mpy_deploys(rows) -> dict:
                      "wire_turnarounds": stats["turnarounds"], "reason": rep.reason})
         r = runs[-1]
         print(f"50 trees mpy, firmware in the MicroPython VM, real time: deploy {r['deploy_seconds']} s = transfer "
-              f"{r['transfer_seconds']} s + verify/install {r['install_seconds']} s ({r['package_bytes']} B)", flush=True)
+              f"{r['transfer_seconds']} s + verify/install {r['install_seconds']} s ({r['package_bytes']} B)",
+              flush=True)
     out = dict(sorted(runs, key=lambda r: r["deploy_seconds"])[len(runs) // 2])
     prev = package(rows, 10, "mpy", seed=99, name="previous")
     (_, rr), _ = deploy_on_emulator([prev, package(rows, 50, "mpy", version=2)], "vm", 1.0)
@@ -134,9 +135,10 @@ def main() -> None:
             "install_seconds": {"compact": vm["install_seconds"], "mpy": mpy["install_seconds"]},
             "deploy_ratio": round(mpy["deploy_seconds"] / vm["deploy_seconds"], 3),
             "replace_deploy_seconds_mpy": mpy["replace_deploy_seconds"]}
+        ratio = results["mpy_vs_compact_50"]["deploy_ratio"]
         print(f"50 trees: mpy {mpy['package_bytes']} B in {mpy['deploy_seconds']} s vs compact "
-              f"{vm['package_bytes']} B in {vm['deploy_seconds']} s (x{results['mpy_vs_compact_50']['deploy_ratio']}, "
-              f"target <= 1.2 for the wire + the VM's install); replace (delta) {mpy['replace_deploy_seconds']} s")
+              f"{vm['package_bytes']} B in {vm['deploy_seconds']} s (x{ratio}, target <= 1.2 for the wire + the "
+              f"VM's install); replace (delta) {mpy['replace_deploy_seconds']} s")
     t0 = time.perf_counter()
     (rep,), _, log = deploy_on_emulator([package(rows, 50, "compact")], "cpython", SPEEDUP["compact"], with_log=True)
     acc = account(deploy_log(log, t0), TURNAROUND_S / SPEEDUP["compact"])

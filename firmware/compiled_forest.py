@@ -109,13 +109,13 @@ def import_runtime(path, file_name):
     try:
         os.stat(path + "/" + file_name)
     except OSError:
-        raise ValueError("runtime file %s/%s: missing" % (path, file_name))
+        raise ValueError("runtime file %s/%s: missing" % (path, file_name)) from None
     sys.modules.pop(name, None)
     sys.path.insert(0, path)
     try:
         return __import__(name)
     except ImportError as e:  # CPython: no .mpy loader
-        raise ValueError("cannot import %s: %s" % (file_name, e))
+        raise ValueError("cannot import %s: %s" % (file_name, e)) from None
     finally:
         sys.path.pop(0)
         sys.modules.pop(name, None)

@@ -18,7 +18,7 @@ def _load_precompiled(path, cfg):
         # MicroPython refuses a .mpy of another version or architecture with ValueError
         why = "%s not loaded (%s)" % (runtime, e)
         if "model_file" not in cfg:
-            raise ChampionError("%s/%s, and no model file to compile instead" % (path, why))
+            raise ChampionError("%s/%s, and no model file to compile instead" % (path, why)) from None
         cfg["load_note"] = "%s: compiled %s instead" % (why, cfg["model_file"])
         return None
 

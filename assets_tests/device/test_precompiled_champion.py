@@ -13,6 +13,7 @@ KEY = bytes(range(32))
 DEVICE = "dev-vm"
 # a device on MicroPython 1.12-1.18 (.mpy v5): the gateway believes so, the VM runs 1.27
 OLD_MICROPYTHON = da.MpyTarget(5, 0, "")
+VM = da.MpyTarget()
 
 INSTALL = """
 import json
@@ -38,7 +39,7 @@ def _rows():
     return rows[:80], rows[80:]
 
 
-def _package(forest, encoding, version=7, target=da.MpyTarget(), key=KEY, runtime=None):
+def _package(forest, encoding, version=7, target=VM, key=KEY, runtime=None):
     return da.build_package("m-30", ("model.bin", forest.to_bytes()), {"grid": forest.grid, "threshold": 0.6},
                             device_id=DEVICE, version=version, key=key, encoding=encoding, target=target,
                             runtime=runtime if runtime is not None else da.runtime_mpy(forest, target))

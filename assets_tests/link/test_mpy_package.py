@@ -38,6 +38,9 @@ def test_mpy_packages_carry_the_runtime_module_instead_of_or_beside_the_sources(
     target = da.MpyTarget()
     runtime = da.runtime_mpy(f, target)
     assert runtime[:2] == b"M\x06" and runtime[2] >> 2 == 0  # .mpy v6, no native architecture
+    # for an ESP32 (-march=xtensawin): the runtime module is bytecode only, so the same importable .mpy
+    assert da.runtime_mpy(f, da.MpyTarget.from_sys_mpy(11014)) == runtime
+    assert da.runtime_mpy(f, da.MpyTarget(5, 0, ""))[:2] == b"M\x05"  # MicroPython 1.12-1.18
     only, beside = package(f, 1, "mpy"), package(f, 1, "mpy+compact")
     assert [e["name"] for e in only.files] == ["champion.mpy", "features.mpy", "config.json", "__init__.py"]
     assert [e["name"] for e in beside.files] == ["champion.mpy", "features.mpy", "model.bin", "features.py",
@@ -65,7 +68,7 @@ def test_mpy_compile_errors_name_the_module():
         da.build_package("m", ("model.bin", b"x"), {}, device_id="dev-1", version=1, key=KEY, encoding="mpy")
 
 
-def test_delta_reuses_the_precompiled_features_and_a_cpython_device_falls_back(rig):
+def test_delta_reuses_the_precompiled_features_and_a_cpython_device_falls_back(rig):  # noqa: F811
     link, device, transport, root = rig
     first = package(forest(10), 1, "mpy+compact", "first")
     rep = Deployer(transport, reply_slack_s=0.5).deploy(first)
