@@ -3,12 +3,13 @@
 Every deploy runs on the device emulator (tinyml_dagster.emulator): the gateway's real pySerialTransfer on the
 emulator's pty, whose half-duplex wire schedules every byte exactly (10 bits / baud, turnaround on each change
 of direction). The sweep runs the firmware under CPython in the emulator with the wire sped up (time scale);
-the 50-tree compact deploy runs again in real time with the firmware in the MicroPython VM. Link seconds are
-unscaled wire time; a sped-up point is the fastest of REPEAT tries (the emulated wire is exact, so extra
-time is the loaded host's scheduling magnified by the speed-up; every try is in the JSON). The device's verify
-+ install time (from the last fragment on the wire to its result, less the turnaround and the result's wire
-time) is reported apart: `transfer_seconds` excludes it, `deploy_seconds` includes it (in real seconds of the
-device: the VM's, or the CPython host's for the sweep).
+the 50-tree compact deploy runs again in real time with the firmware in the MicroPython VM, and so does the
+50-tree champion precompiled by the gateway (encoding mpy: champion.mpy + features.mpy, nothing compiled on the
+device). Link seconds are unscaled wire time; a sped-up point is the fastest of REPEAT tries (the emulated wire
+is exact, so extra time is the loaded host's scheduling magnified by the speed-up; every try is in the JSON).
+The device's verify + install time (from the last fragment on the wire to its result, less the turnaround and the
+result's wire time) is reported apart: `transfer_seconds` excludes it, `deploy_seconds` includes it (in real
+seconds of the device: the VM's, or the CPython host's for the sweep).
 Writes data/bench/deploy.json.
 """
 
@@ -47,6 +48,29 @@ def figures(rep, timing: LinkTiming, device_real_per_link: float) -> dict:
             "stream_bytes": rep.stream_bytes, "wire_bytes": rep.wire_bytes, "frames": rep.data_frames,
             "windows": rep.windows, "retransmissions": rep.retransmissions, "timeouts": rep.timeouts,
             "payload_wire_seconds": round(payload, 2), "all_wire_seconds": round(rep.wire_bytes * timing.byte_s, 2)}
+
+
+def vm_mpy_deploys(rows) -> dict:
+    """The 50-tree champion precompiled (.mpy, encoding mpy) deployed to the firmware in the MicroPython VM in real
+    time (a CPython device has no .mpy loader): VM_RUNS first deploys (the median kept) and one replacement."""
+    timing = LinkTiming(BAUD, TURNAROUND_S, 1.0)
+    runs = []
+    for _ in range(VM_RUNS):
+        t0 = time.monotonic()
+        (rep,), stats = deploy_on_emulator([package(rows, 50, "mpy")], "vm", 1.0)
+        runs.append({**figures(rep, timing, 1.0), "real_seconds": round(time.monotonic() - t0, 2),
+                     "wire_turnarounds": stats["turnarounds"], "reason": rep.reason})
+        r = runs[-1]
+        print(f"50 trees mpy, firmware in the MicroPython VM, real time: deploy {r['deploy_seconds']} s = transfer "
+              f"{r['transfer_seconds']} s + verify/install {r['install_seconds']} s ({r['package_bytes']} B)",
+              flush=True)
+    out = dict(sorted(runs, key=lambda r: r["deploy_seconds"])[len(runs) // 2])
+    prev = package(rows, 10, "mpy", seed=99, name="previous")
+    (_, rr), _ = deploy_on_emulator([prev, package(rows, 50, "mpy", version=2)], "vm", 1.0)
+    rf = figures(rr, timing, 1.0)
+    out.update({"runtime": "MicroPython VM", "time_scale": 1.0, "runs": runs,
+                "replace_deploy_seconds": rf["deploy_seconds"], "replace_stream_bytes": rf["stream_bytes"]})
+    return out
 
 
 def main() -> None:
@@ -104,6 +128,17 @@ def main() -> None:
                                              max(r["install_seconds"] for r in runs)]})
         results["emulator_vm_50_compact"] = vm
         met = met and vm["deploy_seconds"] <= 45 and vm["occupation"] >= 0.9
+        results["emulator_vm_50_mpy"] = mpy = vm_mpy_deploys(rows)
+        results["mpy_vs_compact_50"] = {
+            "package_bytes": {"compact": vm["package_bytes"], "mpy": mpy["package_bytes"]},
+            "deploy_seconds": {"compact": vm["deploy_seconds"], "mpy": mpy["deploy_seconds"]},
+            "install_seconds": {"compact": vm["install_seconds"], "mpy": mpy["install_seconds"]},
+            "deploy_ratio": round(mpy["deploy_seconds"] / vm["deploy_seconds"], 3),
+            "replace_deploy_seconds_mpy": mpy["replace_deploy_seconds"]}
+        ratio = results["mpy_vs_compact_50"]["deploy_ratio"]
+        print(f"50 trees: mpy {mpy['package_bytes']} B in {mpy['deploy_seconds']} s vs compact "
+              f"{vm['package_bytes']} B in {vm['deploy_seconds']} s (x{ratio}, target <= 1.2 for the wire + the "
+              f"VM's install); replace (delta) {mpy['replace_deploy_seconds']} s")
     t0 = time.perf_counter()
     (rep,), _, log = deploy_on_emulator([package(rows, 50, "compact")], "cpython", SPEEDUP["compact"], with_log=True)
     acc = account(deploy_log(log, t0), TURNAROUND_S / SPEEDUP["compact"])

@@ -1,7 +1,8 @@
 """Device benchmark in the real MicroPython VM: fuel (wasm instructions) per window of feature extraction and of
 inference for 10-50 trees, model load cost, and heap held by a loaded champion; ours (compact bytes compiled to
 per-tree bytecode at load, firmware/compiled_forest.py) and the plain node-array walk of isoforest.Forest, against a
-LibIsolationForest-style model (nested dict nodes loaded from JSON). Writes data/bench/device.json.
+LibIsolationForest-style model (nested dict nodes loaded from JSON), and the champion the gateway precompiled with
+mpy-cross (`mpy`: imported by the device, nothing compiled); package bytes per encoding. Writes data/bench/device.json.
 
 Fuel per operation is the difference between deterministic VM runs that differ only by that operation.
 Heap is gc.mem_alloc() after a top-level gc.collect() with the model held, minus the same without it (the firmware
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from firmware import features, isoforest  # noqa: E402
 from firmware.tests.util import signal  # noqa: E402
 from tinyml_dagster import settings  # noqa: E402
+from tinyml_dagster.deployment_agent import MpyTarget, forest_package, runtime_mpy  # noqa: E402
 from tinyml_dagster.micropython_vm import MicroPythonVM  # noqa: E402
 from tinyml_dagster.storage import atomic_write  # noqa: E402
 
@@ -38,6 +40,8 @@ RATE_HZ = 1000
 N_WINDOWS = 64
 HEAP_TARGET = 24 * 1024
 SPEEDUP_TARGET = 3.0
+MPY_LOAD_TARGET = 0.5  # the .mpy champion's load instructions, as a share of the nested dicts' at 50 trees
+PACKAGE_ENCODINGS = ("compact", "mpy", "mpy+compact", "json")
 
 SETUP = """
 import gc, json, math
@@ -55,6 +59,11 @@ f.close()
 f = None
 model = compiled_forest.CompiledForest(forest)
 forest = None
+"""
+
+# the champion precompiled by the gateway (mpy-cross): imported, nothing compiled on the device
+LOAD_MPY = """
+model = compiled_forest.PrecompiledForest(compiled_forest.import_runtime('/flash', 'm%(n)d.mpy'), grid)
 """
 
 LOAD_NODE_ARRAYS = """
@@ -191,8 +200,9 @@ def measure() -> dict:
     xs = signal(RATE_HZ // 2 * (N_WINDOWS + 200), seed=4, spike_every=0)
     rows = features.signal_features(xs, RATE_HZ)
     train_rows, test_rows = rows[:200], rows[200 : 200 + N_WINDOWS]
-    out: dict = {"psi": PSI, "rate_hz": RATE_HZ, "windows": N_WINDOWS, "sizes": list(SIZES),
+    out: dict = {"psi": PSI, "rate_hz": RATE_HZ, "windows": N_WINDOWS, "sizes": list(SIZES), "package_bytes": {},
                  "ours": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
+                 "mpy": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
                  "node_arrays": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}},
                  "baseline": {"heap_bytes": {}, "inference_fuel": {}, "load_fuel": {}, "model_bytes": {}}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,12 +216,19 @@ def measure() -> dict:
             (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
             out["ours"]["model_bytes"][n] = out["node_arrays"]["model_bytes"][n] = len(forest.to_bytes())
             out["baseline"]["model_bytes"][n] = (flash / f"m{n}.json").stat().st_size
+            (flash / f"m{n}.mpy").write_bytes(runtime_mpy(forest, MpyTarget()))
+            out["mpy"]["model_bytes"][n] = (flash / f"m{n}.mpy").stat().st_size
+            for enc in PACKAGE_ENCODINGS:  # what a first deploy sends (before any delta)
+                pkg = forest_package(f"m{n}", forest, {"threshold": 0.6, "grid": grid}, device_id="bench-0",
+                                     version=1, key=bytes(32), encoding=enc)
+                out["package_bytes"].setdefault(enc, {})[n] = pkg.size
         vm = _vm(flash)
         base_fuel, base_out = _fuel(vm, SETUP + BASELINE_SCORER + "compiled_forest.scorers(3)\n" + HEAP)
         base_heap = _heap(base_out)
         setup_only, _ = _fuel(vm, SETUP + BASELINE_SCORER + COLLECT)
         for n in SIZES:
-            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("node_arrays", LOAD_NODE_ARRAYS, SCORE_OURS),
+            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("mpy", LOAD_MPY, SCORE_OURS),
+                                      ("node_arrays", LOAD_NODE_ARRAYS, SCORE_OURS),
                                       ("baseline", LOAD_BASELINE, SCORE_BASELINE)):
                 load_fuel, load_out = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + HEAP)
                 score_fuel, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + COLLECT + score)
@@ -243,6 +260,10 @@ def measure() -> dict:
     out["targets"] = {
         "heap_50_trees_le_24KB": out["ours"]["heap_bytes"][50] <= HEAP_TARGET,
         "inference_ge_3x_fewer_instructions": min(ratio.values()) >= SPEEDUP_TARGET,
+        "mpy_load_50_trees_le_half_the_nested_dicts":
+            out["mpy"]["load_fuel"][50] <= MPY_LOAD_TARGET * out["baseline"]["load_fuel"][50],
+        "mpy_heap_50_trees_le_24KB": out["mpy"]["heap_bytes"][50] <= HEAP_TARGET,
+        "mpy_inference_50_trees_le_compiled": out["mpy"]["inference_fuel"][50] <= out["ours"]["inference_fuel"][50],
     }
     return out
 
@@ -261,6 +282,13 @@ def main() -> int:
     a = out["node_arrays"]
     print("node-array walk (isoforest.Forest, no compile): " + ", ".join(
         f"{n} trees {a['inference_fuel'][n]} fuel/{a['heap_bytes'][n]} B" for n in SIZES))
+    m = out["mpy"]
+    print("precompiled .mpy champion (mpy-cross by the gateway, imported): " + ", ".join(
+        f"{n} trees load {m['load_fuel'][n]} fuel ({m['load_fuel'][n] / b['load_fuel'][n]:.2f}x nested dicts, "
+        f"{m['load_fuel'][n] / o['load_fuel'][n]:.3f}x compiled), heap {m['heap_bytes'][n]} B, "
+        f"inference {m['inference_fuel'][n]} fuel, .mpy {m['model_bytes'][n]} B" for n in SIZES))
+    print("package bytes (first deploy): " + "; ".join(
+        f"{enc} " + ", ".join(str(out["package_bytes"][enc][n]) for n in SIZES) for enc in PACKAGE_ENCODINGS))
     print(f"feature extraction: {f['fuel']} fuel per window of {f['samples']} samples ({f['rate_hz']} Hz, 500 ms)")
     fs = out["feature_sets"]
     print(f"feature sets at {fs['rate_hz']} Hz ({fs['samples']} samples per 500-ms window; "

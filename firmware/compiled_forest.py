@@ -6,9 +6,14 @@ device compiles them here, TREES_PER_FUNCTION trees at a time so the compiler's 
 and then holds only the bytecode. To keep that bytecode small, every constant is a short varint: thresholds are
 centred (q - 32768) and leaf codes offset by -64, the offsets added back once per window; a group's trees sit on
 one source line (no line-number table). Scores are the same integers summed, so they equal Forest's exactly.
+
+The gateway can do the compiling instead: `module_source` is the same groups as one module (the runtime module),
+which it compiles with mpy-cross into a .mpy that `PrecompiledForest` imports without compiling anything.
 """
 
 import math
+import os
+import sys
 
 from firmware import isoforest
 
@@ -42,6 +47,18 @@ def group_source(forest, roots):
     """`def t(q0, q1, ...)` returning the summed (offset) leaf codes of the trees at roots, on one line."""
     args = ",".join("q%d" % f for f in range(forest.n_features))
     return "def t(%s):return %s" % (args, "+".join(tree_expression(forest, r) for r in roots))
+
+
+def module_source(forest):
+    """The runtime module of a forest: H = (n_features, n_trees, psi), G = the groups' lambdas, one per line."""
+    args = ",".join("q%d" % f for f in range(forest.n_features))
+    roots = forest.roots
+    lines = ["H=(%d,%d,%d)" % (forest.n_features, forest.n_trees, forest.psi), "G=("]
+    for k in range(0, len(roots), TREES_PER_FUNCTION):
+        lines.append("lambda %s:%s," % (args, "+".join(tree_expression(forest, r)
+                                                       for r in roots[k:k + TREES_PER_FUNCTION])))
+    lines.append(")")
+    return "\n".join(lines) + "\n"
 
 
 def _compile(source, name):
@@ -84,26 +101,51 @@ def scorers(n_features):
     return _SCORERS[n_features]
 
 
+def import_runtime(path, file_name):
+    """The runtime module <path>/<file_name> (a .mpy) imported under a throwaway name; ValueError when unloadable."""
+    name = file_name.rsplit(".", 1)[0]
+    if not file_name.endswith(".mpy") or "." in name:
+        raise ValueError("runtime file %s: not a <name>.mpy" % file_name)
+    try:
+        os.stat(path + "/" + file_name)
+    except OSError:
+        raise ValueError("runtime file %s/%s: missing" % (path, file_name)) from None
+    sys.modules.pop(name, None)
+    sys.path.insert(0, path)
+    try:
+        return __import__(name)
+    except ImportError as e:  # CPython: no .mpy loader
+        raise ValueError("cannot import %s: %s" % (file_name, e)) from None
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop(name, None)
+
+
 class CompiledForest:
     """Scores like isoforest.Forest (same values), from compiled bytecode; keeps no node arrays."""
 
     def __init__(self, forest, collect=None):
-        self.n_features = forest.n_features
-        self.n_trees = forest.n_trees
-        self.psi = forest.psi
-        self.grid = forest.grid
-        self._k = forest._k
-        self._offset = LEAF_OFFSET * self.n_trees
         roots = forest.roots
         groups = []
         for k in range(0, len(roots), TREES_PER_FUNCTION):
             groups.append(_compile(group_source(forest, roots[k:k + TREES_PER_FUNCTION]), "t"))
             if collect is not None:
                 collect()
-        self.groups = tuple(groups)
-        self._path_sum, self._score = scorers(self.n_features)
-        self._scales = tuple(g[2] for g in forest._sgrid)
-        self._bases = tuple(g[1] for g in forest._sgrid)
+        self._hold(forest.n_features, forest.n_trees, forest.psi, forest.grid, tuple(groups))
+
+    def _hold(self, n_features, n_trees, psi, grid, groups):
+        self.n_features = n_features
+        self.n_trees = n_trees
+        self.psi = psi
+        self.grid = [[int(g[0]), int(g[1])] for g in grid]
+        # as isoforest.Forest computes it, so the scores are the same floats
+        self._k = -math.log(2.0) / (isoforest.LEAF_STEP * n_trees * isoforest.c(psi))
+        self._offset = LEAF_OFFSET * n_trees
+        self.groups = groups
+        self._path_sum, self._score = scorers(n_features)
+        sgrid = isoforest.scaled_grid(grid)
+        self._scales = tuple(g[2] for g in sgrid)
+        self._bases = tuple(g[1] for g in sgrid)
 
     def path_sum(self, q):
         """Sum over trees of the leaf codes (path lengths in 1/8 steps) for a quantised vector q."""
@@ -116,3 +158,15 @@ class CompiledForest:
     def score(self, x):
         """Anomaly score (0..1) of a raw feature vector (floats, in the model's feature order)."""
         return self._score(x, self._scales, self._bases, self.groups, self._offset, self._k)
+
+
+class PrecompiledForest(CompiledForest):
+    """A CompiledForest from an imported runtime module (`module_source`, precompiled to .mpy): nothing compiled."""
+
+    def __init__(self, module, grid):
+        n_features, n_trees, psi = module.H
+        if len(grid) != n_features:
+            raise ValueError("grid has %d features, runtime module has %d" % (len(grid), n_features))
+        if len(module.G) != (n_trees + TREES_PER_FUNCTION - 1) // TREES_PER_FUNCTION:
+            raise ValueError("runtime module has %d groups for %d trees" % (len(module.G), n_trees))
+        self._hold(n_features, n_trees, psi, grid, module.G)

@@ -1,7 +1,7 @@
 """Local Inference Engine: scores each window with the champion: score, decision, counters."""
 
 from firmware import feature_sets, isoforest
-from firmware.compiled_forest import CompiledForest
+from firmware.compiled_forest import CompiledForest, PrecompiledForest, import_runtime
 from firmware._compat import read_bytes, read_json
 
 
@@ -9,8 +9,26 @@ class ChampionError(Exception):
     """A champion directory that cannot be loaded; str() names the file and what is wrong."""
 
 
+def _load_precompiled(path, cfg):
+    """A PrecompiledForest from cfg's runtime_file, or None with cfg["load_note"] saying why the model file is used."""
+    runtime = cfg["runtime_file"]
+    try:
+        return PrecompiledForest(import_runtime(path, runtime), cfg["grid"])
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        # MicroPython refuses a .mpy of another version or architecture with ValueError
+        why = "%s not loaded (%s)" % (runtime, e)
+        if "model_file" not in cfg:
+            raise ChampionError("%s/%s, and no model file to compile instead" % (path, why)) from None
+        cfg["load_note"] = "%s: compiled %s instead" % (why, cfg["model_file"])
+        return None
+
+
 def load_champion(path, default_threshold=None):
-    """(forest, config) of an installed champion directory (config.json + its model file)."""
+    """(forest, config) of an installed champion directory (config.json + its runtime module or model file).
+
+    A precompiled runtime module (config runtime_file, a .mpy) gives a PrecompiledForest; when it cannot be loaded
+    (another MicroPython version or architecture) the model file is compiled instead and config["load_note"] says why.
+    """
     try:
         cfg = read_json(path + "/config.json")
     except ValueError as e:
@@ -19,9 +37,15 @@ def load_champion(path, default_threshold=None):
         raise ChampionError("%s/config.json: missing" % path)
     if "threshold" not in cfg and default_threshold is not None:
         cfg["threshold"] = default_threshold
-    for key in ("model_id", "version", "model_file", "threshold"):
+    for key in ("model_id", "version", "threshold"):
         if key not in cfg:
             raise ChampionError("%s/config.json: no field %s" % (path, key))
+    if "runtime_file" in cfg:
+        forest = _load_precompiled(path, cfg)
+        if forest is not None:
+            return forest, cfg
+    if "model_file" not in cfg:
+        raise ChampionError("%s/config.json: no field model_file" % path)
     model_path = path + "/" + cfg["model_file"]
     try:
         if cfg.get("encoding", "compact") == "json":
@@ -62,7 +86,7 @@ class LocalInference:
 
     def set_champion(self, forest, cfg):
         """Hot-swap the champion (takes effect for the next window), compiled to bytecode for scoring."""
-        self.forest = CompiledForest(forest)
+        self.forest = forest if isinstance(forest, CompiledForest) else CompiledForest(forest)
         self.threshold = float(cfg["threshold"])
         self.model_id = cfg["model_id"]
         self.version = int(cfg["version"])

@@ -34,6 +34,9 @@ class ModelDeploymentAgent:
 
     def _load(self, path):
         forest, cfg = load_champion(path, self.default_threshold)
+        if "load_note" in cfg:  # a precompiled champion this device cannot import: logged, compiled instead
+            self.last_reason = cfg["load_note"]
+            print("champion %s: %s" % (path, cfg["load_note"]))
         return forest, cfg
 
     def boot(self):
@@ -106,6 +109,8 @@ class ModelDeploymentAgent:
         self.state.data["accepted_version"] = info["version"]
         self.state.save()
         self.last_reason = "installed %s v%d" % (cfg["model_id"], info["version"])
+        if "load_note" in cfg:
+            self.last_reason += " (%s)" % cfg["load_note"]
         return True, self.last_reason
 
     def fallback(self):

@@ -19,6 +19,7 @@ MAGIC = b"TMPK"
 FORMAT = 1
 ENC_COMPACT = 0
 ENC_JSON = 1
+ENC_MPY = 2  # the champion precompiled (.mpy files), with or without its sources beside
 FLAG_DEFLATED = 1
 TRAILER_SIZE = 64
 SHA8 = 8

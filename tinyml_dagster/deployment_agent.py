@@ -1,18 +1,26 @@
 """Embedded Model Deployment Agent: build, sign and version the packages that travel to the devices.
 
 A package is the paper's MicroPython module (model, feature script, config.json, __init__.py) in the
-container that firmware/package.py parses and verifies. Per-device HMAC keys come from TINYML_DEVICE_KEYS
-(``dev-a=<hex>,dev-b=<hex>``) or from key files under <data>/keys/ (created on first use); never from code.
+container that firmware/package.py parses and verifies. In the `mpy` encodings the champion's runtime module
+(firmware/compiled_forest.module_source) and features.py travel precompiled by mpy-cross for the device's
+MicroPython (its `sys.implementation._mpy`, from TINYML_DEVICE_MPY, else the 1.27 VM's), so the device compiles
+nothing at install or boot; `mpy+compact` keeps the sources beside them for a device that cannot load the .mpy.
+Per-device HMAC keys come from TINYML_DEVICE_KEYS (``dev-a=<hex>,dev-b=<hex>``) or from key files under
+<data>/keys/ (created on first use); never from code.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import os
 import re
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +31,13 @@ from firmware import package as fpkg
 from . import settings
 from .storage import atomic_write
 
-ENCODINGS = {"compact": fpkg.ENC_COMPACT, "json": fpkg.ENC_JSON}
+ENCODINGS = {"compact": fpkg.ENC_COMPACT, "json": fpkg.ENC_JSON, "mpy": fpkg.ENC_MPY, "mpy+compact": fpkg.ENC_MPY}
+RUNTIME_FILE = "champion.mpy"
+# sys.implementation._mpy of the MicroPython 1.27 WASI VM (emulator and tests): .mpy v6.3, no native architecture
+VM_SYS_MPY = 774
+# MicroPython's native architectures in the order of sys.implementation._mpy's arch field (py/persistentcode.h)
+MPY_ARCHS = ("", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp", "xtensa",
+             "xtensawin", "rv32imc", "rv64imc")
 # zlib window of 2**12 bytes: MicroPython's DeflateIO reads it from the zlib header and allocates only that
 ZLIB_WBITS = 12
 INIT_PY = '"""Champion package: the model, features.py, config.json (see config["model_file"])."""\n'
@@ -46,6 +60,65 @@ def feature_script(feature_set: str = "paper") -> bytes:
     from firmware import feature_sets
 
     return (Path(fpkg.__file__).parent / (feature_sets.module(feature_set).__name__.split(".")[-1] + ".py")).read_bytes()
+
+
+@dataclass(frozen=True)
+class MpyTarget:
+    """What .mpy a device imports: its sys.implementation._mpy decoded (format version, sub-version, architecture)."""
+
+    version: int = 6
+    sub_version: int = 3
+    arch: str = ""  # "" bytecode only (the VM); "xtensawin" an ESP32
+
+    @classmethod
+    def from_sys_mpy(cls, value: int) -> MpyTarget:
+        """The target of a device reporting sys.implementation._mpy == value (774 for the 1.27 VM)."""
+        arch = (value >> 10) & 0x3F
+        if not 0 < value & 0xFF <= 6 or arch >= len(MPY_ARCHS):
+            raise PackagingError(f"sys.implementation._mpy {value}: not a MicroPython .mpy version (e.g. 774)")
+        return cls(value & 0xFF, (value >> 8) & 3, MPY_ARCHS[arch])
+
+    def mpy_cross_args(self) -> list[str]:
+        """mpy-cross options: the installed 1.27 binary for v6.3, its archived binaries for older versions."""
+        args = [] if (self.version, self.sub_version) == (6, 3) else [
+            "-b", f"{self.version}.{self.sub_version}" if self.sub_version else str(self.version)]
+        return args + ([f"-march={self.arch}"] if self.arch else [])
+
+
+def device_mpy_target(device_id: str, env: str | None = None) -> MpyTarget:
+    """The device's .mpy target: its entry in TINYML_DEVICE_MPY (``dev-a=11014,dev-b=774``, the value of the
+    device's sys.implementation._mpy), else the MicroPython 1.27 VM's (bytecode .mpy v6.3)."""
+    spec = os.environ.get("TINYML_DEVICE_MPY", "") if env is None else env
+    registry = {}
+    for i, item in enumerate(filter(None, (s.strip() for s in spec.split(",")))):
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise PackagingError(
+                f"TINYML_DEVICE_MPY item {i + 1} ({item!r}): expected <device>=<sys.implementation._mpy>")
+        registry[name.strip()] = MpyTarget.from_sys_mpy(int(value))
+    return registry.get(device_id, MpyTarget.from_sys_mpy(VM_SYS_MPY))
+
+
+@functools.lru_cache(maxsize=16)  # features.py is the same for every package of a target
+def mpy_compile(source: bytes, name: str, target: MpyTarget) -> bytes:
+    """The .mpy of a module's source for the target, by mpy-cross; PackagingError with its message on failure."""
+    with tempfile.TemporaryDirectory(prefix="tinyml-mpy-") as tmp:
+        src, out = Path(tmp) / f"{name}.py", Path(tmp) / f"{name}.mpy"
+        src.write_bytes(source)
+        r = subprocess.run([sys.executable, "-m", "mpy_cross", *target.mpy_cross_args(), "-s", f"{name}.py",
+                            "-o", str(out), str(src)], capture_output=True, text=True)
+        if r.returncode or not out.is_file():
+            why = (r.stderr or r.stdout).replace(str(src), f"{name}.py")
+            why = why.replace("Traceback (most recent call last):", "")
+            raise PackagingError(f"mpy-cross {name}.py for {target}: {' '.join(why.split())[-500:]}")
+        return out.read_bytes()
+
+
+def runtime_mpy(forest, target: MpyTarget) -> bytes:
+    """The champion's runtime module (the bytecode the device would compile from the compact bytes) as a .mpy."""
+    from firmware import compiled_forest
+
+    return mpy_compile(compiled_forest.module_source(forest).encode(), RUNTIME_FILE[:-4], target)
 
 
 def _check_device_id(device_id: str) -> str:
@@ -218,8 +291,8 @@ SCORING_BUFFERS = 2048  # the Local Inference Engine's feature and path buffers
 def footprint(pkg: Package) -> Footprint:
     """Flash and heap a package takes on the device (firmware/package.py's staging and model_deployment_agent.py)."""
     raw = {f["name"]: f["raw_size"] for f in pkg.files}
-    model = raw.get("model.bin", raw.get("model.json", 0))
-    inflate_window = 2**ZLIB_WBITS if pkg.encoding == "compact" else 0
+    model = raw.get(RUNTIME_FILE, raw.get("model.bin", raw.get("model.json", 0)))
+    inflate_window = 2**ZLIB_WBITS if pkg.encoding != "json" else 0
     return Footprint(flash_bytes=pkg.size + 2 * sum(raw.values()),
                      heap_bytes=model + inflate_window + SCORING_BUFFERS)
 
@@ -234,8 +307,14 @@ def build_package(
     key: bytes,
     encoding: str = "compact",
     features_src: bytes | None = None,
+    runtime: bytes | None = None,
+    target: MpyTarget | None = None,
 ) -> Package:
-    """Sign a package of (model file, features.py, config.json, __init__.py) for one device and version."""
+    """Sign a package of (model file, features.py, config.json, __init__.py) for one device and version.
+
+    The mpy encodings need runtime (the champion's .mpy, see runtime_mpy) and ship features.py as features.mpy
+    compiled for target; `mpy` leaves the model file and features.py out, `mpy+compact` keeps them beside.
+    """
     if encoding not in ENCODINGS:
         raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)}")
     _check_device_id(device_id)
@@ -245,16 +324,24 @@ def build_package(
         raise PackagingError(f"version {version} out of range 1..2**32-1")
     if len(key) < 16:
         raise PackagingError("HMAC key shorter than 16 bytes")
-    name, model_bytes = model_file
-    cfg = dict(config, model_id=model_id, version=version, encoding=encoding, model_file=name)
-    raw_files = [
-        (name, model_bytes),
-        ("features.py", features_src if features_src is not None
-         else feature_script(config.get("feature_set", "paper"))),
+    features = features_src if features_src is not None else feature_script(config.get("feature_set", "paper"))
+    cfg = {k: v for k, v in config.items() if k not in ("model_file", "runtime_file")}
+    cfg.update(model_id=model_id, version=version, encoding=encoding)
+    sources = [model_file, ("features.py", features)]
+    if encoding.startswith("mpy"):
+        if runtime is None:
+            raise PackagingError(f"{model_id}: encoding {encoding} needs the champion's .mpy (runtime_mpy)")
+        features_mpy = mpy_compile(features, "features", target or MpyTarget())
+        precompiled = [(RUNTIME_FILE, runtime), ("features.mpy", features_mpy)]
+        sources = precompiled + sources if encoding == "mpy+compact" else precompiled
+        cfg["runtime_file"] = RUNTIME_FILE
+    if encoding != "mpy":
+        cfg["model_file"] = model_file[0]
+    raw_files = sources + [
         ("config.json", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()),
         ("__init__.py", INIT_PY.encode()),
     ]
-    compress = encoding == "compact"
+    compress = encoding != "json"
     head = bytearray(fpkg.MAGIC)
     head += struct.pack("<BBIB", fpkg.FORMAT, ENCODINGS[encoding], version, len(raw_files))
     for text in (model_id, device_id):
@@ -286,28 +373,38 @@ def build_package(
 
 
 def model_file(forest, encoding: str) -> tuple[str, bytes]:
-    """The package's model file: compact bytes (model.bin) or the paper-like JSON (model.json)."""
+    """The package's model file: compact bytes (model.bin; the mpy encodings' source) or the paper-like JSON."""
     from firmware import isoforest
 
-    if encoding == "compact":
+    if encoding in ("compact", "mpy", "mpy+compact"):
         return "model.bin", forest.to_bytes()
     if encoding == "json":
         return "model.json", json.dumps(isoforest.to_json(forest), separators=(",", ":")).encode()
     raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)}")
 
 
-def package_sizes(model_id: str, forest, config: dict) -> dict[str, int]:
-    """Bytes of the model's whole package in each encoding (what a deploy sends, before delta)."""
-    return {enc: build_package(model_id, model_file(forest, enc), config, device_id="sizes", version=1,
-                               key=bytes(32), encoding=enc).size for enc in ("compact", "json")}
+def forest_package(model_id: str, forest, config: dict, *, device_id: str, version: int, key: bytes,
+                   encoding: str = "compact") -> Package:
+    """A forest's signed package in an encoding; the mpy ones compiled for the device's target (device_mpy_target)."""
+    target = device_mpy_target(device_id) if encoding.startswith("mpy") else None
+    return build_package(model_id, model_file(forest, encoding), config, device_id=device_id, version=version,
+                         key=key, encoding=encoding, target=target,
+                         runtime=runtime_mpy(forest, target) if target else None)
+
+
+def package_sizes(model_id: str, forest, config: dict, encodings: tuple[str, ...] = ("compact", "json")
+                  ) -> dict[str, int]:
+    """Bytes of the model's whole package in each encoding (what a deploy sends, before delta; mpy: for the VM)."""
+    return {enc: forest_package(model_id, forest, config, device_id="sizes", version=1, key=bytes(32),
+                                encoding=enc).size for enc in encodings}
 
 
 def package_model(repo, model_id: str, *, device_id: str, version: int, key: bytes,
                   encoding: str = "compact") -> Package:
     """The signed package of a repository model (its config: threshold, window, rate, feature schema, grid)."""
     forest, config = repo.load(model_id)
-    return build_package(model_id, model_file(forest, encoding), config, device_id=device_id, version=version,
-                         key=key, encoding=encoding)
+    return forest_package(model_id, forest, config, device_id=device_id, version=version, key=key,
+                          encoding=encoding)
 
 
 def next_package(repo, model_id: str, device_id: str, encoding: str = "compact", *,

@@ -177,3 +177,6 @@ def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeyp
     meta = result.asset_materializations_for_node("model_packages")[0].metadata
     assert "plot_fig4b_deploy_time" in meta and "plot_fig4a_occupation" not in meta
     assert "data:image/png;base64," in meta["plot_fig4b_deploy_time"].value
+    (mpy,) = meta["mpy_bytes"].value.values()  # the precompiled package, built with mpy-cross
+    (compact,) = meta["compact_bytes"].value.values()
+    assert compact < mpy < 2 * compact

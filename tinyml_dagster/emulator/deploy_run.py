@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
@@ -36,10 +35,8 @@ def training_rows(n: int = 2000, seed: int = 2):
 def package(rows, n: int, encoding: str, version: int = 1, seed: int = 7, name: str = "") -> da.Package:
     """A signed package for the emulated device: an n-tree forest trained on rows, in the given encoding."""
     forest = isoforest.train(rows, n, 100, seed)
-    model = ("model.bin", forest.to_bytes()) if encoding == "compact" else (
-        "model.json", json.dumps(isoforest.to_json(forest)).encode())
-    return da.build_package(name or f"bench_t{n}", model, {"threshold": 0.6, "grid": forest.grid},
-                            device_id="bench-0", version=version, key=KEY, encoding=encoding)
+    return da.forest_package(name or f"bench_t{n}", forest, {"threshold": 0.6, "grid": forest.grid},
+                             device_id="bench-0", version=version, key=KEY, encoding=encoding)
 
 
 def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float, with_log: bool = False,

@@ -1,7 +1,8 @@
 """Device time per inference and per model load, modelled from MicroPython VM instructions (fuel).
 
 Fuel is measured in the real MicroPython 1.27 VM with the device benchmark's own code (benchmarks/device.py:
-the same setup, loaders and scorers, for our compact forest and the paper-like nested-dict JSON forest) on the
+the same setup, loaders and scorers, for our compact forest compiled on the device, the same forest precompiled to
+.mpy by the gateway, and the paper-like nested-dict JSON forest) on the
 repository's models (bearing 1 and 3, 10-50 trees, 500 Hz windows of the synthetic run):
 - load fuel = run(setup + load + collect) - run(setup + collect) (a device collects after loading a model);
 - a batch's inference fuel = run(setup + load + score the batch) - run(setup + load), on up to N windows the model
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from firmware import isoforest
+from tinyml_dagster.deployment_agent import MpyTarget, runtime_mpy
 from tinyml_dagster.forest import score_forest
 from tinyml_dagster.micropython_vm import REPO_ROOT
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest
@@ -36,7 +38,10 @@ PAPER_INFERENCE_MS = {  # (mean, std) from the paper's text for Fig. 3a/3b
     3: {10: (10.44, 2.57), 50: (38.88, 6.11)},
 }
 CALIBRATION = {"bearing": 1, "n_trees": 10, "impl": "baseline", "kind": "normal", "ms": 8.7}
-IMPLS = ("ours", "baseline")  # compact bytes (this project) / nested-dict JSON (LibIsolationForest-like, the paper)
+# compact bytes compiled on the device (this project) / the same champion precompiled by the gateway (.mpy) /
+# nested-dict JSON (LibIsolationForest-like, the paper)
+IMPLS = ("ours", "mpy", "baseline")
+MODEL_FILES = {"ours": "m%d.bin", "mpy": "m%d.mpy", "baseline": "m%d.json"}
 
 
 def _device_bench():
@@ -111,11 +116,13 @@ def measure(windows: pd.DataFrame, bearings: Sequence[int] = (1, 3), tree_counts
                     (flash / "grid.json").write_text(json.dumps(forest.grid))
                     (flash / f"m{n}.bin").write_bytes(forest.to_bytes())
                     (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
+                    (flash / f"m{n}.mpy").write_bytes(runtime_mpy(forest, MpyTarget()))
                     vm = bench._vm(flash)
                     base = bench.SETUP + bench.BASELINE_SCORER
                     setup = vm.run(code=base + bench.COLLECT).check().fuel_used
                     visits = nodes_visited(forest, X)
                     for impl, load_code, score_code in (("ours", bench.LOAD_OURS, bench.SCORE_OURS),
+                                                        ("mpy", bench.LOAD_MPY, bench.SCORE_OURS),
                                                         ("baseline", bench.LOAD_BASELINE, bench.SCORE_BASELINE)):
                         load_src = base + load_code % {"n": n} + bench.COLLECT  # as a device: collect after load
                         loaded = vm.run(code=load_src).check().fuel_used
@@ -124,7 +131,7 @@ def measure(windows: pd.DataFrame, bearings: Sequence[int] = (1, 3), tree_counts
                                         "windows": len(X), "batch_fuel": scored - loaded,
                                         "visits": visits, "flash": str(flash)})
                         if kind == "normal":
-                            model_bytes = (flash / (f"m{n}.bin" if impl == "ours" else f"m{n}.json")).stat().st_size
+                            model_bytes = (flash / (MODEL_FILES[impl] % n)).stat().st_size
                             loads.append({"impl": impl, "bearing": bearing, "n_trees": n,
                                           "load_fuel": loaded - setup, "model_bytes": model_bytes})
                         if checks and n in (min(tree_counts), max(tree_counts)) and bearing == bearings[0]:

@@ -147,7 +147,8 @@ def plot_load(dev: dt.DeviceTime, out: Path) -> Path:
     """Fig. 3c: model load time (flash to memory) vs forest size."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for impl, style, label in (("baseline", "-", "paper-like JSON forest"), ("ours", "--", "this project's forest")):
+    for impl, style, label in (("baseline", "-", "paper-like JSON forest"), ("ours", "--", "this project's forest"),
+                               ("mpy", ":", "this project's forest, precompiled .mpy")):
         for bearing, color in zip(sorted(dev.load.bearing.unique()), ("tab:blue", "tab:orange", "tab:green")):
             d = dev.load[(dev.load.impl == impl) & (dev.load.bearing == bearing)].sort_values("n_trees")
             ax.plot(d.n_trees, d.load_ms, "o" + style, color=color, label=f"{label}, bearing {bearing}")
@@ -384,6 +385,23 @@ def rate_verdict(q: pd.DataFrame) -> tuple[int, str, pd.DataFrame]:
     return best, text, table
 
 
+def _mpy_deploy_text(c: dict, m: dict, dev: dt.DeviceTime | None, device_bench: dict | None) -> str:
+    """The 50-tree deploy of the precompiled champion vs the compact one (both with the firmware in the VM)."""
+    text = (f"The 50-tree champion precompiled to .mpy (encoding mpy), deployed in real time to the firmware in the "
+            f"VM: {m['package_bytes']:,} B in {m['deploy_seconds']} s (transfer {m['transfer_seconds']} s + install "
+            f"{m['install_seconds']} s) vs compact {c['package_bytes']:,} B in {c['deploy_seconds']} s (transfer "
+            f"{c['transfer_seconds']} s + install {c['install_seconds']} s): "
+            f"{m['deploy_seconds'] / c['deploy_seconds']:.2f}x with the VM's install at the host's speed")
+    if dev is not None and device_bench and "mpy" in device_bench:
+        compile_s = device_bench["ours"]["load_fuel"]["50"] * dev.ms_per_fuel / 1000
+        import_s = device_bench["mpy"]["load_fuel"]["50"] * dev.ms_per_fuel / 1000
+        text += (f"; with the load modelled on the ESP32 ({compile_s:.1f} s to compile the compact champion, "
+                 f"{import_s:.2f} s to import the .mpy), {c['transfer_seconds'] + compile_s:.1f} s vs "
+                 f"{m['transfer_seconds'] + import_s:.1f} s = "
+                 f"{(m['transfer_seconds'] + import_s) / (c['transfer_seconds'] + compile_s):.2f}x")
+    return text + "."
+
+
 def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | None, device_bench: dict | None,
                    quality: pd.DataFrame, demo: dict | None, episodes: pd.DataFrame | None, figs: dict[str, list[Path]],
                    path: Path, seconds: float, bench_all: dict | None = None,
@@ -453,6 +471,16 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
               f"form) takes {ratio.min():.2f}-{ratio.max():.2f}x the instructions of the paper-like nested-dict forest "
               f"per inference and {load_ratio.min():.2f}-{load_ratio.max():.2f}x to load; its file is "
               f"{size_ratio.mean():.0f}x smaller.", ""]
+        if (dev.load.impl == "mpy").any():
+            mpy = dev.rows[(dev.rows.impl == "mpy")].set_index(["bearing", "n_trees", "kind"]).ms_mean
+            mpy_load = (dev.load[dev.load.impl == "mpy"].load_fuel.values
+                        / dev.load[dev.load.impl == "baseline"].load_fuel.values)
+            L += [f"Precompiled by the gateway (`LOAD_MPY`: the same champion's runtime module compiled by mpy-cross "
+                  f"and imported as a .mpy, nothing compiled on the device), it takes "
+                  f"{mpy_load.min():.2f}-{mpy_load.max():.2f}x the nested-dict forest's instructions to load and "
+                  f"{(mpy / ours.set_index(['bearing', 'n_trees', 'kind']).ms_mean).min():.2f}-"
+                  f"{(mpy / ours.set_index(['bearing', 'n_trees', 'kind']).ms_mean).max():.2f}x the device-compiled "
+                  f"champion's per inference.", ""]
     else:
         L += ["(not measured at this scale)", ""]
     if device_bench:
@@ -464,6 +492,14 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
               f"{device_bench['feature_fuel_per_window']['samples']} samples"
               + (f" = {device_bench['feature_fuel_per_window']['fuel'] * dev.ms_per_fuel:.0f} ms modelled" if dev
                  else "") + ".", ""]
+        if "mpy" in device_bench:
+            m, pb = device_bench["mpy"], device_bench.get("package_bytes", {})
+            L += [f"The champion precompiled to .mpy (50 trees): load {m['load_fuel']['50']:,} instructions vs "
+                  f"{o['load_fuel']['50']:,} compiled on the device and {b['load_fuel']['50']:,} for the JSON dicts; "
+                  f"heap {m['heap_bytes']['50']} B; {m['inference_fuel']['50']:,} instructions per inference vs "
+                  f"{o['inference_fuel']['50']:,}; package {pb.get('mpy', {}).get('50')} B (mpy) vs "
+                  f"{pb.get('compact', {}).get('50')} B (compact) and {pb.get('mpy+compact', {}).get('50')} B "
+                  f"(mpy+compact, the sources beside).", ""]
     forest = bench_all.get("forest") if bench_all else None
     L += ["## The model repository's sizes and costs", ""]
     if forest and forest.get("compact_bytes"):
@@ -494,6 +530,9 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
             headline.append(f"deploying 50 trees: {c50.deploy_seconds.iloc[0]:.0f} s compact, "
                             f"{j50.deploy_seconds.iloc[0]:.0f} s JSON, vs the paper's 5,147 s; occupation "
                             f"{d.occupation.min():.2f}-{d.occupation.max():.2f} vs 0.6-0.7")
+        if "emulator_vm_50_mpy" in deploy and "emulator_vm_50_compact" in deploy:
+            L += [_mpy_deploy_text(deploy["emulator_vm_50_compact"], deploy["emulator_vm_50_mpy"], dev,
+                                   device_bench), ""]
     else:
         L += ["(data/bench/deploy.json missing: run `make bench`)", ""]
     # quality

@@ -12,7 +12,9 @@ from tinyml_dagster.deployment_agent import (ENCODINGS, deploy_outcome_metadata,
 class DeployConfig(dg.Config):
     model_id: str = Field(description="repository model id to deploy")
     device_id: str = Field(description="target device")
-    encoding: str = Field(default="compact", description="model encoding: compact (default) or json")
+    encoding: str = Field(default="compact", description=(
+        "model encoding: compact (default), json, mpy (precompiled for the device's MicroPython, see "
+        "TINYML_DEVICE_MPY) or mpy+compact (the sources beside, for a device that cannot load the .mpy)"))
 
 
 @dg.op(description="Package the model for the device, queue it for the link service and wait for the device's answer.")

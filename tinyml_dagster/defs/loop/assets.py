@@ -96,7 +96,8 @@ class ChampionPackageConfig(dg.Config):
     """Which candidate to package (empty: the top-ranked one that the device does not run)."""
 
     model_id: str = Field(default="", description="repository model id; empty: top of the ranking")
-    encoding: str = Field(default="compact", description="package encoding: compact or json")
+    encoding: str = Field(default="compact", description="package encoding: compact, json, mpy or mpy+compact "
+                          "(precompiled for the device, see deploy_champion_job)")
 
 
 @dg.asset(
