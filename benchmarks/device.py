@@ -294,7 +294,8 @@ def main() -> int:
     print(f"feature sets at {fs['rate_hz']} Hz ({fs['samples']} samples per 500-ms window; "
           f"{fs['ns_per_instruction']} ns per instruction; budget {fs['budget_ms']:.0f} ms):")
     for name, v in fs["sets"].items():
-        print(f"  {name:>6}: " + ", ".join(f"{kind} {c['fuel']:,} fuel = {c['ms']} ms" for kind, c in v["signals"].items())
+        print(f"  {name:>6}: "
+              + ", ".join(f"{kind} {c['fuel']:,} fuel = {c['ms']} ms" for kind, c in v["signals"].items())
               + f"; worst {v['worst_ms']} ms {'within' if v['within_budget'] else 'OVER'} budget")
     print(f"whole firmware (imports + Device with the 50-tree champion): {out['firmware_heap_bytes']} B of heap")
     print(f"targets: {out['targets']}")

@@ -392,7 +392,7 @@ def main() -> int:
     expected: dict[tuple[str, int], tuple] = {}  # the first valid line of each (device, seq) is what is stored
     stats = {}
     batch = []
-    for i in range(args.lines):
+    for _ in range(args.lines):
         d, s = "fz-%d" % rng.randrange(20), rng.randrange(10_000)
         if rng.random() < 0.2:
             ln = line(d, s)

@@ -80,7 +80,7 @@ def generate(client: IngestClient, devices: list[str], per_device: int, window: 
             champ = anomalous | (rng.random(len(chunk)) < 0.03)  # the champion also flags some normal windows
             now = time.time()
             lines = []
-            for (d, s), f, a, c in zip(chunk, feats, anomalous, champ):
+            for (d, s), f, _a, c in zip(chunk, feats, anomalous, champ):
                 line = '{"d":"%s","s":%d,"k":"%s","f":[%.6g,%.6g,%.6g],"c":"v1","cs":%.3f,"cd":%d,"t":%.6f}\n' % (
                     d, s, "anomaly" if c else "normal", f[0], f[1], f[2], 0.7 if c else 0.4, int(c), now)
                 lines.append((d, s, line.encode()))
@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     # the comparison, measured in the same run: stop-and-wait (one upload in flight per device link, as a
     # device on the 2,400-baud line does), i.e. one commit per upload
     base = run_once(args, ids, forests, 50, 20, 1, 1, False)
-    out["baseline_stop_and_wait"] = {k: base[k] for k in ("uploads", "uploads_per_s", "p99_upload_to_decision_s", "lost")}
+    out["baseline_stop_and_wait"] = {
+        k: base[k] for k in ("uploads", "uploads_per_s", "p99_upload_to_decision_s", "lost")
+    }
     out["speedup_vs_stop_and_wait"] = round(out["uploads_per_s"] / base["uploads_per_s"], 1)
     out["targets"] = {"uploads_per_s": ">= 5000", "p99_upload_to_decision_s": "<= 1", "lost": "0"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

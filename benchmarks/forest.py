@@ -132,7 +132,8 @@ def lib_score(sample):
 
 
 def _lib_json(node: dict, grid: list, names: tuple) -> dict:
-    """A tree of ours as LibIsolationForest dumps trees: Feature Name, Split Value (raw units), Left, Right; {} leaves."""
+    """A tree of ours as LibIsolationForest dumps trees: Feature Name, Split Value (raw units), Left, Right;
+    {} leaves."""
     if "leaf" in node:
         return {}
     e, base = grid[node["feature"]]
@@ -149,7 +150,9 @@ def vm_inference(forest: isoforest.Forest, X: list) -> dict:
     names = tuple(features.FEATURE_NAMES)
     lib = [_lib_json(t, forest.grid, names) for t in isoforest.to_json(forest)["trees"]]
     with tempfile.TemporaryDirectory() as tmp:
-        for name, text in (("x.json", json.dumps(X)), ("g.json", json.dumps(forest.grid)), ("lib.json", json.dumps(lib))):
+        for name, text in (
+            ("x.json", json.dumps(X)), ("g.json", json.dumps(forest.grid)), ("lib.json", json.dumps(lib))
+        ):
             Path(tmp, name).write_text(text)
         Path(tmp, "forest.bin").write_bytes(forest.to_bytes())
         vm = MicroPythonVM(heap_bytes=8 * 1024 * 1024, memory_bytes=32 * 1024 * 1024, flash_dir=Path(tmp))
@@ -187,9 +190,11 @@ def main() -> None:
     # per model), in alternating rounds so that the shared machine's load hits both alike; best round of each
     pool_setup, pool = best_of(lambda: PoolScorer(forests), 1)
     sks, fit_s = [], 0.0
-    for (b, n_trees), X_train in zip(specs, train_sets):
+    for (_b, n_trees), X_train in zip(specs, train_sets):
         t0 = time.perf_counter()
-        sks.append(IsolationForest(n_estimators=n_trees, max_samples=min(PSI, len(X_train)), random_state=0).fit(X_train))
+        sks.append(
+            IsolationForest(n_estimators=n_trees, max_samples=min(PSI, len(X_train)), random_state=0).fit(X_train)
+        )
         fit_s += time.perf_counter() - t0
     pool_seconds = score_s = float("inf")
     for _ in range(REPEATS):
@@ -228,7 +233,8 @@ def main() -> None:
     inf = vm_inference(f50, [[round(v, 6) for v in row] for row in X_all[:: max(1, n // 200)][:200].tolist()])
     print(f"MicroPython VM, 50 trees: {inf['fuel_per_window_ours']:,} fuel per window vs "
           f"{inf['fuel_per_window_libisolationforest_style']:,} for the same trees as a LibIsolationForest-style "
-          f"dict forest ({inf['fewer_instructions_x']}x fewer); loaded forest {inf['heap_bytes_loaded_forest']} B of heap")
+          f"dict forest ({inf['fewer_instructions_x']}x fewer); "
+          f"loaded forest {inf['heap_bytes_loaded_forest']} B of heap")
 
     speedup = pool_rate / sk_rate
     print(f"pool vs sklearn per model: {speedup:.2f}x ({'meets' if speedup >= 1 else 'MISSES'} the target >= 1x)")

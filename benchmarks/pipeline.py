@@ -192,7 +192,8 @@ def main() -> None:
     rec_dir = settings.data_dir() / "generated" / "ims_full" / "1st_test"
     fresh = not synthetic.is_generated(rec_dir, N_FILES)
     gen_seconds, paths = timed(synthetic.generate_recording, rec_dir, N_FILES)
-    print(f"recording: {len(paths)} files in {rec_dir} ({'generated' if fresh else 'kept from an earlier run'}, {gen_seconds:.1f} s)")
+    print(f"recording: {len(paths)} files in {rec_dir} "
+          f"({'generated' if fresh else 'kept from an earlier run'}, {gen_seconds:.1f} s)")
     size_gb = sum(p.stat().st_size for p in paths) / 1e9
 
     with tempfile.TemporaryDirectory(dir=settings.data_dir()) as tmp:
@@ -241,7 +242,8 @@ def main() -> None:
         "numpy": np.__version__,
     }
     print()
-    print(f"{'what (all ' + str(len(paths)) + ' files, ' + f'{size_gb:.2f} GB ASCII)':58s} {'seconds':>9s} {'ms/file':>8s}")
+    heading = "what (all " + str(len(paths)) + " files, " + f"{size_gb:.2f} GB ASCII)"
+    print(f"{heading:58s} {'seconds':>9s} {'ms/file':>8s}")
     table = [
         ("ours: ASCII -> feature windows, 3 rates, Parquet (2 threads)", seconds),
         (f"naive: loadtxt + scipy per file (from {len(sample)} files, scaled)", naive_seconds),

@@ -122,7 +122,7 @@ def read_json(path, default=None):
         with open(path) as f:
             return json.load(f)
     except ValueError as e:
-        raise ValueError("%s: bad JSON (%s)" % (path, e))
+        raise ValueError("%s: bad JSON (%s)" % (path, e)) from None
 
 
 def write_json(path, obj):

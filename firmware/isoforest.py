@@ -161,7 +161,8 @@ def quantise(x, grid, out=None):
         v = x[f]
         if v != v:
             raise ValueError("feature %d is NaN" % f)
-        q = int(math.floor(v * (g[2] if len(g) > 2 else 2.0 ** g[0]) + 0.5)) - g[1] if -1e30 < v < 1e30 else (0 if v < 0 else Q_MAX)
+        q = (int(math.floor(v * (g[2] if len(g) > 2 else 2.0 ** g[0]) + 0.5)) - g[1]
+             if -1e30 < v < 1e30 else (0 if v < 0 else Q_MAX))
         out[f] = 0 if q < 0 else (Q_MAX if q > Q_MAX else q)
     return out
 

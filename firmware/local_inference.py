@@ -32,7 +32,7 @@ def load_champion(path, default_threshold=None):
     try:
         cfg = read_json(path + "/config.json")
     except ValueError as e:
-        raise ChampionError(str(e))
+        raise ChampionError(str(e)) from None
     if cfg is None:
         raise ChampionError("%s/config.json: missing" % path)
     if "threshold" not in cfg and default_threshold is not None:
@@ -58,12 +58,12 @@ def load_champion(path, default_threshold=None):
                 raise ChampionError("%s/config.json: no field grid" % path)
             forest = isoforest.load(read_bytes(model_path), cfg["grid"])
     except (OSError, ValueError, KeyError) as e:
-        raise ChampionError("%s: %s" % (model_path, e))
+        raise ChampionError("%s: %s" % (model_path, e)) from None
     name, params = feature_sets.of_config(cfg)
     try:
         feature_sets.extractor(name, params)
     except (ValueError, KeyError, TypeError) as e:
-        raise ChampionError("%s/config.json: %s" % (path, e))
+        raise ChampionError("%s/config.json: %s" % (path, e)) from None
     n = feature_sets.module(name).N_FEATURES
     if forest.n_features != n:
         raise ChampionError("%s: forest of %d features for feature set %s of %d" % (model_path, forest.n_features,

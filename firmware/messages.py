@@ -145,7 +145,8 @@ def unpack_alarm(body):
 
 
 # Authentication: an UPLOAD, UPLOAD_GAP or ALARM body, a champion blob and a DEPLOY_OFFER body end with a MAC
-# (MAC_SIZE bytes) over the body before it, taken as opaque bytes: HMAC-SHA256(device key, tag | u8 length | device id | body), cut to MAC_SIZE. The
+# (MAC_SIZE bytes) over the body before it, taken as opaque bytes:
+# HMAC-SHA256(device key, tag | u8 length | device id | body), cut to MAC_SIZE. The
 # upload number inside the UPLOAD body is covered; the gateway stores only uploads whose MAC verifies under the
 # key of the device the port (or id) belongs to, the device starts a transfer only on a verified offer.
 MAC_SIZE = 16

@@ -101,7 +101,7 @@ def parse_header(buf):
         pos += 1 + n
     files = []
     offset = 0
-    for i in range(n_files):
+    for _ in range(n_files):
         _need(buf, pos, 1, "file table")
         n = buf[pos]
         _need(buf, pos + 1, n + 9 + SHA8, "file table")
@@ -132,7 +132,7 @@ def verify(path, key, device_id, min_version, max_size=MAX_PACKAGE):
     try:
         size = os.stat(path)[6]
     except OSError:
-        raise PackageError("no staged package")
+        raise PackageError("no staged package") from None
     if size > max_size:
         raise PackageError("oversized package: %d bytes > %d" % (size, max_size))
     if size < 12 + TRAILER_SIZE:
@@ -232,7 +232,7 @@ def _inflate(f, size, raw_size, out, name):
             data = d.decompress(chunk, raw_size + 1 - total)
             total += len(data)
             if total > raw_size:
-                raise PackageError("file %s inflates past %d bytes" % (name, raw_size))
+                raise PackageError("file %s inflates past %d bytes" % (name, raw_size)) from None
             out.write(data)
         data = d.flush()
         total += len(data)

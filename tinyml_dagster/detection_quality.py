@@ -215,8 +215,13 @@ def snapshot_scores(windows: pd.DataFrame, bearing: int, n_trees: int, config: Q
 
 # -- sources ----------------------------------------------------------------------------------------------
 
-def synthetic_windows(n_files: int, rates: Sequence[int] = settings.RATES_HZ, bearings: Sequence[int] =
-                      settings.BEARINGS, seed: int = synthetic.DEFAULT_SEED, chunk: int = 64) -> dict[int, pd.DataFrame]:
+def synthetic_windows(
+    n_files: int,
+    rates: Sequence[int] = settings.RATES_HZ,
+    bearings: Sequence[int] = settings.BEARINGS,
+    seed: int = synthetic.DEFAULT_SEED,
+    chunk: int = 64,
+) -> dict[int, pd.DataFrame]:
     """Feature windows of the synthetic recording (n_files of its schedule) at each rate, computed in memory."""
     index = synthetic.schedule(n_files)
     stamps = np.array(synthetic.set1_timestamps(), dtype="datetime64[ns]")[index]
@@ -282,7 +287,8 @@ def real_file_windows(excerpt: dict[str, np.ndarray] | None = None) -> pd.DataFr
 
 
 def build_real_excerpt(shared_ims: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Make the packaged real excerpt from a copy of the IMS data (1st_test/, 1st_test_end_segments/, derived_features/).
+    """Make the packaged real excerpt from a copy of the IMS data
+    (1st_test/, 1st_test_end_segments/, derived_features/).
 
     healthy_2khz: the first 50 files of set 1, bearing 3 x and bearing 4 x, subsampled to 2 kHz (float32);
     eol_2khz: the last 6 files, same channels (IF.mat, BF.mat), same subsampling; *_index: their file indices;
@@ -371,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--build-per-file-tables", metavar="IMS_DIR",
                     help="rebuild the packaged per-file feature tables of IMS sets 1 and 2, then exit")
     ap.add_argument("--detection", action="store_true",
-                    help="judge the feature sets on whole lives (thresholds, alarms) and write data/bench/detection.json")
+                    help="judge the feature sets on whole lives (thresholds, alarms) "
+                    "and write data/bench/detection.json")
     args = ap.parse_args(argv)
     if args.build_real_excerpt:
         out = resources.files("tinyml_dagster").joinpath(REAL_EXCERPT)
@@ -522,7 +529,8 @@ def synthetic_channels(n_files: int, rate_hz: int = settings.DEFAULT_RATE_HZ, ch
     parts: dict[str, list[np.ndarray]] = {name: [] for name in FEATURE_SETS}
     for lo in range(0, len(index), chunk):
         raw = np.stack([synthetic.synthesize_file(i, seed) for i in index[lo:lo + chunk]])
-        x = subsampling.subsample_many(raw, (rate_hz,), ims.SAMPLE_RATE_HZ, axis=1)[rate_hz].astype(np.float64)  # (files, n, 8)
+        # (files, n, 8)
+        x = subsampling.subsample_many(raw, (rate_hz,), ims.SAMPLE_RATE_HZ, axis=1)[rate_hz].astype(np.float64)
         x = np.moveaxis(x, 1, -1)  # (files, 8, n)
         for name, fs in FEATURE_SETS.items():
             parts[name].append(fs.compute(x, window))  # (files, 8, windows, d)

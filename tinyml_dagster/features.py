@@ -129,7 +129,9 @@ def feature_windows_path(rate_hz: int, bearing: int, feature_set: str = "paper",
     if feature_set == "paper":
         return settings.feature_path(rate_hz, bearing, root)
     feature_set_of(feature_set)
-    return settings.features_dir(root) / f"rate={int(rate_hz)}" / f"set={feature_set}" / f"bearing={int(bearing)}.parquet"
+    return (
+        settings.features_dir(root) / f"rate={int(rate_hz)}" / f"set={feature_set}" / f"bearing={int(bearing)}.parquet"
+    )
 
 
 def write_feature_windows(df: pd.DataFrame, path: Path, feature_set: str = "paper") -> Path:

@@ -88,8 +88,9 @@ class PoolScorer:
     method "rank" (the default): a tree's leaf depends only on the window's rank among the tree's thresholds on
     each feature, so each model maps grid values to ranks (one lookup per feature and window), and each tree maps
     those ranks to its leaf code through a small table: 4 lookups per (tree, window), whatever the depth.
-    method "heap" (fallback for more than RANK_MAX_FEATURES features or tables over RANK_MAX_TABLE bytes): each tree laid out as a complete
-    binary tree of depth D (children of slot s at 2s+1, 2s+2; shallow leaves pushed down along always-right slots),
+    method "heap" (fallback for more than RANK_MAX_FEATURES features or tables over RANK_MAX_TABLE bytes): each
+    tree laid out as a complete binary tree of depth D (children of slot s at 2s+1, 2s+2; shallow leaves pushed
+    down along always-right slots),
     walked D vectorised steps; trees deeper than HEAP_MAX_DEPTH walk node arrays.
     """
 

@@ -1,4 +1,5 @@
-"""Reader for the NASA IMS bearing format: ASCII files named YYYY.MM.DD.hh.mm.ss, 20,480 tab-separated rows at 20 kHz."""
+"""Reader for the NASA IMS bearing format: ASCII files named YYYY.MM.DD.hh.mm.ss,
+20,480 tab-separated rows at 20 kHz."""
 
 from __future__ import annotations
 
@@ -95,7 +96,9 @@ def read_ims_file(path: str | os.PathLike, n_channels: int | None = None) -> np.
     if data.shape[1] not in CHANNEL_COUNTS:
         raise IMSFormatError(path, f"{data.shape[1]} columns per row, expected one of {CHANNEL_COUNTS}", line=1)
     if n_channels is not None and data.shape[1] != n_channels:
-        raise IMSFormatError(path, f"{data.shape[1]} columns per row, expected {n_channels} like the other files", line=1)
+        raise IMSFormatError(
+            path, f"{data.shape[1]} columns per row, expected {n_channels} like the other files", line=1
+        )
     if data.shape[0] > ROWS:
         raise IMSFormatError(path, f"more than {ROWS} rows", line=ROWS + 1)
     if data.shape[0] < ROWS:
@@ -207,7 +210,9 @@ def _parse_lines(path: Path, raw: bytes) -> np.ndarray:
         if n_cols is None:
             n_cols = len(cells)
             if n_cols not in CHANNEL_COUNTS:
-                raise IMSFormatError(path, f"{n_cols} tab-separated columns, expected one of {CHANNEL_COUNTS}", line=number)
+                raise IMSFormatError(
+                    path, f"{n_cols} tab-separated columns, expected one of {CHANNEL_COUNTS}", line=number
+                )
         elif len(cells) != n_cols:
             raise IMSFormatError(path, f"{len(cells)} columns, expected {n_cols} as on line 1", line=number)
         row = []

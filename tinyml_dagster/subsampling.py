@@ -17,7 +17,8 @@ from tinyml_dagster import ims
 
 
 def subsampled_length(n: int, rate_hz: int, source_rate_hz: float) -> int:
-    """Samples of an n-sample record at source_rate_hz once resampled to rate_hz (20,480 at 20 kHz -> 1,024 at 1 kHz)."""
+    """Samples of an n-sample record at source_rate_hz once resampled to rate_hz
+    (20,480 at 20 kHz -> 1,024 at 1 kHz)."""
     m = int(n * rate_hz // source_rate_hz)
     if m < 2 or m > n:
         raise ValueError(f"cannot subsample {n} samples at {source_rate_hz} Hz to {rate_hz} Hz")
@@ -25,7 +26,8 @@ def subsampled_length(n: int, rate_hz: int, source_rate_hz: float) -> int:
 
 
 def _band_limit(spectrum: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep the bins below the new Nyquist frequency; the unpaired bin at m/2 folds its mirror in (as scipy.signal.resample)."""
+    """Keep the bins below the new Nyquist frequency; the unpaired bin at m/2 folds its mirror in
+    (as scipy.signal.resample)."""
     y = spectrum[..., : m // 2 + 1] * (m / n)
     if m % 2 == 0 and m < n:
         y[..., m // 2] *= 2.0

@@ -29,7 +29,8 @@ import scipy.fft
 from tinyml_dagster import ims, settings
 
 FULL_FILES = 2156
-DEFAULT_FILES = settings.synthetic_files()  # 240 unless TINYML_SYNTHETIC_FILES: the demo stays fast, the life shape stays
+# 240 unless TINYML_SYNTHETIC_FILES: the demo stays fast, the life shape stays
+DEFAULT_FILES = settings.synthetic_files()
 DEFAULT_SEED = 2003
 GENERATOR_VERSION = 2
 MANIFEST = ".synthetic.json"
@@ -133,7 +134,13 @@ def _shock(decay_s: float) -> np.ndarray:
 
 
 def _impacts(
-    rng: np.random.Generator, rate_hz: float, mod_hz: float, depth: float, amp: float, bursts_per_s: float, burst_gain: float
+    rng: np.random.Generator,
+    rate_hz: float,
+    mod_hz: float,
+    depth: float,
+    amp: float,
+    bursts_per_s: float,
+    burst_gain: float,
 ) -> np.ndarray:
     """Impact train over one record: jittered period, amplitude modulated by mod_hz, log-normally scattered,
     and raised by burst_gain during short bursts (a spall rolling in and out of contact)."""
@@ -152,7 +159,8 @@ def _impacts(
 
 
 def synthesize_file(index: int, seed: int = DEFAULT_SEED) -> np.ndarray:
-    """Record `index` (0..2155) of the synthetic set 1: float64 (20480, 8), rounded to 3 decimals like the real files."""
+    """Record `index` (0..2155) of the synthetic set 1: float64 (20480, 8), rounded to 3 decimals
+    like the real files."""
     if not 0 <= index < FULL_FILES:
         raise ValueError(f"file index must be in 0..{FULL_FILES - 1}, got {index}")
     rng = np.random.default_rng([seed, index])
@@ -244,7 +252,8 @@ def generate_recording(
     workers: int | None = None,
     force: bool = False,
 ) -> list[Path]:
-    """Write the synthetic recording into out_dir (replacing it whole, never leaving it half-written); its files in time order."""
+    """Write the synthetic recording into out_dir (replacing it whole, never leaving it half-written);
+    its files in time order."""
     out_dir = Path(out_dir)
     indices = schedule(n_files)
     stamps = set1_timestamps()

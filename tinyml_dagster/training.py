@@ -28,7 +28,8 @@ THRESHOLD = 0.6
 # Default target window false-alarm rate of a calibrated threshold: 0.2% of the model's own training windows score
 # above it. Healthy windows the model never saw score a little higher than those it was grown on (and conditions
 # drift), so the target sits well inside the 0.5% a monitored healthy machine may show; at 2 windows/s it is about
-# one anomalous window per 4 min of healthy running, which the alarm rule (k of n over seconds) never turns into an alarm.
+# one anomalous window per 4 min of healthy running, which the alarm rule (k of n over seconds) never turns into an
+# alarm.
 TARGET_FA = 0.002
 THRESHOLD_BOUNDS = local_training.THRESHOLD_BOUNDS
 

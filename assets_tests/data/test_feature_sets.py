@@ -141,7 +141,9 @@ def test_feature_windows_of_another_set_are_stored_beside_the_papers(tmp_path):
     path = tf.feature_windows_path(2000, 3, "wear", tmp_path)
     assert path.parent.name == "set=wear"
     tf.write_feature_windows(df, path, "wear")
-    tf.write_feature_windows(tf.feature_windows_frame(signals, ts, 2000, 3), tf.feature_windows_path(2000, 3, "paper", tmp_path))
+    tf.write_feature_windows(
+        tf.feature_windows_frame(signals, ts, 2000, 3), tf.feature_windows_path(2000, 3, "paper", tmp_path)
+    )
     got = tf.load_feature_windows(2000, 3, data_dir=tmp_path, feature_set="wear")
     assert list(got.columns) == tf.schema_of("wear").names and len(got) == 12
     assert list(tf.load_feature_windows(2000, data_dir=tmp_path).columns) == list(tf.COLUMNS)  # the paper's alone

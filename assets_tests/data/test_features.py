@@ -94,7 +94,7 @@ def test_features_on_real_micropython_vm():
     assert len(lines) == 2, result.stderr
     on_device = np.array(json.loads(lines[0]))
     np.testing.assert_allclose(on_device, tf.window_features_np(np.array(x), 250), rtol=1e-9, atol=1e-12)
-    for k, (mean, skew, kurt) in enumerate(on_device):
+    for k, (_mean, _skew, kurt) in enumerate(on_device):
         seg = np.array(x[k * 250 : (k + 1) * 250])
         assert kurt == pytest.approx(scipy.stats.kurtosis(seg), rel=1e-9)
     # the device's accumulator keeps float32 samples, as on an ESP32
@@ -124,7 +124,9 @@ def test_feature_frame_schema_split_and_life():
 def test_parquet_roundtrip_and_load(tmp_path):
     signals, ts = _toy_frame()
     for b in (1, 2):
-        tf.write_feature_windows(tf.feature_windows_frame(signals, ts, 1000, b), tmp_path / "features/rate=1000" / f"bearing={b}.parquet")
+        tf.write_feature_windows(
+            tf.feature_windows_frame(signals, ts, 1000, b), tmp_path / "features/rate=1000" / f"bearing={b}.parquet"
+        )
     one = tf.load_feature_windows(1000, 2, data_dir=tmp_path)
     assert set(one.bearing) == {2} and len(one) == 3 * 2 * 2
     assert str(one.timestamp.dtype) == "datetime64[ns]"

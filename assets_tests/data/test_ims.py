@@ -67,11 +67,26 @@ def _bad_copy(tmp_path, edit):
     "edit, message",
     [
         (lambda ls: ls[:99] + ["0.1\t0.2\t0.3\t0.4\t0.5\t0.6\t0.7\n"] + ls[100:], r"line 100: 7 columns, expected 8"),
-        (lambda ls: ls[:4] + [ls[4].replace("\t", "\tabc", 1).replace("\t", "\t", 1)] + ls[5:], r"line 5, column 2: non-numeric cell"),
-        (lambda ls: ls[:4] + ["-0.1\t0.2\t0.3\t0.4\t0.5\tnan\t0.7\t0.8\n"] + ls[5:], r"line 5, column 6: non-numeric cell 'nan'"),
-        (lambda ls: ls[:4] + ["-0.1\t0.2\t1_0.5\t0.4\t0.5\t0.6\t0.7\t0.8\n"] + ls[5:], r"line 5, column 3: non-numeric cell '1_0.5'"),
-        (lambda ls: ls[:4] + ["-0.1\t0.2\t0.3\t 0.4\t0.5\t0.6\t0.7\t0.8\n"] + ls[5:], r"line 5, column 4: non-numeric cell ' 0.4'"),
-        (lambda ls: ls[:4] + ["-0.1\t0.2\t0.3\t0.4\t0.5\t0.6\t0.7\tInfinity\n"] + ls[5:], r"line 5, column 8: non-numeric cell"),
+        (
+            lambda ls: ls[:4] + [ls[4].replace("\t", "\tabc", 1).replace("\t", "\t", 1)] + ls[5:],
+            r"line 5, column 2: non-numeric cell",
+        ),
+        (
+            lambda ls: ls[:4] + ["-0.1\t0.2\t0.3\t0.4\t0.5\tnan\t0.7\t0.8\n"] + ls[5:],
+            r"line 5, column 6: non-numeric cell 'nan'",
+        ),
+        (
+            lambda ls: ls[:4] + ["-0.1\t0.2\t1_0.5\t0.4\t0.5\t0.6\t0.7\t0.8\n"] + ls[5:],
+            r"line 5, column 3: non-numeric cell '1_0.5'",
+        ),
+        (
+            lambda ls: ls[:4] + ["-0.1\t0.2\t0.3\t 0.4\t0.5\t0.6\t0.7\t0.8\n"] + ls[5:],
+            r"line 5, column 4: non-numeric cell ' 0.4'",
+        ),
+        (
+            lambda ls: ls[:4] + ["-0.1\t0.2\t0.3\t0.4\t0.5\t0.6\t0.7\tInfinity\n"] + ls[5:],
+            r"line 5, column 8: non-numeric cell",
+        ),
         (lambda ls: ls[:-1], r"line 20480: file ends after 20479 rows, expected 20480"),
         (lambda ls: ls + ls[:1], r"line 20481: more than 20480 rows"),
         (lambda ls: [], r"file is empty"),

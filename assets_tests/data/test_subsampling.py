@@ -21,7 +21,9 @@ def test_matches_scipy_resample_on_real_file(rate, length):
 
 def test_odd_length_matches_scipy():
     x = np.random.default_rng(0).normal(size=(3, 20000))
-    np.testing.assert_allclose(subsampling.subsample(x, 1234, 20000), scipy.signal.resample(x, 1234, axis=-1), atol=1e-12)
+    np.testing.assert_allclose(
+        subsampling.subsample(x, 1234, 20000), scipy.signal.resample(x, 1234, axis=-1), atol=1e-12
+    )
 
 
 def test_rectangular_low_pass_keeps_below_and_removes_above_nyquist():

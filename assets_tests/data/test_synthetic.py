@@ -65,7 +65,9 @@ def test_regenerating_replaces_whole_and_skips_when_current(tmp_path):
 def test_healthy_start_is_calibrated_on_the_first_real_file():
     real = ims.read_ims_file(REAL_FIRST)
     fake = synthetic.synthesize_file(0)
-    rms = lambda a: np.sqrt((a**2).mean(axis=0))
+    def rms(a):
+        return np.sqrt((a**2).mean(axis=0))
+
     np.testing.assert_allclose(rms(fake), rms(real), rtol=0.1)
     np.testing.assert_allclose(fake.mean(axis=0), real.mean(axis=0), atol=0.01)
     np.testing.assert_allclose(fake.std(axis=0), real.std(axis=0), rtol=0.1)
@@ -83,7 +85,9 @@ def test_life_shape_healthy_then_bearings_3_and_4_degrade():
     # per-file trajectories of the real set 1 (derived_features): RMS of every channel rises ~20% during
     # run-in then stays flat; bearing 3 x ends at RMS 0.3-0.6 with kurtosis above 10 and clipping at +-5
     life = synthetic._life()
-    rms = lambda a: np.sqrt((a**2).mean(axis=0))
+    def rms(a):
+        return np.sqrt((a**2).mean(axis=0))
+
     early, mid = synthetic.synthesize_file(0), synthetic.synthesize_file(1000)
     assert (rms(mid) / rms(early) > 1.1).all() and (rms(mid) / rms(early) < 1.35).all()
     healthy = [synthetic.synthesize_file(i) for i in range(0, 2156, 150) if life[i] < 0.6]

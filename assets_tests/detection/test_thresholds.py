@@ -46,7 +46,8 @@ def test_models_carry_their_own_threshold_and_the_pool_votes_with_it(tmp_path):
     for c in out:
         meta, cfg = repo.get(c.model_id), repo.config(c.model_id)
         assert cfg["threshold"] == meta["threshold"] == c.threshold == meta["lineage"]["threshold"]["threshold"]
-        assert meta["lineage"]["threshold"]["target_fa"] == 0.01 and meta["lineage"]["threshold"]["n_windows"] == n_train
+        assert meta["lineage"]["threshold"]["target_fa"] == 0.01
+        assert meta["lineage"]["threshold"]["n_windows"] == n_train
         assert cfg["feature_set"] == "wear" and c.threshold != THRESHOLD
         assert c.anomaly_rate_train <= 0.01 and c.anomaly_rate_later > 0.1  # the worn end of life stands out
     assert out[0].threshold != out[1].threshold

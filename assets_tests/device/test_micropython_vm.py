@@ -7,7 +7,8 @@ from tinyml_dagster.micropython_vm import ESP32_HEAP_BYTES, MicroPythonVM
 
 def test_runs_real_micropython_with_the_requested_heap():
     r = MicroPythonVM(heap_bytes=100 * 1024).run(
-        code="import sys, gc\nprint(sys.implementation.name, sys.implementation.version[:2])\nprint(gc.mem_free() + gc.mem_alloc())"
+        code="import sys, gc\nprint(sys.implementation.name, sys.implementation.version[:2])\n"
+        "print(gc.mem_free() + gc.mem_alloc())"
     ).check()
     name, version = r.stdout.splitlines()[0].split(" ", 1)
     assert name == "micropython" and version == "(1, 27)"
@@ -26,7 +27,10 @@ def test_fuel_is_deterministic_and_grows_with_work():
 
 def test_flash_dir_is_writable_and_survives_runs(tmp_path):
     vm = MicroPythonVM(flash_dir=tmp_path / "flash")
-    vm.run(code="f = open('/flash/x.tmp', 'wb')\nf.write(b'abc')\nf.close()\nimport os\nos.rename('/flash/x.tmp', '/flash/x')").check()
+    vm.run(
+        code="f = open('/flash/x.tmp', 'wb')\nf.write(b'abc')\nf.close()\n"
+        "import os\nos.rename('/flash/x.tmp', '/flash/x')"
+    ).check()
     assert (tmp_path / "flash" / "x").read_bytes() == b"abc"
     r = vm.run(code="import os\nprint(os.listdir('/flash'), open('/flash/x').read())").check()
     assert r.stdout.strip() == "['x'] abc"
@@ -49,7 +53,9 @@ def test_host_functions_receive_bytes_and_return_text():
         raise ValueError("bad")
 
     vm = MicroPythonVM(host_functions={"echo": echo, "broken": broken})
-    r = vm.run(code="import host\nprint(host.call('echo', bytes([0, 126, 255])))\nprint(host.call('broken', b''))").check()
+    r = vm.run(
+        code="import host\nprint(host.call('echo', bytes([0, 126, 255])))\nprint(host.call('broken', b''))"
+    ).check()
     assert seen == [b"\x00\x7e\xff"]
     assert r.stdout.splitlines() == ["ff7e00", "!ValueError: bad"]
 

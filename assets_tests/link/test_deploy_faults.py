@@ -17,7 +17,8 @@ from tinyml_dagster.link.sim import DeviceHost, Faults, SimulatedLink, provision
 from test_link_protocol import KEY, TIMING, forest, package
 
 
-def _rig(tmp_path, faults=Faults(), seed=0):
+def _rig(tmp_path, faults=None, seed=0):
+    faults = faults if faults is not None else Faults()
     root = tmp_path / "flash"
     provision_flash(root, "dev-1", KEY, TIMING)
     link = SimulatedLink(TIMING, faults, seed=seed)

@@ -1,4 +1,5 @@
-"""Packages: built and signed by the gateway, verified and extracted by firmware/package.py (CPython and MicroPython)."""
+"""Packages: built and signed by the gateway, verified and extracted by firmware/package.py
+(CPython and MicroPython)."""
 
 import hashlib
 import hmac

@@ -56,7 +56,9 @@ def test_bad_upload_names_the_field_and_stores_nothing_of_the_batch(tmp_path):
         kb.ingest([Upload("d1", 4, "weird", features=(0, 0, 0), champion_decision=0)])
     assert kb.count_uploads() == 1
     # a database-level failure in the middle of a batch rolls the whole batch back
-    kb._conn.execute("CREATE TRIGGER no_seven BEFORE INSERT ON uploads WHEN NEW.seq = 7 BEGIN SELECT RAISE(ABORT, 'no'); END")
+    kb._conn.execute(
+        "CREATE TRIGGER no_seven BEFORE INSERT ON uploads WHEN NEW.seq = 7 BEGIN SELECT RAISE(ABORT, 'no'); END"
+    )
     with pytest.raises(sqlite3.IntegrityError):
         kb.ingest([win("d1", 6), win("d1", 7)])
     assert kb.count_uploads() == 1

@@ -36,7 +36,8 @@ def test_pool_scores_equal_the_firmware_scores_on_thousands_of_windows(forests, 
     ref = np.array([[f.score(list(x)) for f in forests] for x in X])
     assert np.abs(S - ref).max() < 1e-9
     sums = pool.path_sums(X)
-    assert (sums[:300] == np.array([[f.path_sum(iso.quantise(list(x), f.grid)) for f in forests] for x in X[:300]])).all()
+    expected = np.array([[f.path_sum(iso.quantise(list(x), f.grid)) for f in forests] for x in X[:300]])
+    assert (sums[:300] == expected).all()
     assert np.allclose(score_forest(forests[2], X), ref[:, 2], rtol=0, atol=1e-9)
     assert ((S > 0) & (S <= 1)).all()
 

@@ -56,7 +56,7 @@ def test_rng_is_deterministic_uniform_and_seed_dependent():
 def test_grid_maps_the_training_range_inside_16_bits_with_headroom():
     rows = _rows()
     grid = iso.make_grid(rows)
-    for f, (e, base) in enumerate(grid):
+    for f, (_e, _base) in enumerate(grid):
         qs = [iso.quantise(r, grid)[f] for r in rows]
         assert iso.Q_HEADROOM <= min(qs) and max(qs) <= iso.Q_HEADROOM + iso.Q_SPAN
         assert max(qs) - min(qs) > iso.Q_SPAN // 2  # the largest power of two: at least half the span used

@@ -36,7 +36,9 @@ def test_wav_at_another_rate(tmp_path):
 
 def test_time_column_at_another_rate(tmp_path):
     path = write_snapshot(tmp_path / "2024.05.01.10.00.00", "csv", X[0], 12800)
-    with pytest.raises(RecordingError, match=r"column time_s: the time column is sampled at 12800 Hz, but rate_hz is 25600"):
+    with pytest.raises(
+        RecordingError, match=r"column time_s: the time column is sampled at 12800 Hz, but rate_hz is 25600"
+    ):
         open_recording(spec(path, time_column="time_s"))
 
 

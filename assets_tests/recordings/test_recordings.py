@@ -1,4 +1,5 @@
-"""Recordings: the same signal written in every format reads back the same through each reader; one real IMS file too."""
+"""Recordings: the same signal written in every format reads back the same through each reader;
+one real IMS file too."""
 
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def feature_windows_of(rec, rate_hz=2000, window_s=0.05):
 
     signals, stamps = subsampling.subsample_recording(rec, (rate_hz,), window_s)
     cols = [(name, k) for k, name in enumerate(rec.channels)]
-    return features.feature_windows_frame(signals[rate_hz], stamps, rate_hz, 1, axes=cols, window_ms=int(window_s * 1000))
+    return features.feature_windows_frame(
+        signals[rate_hz], stamps, rate_hz, 1, axes=cols, window_ms=int(window_s * 1000)
+    )
 
 
 @pytest.mark.parametrize("kind", FORMATS)

@@ -29,7 +29,7 @@ def test_raised_when_anomalies_persist_cleared_with_hysteresis():
     assert got.count("raised") == 1 and 55 <= got.index("raised") <= 65 and rule.active
     assert rule.peak >= 0.8 + 0.119 - 1e-9 and rule.start > 60
     # a few healthy windows do not clear it (hysteresis) ...
-    for i in range(40):
+    for _ in range(40):
         assert rule.push(t, 0.4, False) is None
         t += 0.5
     # ... a healthy minute does

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             files = ims.list_ims_files(args.ims_dir or settings.ims_dir())
     except Exception as exc:  # the readers' errors name the file and line
-        print(f"error: {'recording ' + str(spec) if spec else 'IMS files in ' + str(args.ims_dir or settings.ims_dir())}: "
-              f"{exc}", file=sys.stderr)
+        where = "recording " + str(spec) if spec else "IMS files in " + str(args.ims_dir or settings.ims_dir())
+        print(f"error: {where}: {exc}", file=sys.stderr)
         return 2
     emu = DeviceEmulator(args.device_id, flash_dir=args.flash, ims_files=files, bearing=args.bearing,
                          axis=args.axis, rate_hz=args.rate_hz, runtime=args.runtime, baud=args.baud,

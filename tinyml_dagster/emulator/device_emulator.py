@@ -96,8 +96,9 @@ class DeviceEmulator:
     """One emulated device; start() brings it up, port_path is what the gateway opens, stop() shuts it down."""
 
     def __init__(self, device_id: str, *, flash_dir: Path | None = None, ims_files: list[Path] | None = None,
-                 bearing: int = 1, axis: str = "x", rate_hz: int = 1000, runtime: str = "vm", baud: int = settings.LINK_BAUD,
-                 turnaround_ms: float = 10.0, time_scale: float = 1.0, link_path: Path | None = None,
+                 bearing: int = 1, axis: str = "x", rate_hz: int = 1000, runtime: str = "vm",
+                 baud: int = settings.LINK_BAUD, turnaround_ms: float = 10.0, time_scale: float = 1.0,
+                 link_path: Path | None = None,
                  config: dict | None = None, loop_data: bool = False, heap_bytes: int = VM_HEAP_BYTES,
                  feed: DataFeed | None = None) -> None:
         if runtime not in RUNTIMES:
@@ -193,7 +194,9 @@ class DeviceEmulator:
                 break
             # the VM stopped by itself (full heap, crash): reboot, as the ESP32's watchdog would
             self.reboots += 1
-            self.errors = self.errors[-9:] + [f"exit {result.exit_code} trap {result.trap}: {result.stderr.strip()[-300:]}"]
+            self.errors = self.errors[-9:] + [
+                f"exit {result.exit_code} trap {result.trap}: {result.stderr.strip()[-300:]}"
+            ]
             time.sleep(min(5.0, 0.1 * self.reboots))
 
     def stop(self) -> None:

@@ -60,8 +60,8 @@ class PtyUart:
 class SimulatedLink:
     """Two ptys joined by a forwarder thread that models the channel and injects seeded faults."""
 
-    def __init__(self, timing: LinkTiming = LinkTiming(), faults: Faults = Faults(), seed: int = 0) -> None:
-        self.timing = timing
+    def __init__(self, timing: LinkTiming | None = None, faults: Faults = Faults(), seed: int = 0) -> None:
+        self.timing = timing if timing is not None else LinkTiming()
         self.faults = faults
         self.rng = random.Random(seed)
         self._gw_master, gw_slave = os.openpty()
@@ -228,11 +228,12 @@ class _SilentSensor:
         return 0
 
 
-def provision_flash(root, device_id: str, key: bytes, timing: LinkTiming = LinkTiming()) -> None:
+def provision_flash(root, device_id: str, key: bytes, timing: LinkTiming | None = None) -> None:
     """A fresh device flash: config.json (id, link speed as seen in scaled time) and the deploy key."""
     import json
     from pathlib import Path
 
+    timing = timing if timing is not None else LinkTiming()
     root = Path(root)
     (root / "deploy").mkdir(parents=True, exist_ok=True)
     (root / "deploy" / "key").write_bytes(key)

@@ -282,7 +282,9 @@ class LinkService:
             except OSError:
                 pass  # the sender went away; it retransmits and the KB recognises the repeat
 
-    def _commit_one_by_one(self, kb: KnowledgeBase, items: list[_Item], refused: list) -> tuple[list[_Item], IngestResult]:
+    def _commit_one_by_one(
+        self, kb: KnowledgeBase, items: list[_Item], refused: list
+    ) -> tuple[list[_Item], IngestResult]:
         """Store what can be stored of a batch the database refused as a whole; the rest joins `refused`."""
         kept, result = [], IngestResult()
         for item in items:

@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="sniff a file, folder or glob and draft its recording spec")
     ins.add_argument("path")
-    ins.add_argument("--out", type=Path, default=Path("recording.toml"), help="spec to write (default ./recording.toml)")
+    ins.add_argument(
+        "--out", type=Path, default=Path("recording.toml"), help="spec to write (default ./recording.toml)"
+    )
     ins.add_argument("--force", action="store_true", help="overwrite an existing spec")
     chk = sub.add_parser("check", help="open the recording a spec describes and print what it holds")
     chk.add_argument("spec", type=Path)

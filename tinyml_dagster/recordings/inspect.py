@@ -59,7 +59,9 @@ def inspect_path(path: str | os.PathLike) -> Finding:
     chosen = [p for p in files if guess_format(p) == fmt]
     if len(chosen) < len(files):
         others = sorted({p.suffix or p.name for p in files if guess_format(p) != fmt})
-        f.fields["path"] = str(Path(text) / f"*{chosen[0].suffix}") if Path(text).is_dir() and chosen[0].suffix else text
+        f.fields["path"] = (
+            str(Path(text) / f"*{chosen[0].suffix}") if Path(text).is_dir() and chosen[0].suffix else text
+        )
         f.questions.append(f"path: {len(files) - len(chosen)} other files ({', '.join(others)}) are left out; "
                            "is the recording only the " + fmt + " files?")
     f.fields["format"] = fmt
@@ -70,7 +72,8 @@ def inspect_path(path: str | os.PathLike) -> Finding:
         decimal = "," if delimiter == ";" and _has_decimal_comma(chosen[0]) else "."
         f.fields.update(delimiter=delimiter, header=header, decimal=decimal)
         probe = probe.model_copy(update={"delimiter": delimiter, "header": header, "decimal": decimal})
-        f.facts.append(f"delimiter {delimiter!r}, {'a header line' if header else 'no header'}, decimal mark {decimal!r}")
+        f.facts.append(f"delimiter {delimiter!r}, {'a header line' if header else 'no header'}, "
+                       f"decimal mark {decimal!r}")
     dated = _datetime_column(chosen[0], fmt, probe)
     if dated:  # date-times are a time column, never a channel
         probe = probe.model_copy(update={"time_column": dated})
@@ -87,7 +90,8 @@ def inspect_path(path: str | os.PathLike) -> Finding:
         t = table.time.astype(np.int64) / 1e9
         measured = _rate_of(t)
         rate = rate or measured
-        f.facts.append(f"column {dated!r} holds date-times: {measured:.6g} Hz, from {table.time[0]}; it is not a channel")
+        f.facts.append(f"column {dated!r} holds date-times: {measured:.6g} Hz, from {table.time[0]}; "
+                       "it is not a channel")
         f.questions.append(f"rate_hz: {measured:g} Hz is measured from the time column {dated!r}; is that the rate?")
     if time_col is not None:
         name = names[time_col]
@@ -126,7 +130,8 @@ def inspect_path(path: str | os.PathLike) -> Finding:
                 f.questions.append(f"rate_hz: is variable {rate_var[0]!r} the sampling rate?")
             rpm = [v for v in others if "rpm" in v.lower()]
             if rpm:
-                f.questions.append(f"shaft_hz: variable {rpm[0]!r} looks like the shaft speed in rpm; shaft_hz = rpm / 60?")
+                f.questions.append(f"shaft_hz: variable {rpm[0]!r} looks like the shaft speed in rpm; "
+                                   "shaft_hz = rpm / 60?")
     samples = table.data.shape[0]
     f.facts.append(f"channels: {len(channels)} ({', '.join(channels)}); {samples} samples in the first file")
     f.fields["channels"] = [_clean(c) for c in names_of_channels]
@@ -143,8 +148,10 @@ def inspect_path(path: str | os.PathLike) -> Finding:
         f.facts.append(f"rate: {rate:g} Hz (from {source}); snapshot length {samples / rate:.4g} s")
     else:
         f.fields["rate_hz"] = 0.0
-        cwru = " (Case Western Reserve files: 12000 or 48000)" if any(re.match(r"X\d+_(DE|FE|BA)_time$", c) for c in channels) else ""
-        f.questions.append(f"rate_hz: what is the sampling rate in Hz? The files do not say{cwru} (required; never assumed)")
+        is_cwru = any(re.match(r"X\d+_(DE|FE|BA)_time$", c) for c in channels)
+        cwru = " (Case Western Reserve files: 12000 or 48000)" if is_cwru else ""
+        f.questions.append(f"rate_hz: what is the sampling rate in Hz? The files do not say{cwru} "
+                           "(required; never assumed)")
     if len(chosen) == 1 and (not rate or samples / rate > STREAM_SECONDS):
         f.fields["layout"] = "stream"
         f.fields["snapshot_seconds"] = 1.0

@@ -54,22 +54,25 @@ def read_table(path: Path, spec: RecordingSpec, fmt: str) -> Table:
     bad = ~np.isfinite(table.data)
     if bad.any():
         row, col = np.argwhere(bad)[0]
-        raise RecordingError(path, f"sample {table.data[row, col]} is not a finite number", line=table.first_line + int(row),
-                             column=table.names[col])
+        raise RecordingError(path, f"sample {table.data[row, col]} is not a finite number",
+                             line=table.first_line + int(row), column=table.names[col])
     if spec.scale != 1.0:
         table.data *= spec.scale
     return table
 
 
 def pick(names: list[str], wanted: list[str], path: Path, what: str = "column", skip: str = "") -> list[int]:
-    """Indices of the wanted names, 0-based indices or glob patterns (each must match exactly one); all but skip when empty."""
+    """Indices of the wanted names, 0-based indices or glob patterns (each must match exactly one);
+    all but skip when empty."""
     if not wanted:
         return [i for i, n in enumerate(names) if n != skip and str(i) != skip]
     out = []
     for w in wanted:
         if w.isdigit():
             if int(w) >= len(names):
-                raise RecordingError(path, f"{what} index {w} is missing: the file has {len(names)} ({', '.join(names)})")
+                raise RecordingError(
+                    path, f"{what} index {w} is missing: the file has {len(names)} ({', '.join(names)})"
+                )
             out.append(int(w))
             continue
         hits = [i for i, n in enumerate(names) if fnmatch.fnmatchcase(n, w)]
@@ -104,7 +107,8 @@ def read_ims(path: Path, spec: RecordingSpec) -> Table:
 # -- delimited text: pyarrow.csv -----------------------------------------------------------------------------
 
 def sniff_delimited(path: Path, delimiter: str = "", decimal: str = ".") -> tuple[str, bool]:
-    """(delimiter, header) of a text file from its first lines: the delimiter csv.Sniffer finds, a header if any cell is not a number."""
+    """(delimiter, header) of a text file from its first lines: the delimiter csv.Sniffer finds,
+    a header if any cell is not a number."""
     with open(path, newline="", errors="replace") as f:
         head = [f.readline() for _ in range(5)]
     sample = "".join(head)
@@ -201,7 +205,9 @@ def _locate_ragged(path: Path, delimiter: str, header: bool, message: str) -> Re
                 continue
             width = width or len(cells)
             if len(cells) != width:
-                return RecordingError(path, f"{len(cells)} cells, expected {width} as on line 1 (ragged rows)", line=line)
+                return RecordingError(
+                    path, f"{len(cells)} cells, expected {width} as on line 1 (ragged rows)", line=line
+                )
     return RecordingError(path, message)
 
 

@@ -170,7 +170,9 @@ def open_recording(spec: RecordingSpec) -> Recording:
     fmt = file_format(spec, files)
     if fmt == "delimited" and (not spec.delimiter or spec.header is None):  # sniffed once, from the first file
         delimiter, header = sniff_delimited(files[0], spec.delimiter, spec.decimal)
-        spec = spec.model_copy(update={"delimiter": delimiter, "header": header if spec.header is None else spec.header})
+        spec = spec.model_copy(
+            update={"delimiter": delimiter, "header": header if spec.header is None else spec.header}
+        )
     if spec.layout == "stream":
         return _open_stream(spec, files, fmt)
     first = read_table(files[0], spec, fmt)
@@ -222,7 +224,10 @@ def _open_stream(spec: RecordingSpec, files: list[Path], fmt: str) -> Recording:
         check_time_column(files[0], spec, time, tables[0].first_line)
         stamps = as_datetimes(files[0], spec, time[: count * size : size])
     else:
-        start = name_time(files[0], spec.filename_format, spec.filename_regex) if spec.timestamps == "filename" else parse_start(spec)
+        if spec.timestamps == "filename":
+            start = name_time(files[0], spec.filename_format, spec.filename_regex)
+        else:
+            start = parse_start(spec)
         step = spec.interval_s or spec.snapshot_seconds
         stamps = np.datetime64(start, "ns") + (np.arange(count) * step * 1e9).astype("timedelta64[ns]")
     return Recording(spec, fmt, files, _channel_names(spec, tables[0]), spec.rate_hz, size, stamps,

@@ -26,7 +26,8 @@ class RecordingSpec(dg.Config):
     columns: list[str] = Field(
         default=[],
         description="What to read, in channel order: column names or 0-based indices (delimited, parquet, npy, wav), "
-        "variable names or glob patterns such as '*_DE_time' (npz, mat); empty: every numeric column except time_column.",
+        "variable names or glob patterns such as '*_DE_time' (npz, mat); "
+        "empty: every numeric column except time_column.",
     )
     channels: list[str] = Field(default=[], description="Channel names, one per column read; empty: the column names.")
     monitor: list[str] = Field(
@@ -34,24 +35,35 @@ class RecordingSpec(dg.Config):
         description="Monitored units, each a channel name or channels joined by '+' (axes of one bearing, e.g. "
         "'b1x+b1y'); empty: every channel on its own.",
     )
-    layout: str = Field(default="snapshots", description="snapshots: one snapshot per file; stream: files are one continuous stream.")
-    snapshot_seconds: float = Field(default=0.0, description="stream layout: cut the stream into snapshots this long (0: one per file).")
+    layout: str = Field(default="snapshots", description="snapshots: one snapshot per file; "
+                        "stream: files are one continuous stream.")
+    snapshot_seconds: float = Field(default=0.0, description="stream layout: cut the stream into snapshots this long "
+                                    "(0: one per file).")
     delimiter: str = Field(default="", description="delimited: ',', ';' or '\\t' (empty: from the file).")
     decimal: str = Field(default=".", description="delimited: the decimal mark, '.' or ','.")
-    header: Optional[bool] = Field(default=None, description="delimited: first line holds column names (None: from the file).")
-    samples_axis: int = Field(default=0, description="npy/npz/mat: the axis of samples (0: rows are samples, 1: columns are).")
+    header: Optional[bool] = Field(default=None, description="delimited: first line holds column names "
+                                   "(None: from the file).")
+    samples_axis: int = Field(default=0, description="npy/npz/mat: the axis of samples "
+                              "(0: rows are samples, 1: columns are).")
     scale: float = Field(default=1.0, description="Multiply every sample by this (e.g. volts to g).")
-    timestamps: str = Field(default="filename", description="Snapshot times from the file name, a time column, or start + interval.")
+    timestamps: str = Field(default="filename", description="Snapshot times from the file name, "
+                            "a time column, or start + interval.")
     filename_format: str = Field(default=IMS_NAME_FORMAT, description="strptime format of the file name (or its stem).")
     filename_regex: str = Field(default="", description="Regex picking the time out of the file name (its first group, "
                                 "else the match) for filename_format; empty: the whole name or stem.")
-    time_column: str = Field(default="", description="Time column (name or index): seconds since start, or date-times; never a channel.")
+    time_column: str = Field(default="", description="Time column (name or index): seconds since start, or date-times; "
+                             "never a channel.")
     start: str = Field(default="", description="ISO start time for timestamps = interval or a numeric time column.")
-    interval_s: float = Field(default=0.0, description="Seconds between snapshots (timestamps = interval; 0: the snapshot length).")
-    rates_hz: list[int] = Field(default=[], description="Device sampling rates to resample to (empty: 500, 1000, 2000 Hz up to the source rate).")
-    device_rate_hz: int = Field(default=0, description="The rate the device samples at (0: 2000 Hz if among rates_hz, else the highest).")
-    window_s: float = Field(default=0.5, description="Feature window length in seconds (snapshots shorter than a window are joined, see README).")
-    device_channel: str = Field(default="", description="The channel fed to the emulated device (empty: the first monitored channel).")
+    interval_s: float = Field(default=0.0, description="Seconds between snapshots "
+                              "(timestamps = interval; 0: the snapshot length).")
+    rates_hz: list[int] = Field(default=[], description="Device sampling rates to resample to "
+                                "(empty: 500, 1000, 2000 Hz up to the source rate).")
+    device_rate_hz: int = Field(default=0, description="The rate the device samples at "
+                                "(0: 2000 Hz if among rates_hz, else the highest).")
+    window_s: float = Field(default=0.5, description="Feature window length in seconds "
+                            "(snapshots shorter than a window are joined, see README).")
+    device_channel: str = Field(default="", description="The channel fed to the emulated device "
+                                "(empty: the first monitored channel).")
     shaft_hz: float = Field(default=0.0, description="Shaft speed in Hz (0: unknown).")
     bearing_elements: int = Field(default=0, description="Rolling elements per bearing (0: unknown).")
     element_diameter_mm: float = Field(default=0.0, description="Rolling element diameter in mm (0: unknown).")
@@ -83,7 +95,9 @@ def spec_from_dict(fields: dict, where: str = "spec") -> RecordingSpec:
     """A checked spec from its fields (a TOML table or Dagster run config)."""
     unknown = sorted(set(fields) - set(RecordingSpec.model_fields))
     if unknown:
-        raise SpecError(f"{where}: {', '.join(unknown)}: not a spec field (fields: {', '.join(RecordingSpec.model_fields)})")
+        raise SpecError(
+            f"{where}: {', '.join(unknown)}: not a spec field (fields: {', '.join(RecordingSpec.model_fields)})"
+        )
     try:
         spec = RecordingSpec(**fields)
     except ValidationError as e:
@@ -138,8 +152,8 @@ def check_spec(spec: RecordingSpec, where: str = "spec") -> None:
         if rate * spec.window_s < 8:
             bad("window_s", f"{spec.window_s:g} s at {rate} Hz is {rate * spec.window_s:g} samples, fewer than 8")
     if not device_rates(spec):
-        bad("rates_hz", f"no default device rate (500, 1000, 2000 Hz) is at or below the source rate {spec.rate_hz:g} Hz; "
-                        "give rates_hz")
+        bad("rates_hz", "no default device rate (500, 1000, 2000 Hz) is at or below the source rate "
+                        f"{spec.rate_hz:g} Hz; give rates_hz")
     if spec.snapshot_seconds < 0 or spec.interval_s < 0:
         bad("snapshot_seconds" if spec.snapshot_seconds < 0 else "interval_s", "must not be negative")
     if spec.device_channel and spec.channels and spec.device_channel not in spec.channels:

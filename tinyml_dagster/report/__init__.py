@@ -1,7 +1,7 @@
 """The report: the paper's figures reproduced in this system, and detection quality (docs/results.md).
 
-`make report` runs `python -m tinyml_dagster.report` (tinyml_dagster/report/generate.py's main). This module stays light:
-Dagster assets import it to attach the generated plots to their metadata.
+`make report` runs `python -m tinyml_dagster.report` (tinyml_dagster/report/generate.py's main).
+This module stays light: Dagster assets import it to attach the generated plots to their metadata.
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def plot_inference(dev: dt.DeviceTime, out: Path) -> list[Path]:
     paths = []
     for bearing, letter in zip(sorted(dev.rows.bearing.unique()), "ab"):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for impl, style, label in (("baseline", "-", "paper-like JSON forest"), ("ours", "--", "this project's forest")):
+        for impl, style, label in (
+            ("baseline", "-", "paper-like JSON forest"), ("ours", "--", "this project's forest")
+        ):
             for kind, color in (("normal", "tab:blue"), ("anomalous", "tab:red")):
                 d = dev.rows[(dev.rows.impl == impl) & (dev.rows.bearing == bearing) & (dev.rows.kind == kind)]
                 d = d.sort_values("n_trees")
@@ -324,7 +326,7 @@ def plot_loop(episodes: pd.DataFrame, out: Path, timeline: tuple[pd.DataFrame, p
         x = np.arange(1, len(windows) + 1)
         ax.plot(x, windows.false_positive.cumsum().to_numpy(), color="tab:red", label="cumulative false positives")
         pos = np.searchsorted(windows.upload_id.to_numpy(), changes.since_upload_id.to_numpy(), side="right")
-        for k, (p, r) in enumerate(zip(pos, changes.itertuples())):
+        for p, r in zip(pos, changes.itertuples()):
             if 0 < p < len(windows):
                 ax.axvline(p + 0.5, color="0.4", ls="--", lw=1)
                 ax.text(p + 1, ax.get_ylim()[1] * 0.05, r.model_id[:18], rotation=90, fontsize=7, color="0.3")
@@ -425,6 +427,9 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
     # device time
     L += ["## Device time (Fig. 3a, 3b, 3c)", ""]
     if dev is not None:
+        fit_json = json.dumps(
+            {k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in dev.fit.items()}
+        )
         L += [f"**How device time is modelled.** The ESP32 is not here; its MicroPython is (1.27, WASI build on "
               f"wasmtime). Every figure is wasm instructions (fuel, deterministic) measured in that VM, times ONE "
               f"constant: **{dev.ms_per_fuel * 1e6:.2f} ns per instruction**, derived so that the paper-like forest "
@@ -436,7 +441,7 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
               f"instructions are modelled as a + c·trees + b·(nodes visited) (nodes counted exactly); the model "
               f"reproduces every measured batch total within "
               f"{max(v['max_rel_error_batches'] for v in dev.fit.values()) * 100:.1f}% "
-              f"(fits: {json.dumps({k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in dev.fit.items()})}). "
+              f"(fits: {fit_json}). "
               f"The paper's std (1.3-6.1 ms) includes timer and GC jitter of a real board, which a deterministic "
               f"VM does not have.", ""]
         L += [img("inference"), ""]
@@ -567,7 +572,8 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
     big = max(qc.tree_counts)
     sel = quality[quality.n_trees == big][["source", "rate_hz", "bearing", "model", "n_healthy", "n_eol", "fa_rate",
                                            "fa_rate_heldout", "auc", "lead_time_h", "eol_alarm_rate"]]
-    L += [f"### Every bearing at {big} trees (every rate, size and model: [results/detection_quality.csv](results/detection_quality.csv))", "",
+    L += [f"### Every bearing at {big} trees (every rate, size and model: "
+          "[results/detection_quality.csv](results/detection_quality.csv))", "",
           _md_table(sel, {"fa_rate": 3, "fa_rate_heldout": 3, "auc": 3, "lead_time_h": 1, "eol_alarm_rate": 3}),
           "For bearings 1 and 2, which do not fail, a lead time is a persistent false alarm during monitoring "
           "(3 alarming snapshots in a row).", ""]
@@ -584,9 +590,9 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
     defect = (f"BPFI {synthetic.BPFI_HZ:.0f} Hz for bearing 3's inner race, 2xBSF {2 * synthetic.BSF_HZ:.0f} Hz "
               "for bearing 4's rollers")
     L += ["### What follows for the default sampling rate", "",
-          verdict + f" The failing bearings' defect frequencies ({defect}) lie above the 250 Hz Nyquist limit of 500 Hz "
-          "sampling, so at 500 Hz their impacts reach the features only through the low band; at 1 and 2 kHz the "
-          "defect lines themselves are inside the band.", ""]
+          verdict + f" The failing bearings' defect frequencies ({defect}) lie above the 250 Hz Nyquist limit "
+          "of 500 Hz sampling, so at 500 Hz their impacts reach the features only through the low band; "
+          "at 1 and 2 kHz the defect lines themselves are inside the band.", ""]
     L += [f"Defaults now: the candidate models train on {settings.DEFAULT_RATE_HZ} Hz windows "
           f"(`settings.DEFAULT_RATE_HZ`, the default of `candidate_models`)"
           + (" — the numbers above say it should be "

@@ -32,7 +32,9 @@ class DeviceBudgetResource(dg.ConfigurableResource):
     flash_bytes: int = Field(default=256 * 1024, description="flash free for packages (staged + champion + previous)")
     heap_bytes: int = Field(default=96 * 1024, description="heap free for a loaded champion")
     baud: int = Field(default=settings.LINK_BAUD, description="link speed, 8N1")
-    turnaround_s: float = Field(default=settings.LINK_TURNAROUND_S, description="half-duplex turnaround per direction change")
+    turnaround_s: float = Field(
+        default=settings.LINK_TURNAROUND_S, description="half-duplex turnaround per direction change"
+    )
     deadline_s: float = Field(default=600.0, description="longest acceptable link time of one deploy")
 
     def timing(self) -> LinkTiming:
