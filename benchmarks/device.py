@@ -23,6 +23,7 @@ from firmware import features, isoforest  # noqa: E402
 from firmware.tests.util import signal  # noqa: E402
 from tinyml_dagster import settings  # noqa: E402
 from tinyml_dagster.deployment_agent import MpyTarget, forest_package, runtime_mpy  # noqa: E402
+from tinyml_dagster import device_workloads as dw  # noqa: E402
 from tinyml_dagster.micropython_vm import MicroPythonVM  # noqa: E402
 from tinyml_dagster.storage import atomic_write  # noqa: E402
 
@@ -42,83 +43,6 @@ HEAP_TARGET = 24 * 1024
 SPEEDUP_TARGET = 3.0
 MPY_LOAD_TARGET = 0.5  # the .mpy champion's load instructions, as a share of the nested dicts' at 50 trees
 PACKAGE_ENCODINGS = ("compact", "mpy", "mpy+compact", "json")
-
-SETUP = """
-import gc, json, math
-gc.enable()
-from firmware import isoforest, features, compiled_forest
-rows = json.load(open('/flash/rows.json'))
-grid = json.load(open('/flash/grid.json'))
-q = [0, 0, 0]
-"""
-
-LOAD_OURS = """
-f = open('/flash/m%(n)d.bin', 'rb')
-forest = isoforest.load(f.read(), grid)
-f.close()
-f = None
-model = compiled_forest.CompiledForest(forest)
-forest = None
-"""
-
-# the champion precompiled by the gateway (mpy-cross): imported, nothing compiled on the device
-LOAD_MPY = """
-model = compiled_forest.PrecompiledForest(compiled_forest.import_runtime('/flash', 'm%(n)d.mpy'), grid)
-"""
-
-LOAD_NODE_ARRAYS = """
-f = open('/flash/m%(n)d.bin', 'rb')
-model = isoforest.load(f.read(), grid)
-f.close()
-f = None
-"""
-
-LOAD_BASELINE = """
-f = open('/flash/m%(n)d.json')
-model = json.load(f)
-f.close()
-f = None
-"""
-
-BASELINE_SCORER = """
-def path_length(node, q):
-    while 'leaf' not in node:
-        node = node['left'] if q[node['feature']] < node['threshold'] else node['right']
-    return node['path_length']
-
-def score_baseline(doc, x):
-    isoforest.quantise(x, doc['grid'], q)
-    total = 0.0
-    for t in doc['trees']:
-        total += path_length(t, q)
-    return 2.0 ** (-(total / len(doc['trees'])) / isoforest.c(doc['psi']))
-"""
-
-SCORE_OURS = """
-for r in rows:
-    model.score(r)
-"""
-
-SCORE_BASELINE = """
-for r in rows:
-    score_baseline(model, r)
-"""
-
-# the conservative GC also scans stale stack slots: overwrite them (deep calls) before collecting; a device
-# collects after loading a champion too, so every scoring run starts from a collected heap
-COLLECT = """
-def _clear_stack(n):
-    a = b = c = d = e = g = h = 0
-    if n:
-        _clear_stack(n - 1)
-for _ in range(3):
-    _clear_stack(40)
-gc.collect()
-"""
-
-HEAP = COLLECT + """
-print('HEAP', gc.mem_alloc())
-"""
 
 FEATURES_SETUP = """
 import array
@@ -159,8 +83,8 @@ def feature_set_costs(vm: MicroPythonVM, k: int = 4) -> dict:
         for kind, amp in FEATURE_SIGNALS.items():
             x = np.clip(rng.standard_t(4, n) * amp - 0.1, -5.0, 5.0).astype(np.float32).tolist()
             args = {"name": name, "x": json.dumps(x)}
-            f0, _ = _fuel(vm, FEATURE_SET_RUN % {**args, "k": 0})
-            f1, _ = _fuel(vm, FEATURE_SET_RUN % {**args, "k": k})
+            f0, _ = dw.fuel(vm, FEATURE_SET_RUN % {**args, "k": 0})
+            f1, _ = dw.fuel(vm, FEATURE_SET_RUN % {**args, "k": k})
             fuel = (f1 - f0) // k
             per[kind] = {"fuel": fuel, "ms": round(fuel * NS_PER_INSTRUCTION * 1e-6, 1)}
         worst = max(v["ms"] for v in per.values())
@@ -179,21 +103,6 @@ dev = device.Device(FakeUART(), FakeUART(), '/flash/fw')
 gc.collect()
 print(before, gc.mem_alloc())
 """
-
-
-def _vm(flash: Path) -> MicroPythonVM:
-    # a heap large enough that no collection runs inside a function (the WASI build's GC misses wasm locals);
-    # heap figures come from top-level gc.collect() only
-    return MicroPythonVM(flash_dir=flash, heap_bytes=32 * 1024 * 1024, memory_bytes=64 * 1024 * 1024)
-
-
-def _fuel(vm: MicroPythonVM, code: str) -> tuple[int, str]:
-    r = vm.run(code=code).check()
-    return r.fuel_used, r.stdout
-
-
-def _heap(stdout: str) -> int:
-    return int([ln for ln in stdout.splitlines() if ln.startswith("HEAP")][-1].split()[1])
 
 
 def measure() -> dict:
@@ -222,24 +131,24 @@ def measure() -> dict:
                 pkg = forest_package(f"m{n}", forest, {"threshold": 0.6, "grid": grid}, device_id="bench-0",
                                      version=1, key=bytes(32), encoding=enc)
                 out["package_bytes"].setdefault(enc, {})[n] = pkg.size
-        vm = _vm(flash)
-        base_fuel, base_out = _fuel(vm, SETUP + BASELINE_SCORER + "compiled_forest.scorers(3)\n" + HEAP)
-        base_heap = _heap(base_out)
-        setup_only, _ = _fuel(vm, SETUP + BASELINE_SCORER + COLLECT)
+        vm = dw.vm(flash)
+        base_fuel, base_out = dw.fuel(vm, dw.SETUP + dw.BASELINE_SCORER + "compiled_forest.scorers(3)\n" + dw.HEAP)
+        base_heap = dw.heap(base_out)
+        setup_only, _ = dw.fuel(vm, dw.SETUP + dw.BASELINE_SCORER + dw.COLLECT)
         for n in SIZES:
-            for kind, load, score in (("ours", LOAD_OURS, SCORE_OURS), ("mpy", LOAD_MPY, SCORE_OURS),
-                                      ("node_arrays", LOAD_NODE_ARRAYS, SCORE_OURS),
-                                      ("baseline", LOAD_BASELINE, SCORE_BASELINE)):
-                load_fuel, load_out = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + HEAP)
-                score_fuel, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + COLLECT + score)
-                only_load, _ = _fuel(vm, SETUP + BASELINE_SCORER + load % {"n": n} + COLLECT)
-                out[kind]["heap_bytes"][n] = _heap(load_out) - base_heap
+            for kind, load, score in (("ours", dw.LOAD_OURS, dw.SCORE_OURS), ("mpy", dw.LOAD_MPY, dw.SCORE_OURS),
+                                      ("node_arrays", dw.LOAD_NODE_ARRAYS, dw.SCORE_OURS),
+                                      ("baseline", dw.LOAD_BASELINE, dw.SCORE_BASELINE)):
+                load_fuel, load_out = dw.fuel(vm, dw.SETUP + dw.BASELINE_SCORER + load % {"n": n} + dw.HEAP)
+                score_fuel, _ = dw.fuel(vm, dw.SETUP + dw.BASELINE_SCORER + load % {"n": n} + dw.COLLECT + score)
+                only_load, _ = dw.fuel(vm, dw.SETUP + dw.BASELINE_SCORER + load % {"n": n} + dw.COLLECT)
+                out[kind]["heap_bytes"][n] = dw.heap(load_out) - base_heap
                 out[kind]["load_fuel"][n] = only_load - setup_only
                 out[kind]["inference_fuel"][n] = (score_fuel - only_load) // N_WINDOWS
         w = features.window_length(RATE_HZ)
         k = 8
-        f0, _ = _fuel(vm, FEATURES_SETUP % {"w": w})
-        f1, _ = _fuel(vm, FEATURES_SETUP % {"w": w} + FEATURES_RUN % {"k": k, "w": w})
+        f0, _ = dw.fuel(vm, FEATURES_SETUP % {"w": w})
+        f1, _ = dw.fuel(vm, FEATURES_SETUP % {"w": w} + FEATURES_RUN % {"k": k, "w": w})
         out["feature_fuel_per_window"] = {"rate_hz": RATE_HZ, "samples": w, "fuel": (f1 - f0) // k}
         out["feature_sets"] = feature_set_costs(vm)
         # the whole firmware: every module imported and a Device running a 50-tree champion
@@ -252,7 +161,7 @@ def measure() -> dict:
         before, after = [int(v) for v in r.stdout.split()[-2:]]
         out["firmware_heap_bytes"] = after - before
         t0 = time.perf_counter()
-        r = vm.run(code=SETUP + LOAD_OURS % {"n": 50} + SCORE_OURS).check()
+        r = vm.run(code=dw.SETUP + dw.LOAD_OURS % {"n": 50} + dw.SCORE_OURS).check()
         out["wall_s_50_trees_64_windows_incl_setup"] = round(time.perf_counter() - t0, 3)
         del r
     ratio = {n: out["baseline"]["inference_fuel"][n] / out["ours"]["inference_fuel"][n] for n in SIZES}

@@ -1,8 +1,8 @@
 """Device time per inference and per model load, modelled from MicroPython VM instructions (fuel).
 
-Fuel is measured in the real MicroPython 1.27 VM with the device benchmark's own code (benchmarks/device.py:
-the same setup, loaders and scorers, for our compact forest compiled on the device, the same forest precompiled to
-.mpy by the gateway, and the paper-like nested-dict JSON forest) on the
+Fuel is measured in the real MicroPython 1.27 VM with the device benchmark's own work
+(tinyml_dagster/device_workloads.py: the same setup, loaders and scorers, for our compact forest compiled on the
+device, the same forest precompiled to .mpy by the gateway, and the paper-like nested-dict JSON forest) on the
 repository's models (bearing 1 and 3, 10-50 trees, 500 Hz windows of the synthetic run):
 - load fuel = run(setup + load + collect) - run(setup + collect) (a device collects after loading a model);
 - a batch's inference fuel = run(setup + load + score the batch) - run(setup + load), on up to N windows the model
@@ -17,7 +17,6 @@ inference, matched by the paper-like JSON forest's mean fuel on bearing 1's norm
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -29,8 +28,8 @@ import pandas as pd
 
 from firmware import isoforest
 from tinyml_dagster.deployment_agent import MpyTarget, runtime_mpy
+from tinyml_dagster import device_workloads as dw
 from tinyml_dagster.forest import score_forest
-from tinyml_dagster.micropython_vm import REPO_ROOT
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, feature_matrix, model_seed, train_forest
 
 PAPER_INFERENCE_MS = {  # (mean, std) from the paper's text for Fig. 3a/3b
@@ -42,17 +41,6 @@ CALIBRATION = {"bearing": 1, "n_trees": 10, "impl": "baseline", "kind": "normal"
 # nested-dict JSON (LibIsolationForest-like, the paper)
 IMPLS = ("ours", "mpy", "baseline")
 MODEL_FILES = {"ours": "m%d.bin", "mpy": "m%d.mpy", "baseline": "m%d.json"}
-
-
-def _device_bench():
-    """benchmarks/device.py as a module (its VM snippets are the device benchmark's definition of the work)."""
-    path = REPO_ROOT / "benchmarks" / "device.py"
-    spec = importlib.util.spec_from_file_location("tinyml_bench_device", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"{path}: the device benchmark is needed to measure device time")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def nodes_visited(forest: isoforest.Forest, X: np.ndarray) -> np.ndarray:
@@ -91,7 +79,6 @@ class DeviceTime:
 def measure(windows: pd.DataFrame, bearings: Sequence[int] = (1, 3), tree_counts: Sequence[int] = TREE_COUNTS,
             per_kind: int = 200, seed: int = 0, checks: int = 0, log=print) -> DeviceTime:
     """Measure fuel in the VM for every (impl, bearing, size, normal/anomalous batch); model per-window fuel."""
-    bench = _device_bench()
     records, loads, singles = [], [], []
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="tinyml-report-vm-") as tmp:
@@ -117,14 +104,14 @@ def measure(windows: pd.DataFrame, bearings: Sequence[int] = (1, 3), tree_counts
                     (flash / f"m{n}.bin").write_bytes(forest.to_bytes())
                     (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
                     (flash / f"m{n}.mpy").write_bytes(runtime_mpy(forest, MpyTarget()))
-                    vm = bench._vm(flash)
-                    base = bench.SETUP + bench.BASELINE_SCORER
-                    setup = vm.run(code=base + bench.COLLECT).check().fuel_used
+                    vm = dw.vm(flash)
+                    base = dw.SETUP + dw.BASELINE_SCORER
+                    setup = vm.run(code=base + dw.COLLECT).check().fuel_used
                     visits = nodes_visited(forest, X)
-                    for impl, load_code, score_code in (("ours", bench.LOAD_OURS, bench.SCORE_OURS),
-                                                        ("mpy", bench.LOAD_MPY, bench.SCORE_OURS),
-                                                        ("baseline", bench.LOAD_BASELINE, bench.SCORE_BASELINE)):
-                        load_src = base + load_code % {"n": n} + bench.COLLECT  # as a device: collect after load
+                    for impl, load_code, score_code in (("ours", dw.LOAD_OURS, dw.SCORE_OURS),
+                                                        ("mpy", dw.LOAD_MPY, dw.SCORE_OURS),
+                                                        ("baseline", dw.LOAD_BASELINE, dw.SCORE_BASELINE)):
+                        load_src = base + load_code % {"n": n} + dw.COLLECT  # as a device: collect after load
                         loaded = vm.run(code=load_src).check().fuel_used
                         scored = vm.run(code=load_src + score_code).check().fuel_used
                         records.append({"impl": impl, "bearing": bearing, "n_trees": n, "kind": kind,
