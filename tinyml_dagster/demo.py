@@ -160,7 +160,7 @@ class LoopResult:
 def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | None = None,
              rate_hz: int = RATE_HZ, bearing: int = BEARING, axis: str = AXIS, n_train: int = 64,
              upload_every: int = 10, windows_per_s: float = 20.0, time_scale: float = 0.02, n_fp: int = 5,
-             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None,
+             timeout_s: float = 240.0, pool_in_service: bool = True, log=print, instance=None,
              progress=None) -> LoopResult:
     """Run the loop once on the IMS recording; returns its figures (windows, anomalies, false positives, ...).
 
@@ -236,7 +236,6 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
     kb = KnowledgeBase(settings.kb_path())
-    uploads_cursor = None
     done_keys: set[str] = set()
     replacements = []
     try:
@@ -246,16 +245,17 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 progress(status["windows"], status["windows_planned"], "windows on the device")
             if status["error"] or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the device or the link service stopped: %s (see %s)" % (status["error"], logf.name))
-            # device_uploads_sensor -> pool_decisions_job
-            ctx = dg.build_sensor_context(instance=instance, cursor=uploads_cursor, resources=resources,
+            # device_uploads_sensor: the service's decisions as asset events; pool_decisions_job only for work
+            ctx = dg.build_sensor_context(instance=instance, resources=resources,
                                           repository_def=repo_def)
             res = defs.resolve_sensor_def("device_uploads_sensor")(ctx)
             for req in res.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            for event in res.asset_events or []:
+                instance.report_runless_asset_event(event)
             for req in res.run_requests or []:
                 r = defs.resolve_job_def("pool_decisions_job").execute_in_process(instance=instance, tags=req.tags)
                 assert r.success
-            uploads_cursor = res.cursor or uploads_cursor
             # false_positive_sensor -> replace_champion_job (once per episode: run_key)
             ctx = dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def)
             res = defs.resolve_sensor_def("false_positive_sensor")(ctx)

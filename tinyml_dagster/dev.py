@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from tinyml_dagster import settings
+from tinyml_dagster.storage import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,20 @@ def ensure_pool_inputs(log=print) -> None:
     demo.materialize_pool_inputs(demo.RATE_HZ, demo.BEARING, instance=dg.DagsterInstance.get())
 
 
+def install_instance_config(home: Path) -> None:
+    """The shipped dagster.yaml (run queue limits) in DAGSTER_HOME, replacing an older copy."""
+    home.mkdir(parents=True, exist_ok=True)
+    shipped = (ROOT / "dagster.yaml").read_bytes()
+    target = home / "dagster.yaml"
+    if not target.is_file() or target.read_bytes() != shipped:
+        atomic_write(target, shipped)
+
+
+def child_takes_sigint() -> None:
+    """In the child: SIGINT stops it even when dev.py runs in the background (where the shell ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(pred, timeout: float, what: str, procs) -> None:
     deadline = time.time() + timeout
     while not pred():
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    install_instance_config(Path(os.environ["DAGSTER_HOME"]))
     ensure_pool_inputs()
     run = settings.data_dir() / "run"
     run.mkdir(parents=True, exist_ok=True)
@@ -84,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     flash = settings.device_flash_dir(args.device_id)
     DeviceKeys().provision(args.device_id, flash)
     procs: list[subprocess.Popen] = []
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored there)
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     py = sys.executable
     try:
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.emulator", "--device-id", args.device_id,
@@ -91,32 +109,33 @@ def main(argv: list[str] | None = None) -> int:
                                        "--runtime", args.runtime, "--link", str(link),
                                        "--bearing", str(BEARING), "--axis", AXIS, "--rate-hz", str(RATE_HZ),
                                        # the firmware paces its sends by its configured baud: the scaled line's
-                                       "--set", "baud=%d" % int(settings.LINK_BAUD * args.speed)], cwd=ROOT))
+                                       "--set", "baud=%d" % int(settings.LINK_BAUD * args.speed)],
+                                      cwd=ROOT, preexec_fn=child_takes_sigint))
         wait_for(link.exists, 120, "the emulator's link port", procs)
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.link_service",
                                        "--port", "%s=%s" % (args.device_id, os.path.realpath(link)),
-                                       "--time-scale", str(1.0 / args.speed), "--ready-file", str(ready)], cwd=ROOT))
+                                       "--time-scale", str(1.0 / args.speed), "--ready-file", str(ready)],
+                                      cwd=ROOT, preexec_fn=child_takes_sigint))
         wait_for(ready.exists, 60, "the link service", procs)
         print("device %s on %s, link service up (Knowledge Base %s)" % (args.device_id, os.path.realpath(link),
                                                                        settings.kb_path()), flush=True)
         if not args.no_dagster:
             procs.append(subprocess.Popen([py, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"),
-                                           "-p", str(args.port)], cwd=ROOT))
+                                           "-p", str(args.port)], cwd=ROOT, preexec_fn=child_takes_sigint))
             print("Dagster UI on http://127.0.0.1:%d (Ctrl-C stops everything)" % args.port, flush=True)
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         while not stop and all(p.poll() is None for p in procs):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the shutdown short
         for p in reversed(procs):  # one at a time: the link service lets go of the port before the device goes
             if p.poll() is None:
                 p.send_signal(signal.SIGINT if p is procs[-1] else signal.SIGTERM)
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                print("%s did not stop in 60 s: killed" % " ".join(p.args[:3]), flush=True)
                 p.kill()
+                p.wait()
     return 0
 
 

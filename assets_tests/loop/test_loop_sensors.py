@@ -1,6 +1,6 @@
 """Loop sensors: cursor on the Knowledge Base, devices as dynamic partitions, once-per-episode replacement."""
 
-import json
+import time
 
 import dagster as dg
 import numpy as np
@@ -22,37 +22,74 @@ def test_definitions_load_with_the_loop():
     assert {j.name for j in d.jobs} >= {"pool_decisions_job", "replace_champion_job", "retrain_job"}
 
 
-def test_device_uploads_sensor_cursor_and_partitions(tmp_path):
-    path = tmp_path / "kb.sqlite"
-    kb = KnowledgeBase(path)
+def _uploads_context(instance, tmp_path):
+    from tinyml_dagster.defs.loop.resources import PoolResource
+
+    return dg.build_sensor_context(instance=instance, resources={
+        "knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
+        "pool": PoolResource(models_dir=str(tmp_path / "models"))})
+
+
+def _report(instance, result) -> None:
+    """What the daemon does with a sensor's result: new partitions and asset events into the instance."""
+    for add in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)
+
+
+def test_device_uploads_sensor_reports_decisions_without_runs_and_runs_only_for_work(tmp_path, monkeypatch):
+    from tinyml_dagster.pool_inference import pool_from_repository
+
+    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path))
+    ids = seed_candidates(tmp_path / "models", n_trees=(10, 20, 30))
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
     instance = dg.DagsterInstance.ephemeral()
-    resources = {"knowledge_base": KnowledgeBaseResource(path=str(path))}
+    empty = device_uploads_sensor(_uploads_context(instance, tmp_path))
+    assert not empty.run_requests and empty.skip_reason
 
-    ctx = dg.build_sensor_context(instance=instance, resources=resources)
-    result = device_uploads_sensor(ctx)
-    assert not result.run_requests and result.skip_reason
-
-    kb.ingest([Upload(d, s, "normal", features=(0, 0, 0), champion_id="v1", champion_decision=0)
+    # just received: the link service's pool decides them within a second, so no run
+    rows = commissioning_features()[:6]
+    kb.ingest([Upload(d, s, "normal", features=tuple(map(float, rows[s])), champion_id="v1", champion_decision=0)
                for d in ("dev-a", "dev-b") for s in (1, 2)])
-    ctx = dg.build_sensor_context(instance=instance, resources=resources)
-    result = device_uploads_sensor(ctx)
-    (req,) = result.run_requests
-    assert req.run_key == "uploads-through-4"
-    assert json.loads(result.cursor) == {"upload_id": 4}
-    (add,) = result.dynamic_partitions_requests
+    fresh = device_uploads_sensor(_uploads_context(instance, tmp_path))
+    assert not fresh.run_requests and not fresh.asset_events
+    (add,) = fresh.dynamic_partitions_requests
     assert add.partitions_def_name == "devices" and sorted(add.partition_keys) == ["dev-a", "dev-b"]
-    instance.add_dynamic_partitions("devices", list(add.partition_keys))
+    _report(instance, fresh)
 
-    # re-evaluation with the same cursor: nothing new, no new partitions
-    ctx = dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor)
-    again = device_uploads_sensor(ctx)
-    assert not again.run_requests and not again.dynamic_partitions_requests
+    # the service decided them: one pool_decisions materialisation from the sensor, no run
+    pool_from_repository(tmp_path / "models").decide_pending(kb)
+    decided = device_uploads_sensor(_uploads_context(instance, tmp_path))
+    assert not decided.run_requests and not decided.dynamic_partitions_requests
+    (event,) = decided.asset_events
+    assert event.asset_key == dg.AssetKey("pool_decisions")
+    assert event.metadata["decided"].value == 4 and event.metadata["through_upload_id"].value == 4
+    assert event.metadata["pool_size"].value == len(ids)
+    _report(instance, decided)
+    assert not device_uploads_sensor(_uploads_context(instance, tmp_path)).asset_events  # reported once
 
-    kb.ingest([Upload("dev-c", 1, "anomaly", features=(0, 0, 9), champion_id="v1", champion_decision=1)])
-    ctx = dg.build_sensor_context(instance=instance, resources=resources, cursor=result.cursor)
-    third = device_uploads_sensor(ctx)
-    assert [r.run_key for r in third.run_requests] == ["uploads-through-5"]
-    assert list(third.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
+    # windows no pool decided for longer than the grace: one run, and none while one is queued or running
+    kb.ingest([Upload("dev-c", 1, "anomaly", features=(0.0, 0.0, 9.0), champion_id="v1", champion_decision=1)],
+              now=time.time() - 60)
+    stale = device_uploads_sensor(_uploads_context(instance, tmp_path))
+    assert [r.run_key for r in stale.run_requests] == ["decide-through-5"]
+    assert list(stale.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
+    _report(instance, stale)
+    instance.add_run(dg.DagsterRun(job_name="pool_decisions_job", status=dg.DagsterRunStatus.STARTED))
+    assert not device_uploads_sensor(_uploads_context(instance, tmp_path)).run_requests
+
+    # the run decides them and reports through its own materialisation: the sensor does not repeat it
+    from tinyml_dagster.defs.loop.assets import device_champions, pool_decisions
+    from tinyml_dagster.defs.loop.resources import PoolResource
+
+    r = dg.materialize([device_champions, pool_decisions], instance=instance, resources={
+        "knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
+        "pool": PoolResource(models_dir=str(tmp_path / "models"))})
+    meta = r.asset_materializations_for_node("pool_decisions")[0].metadata
+    assert meta["decided"].value == 1 and meta["through_upload_id"].value == 5
+    after = device_uploads_sensor(_uploads_context(instance, tmp_path))
+    assert not after.asset_events and not after.run_requests
 
 
 def commissioning_features(seed: int = 3, window: int = 500) -> np.ndarray:
@@ -151,7 +188,8 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     instance.add_dynamic_partitions("devices", ["dev-a"])
     resources = {"knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
                  "pool": PoolResource(models_dir=str(tmp_path / "models"))}
-    ok = dg.materialize([champion_package], partition_key="dev-a", instance=instance,
+    episode = {"tinyml/episode": str(kb.current_champion("dev-a").episode_id)}
+    ok = dg.materialize([champion_package], partition_key="dev-a", instance=instance, tags=episode,
                         resources=dict(resources, device_budget=DeviceBudgetResource()))
     assert ok.success
     checks = {c.check_name: c.passed for c in ok.get_asset_check_evaluations()}
@@ -162,11 +200,46 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     # a device with 8 KB of flash and a 5-s deadline: both checks fail, and the deploy does not run
     tight = DeviceBudgetResource(flash_bytes=8 * 1024, heap_bytes=4 * 1024, deadline_s=5.0)
     res = dg.materialize([champion_package, deployed_champion], partition_key="dev-a", instance=instance,
-                         resources=dict(resources, device_budget=tight), raise_on_error=False)
+                         resources=dict(resources, device_budget=tight), raise_on_error=False, tags=episode)
     checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
     assert checks == {"fits_device_budget": False, "link_time_within_deadline": False}
     assert not res.success
     assert not res.asset_materializations_for_node("deployed_champion")
+    assert kb.deploys() == []
+
+
+def _failure(instance, result) -> str:
+    (event,) = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
+    return event.dagster_event.step_failure_data.user_failure_data.description
+
+
+def test_nothing_deploys_by_accident(tmp_path, monkeypatch):
+    """A plain materialisation of the deploy assets (what "Materialize all" does) fails fast and queues nothing."""
+    from tinyml_dagster.defs.loop.assets import champion_package, deployed_champion
+    from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, PoolResource
+
+    kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 8)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("devices", ["dev-a"])
+    resources = {"knowledge_base": KnowledgeBaseResource(path=str(tmp_path / "kb.sqlite")),
+                 "pool": PoolResource(models_dir=str(tmp_path / "models")), "device_budget": DeviceBudgetResource()}
+    plain = dg.materialize([champion_package, deployed_champion], partition_key="dev-a", instance=instance,
+                           resources=resources, raise_on_error=False)
+    assert not plain.success and not plain.asset_materializations_for_node("champion_package")
+    why = _failure(instance, plain)
+    assert why.startswith("nothing deployed to dev-a") and "confirm_device: dev-a" in why
+    # a config naming the model but not confirming the device is not enough
+    cfg = {"ops": {"champion_package": {"config": {"model_id": ids[0], "confirm_device": "dev-b"}}}}
+    wrong = dg.materialize([champion_package], partition_key="dev-a", instance=instance, resources=resources,
+                           run_config=cfg, raise_on_error=False)
+    assert not wrong.success
+    # deployed_champion alone deploys nothing, not even a package an earlier run left behind
+    cfg["ops"]["champion_package"]["config"]["confirm_device"] = "dev-a"
+    assert dg.materialize([champion_package], partition_key="dev-a", instance=instance, resources=resources,
+                          run_config=cfg).success
+    alone = dg.materialize([champion_package, deployed_champion], selection=[deployed_champion],
+                           partition_key="dev-a", instance=instance, resources=resources, raise_on_error=False)
+    assert not alone.success and "made in the same run" in _failure(instance, alone)
     assert kb.deploys() == []
 
 
