@@ -31,22 +31,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ensure_pool_inputs(log=print) -> None:
-    """The demo's step 1 for its channel (recording, features, candidates), unless the repository has its pool."""
+    """The demo's step 1 for its channel (recording, features, candidates), unless the repository has its pool;
+    then the feature windows of every bearing at that rate, which candidate_models' default config trains on."""
     import dagster as dg
 
     from tinyml_dagster import demo
-
+    from tinyml_dagster.defs.data.assets import materialize_data
     from tinyml_dagster.model_repository import ModelRepository
 
+    instance = dg.DagsterInstance.get()
     try:  # the link service's pool is the current candidate set: it must hold the channel's candidates
         ids = [m["model_id"] for m in demo.pool_candidates(settings.models_dir(), demo.RATE_HZ, demo.BEARING)]
-        if set(ids) <= set(ModelRepository(settings.models_dir()).candidate_ids()):
-            return
+        ready = set(ids) <= set(ModelRepository(settings.models_dir()).candidate_ids())
     except RuntimeError:
-        pass
-    log("materialising the recording, features and candidate models of bearing %d at %d Hz" % (demo.BEARING,
-                                                                                               demo.RATE_HZ))
-    demo.materialize_pool_inputs(demo.RATE_HZ, demo.BEARING, instance=dg.DagsterInstance.get())
+        ready = False
+    if not ready:
+        log("materialising the recording, features and candidate models of bearing %d at %d Hz"
+            % (demo.BEARING, demo.RATE_HZ))
+        demo.materialize_pool_inputs(demo.RATE_HZ, demo.BEARING, instance=instance)
+    missing = [b for b in settings.BEARINGS if not settings.feature_path(demo.RATE_HZ, b).exists()]
+    if missing:
+        log("materialising the feature windows of bearings %s at %d Hz" % (missing, demo.RATE_HZ))
+        for r in materialize_data(rates_hz=[demo.RATE_HZ], bearings=missing, instance=instance):
+            if not r.success:
+                raise RuntimeError("materialising the feature windows failed")
 
 
 def install_instance_config(home: Path) -> None:

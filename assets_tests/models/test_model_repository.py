@@ -167,6 +167,22 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
     assert {m: (repo.path(m) / "forest.bin").read_bytes() for m in ids} == before
 
 
+def test_candidate_models_names_the_feature_partitions_it_misses(pipeline_data, monkeypatch):
+    monkeypatch.setenv("TINYML_DATA_DIR", str(pipeline_data))
+    instance = dg.DagsterInstance.ephemeral()
+    from tinyml_dagster.defs.models.assets import candidate_models
+    from tinyml_dagster.defs.models.resources import ModelRepositoryResource
+
+    result = dg.materialize([candidate_models], instance=instance, raise_on_error=False,
+                            resources={"model_repository": ModelRepositoryResource(models_dir=str(pipeline_data / "m"))},
+                            run_config={"ops": {"candidate_models": {"config": {"rate_hz": 1000, "bearings": [2, 3]}}}})
+    assert not result.success
+    (failure,) = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
+    why = failure.dagster_event.step_failure_data.user_failure_data.description
+    assert "feature_windows partitions 2|1000, 3|1000 are not materialised" in why
+    assert not (pipeline_data / "m").exists() or not ModelRepository(pipeline_data / "m").list()
+
+
 def test_firmware_check_fails_on_a_model_the_firmware_cannot_run(tmp_path):
     from tinyml_dagster.defs.models.checks import candidate_models_run_on_firmware
     from tinyml_dagster.defs.models.resources import ModelRepositoryResource

@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from tinyml_dagster import settings
+from tinyml_dagster.defs.data.partitions import feature_partition_key
 from tinyml_dagster.deployment_agent import package_sizes
 from tinyml_dagster.features import load_feature_windows
 from tinyml_dagster.report import plot_metadata
@@ -28,6 +29,11 @@ class CandidateModelsConfig(dg.Config):
 def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsConfig,
                      model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
     """Candidate Isolation Forests in the model repository, one per bearing and forest size."""
+    missing = [str(feature_partition_key(config.rate_hz, b)) for b in config.bearings
+               if not settings.feature_path(config.rate_hz, b).exists()]
+    if missing:
+        raise dg.Failure(description="feature_windows partitions %s are not materialised: materialise them, or set "
+                                     "bearings to those that are" % ", ".join(missing))
     repo = model_repository.open()
     windows = load_feature_windows(config.rate_hz)
     trained = train_candidates(windows, repo, rate_hz=config.rate_hz, bearings=config.bearings,
