@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dagster", action="store_true", help="only the emulator and the link service")
     args = ap.parse_args(argv)
 
+    from tinyml_dagster.demo import AXIS, BEARING, RATE_HZ
+
     os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
+    # the pool serves the emulated device's cohort (link service and Dagster read it from the environment)
+    os.environ.setdefault(settings.COHORT_ENV, "bearing=%d,rate_hz=%d" % (BEARING, RATE_HZ))
     install_instance_config(Path(os.environ["DAGSTER_HOME"]))
     ensure_pool_inputs()
     run = settings.data_dir() / "run"
@@ -101,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     ready = run / "link_service.ready"
     ready.unlink(missing_ok=True)
 
-    from tinyml_dagster.demo import AXIS, BEARING, RATE_HZ
     from tinyml_dagster.deployment_agent import DeviceKeys
 
     flash = settings.device_flash_dir(args.device_id)

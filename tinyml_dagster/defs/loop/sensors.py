@@ -10,6 +10,7 @@ from tinyml_dagster.defs.loop.assets import (EPISODE_TAG, MODEL_TAG, POOL_DECISI
 from tinyml_dagster.defs.loop import jobs
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource, PoolResource
+from tinyml_dagster.pool_inference import HYSTERESIS_POINTS, next_champion, pool_ids
 
 
 def _new_devices(context: dg.SensorEvaluationContext, devices: list[str]) -> list[dg.AddDynamicPartitionsRequest]:
@@ -41,10 +42,10 @@ def device_uploads_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         through, reported = kb.decided_through(), reported_through(context.instance)
         events = []
         if through > reported:
-            pool_ids = pool.repository().candidate_ids()
             events.append(dg.AssetMaterialization(
                 POOL_DECISIONS, description="decided by the link service's pool",
-                metadata=decisions_metadata(kb, reported, through, pool_ids, knowledge_base.n_fp)))
+                metadata=decisions_metadata(kb, reported, through, pool_ids(pool.repository()),
+                                            knowledge_base.n_fp)))
         undecided = kb.count_undecided(received_before=time.time() - UNDECIDED_GRACE_S)
         unregistered = kb.count_unregistered_model_uploads()
         latest = kb.max_upload_id()
@@ -71,10 +72,9 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         due = [e for e in kb.episodes() if e.false_positives >= knowledge_base.n_fp]
         if not due:
             return dg.SensorResult(skip_reason="no champion has %d false positives" % knowledge_base.n_fp)
-        try:
-            engine = pool.engine()
-        except Exception as e:  # no repository yet: nothing to deploy
-            return dg.SensorResult(skip_reason="no candidates to deploy: %s" % e)
+        members = pool_ids(pool.repository())
+        if not members:
+            return dg.SensorResult(skip_reason="no candidates to deploy: the model repository has none yet")
         requests = []
         for e in due:
             device_id, episode_id = e.device_id, e.episode_id
@@ -86,7 +86,11 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
                                         % (device_id, d["attempts"], episode_id, d["error"]))
                     continue
                 run_key += "-retry-%d" % d["attempts"]
-            top = engine.top_candidate(kb, exclude=[e.champion])
+            top = next_champion(kb, members, e.champion)
+            if top is None:
+                context.log.info("%s: %s keeps its place, no candidate ranks %d points above it"
+                                 % (device_id, e.champion, HYSTERESIS_POINTS))
+                continue
             requests.append(dg.RunRequest(
                 run_key=run_key,
                 partition_key=device_id,
