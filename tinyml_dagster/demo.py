@@ -237,6 +237,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
 
     kb = KnowledgeBase(settings.kb_path())
     done_keys: set[str] = set()
+    fleet_cursor, next_fleet_report = None, 0.0
     replacements = []
     try:
         while time.time() - t0 < timeout_s:
@@ -282,6 +283,9 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 if deploy["status"] != "done":
                     continue  # the link failed: false_positive_sensor asks again under a retry run key
                 replacements.append({"run_success": r.success, "deploy": deploy, "t_nfp": t_nfp})
+            if time.time() >= next_fleet_report:
+                fleet_cursor = report_fleet(defs, instance, resources, fleet_cursor)
+                next_fleet_report = time.time() + 2.0
             if status["signal_done"] and not status["outbox"] and kb.count_uploads() and _settled(kb):
                 break  # the whole recording was scored, uploaded and decided
             time.sleep(0.1)
@@ -290,6 +294,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         while time.time() < deadline and not _settled(kb):
             time.sleep(0.2)
         r = defs.resolve_job_def("pool_decisions_job").execute_in_process(instance=instance)
+        report_fleet(defs, instance, resources, fleet_cursor)
     finally:
         for p in reversed(procs):
             p.send_signal(15)
@@ -304,6 +309,17 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                     "n_train": n_train, "upload_every": upload_every, "windows_per_s": windows_per_s})
     kb.close()
     return LoopResult(figures, events)
+
+
+def report_fleet(defs, instance, resources, cursor: str | None) -> str | None:
+    """One fleet_sensor tick: what changed in the fleet, as asset events in the instance; the new cursor."""
+    import dagster as dg
+
+    res = defs.resolve_sensor_def("fleet_sensor")(dg.build_sensor_context(instance=instance, cursor=cursor,
+                                                                         resources=resources))
+    for event in res.asset_events or []:
+        instance.report_runless_asset_event(event)
+    return res.cursor or cursor
 
 
 def _settled(kb) -> bool:

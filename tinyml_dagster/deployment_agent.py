@@ -312,7 +312,9 @@ def deploy_outcome_metadata(outcome: dict) -> dict:
     fig = outcome["figures"]
     keys = ("installed", "device_champion_id", "device_champion_version", "package_bytes", "stream_bytes",
             "delta_saved_bytes", "wire_bytes", "payload_bytes", "retransmissions", "link_seconds", "occupation")
-    return {"request": outcome["id"], **{k: fig[k] for k in keys if fig.get(k) is not None}}
+    rounded = {"link_seconds": 1, "occupation": 3}
+    return {"request": outcome["id"], **{k: round(fig[k], rounded[k]) if k in rounded else fig[k]
+                                         for k in keys if fig.get(k) is not None}}
 
 
 def failure_reason(error: str | None) -> str:

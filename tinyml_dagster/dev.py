@@ -2,16 +2,17 @@
 
 1. the demo's step 1 for its channel, if the repository has no candidates for it yet: the IMS recording (synthetic,
    or TINYML_IMS_DIR), the feature windows and candidate_models of bearing 3 at settings.DEFAULT_RATE_HZ, in the
-   UI's instance (so the pool is the demo's: the 5 candidates of the device's bearing at its rate);
+   UI's instance, then the feature windows of the other bearings at that rate (candidate_models' default config
+   trains them all); config/dagster.yaml (run queue limits) in DAGSTER_HOME; TINYML_COHORT set to the device's
+   bearing and rate, so the pool is the 5 candidates of its cohort whatever else the repository holds;
 2. the device emulator (`python -m tinyml_dagster.emulator`) fed bearing 3's x channel at that rate (the demo's
    channel), its link on a pseudo-terminal, deploy key provisioned;
-3. the link service (`python -m tinyml_dagster.link_service`), owning that port and writing the Knowledge Base;
+3. the link service (`python -m tinyml_dagster.link_service`) with its pool, owning that port, writing the Knowledge
+   Base and deciding every upload as it arrives;
 4. `dagster dev -w workspace.yaml`: webserver on http://127.0.0.1:3000 and the daemon running the sensors.
 
-Materialise the other assets in the UI (candidate_models with its default config trains all 4 bearings: the pool
-is then those 20; config `bearings: [3]` keeps the demo's 5); device_uploads_sensor runs the pool over the
-uploads, and false_positive_sensor launches replace_champion_job at N_fp.
-Ctrl-C stops everything.
+device_uploads_sensor reports the decisions, false_positive_sensor launches replace_champion_job at N_fp,
+fleet_sensor keeps the fleet view. Ctrl-C (SIGINT) or SIGTERM stops everything, also when started in the background.
 """
 
 from __future__ import annotations
@@ -52,15 +53,24 @@ def ensure_pool_inputs(log=print) -> None:
     missing = [b for b in settings.BEARINGS if not settings.feature_path(demo.RATE_HZ, b).exists()]
     if missing:
         log("materialising the feature windows of bearings %s at %d Hz" % (missing, demo.RATE_HZ))
-        for r in materialize_data(rates_hz=[demo.RATE_HZ], bearings=missing, instance=instance):
+        for r in materialize_data(rates_hz=[demo.RATE_HZ], bearings=missing, instance=instance, with_recording=False):
             if not r.success:
                 raise RuntimeError("materialising the feature windows failed")
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a webserver of a test or a benchmark)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def install_instance_config(home: Path) -> None:
     """The shipped dagster.yaml (run queue limits) in DAGSTER_HOME, replacing an older copy."""
     home.mkdir(parents=True, exist_ok=True)
-    shipped = (ROOT / "dagster.yaml").read_bytes()
+    shipped = (ROOT / "config" / "dagster.yaml").read_bytes()
     target = home / "dagster.yaml"
     if not target.is_file() or target.read_bytes() != shipped:
         atomic_write(target, shipped)
@@ -71,9 +81,10 @@ def child_takes_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def wait_for(pred, timeout: float, what: str, procs) -> None:
+def wait_for(pred, timeout: float, what: str, procs, stop: list) -> None:
+    """Wait until pred() holds (or a stop signal came); a child that exits or the timeout is an error."""
     deadline = time.time() + timeout
-    while not pred():
+    while not pred() and not stop:
         dead = [p for p in procs if p.poll() is not None]
         if dead:
             raise RuntimeError("%s exited (code %s) before %s" % (dead[0].args[:4], dead[0].returncode, what))
@@ -122,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
                                        # the firmware paces its sends by its configured baud: the scaled line's
                                        "--set", "baud=%d" % int(settings.LINK_BAUD * args.speed)],
                                       cwd=ROOT, preexec_fn=child_takes_sigint))
-        wait_for(link.exists, 120, "the emulator's link port", procs)
+        wait_for(link.exists, 120, "the emulator's link port", procs, stop)
+        if stop:
+            return 0
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.link_service",
                                        "--port", "%s=%s" % (args.device_id, os.path.realpath(link)),
                                        "--time-scale", str(1.0 / args.speed), "--ready-file", str(ready)],
                                       cwd=ROOT, preexec_fn=child_takes_sigint))
-        wait_for(ready.exists, 60, "the link service", procs)
+        wait_for(ready.exists, 60, "the link service", procs, stop)
+        if stop:
+            return 0
         print("device %s on %s, link service up (Knowledge Base %s)" % (args.device_id, os.path.realpath(link),
                                                                        settings.kb_path()), flush=True)
         if not args.no_dagster:

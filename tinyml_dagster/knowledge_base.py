@@ -623,6 +623,10 @@ class KnowledgeBase:
             " WHERE upload_id > ? AND upload_id <= ?", (after_upload_id, through_upload_id))[0]
         return DecisionCounts(*row)
 
+    def decision_time(self, upload_id: int) -> float | None:
+        """When the pool decided an upload (None: not yet)."""
+        return self.scalar("SELECT decided_at FROM pool_decisions WHERE upload_id=?", (upload_id,))
+
     def count_undecided(self, received_before: float | None = None) -> int:
         """Windows the pool has not decided (received before a time, if given)."""
         return self.scalar(

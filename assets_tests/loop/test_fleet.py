@@ -52,9 +52,10 @@ def test_fleet_sensor_reports_only_what_changed(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("devices", ["dev-a"])  # dev-b is not a partition yet
 
+    resources = {"knowledge_base": KnowledgeBaseResource(path=str(path))}
+
     def tick(cursor=None):
-        return fleet_sensor(dg.build_sensor_context(instance=instance, cursor=cursor,
-                                                    resources={"knowledge_base": KnowledgeBaseResource(path=str(path))}))
+        return fleet_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources))
 
     first = tick()
     (obs,) = [e for e in first.asset_events if isinstance(e, dg.AssetObservation)]

@@ -139,7 +139,7 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
     result = _materialize(pipeline_data)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"candidate_models_run_on_firmware": True, "candidate_models_flag_a_sane_share_of_training": True}
+    assert checks == {"runs_on_firmware": True, "sane_training_anomaly_rate": True}
     repo = ModelRepository(pipeline_data / "models")
     ids = repo.candidate_ids()
     assert len(ids) == 20 and len(set(ids)) == 20
@@ -173,8 +173,9 @@ def test_candidate_models_names_the_feature_partitions_it_misses(pipeline_data, 
     from tinyml_dagster.defs.models.assets import candidate_models
     from tinyml_dagster.defs.models.resources import ModelRepositoryResource
 
+    repository = ModelRepositoryResource(models_dir=str(pipeline_data / "m"))
     result = dg.materialize([candidate_models], instance=instance, raise_on_error=False,
-                            resources={"model_repository": ModelRepositoryResource(models_dir=str(pipeline_data / "m"))},
+                            resources={"model_repository": repository},
                             run_config={"ops": {"candidate_models": {"config": {"rate_hz": 1000, "bearings": [2, 3]}}}})
     assert not result.success
     (failure,) = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
@@ -208,7 +209,7 @@ def test_definitions_hold_the_models_domain():
     d = defs()
     assert d.resolve_assets_def("candidate_models") is not None
     check_keys = {k.name for k in d.resolve_asset_graph().asset_check_keys}
-    assert {"candidate_models_run_on_firmware", "candidate_models_flag_a_sane_share_of_training"} <= check_keys
+    assert {"runs_on_firmware", "sane_training_anomaly_rate"} <= check_keys
 
 
 def test_training_rejects_bad_windows_naming_them(tmp_path):

@@ -15,7 +15,7 @@ class ModelPackagesConfig(dg.Config):
     models_dir: str = Field(default="", description="model repository root; empty: settings.models_dir()")
 
 
-@dg.asset(group_name="deploy", deps=["candidate_models"],
+@dg.asset(group_name="deploy", deps=["candidate_models"], owners=["team:gateway"],
           description="Package sizes of every candidate in both encodings (compact default, paper-like json).")
 def model_packages(context: dg.AssetExecutionContext, config: ModelPackagesConfig) -> dg.MaterializeResult:
     from tinyml_dagster.model_repository import ModelRepository

@@ -3,6 +3,7 @@
 
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -16,12 +17,13 @@ from tinyml_dagster.deployment_agent import Package, deploy_outcome_metadata, fo
 from tinyml_dagster.link import estimate_deploy
 from tinyml_dagster.knowledge_base import KnowledgeBase
 from tinyml_dagster.model_repository import add_device_champion
-from tinyml_dagster.report import plot_metadata
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.training import retrain
 
 EPISODE_TAG = "tinyml/episode"
 OWNERS = ["team:gateway"]
+# streaming devices are decided continuously: an hour without a decision means the devices or the link are silent
+DECISIONS_FRESHNESS = dg.FreshnessPolicy.time_window(warn_window=timedelta(minutes=15), fail_window=timedelta(hours=1))
 MODEL_TAG = "tinyml/model_id"
 
 
@@ -61,7 +63,8 @@ def decisions_metadata(kb: KnowledgeBase, after: int, through: int, pool_ids: li
     }
 
 
-@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"}, owners=OWNERS)
+@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"}, owners=OWNERS,
+          freshness_policy=DECISIONS_FRESHNESS)
 def pool_decisions(context: dg.AssetExecutionContext, knowledge_base: KnowledgeBaseResource,
                    pool: PoolResource) -> dg.MaterializeResult:
     """The pool's majority decision on every uploaded window, the champions' false positives, the ranking.
@@ -128,6 +131,7 @@ def packages_dir(device_id: str) -> Path:
     partitions_def=devices_partitions,
     deps=[pool_decisions],
     kinds={"micropython"},
+    owners=OWNERS,
     check_specs=[
         dg.AssetCheckSpec("fits_device_budget", asset="champion_package", blocking=True,
                           description="the package fits the device's flash and heap budget"),
@@ -171,7 +175,8 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
     )
 
 
-@dg.asset(group_name="loop", partitions_def=devices_partitions, deps=[champion_package], kinds={"sqlite"})
+@dg.asset(group_name="loop", partitions_def=devices_partitions, deps=[champion_package], kinds={"sqlite"},
+          owners=OWNERS)
 def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: KnowledgeBaseResource) -> dg.MaterializeResult:
     """The new champion running on the device: queued for the link service, which owns the port, and awaited."""
     device_id = context.partition_key
@@ -191,8 +196,7 @@ def deployed_champion(context: dg.AssetExecutionContext, knowledge_base: Knowled
     replacement_s = (outcome["finished_at"] - t_nfp) if t_nfp else None
     return dg.MaterializeResult(metadata={
         "model_id": pkg.model_id, "version": pkg.version, **meta,
-        "replacement_seconds": round(replacement_s, 3) if replacement_s is not None else None,
-        **plot_metadata("fig4a_occupation.png", "fig4b_deploy_time.png"),  # once `make report` ran
+        "replacement_seconds": round(replacement_s, 1) if replacement_s is not None else None,
     })
 
 
@@ -205,7 +209,7 @@ class RetrainConfig(dg.Config):
     seed: int = Field(default=7, description="training seed")
 
 
-@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"})
+@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"}, owners=OWNERS)
 def retrained_candidate_models(context: dg.AssetExecutionContext, config: RetrainConfig,
                                knowledge_base: KnowledgeBaseResource, pool: PoolResource) -> dg.MaterializeResult:
     """New candidates trained on the normal windows the devices uploaded since the last retraining."""

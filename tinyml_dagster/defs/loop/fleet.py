@@ -82,7 +82,7 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dg.sensor(minimum_interval_seconds=15, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
            description="The fleet view: an observation on a device's deployed_champion partition when that device "
                        "changed (champion, false positives, deploy), and the fleet table when any device did. "
                        "Never launches a run.")

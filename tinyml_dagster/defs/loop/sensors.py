@@ -30,7 +30,8 @@ def run_in_flight(instance: dg.DagsterInstance, job_name: str) -> bool:
     return instance.get_runs_count(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT)) > 0
 
 
-@dg.sensor(job=jobs.pool_decisions_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(job=jobs.pool_decisions_job, minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING,
            description="Reports the link service's pool decisions as pool_decisions materialisations (no run); "
                        "launches pool_decisions_job only for windows no pool decided or devices' own champions to "
                        "register, never while one is queued or running. New devices become partitions.")

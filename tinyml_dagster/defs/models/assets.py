@@ -1,5 +1,7 @@
 """The model repository asset: the paper's 20 candidates (4 bearings x 10..50 trees), trained on 60% of life."""
 
+from datetime import timedelta
+
 import dagster as dg
 from pydantic import Field
 
@@ -25,7 +27,8 @@ class CandidateModelsConfig(dg.Config):
     seed: int = Field(default=0, description="base seed; each model's seed derives from it, bearing and trees")
 
 
-@dg.asset(group_name="models", deps=["feature_windows"], kinds={"python", "json"})
+@dg.asset(group_name="models", deps=["feature_windows"], kinds={"python", "json"}, owners=["team:models"],
+          freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(days=30)))
 def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsConfig,
                      model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
     """Candidate Isolation Forests in the model repository, one per bearing and forest size."""
