@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         procs.append(subprocess.Popen([py, "-m", "tinyml_dagster.link_service",
                                        "--port", "%s=%s" % (args.device_id, os.path.realpath(link)),
-                                       "--time-scale", str(1.0 / args.speed), "--ready-file", str(ready)],
+                                       "--time-scale", str(1.0 / args.speed), "--ready-file", str(ready),
+                                       # the emulated device answers on a shared host: as the demo, 2 s for it
+                                       "--reply-slack", "2"],
                                       cwd=ROOT, preexec_fn=child_takes_sigint))
         wait_for(ready.exists, 60, "the link service", procs, stop)
         if stop:
