@@ -30,7 +30,7 @@ dev: $(STAMP)
 	$(BIN)/python -m tinyml_dagster.dev
 
 bench: $(STAMP)
-	@for b in pipeline forest device deploy fleet faults; do \
+	@for b in pipeline forest device deploy fleet faults dev_stack; do \
 	  if [ -f benchmarks/$$b.py ]; then echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py || exit 1; fi; \
 	done
 

@@ -198,7 +198,7 @@ class LoopResult:
 def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | None = None,
              rate_hz: int = RATE_HZ, bearing: int = BEARING, axis: str = AXIS, n_train: int = 64,
              upload_every: int = 10, windows_per_s: float = 20.0, time_scale: float = 0.02, n_fp: int = 5,
-             timeout_s: float = 240.0, pool_in_service: bool = False, log=print, instance=None,
+             timeout_s: float = 240.0, pool_in_service: bool = True, log=print, instance=None,
              progress=None) -> LoopResult:
     """Run the loop once on the IMS recording; returns its figures (windows, anomalies, false positives, ...).
 
@@ -273,8 +273,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
     kb = gateway.knowledge_base()
-    uploads_cursor = None
     done_keys: set[str] = set()
+    fleet_cursor, next_fleet_report = None, 0.0
     replacements = []
     try:
         while time.time() - t0 < timeout_s:
@@ -283,16 +283,16 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 progress(status["windows"], status["windows_planned"], "windows on the device")
             if status["error"] or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the device or the link service stopped: %s (see %s)" % (status["error"], logf.name))
-            # device_uploads_sensor -> pool_decisions_job
-            with dg.build_sensor_context(instance=instance, cursor=uploads_cursor, resources=resources,
-                                         repository_def=repo_def) as ctx:
+            # device_uploads_sensor: the service's decisions as asset events; pool_decisions_job only for work
+            with dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def) as ctx:
                 res = defs.resolve_sensor_def("device_uploads_sensor")(ctx)
             for req in res.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+            for event in res.asset_events or []:
+                instance.report_runless_asset_event(event)
             for req in res.run_requests or []:
                 r = defs.resolve_job_def("pool_decisions_job").execute_in_process(instance=instance, tags=req.tags)
                 assert r.success
-            uploads_cursor = res.cursor or uploads_cursor
             # false_positive_sensor -> replace_champion_job (once per episode: run_key)
             with dg.build_sensor_context(instance=instance, resources=resources, repository_def=repo_def) as ctx:
                 res = defs.resolve_sensor_def("false_positive_sensor")(ctx)
@@ -319,6 +319,9 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 if deploy["status"] != "done":
                     continue  # the link failed: false_positive_sensor asks again under a retry run key
                 replacements.append({"run_success": r.success, "deploy": deploy, "t_nfp": t_nfp})
+            if time.time() >= next_fleet_report:
+                fleet_cursor = report_fleet(defs, instance, resources, fleet_cursor)
+                next_fleet_report = time.time() + 2.0
             if status["signal_done"] and not status["outbox"] and kb.count_uploads() and _settled(kb):
                 break  # the whole recording was scored, uploaded and decided
             time.sleep(0.1)
@@ -327,6 +330,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         while time.time() < deadline and not _settled(kb):
             time.sleep(0.2)
         r = defs.resolve_job_def("pool_decisions_job").execute_in_process(instance=instance)
+        report_fleet(defs, instance, resources, fleet_cursor)
     finally:
         for p in reversed(procs):
             p.send_signal(15)
@@ -341,6 +345,17 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                     "n_train": n_train, "upload_every": upload_every, "windows_per_s": windows_per_s})
     kb.close()
     return LoopResult(figures, events)
+
+
+def report_fleet(defs, instance, resources, cursor: str | None) -> str | None:
+    """One fleet_sensor tick: what changed in the fleet, as asset events in the instance; the new cursor."""
+    import dagster as dg
+
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as ctx:
+        res = defs.resolve_sensor_def("fleet_sensor")(ctx)
+    for event in res.asset_events or []:
+        instance.report_runless_asset_event(event)
+    return res.cursor or cursor
 
 
 def _settled(kb) -> bool:

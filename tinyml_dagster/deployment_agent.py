@@ -439,4 +439,18 @@ def deploy_outcome_metadata(outcome: dict) -> dict:
     fig = outcome["figures"]
     keys = ("installed", "device_champion_id", "device_champion_version", "package_bytes", "stream_bytes",
             "delta_saved_bytes", "wire_bytes", "payload_bytes", "retransmissions", "link_seconds", "occupation")
-    return {"request": outcome["id"], **{k: fig[k] for k in keys if fig.get(k) is not None}}
+    rounded = {"link_seconds": 1, "occupation": 3}
+    return {"request": outcome["id"], **{k: round(fig[k], rounded[k]) if k in rounded else fig[k]
+                                         for k in keys if fig.get(k) is not None}}
+
+
+def failure_reason(error: str | None) -> str:
+    """What a failed deploy's recorded error means: the device did not answer, or refused and why."""
+    if not error:
+        return ""
+    kind, _, detail = error.partition(": ")
+    if detail.startswith("device refused"):
+        return "the device refused the package: " + detail.partition(": ")[2]
+    if kind == "DeployError":
+        return "the device did not answer (%s)" % detail
+    return error

@@ -215,6 +215,27 @@ class ChampionScore:
     confirmed_anomalies: int
 
 
+@dataclass(frozen=True)
+class DecisionCounts:
+    """How many windows the pool decided in a span of uploads, and what it found."""
+
+    decided: int
+    anomalies: int
+    false_positives: int
+
+
+@dataclass(frozen=True)
+class FleetDevice:
+    """One device as the operator sees it: champion now and before, false positives against it, last deploy."""
+
+    device_id: str
+    champion: Champion | None
+    previous: Champion | None
+    false_positives: int  # against the current champion, since it was installed
+    last_deploy: dict | None  # deploy_request() row of the device's latest deploy
+    last_seen: float | None
+
+
 class KnowledgeBaseError(ValueError):
     """Bad input to the Knowledge Base (names the field and the upload)."""
 
@@ -856,6 +877,52 @@ class KnowledgeBase:
             (episode_id, n - 1),
         )
         return row[0][0] if row else None
+
+    # -- what changed, for the operator's view ----------------------------------------------------------
+
+    def decided_through(self) -> int:
+        """The highest upload id the pool decided (0 before the first decision)."""
+        return self.scalar("SELECT COALESCE(MAX(upload_id), 0) FROM pool_decisions")
+
+    def decisions_between(self, after_upload_id: int, through_upload_id: int) -> DecisionCounts:
+        """What the pool decided on the uploads after after_upload_id through through_upload_id."""
+        row = self.query(
+            "SELECT COUNT(*), COALESCE(SUM(pool_anomaly), 0), COALESCE(SUM(false_positive), 0) FROM pool_decisions"
+            " WHERE upload_id > ? AND upload_id <= ?", (after_upload_id, through_upload_id))[0]
+        return DecisionCounts(*row)
+
+    def decision_time(self, upload_id: int) -> float | None:
+        """When the pool decided an upload (None: not yet)."""
+        return self.scalar("SELECT decided_at FROM pool_decisions WHERE upload_id=?", (upload_id,))
+
+    def count_undecided(self, received_before: float | None = None) -> int:
+        """Windows the pool has not decided (received before a time, if given)."""
+        return self.scalar(
+            "SELECT COUNT(*) FROM uploads u WHERE u.kind != 'champion' AND u.received_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)",
+            (float("inf") if received_before is None else received_before,))
+
+    def count_unregistered_model_uploads(self) -> int:
+        """Champions devices uploaded that have not entered the repository yet."""
+        return self.scalar("SELECT COUNT(*) FROM model_uploads WHERE model_id IS NULL")
+
+    def fleet(self) -> list[FleetDevice]:
+        """Per device: its champion now and before, the false positives against it, its last deploy."""
+        episodes = {e.device_id: e for e in self.episodes()}
+        rows = []
+        for device_id in self.devices():
+            history = self.champions(device_id)
+            deploys = self.deploys(device_id)
+            episode = episodes.get(device_id)
+            rows.append(FleetDevice(
+                device_id=device_id,
+                champion=history[-1] if history else None,
+                previous=history[-2] if len(history) > 1 else None,
+                false_positives=episode.false_positives if episode else 0,
+                last_deploy=deploys[-1] if deploys else None,
+                last_seen=self.scalar("SELECT last_seen FROM devices WHERE device_id=?", (device_id,)),
+            ))
+        return rows
 
     # -- deploy queue (carried out by the link service, which owns the ports) ----------------------------
 

@@ -194,13 +194,47 @@ def unpack_scores(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype="<f4")
 
 
+HYSTERESIS_POINTS = 20  # a pool member champion is replaced only by a candidate ranked this far above it
+
+
+def next_champion(kb: KnowledgeBase, pool_ids: Sequence[str], champion: str,
+                  margin: int = HYSTERESIS_POINTS) -> str | None:
+    """The best-ranked candidate other than the champion (ties by model id); None while the champion is itself
+    a pool member ranked within margin points of it, so two near-equal candidates do not alternate."""
+    points = {r[0]: r[1] for r in kb.ranking(pool_ids)}
+    order = sorted((-points.get(m, 0), m) for m in pool_ids if m != champion)
+    if not order:
+        raise ValueError("no candidate left in the pool besides %s" % champion)
+    best = order[0][1]
+    if champion in pool_ids and points.get(best, 0) < points.get(champion, 0) + margin:
+        return None
+    return best
+
+
+def in_cohort(meta: dict, cohort: dict[str, int]) -> bool:
+    """A repository model trained on the cohort's bearing and rate (every model when the cohort is {})."""
+    training = meta.get("training") or {}
+    return all(training.get(k) == v for k, v in cohort.items())
+
+
+def pool_ids(repo, cohort: dict[str, int] | None = None) -> list[str]:
+    """The pool: the repository's candidate set (else every model not trained by a device), restricted to the
+    devices' cohort (settings.cohort(): their bearing and rate) when it holds any of it."""
+    from tinyml_dagster import settings
+
+    cohort = settings.cohort() if cohort is None else cohort
+    ids = repo.candidate_ids() or [e["model_id"] for e in repo.list() if e.get("source") != "device"]
+    same = [m for m in ids if in_cohort(repo.get(m), cohort)] if cohort else ids
+    return same or ids
+
+
 def pool_from_repository(root=None) -> PoolInferenceEngine:
-    """The pool of the model repository's candidate set (else every model not trained by a device)."""
+    """The pool of the model repository's candidates for the devices' cohort (see pool_ids)."""
     from tinyml_dagster import settings
     from tinyml_dagster.model_repository import ModelRepository
 
     repo = ModelRepository(root or settings.models_dir())
-    ids = repo.candidate_ids() or [e["model_id"] for e in repo.list() if e.get("source") != "device"]
+    ids = pool_ids(repo)
     if not ids:
         raise ValueError("the model repository under %s holds no candidate models yet" % repo.root)
     thresholds = [float(repo.get(m).get("threshold") or DEFAULT_THRESHOLD) for m in ids]

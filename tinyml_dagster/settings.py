@@ -136,3 +136,18 @@ def n_fp() -> int:
 def device_flash_dir(device_id: str, root: Path | None = None) -> Path:
     """An emulated device's flash filesystem."""
     return (root or data_dir()) / "devices" / device_id / "flash"
+
+
+COHORT_ENV = "TINYML_COHORT"
+
+
+def cohort() -> dict[str, int]:
+    """The devices' cohort the pool serves (TINYML_COHORT, e.g. "bearing=3,rate_hz=2000"); {}: every candidate."""
+    raw = os.environ.get(COHORT_ENV, "").strip()
+    out = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("bearing", "rate_hz") or not value.isdigit():
+            raise ValueError("%s=%r: expected bearing=<n>,rate_hz=<Hz> (got %r)" % (COHORT_ENV, raw, part))
+        out[key] = int(value)
+    return out

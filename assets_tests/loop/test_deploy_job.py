@@ -103,7 +103,8 @@ def test_both_jobs_deploy_every_encoding_through_the_link_service(repo, gateway)
         assert running["threshold"] == 0.6 and running["rate_hz"] == 1000 and running["window_ms"] > 0
 
         res = replace_job.execute_in_process(
-            run_config={"ops": {"champion_package": {"config": {"model_id": ids[2], "encoding": encoding}}}},
+            run_config={"ops": {"champion_package": {"config": {"model_id": ids[2], "encoding": encoding,
+                                                                 "confirm_device": DEVICE}}}},
             instance=instance, partition_key=DEVICE, raise_on_error=False)
         assert res.success, [r.user_message for r in instance.all_logs(res.run_id)]
         version += 1
@@ -126,7 +127,7 @@ def test_a_refused_package_fails_the_run_with_the_devices_reason(repo, gateway):
         resources=resources, instance=instance, raise_on_error=False)
     assert not res.success
     logs = " ".join(r.user_message for r in instance.all_logs(res.run_id))
-    assert "refused" in logs and "bad signature" in logs, logs
+    assert "the device refused the package: bad signature" in logs, logs
     assert not (flash / "models" / "champion").exists()
     (d,) = KnowledgeBase(kb_path).deploys(DEVICE)
     assert d["status"] == "failed" and "bad signature" in d["error"]

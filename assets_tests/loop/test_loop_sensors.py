@@ -1,6 +1,6 @@
 """Loop sensors: cursor on the Knowledge Base, devices as dynamic partitions, once-per-episode replacement."""
 
-import json
+import time
 
 import dagster as dg
 import numpy as np
@@ -23,39 +23,70 @@ def test_definitions_load_with_the_loop():
     assert {j.name for j in d.jobs} >= {"pool_decisions_job", "replace_champion_job", "retrain_job"}
 
 
-def test_device_uploads_sensor_cursor_and_partitions(tmp_path):
-    path = tmp_path / "kb.sqlite"
-    kb = KnowledgeBase(path)
-    instance = dg.DagsterInstance.ephemeral()
-    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
-
-    result = evaluate(device_uploads_sensor, instance=instance, resources=resources)
-    assert not result.run_requests and result.skip_reason
-
-    kb.ingest([Upload(d, s, "normal", features=(0, 0, 0), champion_id="v1", champion_decision=0)
-               for d in ("dev-a", "dev-b") for s in (1, 2)])
-    result = evaluate(device_uploads_sensor, instance=instance, resources=resources)
-    (req,) = result.run_requests
-    assert req.run_key == "uploads-through-4"
-    assert json.loads(result.cursor) == {"upload_id": 4}
-    (add,) = result.dynamic_partitions_requests
-    assert add.partitions_def_name == "devices" and sorted(add.partition_keys) == ["dev-a", "dev-b"]
-    instance.add_dynamic_partitions("devices", list(add.partition_keys))
-
-    # re-evaluation with the same cursor: nothing new, no new partitions
-    again = evaluate(device_uploads_sensor, instance=instance, resources=resources, cursor=result.cursor)
-    assert not again.run_requests and not again.dynamic_partitions_requests
-
-    kb.ingest([Upload("dev-c", 1, "anomaly", features=(0, 0, 9), champion_id="v1", champion_decision=1)])
-    third = evaluate(device_uploads_sensor, instance=instance, resources=resources, cursor=result.cursor)
-    assert [r.run_key for r in third.run_requests] == ["uploads-through-5"]
-    assert list(third.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
-
-
-def evaluate(sensor, **context):
-    """One evaluation of a sensor with its resources opened."""
-    with dg.build_sensor_context(**context) as ctx:
+def _tick(sensor, instance, tmp_path, n_fp=5):
+    """One evaluation of a sensor on the gateway under tmp_path, its resources opened."""
+    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path), n_fp=n_fp))
+    with dg.build_sensor_context(instance=instance, resources=resources) as ctx:
         return sensor(ctx)
+
+
+def _report(instance, result) -> None:
+    """What the daemon does with a sensor's result: new partitions and asset events into the instance."""
+    for add in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(add.partitions_def_name, list(add.partition_keys))
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)
+
+
+def test_device_uploads_sensor_reports_decisions_without_runs_and_runs_only_for_work(tmp_path, monkeypatch):
+    from tinyml_dagster.pool_inference import pool_from_repository
+
+    monkeypatch.setenv("TINYML_DATA_DIR", str(tmp_path))
+    ids = seed_candidates(tmp_path / "models", n_trees=(10, 20, 30))
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    instance = dg.DagsterInstance.ephemeral()
+    empty = _tick(device_uploads_sensor, instance, tmp_path)
+    assert not empty.run_requests and empty.skip_reason
+
+    # just received: the link service's pool decides them within a second, so no run
+    rows = commissioning_features()[:6]
+    kb.ingest([Upload(d, s, "normal", features=tuple(map(float, rows[s])), champion_id="v1", champion_decision=0)
+               for d in ("dev-a", "dev-b") for s in (1, 2)])
+    fresh = _tick(device_uploads_sensor, instance, tmp_path)
+    assert not fresh.run_requests and not fresh.asset_events
+    (add,) = fresh.dynamic_partitions_requests
+    assert add.partitions_def_name == "devices" and sorted(add.partition_keys) == ["dev-a", "dev-b"]
+    _report(instance, fresh)
+
+    # the service decided them: one pool_decisions materialisation from the sensor, no run
+    pool_from_repository(tmp_path / "models").decide_pending(kb)
+    decided = _tick(device_uploads_sensor, instance, tmp_path)
+    assert not decided.run_requests and not decided.dynamic_partitions_requests
+    (event,) = decided.asset_events
+    assert event.asset_key == dg.AssetKey("pool_decisions")
+    assert event.metadata["decided"].value == 4 and event.metadata["through_upload_id"].value == 4
+    assert event.metadata["pool_size"].value == len(ids)
+    _report(instance, decided)
+    assert not _tick(device_uploads_sensor, instance, tmp_path).asset_events  # reported once
+
+    # windows no pool decided for longer than the grace: one run, and none while one is queued or running
+    kb.ingest([Upload("dev-c", 1, "anomaly", features=(0.0, 0.0, 9.0), champion_id="v1", champion_decision=1)],
+              now=time.time() - 60)
+    stale = _tick(device_uploads_sensor, instance, tmp_path)
+    assert [r.run_key for r in stale.run_requests] == ["decide-through-5"]
+    assert list(stale.dynamic_partitions_requests[0].partition_keys) == ["dev-c"]
+    _report(instance, stale)
+    instance.add_run(dg.DagsterRun(job_name="pool_decisions_job", status=dg.DagsterRunStatus.STARTED))
+    assert not _tick(device_uploads_sensor, instance, tmp_path).run_requests
+
+    # the run decides them and reports through its own materialisation: the sensor does not repeat it
+    from tinyml_dagster.defs.loop.assets import device_champions, pool_decisions
+
+    r = dg.materialize([device_champions, pool_decisions], instance=instance, resources=gateway_resources(GatewayResource(data_dir=str(tmp_path))))
+    meta = r.asset_materializations_for_node("pool_decisions")[0].metadata
+    assert meta["decided"].value == 1 and meta["through_upload_id"].value == 5
+    after = _tick(device_uploads_sensor, instance, tmp_path)
+    assert not after.asset_events and not after.run_requests
 
 
 def commissioning_features(seed: int = 3, window: int = 500) -> np.ndarray:
@@ -99,35 +130,28 @@ def _fleet_with_false_positives(tmp_path, monkeypatch, n_fp_seen):
     return kb, ids
 
 
-def _fp_sensor(instance, tmp_path, n_fp=5):
-    """false_positive_sensor evaluated once on the gateway under tmp_path."""
-    from tinyml_dagster.defs.loop.sensors import false_positive_sensor
-
-    return evaluate(false_positive_sensor, instance=instance,
-                    resources=gateway_resources(GatewayResource(data_dir=str(tmp_path), n_fp=n_fp)))
-
-
 def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, monkeypatch):
+    from tinyml_dagster.defs.loop.sensors import false_positive_sensor
 
     kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 12)
     fps = kb.count_false_positives("dev-a")
     assert fps >= 5
     instance = dg.DagsterInstance.ephemeral()
-    first = _fp_sensor(instance, tmp_path)
+    first = _tick(false_positive_sensor, instance, tmp_path)
     (req,) = first.run_requests
     episode = kb.current_champion("dev-a").episode_id
     assert req.run_key == "replace-dev-a-episode-%d" % episode and req.partition_key == "dev-a"
     assert req.tags["tinyml/model_id"] == kb.ranking(ids)[0][0]
     # re-evaluated (more false positives meanwhile or not): the same run key, so the daemon launches one run
-    again = _fp_sensor(instance, tmp_path)
+    again = _tick(false_positive_sensor, instance, tmp_path)
     assert [r.run_key for r in again.run_requests] == [req.run_key]
     # with a higher N_fp nothing is due
-    assert not _fp_sensor(instance, tmp_path, n_fp=fps + 1).run_requests
+    assert not _tick(false_positive_sensor, instance, tmp_path, n_fp=fps + 1).run_requests
     # the link failed: the episode's deploy is retried under a new run key, a bounded number of times
     rid = kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, False, error="DeployError: link cut")
-    retry = _fp_sensor(instance, tmp_path)
+    retry = _tick(false_positive_sensor, instance, tmp_path)
     assert [r.run_key for r in retry.run_requests] == [req.run_key + "-retry-1"]
     assert kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg2", episode_id=episode) == rid
     assert kb.deploy_request(rid)["status"] == "pending" and kb.deploy_request(rid)["attempts"] == 2
@@ -136,12 +160,12 @@ def test_false_positive_sensor_requests_one_replacement_per_episode(tmp_path, mo
     kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg3", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, False, error="DeployError: link cut")
-    assert not _fp_sensor(instance, tmp_path).run_requests  # 3 attempts: give up
+    assert not _tick(false_positive_sensor, instance, tmp_path).run_requests  # 3 attempts: give up
     # the deploy landed: a new episode with no false positives, nothing more to request
     kb.request_deploy("dev-a", req.tags["tinyml/model_id"], b"pkg", episode_id=episode)
     kb.claim_deploy()
     kb.finish_deploy(rid, True, {"link_seconds": 12.0})
-    assert not _fp_sensor(instance, tmp_path).run_requests
+    assert not _tick(false_positive_sensor, instance, tmp_path).run_requests
 
 
 def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
@@ -152,7 +176,8 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("devices", ["dev-a"])
     resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
-    ok = dg.materialize([champion_package], partition_key="dev-a", instance=instance,
+    episode = {"tinyml/episode": str(kb.current_champion("dev-a").episode_id)}
+    ok = dg.materialize([champion_package], partition_key="dev-a", instance=instance, tags=episode,
                         resources=dict(resources, device_budget=DeviceBudgetResource()))
     assert ok.success
     checks = {c.check_name: c.passed for c in ok.get_asset_check_evaluations()}
@@ -163,11 +188,44 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     # a device with 8 KB of flash and a 5-s deadline: both checks fail, and the deploy does not run
     tight = DeviceBudgetResource(flash_bytes=8 * 1024, heap_bytes=4 * 1024, deadline_s=5.0)
     res = dg.materialize([champion_package, deployed_champion], partition_key="dev-a", instance=instance,
-                         resources=dict(resources, device_budget=tight), raise_on_error=False)
+                         resources=dict(resources, device_budget=tight), raise_on_error=False, tags=episode)
     checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
     assert checks == {"fits_device_budget": False, "link_time_within_deadline": False}
     assert not res.success
     assert not res.asset_materializations_for_node("deployed_champion")
+    assert kb.deploys() == []
+
+
+def _failure(instance, result) -> str:
+    (event,) = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
+    return event.dagster_event.step_failure_data.user_failure_data.description
+
+
+def test_nothing_deploys_by_accident(tmp_path, monkeypatch):
+    """A plain materialisation of the deploy assets (what "Materialize all" does) fails fast and queues nothing."""
+    from tinyml_dagster.defs.loop.assets import champion_package, deployed_champion
+
+    kb, ids = _fleet_with_false_positives(tmp_path, monkeypatch, 8)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("devices", ["dev-a"])
+    resources = gateway_resources(GatewayResource(data_dir=str(tmp_path)))
+    plain = dg.materialize([champion_package, deployed_champion], partition_key="dev-a", instance=instance,
+                           resources=resources, raise_on_error=False)
+    assert not plain.success and not plain.asset_materializations_for_node("champion_package")
+    why = _failure(instance, plain)
+    assert why.startswith("nothing deployed to dev-a") and "confirm_device: dev-a" in why
+    # a config naming the model but not confirming the device is not enough
+    cfg = {"ops": {"champion_package": {"config": {"model_id": ids[0], "confirm_device": "dev-b"}}}}
+    wrong = dg.materialize([champion_package], partition_key="dev-a", instance=instance, resources=resources,
+                           run_config=cfg, raise_on_error=False)
+    assert not wrong.success
+    # deployed_champion alone deploys nothing, not even a package an earlier run left behind
+    cfg["ops"]["champion_package"]["config"]["confirm_device"] = "dev-a"
+    assert dg.materialize([champion_package], partition_key="dev-a", instance=instance, resources=resources,
+                          run_config=cfg).success
+    alone = dg.materialize([champion_package, deployed_champion], selection=[deployed_champion],
+                           partition_key="dev-a", instance=instance, resources=resources, raise_on_error=False)
+    assert not alone.success and "made in the same run" in _failure(instance, alone)
     assert kb.deploys() == []
 
 

@@ -61,3 +61,47 @@ def test_decide_pending_ranks_over_time_and_is_idempotent(tmp_path):
     hist = kb.ranking_history()
     assert [h[2]["a"] for h in hist] == [2, 1]
     assert [h[2]["b"] for h in hist] == [4, 5]
+
+
+def test_next_champion_keeps_a_near_equal_champion(tmp_path):
+    from tinyml_dagster.pool_inference import next_champion
+
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    ids = ["a", "b", "c"]
+    pid = kb.pool_id(ids)
+    # 30 windows: a and b always agree with the pool, c never; then 10 where only b agrees
+    rows = [(i, 0, 3, 0, 0, b"", [True, True, False]) for i in range(1, 31)]
+    rows += [(i, 0, 3, 0, 0, b"", [False, True, False]) for i in range(31, 41)]
+    kb.ingest([Upload("d", i, "normal", features=(0, 0, 0), champion_id="a", champion_decision=0)
+               for i in range(1, 41)])
+    kb.store_decisions(pid, ids, rows)
+    points = {m: p for m, p, _, _ in kb.ranking(ids)}
+    assert points == {"a": 20, "b": 40, "c": -40}
+    # b is 20 points above a: a champion a is replaced by b; with a wider margin a keeps its place
+    assert next_champion(kb, ids, "a", margin=20) == "b"
+    assert next_champion(kb, ids, "a", margin=21) is None
+    # b, the best, is never replaced by a worse-ranked candidate; a champion outside the pool always is
+    assert next_champion(kb, ids, "b", margin=0) is None
+    assert next_champion(kb, ids, "device-own", margin=1000) == "b"
+
+
+def test_the_pool_is_the_devices_cohort(tmp_path, monkeypatch):
+    from firmware import isoforest
+    from tinyml_dagster import settings
+    from tinyml_dagster.model_repository import ModelRepository
+    from tinyml_dagster.pool_inference import pool_ids
+
+    repo = ModelRepository(tmp_path / "models")
+    rows = [[0.0, 0.1 * i, 0.2 * (i % 7)] for i in range(60)]
+    ids = {(b, n): repo.add(isoforest.train(rows, n, 32, b * 10 + n), rate_hz=2000,
+                            training={"bearing": b, "rate_hz": 2000}, prefix="b%d" % b)
+           for b in (1, 3) for n in (2, 3)}
+    repo.set_candidates(list(ids.values()))
+    monkeypatch.setenv("TINYML_COHORT", "bearing=3,rate_hz=2000")
+    assert pool_ids(repo) == [ids[(3, 2)], ids[(3, 3)]]
+    assert pool_ids(repo, cohort={}) == list(ids.values())
+    monkeypatch.setenv("TINYML_COHORT", "bearing=2")  # no candidate of that cohort: the whole candidate set
+    assert pool_ids(repo) == list(ids.values())
+    monkeypatch.setenv("TINYML_COHORT", "axis=x")
+    with pytest.raises(ValueError, match="TINYML_COHORT='axis=x': expected bearing=<n>,rate_hz=<Hz>"):
+        settings.cohort()

@@ -140,7 +140,7 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
     result = _materialize(pipeline_data)
     assert result.success
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"candidate_models_run_on_firmware": True, "candidate_models_flag_a_sane_share_of_training": True}
+    assert checks == {"runs_on_firmware": True, "sane_training_anomaly_rate": True}
     repo = ModelRepository(pipeline_data / "models")
     ids = repo.candidate_ids()
     assert len(ids) == 20 and len(set(ids)) == 20
@@ -166,6 +166,24 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
     assert len(repo.list()) == 40 and set(repo.candidate_ids()).isdisjoint(ids)
     assert {repo.get(m)["version"] for m in repo.candidate_ids()} == {2}
     assert {m: (repo.path(m) / "forest.bin").read_bytes() for m in ids} == before
+
+
+def test_candidate_models_names_the_feature_partitions_it_misses(pipeline_data, monkeypatch):
+    monkeypatch.setenv("TINYML_DATA_DIR", str(pipeline_data))
+    instance = dg.DagsterInstance.ephemeral()
+    from tinyml_dagster.defs.models.assets import candidate_models
+    from tinyml_dagster.defs.gateway import GatewayResource
+    from tinyml_dagster.defs.models.resources import ModelRepositoryResource
+
+    repository = ModelRepositoryResource(gateway=GatewayResource(data_dir=str(pipeline_data / "elsewhere")))
+    result = dg.materialize([candidate_models], instance=instance, raise_on_error=False,
+                            resources={"model_repository": repository},
+                            run_config={"ops": {"candidate_models": {"config": {"rate_hz": 1000, "bearings": [2, 3]}}}})
+    assert not result.success
+    (failure,) = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
+    why = failure.dagster_event.step_failure_data.user_failure_data.description
+    assert "feature_windows partitions 2|1000, 3|1000 are not materialised" in why
+    assert not (pipeline_data / "m").exists() or not ModelRepository(pipeline_data / "m").list()
 
 
 def test_firmware_check_fails_on_a_model_the_firmware_cannot_run(tmp_path):
@@ -194,7 +212,7 @@ def test_definitions_hold_the_models_domain():
     d = defs()
     assert d.resolve_assets_def("candidate_models") is not None
     check_keys = {k.name for k in d.resolve_asset_graph().asset_check_keys}
-    assert {"candidate_models_run_on_firmware", "candidate_models_flag_a_sane_share_of_training"} <= check_keys
+    assert {"runs_on_firmware", "sane_training_anomaly_rate"} <= check_keys
 
 
 def test_training_rejects_bad_windows_naming_them(tmp_path):

@@ -4,7 +4,6 @@ its sensors and schedule, its jobs, and the fleet (devices) as a list of partiti
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyml_dagster.dev import free_port
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,28 +21,28 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM) and not os.environ.
                                 reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def webserver_and_run(tmp_path_factory):
     import dagster as dg
 
     tmp = tmp_path_factory.mktemp("ui")
-    env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), TINYML_DATA_DIR=str(tmp / "data"))
+    env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), TINYML_DATA_DIR=str(tmp / "data"),
+               TINYML_SYNTHETIC_FILES="240")
     (tmp / "dagster_home").mkdir()
     # the loop once, recorded in the webserver's instance: the sensor's replacement run and its deploy
     code = (
         "import json, os, dagster as dg\n"
-        "from tinyml_dagster.demo import materialize_pool_inputs, run_loop\n"
+        "from tinyml_dagster.demo import run_loop\n"
+        "from tinyml_dagster.dev import ensure_pool_inputs\n"
+        "from tinyml_dagster.defs.models.assets import candidate_models\n"
+        "from tinyml_dagster.defs.gateway import GatewayResource\n"
+        "from tinyml_dagster.defs.models.resources import ModelRepositoryResource\n"
         "inst = dg.DagsterInstance.get()\n"
-        "os.environ['TINYML_DATA_DIR'] = %r  # step 1's output: recording, features, candidates of bearing 3\n"
-        "materialize_pool_inputs(instance=inst)\n"
+        "os.environ['TINYML_DATA_DIR'] = %r\n"
+        "ensure_pool_inputs(log=lambda m: None)  # make dev's preparation\n"
+        "# the README: materialise candidate_models with its default config\n"
+        "assert dg.materialize([candidate_models], instance=inst, resources={'model_repository': "
+        "ModelRepositoryResource(gateway=GatewayResource())}).success\n"
         "res = run_loop(%r, source_dir=%r, timeout_s=150, log=lambda m: None, instance=inst)\n"
         "runs = [e['run_id'] for e in res.events if e['event'] == 'replace_champion_job' and e['status'] == 'done']\n"
         "inst.add_dynamic_partitions('devices', ['esp32-1'])\n"
@@ -93,7 +94,7 @@ def text_of(page, url: str, must_show: str) -> str:
 def test_loop_asset_graph(page, webserver):
     body = text_of(page, webserver + "/locations/tinyml_dagster/asset-groups/loop", "pool_decisions")
     for asset in ("pool_decisions", "device_champions", "champion_package", "deployed_champion",
-                  "retrained_candidate_models", "candidate_models"):
+                  "retrained_candidate_models", "candidate_models", "fleet"):
         assert asset in body
     # champion_package carries the two Release checks
     page.get_by_text(re.compile(r"\d / 2 Passed")).first.wait_for(timeout=60_000)
@@ -101,7 +102,7 @@ def test_loop_asset_graph(page, webserver):
 
 def test_sensors_and_schedule(page, webserver):
     body = text_of(page, webserver + "/automation", "false_positive_sensor")
-    assert "device_uploads_sensor" in body and "false_positive_sensor" in body
+    assert "device_uploads_sensor" in body and "false_positive_sensor" in body and "fleet_sensor" in body
     assert "retrain_schedule" in body
 
 
@@ -124,3 +125,16 @@ def test_the_replacement_run_and_its_deploy(page, webserver_and_run):
     assert "champion_package" in body and "Success" in body
     # the run's log shows the deploy through the link service
     page.get_by_text("waiting for the link service", exact=False).first.wait_for(timeout=60_000)
+
+
+def test_the_fleet_view(page, webserver):
+    """The fleet table: the device, the champion the replacement deployed, its predecessor the device trained."""
+    body = text_of(page, webserver + "/assets/fleet", "fleet")
+    page.get_by_text("esp32-demo", exact=False).first.wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    assert "esp32-demo" in body and "deployed" in body
+    assert "replaced" in body and "false-positive episode" in body
+    # the device's partition of deployed_champion carries the same row as metadata
+    body = text_of(page, webserver + "/assets/deployed_champion?view=events&partition=esp32-demo", "esp32-demo")
+    page.get_by_text("last_deploy_link_s", exact=False).first.wait_for(timeout=60_000)
+    assert "previous_champion" in page.inner_text("body")

@@ -6,6 +6,7 @@ import select
 import time
 from dataclasses import dataclass
 
+import serial
 from pySerialTransfer import pySerialTransfer as txfer
 
 from firmware import messages
@@ -47,6 +48,7 @@ class SerialTransport:
         self.frames_out = 0
         self.frames_in = 0
         self.bad_frames = 0
+        self.empty_reads = 0  # the port polled readable and read nothing (a pty does, now and then)
 
     def close(self) -> None:
         self.link.close()
@@ -84,6 +86,13 @@ class SerialTransport:
                 n = 0
                 link.state = txfer.State.FIND_START_BYTE
                 self.bad_frames += 1
+            except serial.SerialException as e:
+                # a pty may poll readable and then read nothing: no byte arrived yet (a port that is gone raises
+                # another error, or keeps raising until the caller's timeout)
+                if "returned no data" not in str(e):
+                    raise
+                n = 0
+                self.empty_reads += 1
             if n:
                 payload = bytes(link.rx_buff[:n])
                 self.frames_in += 1

@@ -18,6 +18,7 @@ from tinyml_dagster.recordings.spec import device_rates, window_ms
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
 
+OWNERS = ["team:data"]
 RECORDING_MANIFEST = "ims_recording.json"
 SUBSAMPLED_INDEX = "index.json"
 ATTEMPTS_DIR = "attempts"  # <asset>.json: when each data asset was last attempted
@@ -109,7 +110,7 @@ def _span(timestamps: Iterable) -> str:
     return f"{ts[0]:%Y-%m-%d %H:%M:%S} .. {ts[-1]:%Y-%m-%d %H:%M:%S} ({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)"
 
 
-@dg.asset(group_name="data", kinds={"ascii"})
+@dg.asset(group_name="data", kinds={"ascii"}, owners=OWNERS)
 def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig) -> dg.MaterializeResult:
     """The recording: a recording spec's files, else IMS files from ims_dir, else the synthetic set 1 under data/."""
     attempt_at = _attempt("ims_recording", context)
@@ -194,7 +195,7 @@ def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.Recordin
     )
 
 
-@dg.asset(group_name="data", deps=[ims_recording], kinds={"numpy"})
+@dg.asset(group_name="data", deps=[ims_recording], kinds={"numpy"}, owners=OWNERS)
 def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Every file at 500 Hz, 1 kHz and 2 kHz: FFT, rectangular low-pass at fs/2, inverse FFT at the new rate."""
     manifest = _read_json(settings.data_dir() / RECORDING_MANIFEST, "ims_recording")
@@ -292,7 +293,8 @@ def _split_summary(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name="data", deps=[subsampled_signals], partitions_def=feature_partitions, kinds={"parquet"})
+@dg.asset(group_name="data", deps=[subsampled_signals], partitions_def=feature_partitions, kinds={"parquet"},
+          owners=OWNERS)
 def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Mean, skewness and excess kurtosis of every non-overlapping 500-ms window, per rate and bearing."""
     key = context.partition_key.keys_by_dimension
@@ -351,12 +353,15 @@ def materialize_data(
     seed: int = synthetic.DEFAULT_SEED,
     instance: dg.DagsterInstance | None = None,
     spec_file: str = "",
+    with_recording: bool = True,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Materialize the recording, its subsampled signals and the feature windows of every (rate, bearing) given."""
+    """Materialize the recording, its subsampled signals (unless with_recording is False: they exist) and the feature
+    windows of every (rate, bearing) given."""
     n_files = n_files or settings.synthetic_files()
     config = {"ops": {"ims_recording": {"config": {"ims_dir": ims_dir, "n_files": n_files, "seed": seed,
                                                    "spec_file": spec_file}}}}
-    results = [dg.materialize([ims_recording, subsampled_signals], run_config=config, instance=instance)]
+    results = [dg.materialize([ims_recording, subsampled_signals], run_config=config, instance=instance)
+               ] if with_recording else []
     for rate in rates_hz:
         for bearing in bearings:
             results.append(

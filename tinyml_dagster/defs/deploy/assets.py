@@ -8,7 +8,7 @@ from tinyml_dagster.link import LinkTiming
 from tinyml_dagster.report import plot_metadata
 
 
-@dg.asset(group_name="deploy", deps=["candidate_models"],
+@dg.asset(group_name="deploy", deps=["candidate_models"], owners=["team:gateway"],
           description="Package sizes of every candidate per encoding (compact default, paper-like json, "
                       "precompiled mpy).")
 def model_packages(context: dg.AssetExecutionContext, model_repository: ModelRepositoryResource) -> dg.MaterializeResult:

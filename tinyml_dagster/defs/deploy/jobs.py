@@ -3,10 +3,10 @@
 import dagster as dg
 from pydantic import Field
 
+from tinyml_dagster.defs.deploy.link import deploy_or_fail
 from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
-from tinyml_dagster.deployment_agent import (ENCODINGS, deploy_outcome_metadata, deploy_through_link_service,
-                                             next_package, progress_line)
+from tinyml_dagster.deployment_agent import ENCODINGS, deploy_outcome_metadata, next_package
 
 
 class DeployConfig(dg.Config):
@@ -27,14 +27,8 @@ def deploy_champion(context: dg.OpExecutionContext, config: DeployConfig, knowle
     context.log.info(f"package {pkg.model_id} v{pkg.version} ({pkg.encoding}): {pkg.size} bytes, "
                      f"sha256 {pkg.sha256.hex()[:16]}")
     with knowledge_base.open() as kb:
-        outcome = deploy_through_link_service(kb, pkg, timeout_s=knowledge_base.deploy_timeout_s,
-                                              run_id=context.run.run_id,
-                                              on_progress=lambda p: context.log.info(progress_line(p)))
+        outcome = deploy_or_fail(kb, pkg, knowledge_base.deploy_timeout_s, context)
     meta = deploy_outcome_metadata(outcome)
-    if outcome["status"] != "done":
-        why = f"deploy of {pkg.model_id} v{pkg.version} to {pkg.device_id} failed: {outcome['error']}"
-        context.log.error(why)
-        raise dg.Failure(why, metadata=meta)
     context.add_output_metadata(meta)
     context.log.info(f"device {pkg.device_id} runs {meta.get('device_champion_id')} "
                      f"v{meta.get('device_champion_version')}")

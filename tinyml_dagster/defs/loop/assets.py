@@ -1,24 +1,29 @@
 """The Tiny-MLOps loop's assets: pool decisions and ranking, the next champion's package, its deployment, retraining."""
 
 
+import json
 import time
+from datetime import timedelta
 
 import dagster as dg
 from pydantic import Field
 
+from tinyml_dagster.defs.deploy.link import deploy_or_fail
 from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
-from tinyml_dagster.deployment_agent import (Package, deploy_outcome_metadata, deploy_through_link_service, footprint,
-                                             next_package, progress_line)
+from tinyml_dagster.deployment_agent import Package, deploy_outcome_metadata, footprint, next_package
 from tinyml_dagster.knowledge_base import KnowledgeBaseError
 from tinyml_dagster.link import estimate_deploy
+from tinyml_dagster.knowledge_base import KnowledgeBase
 from tinyml_dagster.model_repository import add_device_champion
-from tinyml_dagster.report import plot_metadata
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.training import retrain
 
 EPISODE_TAG = "tinyml/episode"
+OWNERS = ["team:gateway"]
+# streaming devices are decided continuously: an hour without a decision means the devices or the link are silent
+DECISIONS_FRESHNESS = dg.FreshnessPolicy.time_window(warn_window=timedelta(minutes=15), fail_window=timedelta(hours=1))
 MODEL_TAG = "tinyml/model_id"
 
 
@@ -29,40 +34,60 @@ def ranking_markdown(ranking: list[tuple], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"})
+POOL_DECISIONS = dg.AssetKey("pool_decisions")
+
+
+def reported_through(instance: dg.DagsterInstance) -> int:
+    """The last upload id pool_decisions' latest materialisation reported (0 before the first)."""
+    event = instance.get_latest_materialization_event(POOL_DECISIONS)
+    mat = event.asset_materialization if event else None
+    value = mat.metadata.get("through_upload_id") if mat else None
+    return int(value.value) if value is not None else 0
+
+
+def decisions_metadata(kb: KnowledgeBase, after: int, through: int, pool_ids: list[str], n_fp: int) -> dict:
+    """What the pool decided on the uploads after..through, the totals, and the ranking of the pool's members."""
+    new = kb.decisions_between(after, through)
+    ranking = kb.ranking(pool_ids)
+    return {
+        "through_upload_id": through,
+        "decided": new.decided,
+        "pool_anomalies": new.anomalies,
+        "false_positives": new.false_positives,
+        "windows_decided_total": kb.count_decisions(),
+        "false_positives_total": kb.count_false_positives(),
+        "uploads_lost": kb.lost_uploads(),
+        "uploads_refused": sum(kb.refusals().values()),
+        "uploads_quarantined": len(kb.quarantined()),
+        "pool_size": len(pool_ids),
+        "top_candidate": ranking[0][0] if ranking else "",
+        "ranking": dg.MetadataValue.md(ranking_markdown(ranking)),
+        "devices_over_n_fp": sum(1 for e in kb.episodes() if e.false_positives >= n_fp),
+    }
+
+
+@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"}, owners=OWNERS,
+          freshness_policy=DECISIONS_FRESHNESS)
 def pool_decisions(context: dg.AssetExecutionContext, knowledge_base: KnowledgeBaseResource,
                    pool: PoolResource) -> dg.MaterializeResult:
-    """The pool's majority decision on every uploaded window, the champions' false positives, the ranking."""
-    kb = knowledge_base.open()
-    try:
+    """The pool's majority decision on every uploaded window, the champions' false positives, the ranking.
+
+    The link service decides every upload as it arrives; device_uploads_sensor reports its decisions here. A run
+    only decides what no pool decided (a link service started without one)."""
+    after = reported_through(context.instance)
+    with knowledge_base.open() as kb:
         engine = pool.engine()
         s = engine.decide_pending(kb)
-        ranking = kb.ranking(engine.model_ids)
-        episodes = kb.episodes()
         context.log.info("pool of %d decided %d windows (%d anomalies, %d false positives)",
                          len(engine.model_ids), s.decided, s.anomalies, s.false_positives)
-        return dg.MaterializeResult(metadata={
-            "decided_now": s.decided,
-            "anomalies_now": s.anomalies,
-            "false_positives_now": s.false_positives,
-            "windows_total": kb.count_uploads() - kb.count_uploads(kind="champion"),
-            "false_positives_total": kb.count_false_positives(),
-            "uploads_lost": kb.lost_uploads(),
-            "uploads_refused": sum(kb.refusals().values()),
-            "uploads_quarantined": len(kb.quarantined()),
-            "pool_size": len(engine.model_ids),
-            "top_candidate": ranking[0][0] if ranking else "",
-            "ranking": dg.MetadataValue.md(ranking_markdown(ranking)),
-            "devices_over_n_fp": sum(1 for e in episodes if e.false_positives >= knowledge_base.n_fp),
-        })
-    finally:
-        kb.close()
+        return dg.MaterializeResult(metadata=decisions_metadata(kb, after, kb.decided_through(), engine.model_ids,
+                                                                knowledge_base.n_fp))
 
 
-@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"})
+@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"}, owners=OWNERS)
 def device_champions(context: dg.AssetExecutionContext, knowledge_base: KnowledgeBaseResource,
                      pool: PoolResource) -> dg.MaterializeResult:
-    """Champions the devices trained themselves, entered in the repository with their lineage; who runs what."""
+    """Champions the devices trained themselves, entered in the repository with their lineage."""
     with knowledge_base.open() as kb:
         added, quarantined = [], []
         uploads = kb.model_uploads()
@@ -78,18 +103,10 @@ def device_champions(context: dg.AssetExecutionContext, knowledge_base: Knowledg
                     continue
                 kb.register_model_upload(upload_id, model_id)
                 added.append(model_id)
-        rows = ["| device | champion | since | source |", "|---|---|---|---|"]
-        for dev in kb.devices():
-            c = kb.current_champion(dev)
-            if c:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.since))
-                rows.append("| %s | %s | %s | %s |" % (dev, c.model_id, since, c.source))
-        return dg.MaterializeResult(metadata={
-            "registered_now": len(added),
-            "registered": dg.MetadataValue.json(added),
-            "quarantined_now": len(quarantined),
-            "champions": dg.MetadataValue.md("\n".join(rows)),
-        })
+        if added:
+            context.log.info("registered the devices' own champions: %s", ", ".join(added))
+        return dg.MaterializeResult(metadata={"registered_now": len(added), "registered": dg.MetadataValue.json(added),
+                                              "quarantined_now": len(quarantined)})
 
 
 class ChampionPackageConfig(dg.Config):
@@ -98,6 +115,23 @@ class ChampionPackageConfig(dg.Config):
     model_id: str = Field(default="", description="repository model id; empty: top of the ranking")
     encoding: str = Field(default="compact", description="package encoding: compact, json, mpy or mpy+compact "
                           "(precompiled for the device, see deploy_champion_job)")
+    confirm_device: str = Field(default="", description="an operator's deploy outside a false-positive episode: "
+                                "the device id (the partition), with model_id set, confirms it")
+
+
+def authorise_deploy(context: dg.AssetExecutionContext, config: ChampionPackageConfig) -> str:
+    """Why this run may deploy to its device: a false-positive episode, or a config naming model and device."""
+    device_id = context.partition_key
+    episode = context.run.tags.get(EPISODE_TAG)
+    if episode:
+        return "false-positive episode %s" % episode
+    if config.model_id and config.confirm_device == device_id:
+        return "operator's deploy of %s" % config.model_id
+    raise dg.Failure(description=(
+        "nothing deployed to %s: a deploy runs for a false-positive episode (false_positive_sensor's runs) or with "
+        "a config naming the model and confirming the device: {model_id: <model>, confirm_device: %s}"
+        % (device_id, device_id)))
+
 
 
 @dg.asset(
@@ -105,6 +139,7 @@ class ChampionPackageConfig(dg.Config):
     partitions_def=devices_partitions,
     deps=[pool_decisions],
     kinds={"micropython"},
+    owners=OWNERS,
     check_specs=[
         dg.AssetCheckSpec("fits_device_budget", asset="champion_package", blocking=True,
                           description="the package fits the device's flash and heap budget"),
@@ -117,6 +152,7 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
                      device_budget: DeviceBudgetResource) -> dg.MaterializeResult:
     """The next champion for a device, packaged and signed (the paper's Release phase checks it)."""
     device_id = context.partition_key
+    why = authorise_deploy(context, config)
     with knowledge_base.open() as kb:
         current = kb.current_champion(device_id)
         model_id = config.model_id or context.run.tags.get(MODEL_TAG) or pool.engine().top_candidate(
@@ -126,6 +162,7 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
     out = gateway.packages_dir(device_id)
     atomic_write(out / ("%s-v%d.pkg" % (model_id, pkg.version)), pkg.data)
     atomic_write(out / "next.blob", pkg.to_blob())
+    atomic_write(out / "next.json", json.dumps({"run_id": context.run.run_id, "why": why}).encode())
     fits = footprint(pkg)
     link = estimate_deploy(pkg.size, len(pkg.files), pkg.model_id, pkg.version, device_budget.timing())
     context.log.info("packaged %s v%d (%s) for %s: %d bytes, flash %d, heap %d, link %.1f s", model_id, pkg.version,
@@ -147,31 +184,29 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
     )
 
 
-@dg.asset(group_name="loop", partitions_def=devices_partitions, deps=[champion_package], kinds={"sqlite"})
+@dg.asset(group_name="loop", partitions_def=devices_partitions, deps=[champion_package], kinds={"sqlite"},
+          owners=OWNERS)
 def deployed_champion(context: dg.AssetExecutionContext, gateway: GatewayResource,
                       knowledge_base: KnowledgeBaseResource) -> dg.MaterializeResult:
     """The new champion running on the device: queued for the link service, which owns the port, and awaited."""
     device_id = context.partition_key
-    pkg = Package.from_blob((gateway.packages_dir(device_id) / "next.blob").read_bytes())
+    out = gateway.packages_dir(device_id)
+    made = json.loads((out / "next.json").read_text()) if (out / "next.json").is_file() else {}
+    if made.get("run_id") != context.run.run_id:
+        raise dg.Failure(description="nothing deployed to %s: deployed_champion deploys only the package "
+                                     "champion_package made in the same run" % device_id)
+    pkg = Package.from_blob((out / "next.blob").read_bytes())
     with knowledge_base.open() as kb:
         current = kb.current_champion(device_id)
         episode = context.run.tags.get(EPISODE_TAG)
         episode_id = int(episode) if episode else (current.episode_id if current else None)
         t_nfp = kb.nth_false_positive_time(episode_id, knowledge_base.n_fp) if episode_id else None
-        outcome = deploy_through_link_service(kb, pkg, timeout_s=knowledge_base.deploy_timeout_s,
-                                              episode_id=episode_id, run_id=context.run.run_id,
-                                              on_progress=lambda p: context.log.info(progress_line(p)))
+        outcome = deploy_or_fail(kb, pkg, knowledge_base.deploy_timeout_s, context, episode_id=episode_id)
     meta = deploy_outcome_metadata(outcome)
-    if outcome["status"] != "done":
-        why = "deploy %d of %s v%d to %s failed: %s" % (outcome["id"], pkg.model_id, pkg.version, device_id,
-                                                       outcome["error"])
-        context.log.error(why)
-        raise dg.Failure(description=why, metadata=meta)
     replacement_s = (outcome["finished_at"] - t_nfp) if t_nfp else None
     return dg.MaterializeResult(metadata={
         "model_id": pkg.model_id, "version": pkg.version, **meta,
-        "replacement_seconds": round(replacement_s, 3) if replacement_s is not None else None,
-        **plot_metadata("fig4a_occupation.png", "fig4b_deploy_time.png"),  # once `make report` ran
+        "replacement_seconds": round(replacement_s, 1) if replacement_s is not None else None,
     })
 
 
@@ -184,7 +219,7 @@ class RetrainConfig(dg.Config):
     seed: int = Field(default=7, description="training seed")
 
 
-@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"})
+@dg.asset(group_name="loop", deps=["candidate_models"], kinds={"sqlite"}, owners=OWNERS)
 def retrained_candidate_models(context: dg.AssetExecutionContext, config: RetrainConfig,
                                knowledge_base: KnowledgeBaseResource, pool: PoolResource) -> dg.MaterializeResult:
     """New candidates trained on the normal windows the devices uploaded since the last retraining."""

@@ -2,13 +2,16 @@
 
 
 import json
+import time
 
 import dagster as dg
 
-from tinyml_dagster.defs.loop.assets import EPISODE_TAG, MODEL_TAG
+from tinyml_dagster.defs.loop.assets import (EPISODE_TAG, MODEL_TAG, POOL_DECISIONS, decisions_metadata,
+                                             reported_through)
 from tinyml_dagster.defs.loop import jobs
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource, PoolResource
+from tinyml_dagster.pool_inference import HYSTERESIS_POINTS, next_champion, pool_ids
 
 
 def _new_devices(context: dg.SensorEvaluationContext, devices: list[str]) -> list[dg.AddDynamicPartitionsRequest]:
@@ -17,29 +20,51 @@ def _new_devices(context: dg.SensorEvaluationContext, devices: list[str]) -> lis
     return [devices_partitions.build_add_request(new)] if new else []
 
 
-@dg.sensor(job=jobs.pool_decisions_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
-def device_uploads_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource) -> dg.SensorResult:
-    """New uploads in the Knowledge Base: run the pool over them; new devices become partitions."""
-    cursor = json.loads(context.cursor) if context.cursor else {"upload_id": 0}
-    kb = knowledge_base.open()
-    try:
+UNDECIDED_GRACE_S = 5.0  # the link service's pool decides an upload within a second of its commit
+
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+
+def run_in_flight(instance: dg.DagsterInstance, job_name: str) -> bool:
+    """A run of the job is queued or running."""
+    return instance.get_runs_count(dg.RunsFilter(job_name=job_name, statuses=IN_FLIGHT)) > 0
+
+
+@dg.sensor(job=jobs.pool_decisions_job, minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Reports the link service's pool decisions as pool_decisions materialisations (no run); "
+                       "launches pool_decisions_job only for windows no pool decided or devices' own champions to "
+                       "register, never while one is queued or running. New devices become partitions.")
+def device_uploads_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource,
+                          pool: PoolResource) -> dg.SensorResult:
+    """What the pool decided since the last report, as an asset event; a run only when there is work."""
+    with knowledge_base.open() as kb:
+        partitions = _new_devices(context, kb.devices())
+        through, reported = kb.decided_through(), reported_through(context.instance)
+        events = []
+        if through > reported:
+            events.append(dg.AssetMaterialization(
+                POOL_DECISIONS, description="decided by the link service's pool",
+                metadata=decisions_metadata(kb, reported, through, pool_ids(pool.repository()),
+                                            knowledge_base.n_fp)))
+        undecided = kb.count_undecided(received_before=time.time() - UNDECIDED_GRACE_S)
+        unregistered = kb.count_unregistered_model_uploads()
         latest = kb.max_upload_id()
-        devices = kb.devices()
-    finally:
-        kb.close()
-    partitions = _new_devices(context, devices)
-    if latest <= cursor["upload_id"]:
-        return dg.SensorResult(skip_reason="no new uploads since %d" % cursor["upload_id"],
+    requests = []
+    if (undecided or unregistered) and not run_in_flight(context.instance, jobs.pool_decisions_job.name):
+        requests.append(dg.RunRequest(run_key="decide-through-%d" % latest,
+                                      tags={"tinyml/undecided": str(undecided),
+                                            "tinyml/device_models": str(unregistered)}))
+    if not (events or requests):
+        return dg.SensorResult(skip_reason="nothing new since upload %d" % reported,
                                dynamic_partitions_requests=partitions)
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key="uploads-through-%d" % latest,
-                                    tags={"tinyml/uploads": "%d..%d" % (cursor["upload_id"] + 1, latest)})],
-        cursor=json.dumps({"upload_id": latest}),
-        dynamic_partitions_requests=partitions,
-    )
+    return dg.SensorResult(run_requests=requests, asset_events=events, dynamic_partitions_requests=partitions)
 
 
-@dg.sensor(job=jobs.replace_champion_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=jobs.replace_champion_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="A champion with N_fp false positives (TINYML_N_FP): replace_champion_job for its device, "
+                       "once per episode (a failed link is retried a bounded number of times), at high priority.")
 def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource,
                           pool: PoolResource) -> dg.SensorResult:
     """A champion with N_fp false positives: deploy the top-ranked candidate, once per episode."""
@@ -49,10 +74,9 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         due = [e for e in kb.episodes() if e.false_positives >= knowledge_base.n_fp]
         if not due:
             return dg.SensorResult(skip_reason="no champion has %d false positives" % knowledge_base.n_fp)
-        try:
-            engine = pool.engine()
-        except Exception as e:  # no repository yet: nothing to deploy
-            return dg.SensorResult(skip_reason="no candidates to deploy: %s" % e)
+        members = pool_ids(pool.repository())
+        if not members:
+            return dg.SensorResult(skip_reason="no candidates to deploy: the model repository has none yet")
         requests = []
         for e in due:
             device_id, episode_id = e.device_id, e.episode_id
@@ -64,11 +88,16 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
                                         % (device_id, d["attempts"], episode_id, d["error"]))
                     continue
                 run_key += "-retry-%d" % d["attempts"]
-            top = engine.top_candidate(kb, exclude=[e.champion])
+            top = next_champion(kb, members, e.champion)
+            if top is None:
+                context.log.info("%s: %s keeps its place, no candidate ranks %d points above it"
+                                 % (device_id, e.champion, HYSTERESIS_POINTS))
+                continue
             requests.append(dg.RunRequest(
                 run_key=run_key,
                 partition_key=device_id,
-                tags={EPISODE_TAG: str(episode_id), MODEL_TAG: top, "tinyml/false_positives": str(e.false_positives)},
+                tags={EPISODE_TAG: str(episode_id), MODEL_TAG: top, "tinyml/false_positives": str(e.false_positives),
+                      **jobs.REPLACEMENT_PRIORITY},
             ))
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=_new_devices(context, kb.devices()))
     finally:

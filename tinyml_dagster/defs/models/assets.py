@@ -1,9 +1,12 @@
 """The model repository asset: the paper's 20 candidates (4 bearings x 10..50 trees), trained on 60% of life."""
 
+from datetime import timedelta
+
 import dagster as dg
 from pydantic import Field
 
 from tinyml_dagster import settings
+from tinyml_dagster.defs.data.partitions import feature_partition_key
 from tinyml_dagster.deployment_agent import package_sizes
 from tinyml_dagster.features import PAPER_FEATURE_SET, load_feature_windows
 from tinyml_dagster.report import plot_metadata
@@ -30,10 +33,16 @@ class CandidateModelsConfig(dg.Config):
     seed: int = Field(default=0, description="base seed; each model's seed derives from it, bearing and trees")
 
 
-@dg.asset(group_name="models", deps=["feature_windows"], kinds={"python", "json"})
+@dg.asset(group_name="models", deps=["feature_windows"], kinds={"python", "json"}, owners=["team:models"],
+          freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(days=30)))
 def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsConfig,
                      model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
     """Candidate Isolation Forests in the model repository, one per bearing and forest size."""
+    missing = [str(feature_partition_key(config.rate_hz, b)) for b in config.bearings
+               if not settings.feature_path(config.rate_hz, b).exists()]
+    if missing:
+        raise dg.Failure(description="feature_windows partitions %s are not materialised: materialise them, or set "
+                                     "bearings to those that are" % ", ".join(missing))
     repo = model_repository.open()
     windows = load_feature_windows(config.rate_hz, feature_set=config.feature_set)
     trained = train_candidates(windows, repo, rate_hz=config.rate_hz, bearings=config.bearings,

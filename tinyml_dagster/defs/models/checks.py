@@ -46,7 +46,7 @@ def firmware_problems(meta: dict, config: dict, data: bytes) -> list[str]:
     return problems
 
 
-@dg.asset_check(asset="candidate_models", blocking=True)
+@dg.asset_check(asset="candidate_models", name="runs_on_firmware", blocking=True)
 def candidate_models_run_on_firmware(model_repository: ModelRepositoryResource) -> dg.AssetCheckResult:
     """Each candidate uses only what the firmware implements: format, features, window, rate, size."""
     repo = model_repository.open()
@@ -60,7 +60,7 @@ def candidate_models_run_on_firmware(model_repository: ModelRepositoryResource) 
                                metadata={"checked": len(ids), "failures": dg.MetadataValue.json(failures)})
 
 
-@dg.asset_check(asset="candidate_models", blocking=True)
+@dg.asset_check(asset="candidate_models", name="sane_training_anomaly_rate", blocking=True)
 def candidate_models_flag_a_sane_share_of_training(model_repository: ModelRepositoryResource) -> dg.AssetCheckResult:
     """Each candidate's anomaly rate on its own training windows is neither none nor most of them."""
     repo = model_repository.open()
