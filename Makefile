@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python -m tinyml_dagster.demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 dev: $(STAMP)

@@ -7,7 +7,8 @@ stack (split per process), the runs launched and the largest run queue. Then it 
 windows of the device's channel its champion calls anomalous and the pool normal, enough for N_fp false positives and
 the ranking's hysteresis, committed to the Knowledge Base as the link service commits the device's uploads; it times
 the pool's decision on them to the new champion installed on the device (a failed link is retried by
-false_positive_sensor, up to 3 attempts, within the measured time). Stops the stack with SIGINT (as Ctrl-C does). Writes data/bench/dev_stack.json.
+false_positive_sensor, up to 3 attempts, within the measured time). Stops the stack with SIGINT (as Ctrl-C does).
+Writes data/bench/dev_stack.json.
 
     python benchmarks/dev_stack.py [--idle-seconds 300]
 """

@@ -268,7 +268,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     # the service's own pool reads this gateway's repository
     procs.append(subprocess.Popen(cmd, stdout=logf, stderr=logf, env=dict(os.environ, TINYML_DATA_DIR=str(data_dir))))
     _wait_file(ready, 60, procs[1])
-    source = {"recording": str(settings.recording_spec_file())} if settings.recording_spec_file() else {"ims": str(ims_dir)}
+    source = ({"recording": str(settings.recording_spec_file())} if settings.recording_spec_file()
+              else {"ims": str(ims_dir)})
     note("started", device=DEVICE_ID, **source, channel="unit %d %s" % (bearing, axis),
          link_port=status["port"], time_scale=time_scale, windows_planned=status["windows_planned"])
 
@@ -408,9 +409,11 @@ def _figures(kb, status, replacements, n_fp, time_scale, elapsed) -> dict:
         "false_positives": kb.count_false_positives(),
         "n_fp": n_fp,
         "replacements": len(done),
-        "replacement_seconds": round(first["deploy"]["finished_at"] - first["t_nfp"], 3) if first and first["t_nfp"] else None,
+        "replacement_seconds": (round(first["deploy"]["finished_at"] - first["t_nfp"], 3)
+                                if first and first["t_nfp"] else None),
         "deploy_wire_seconds": round(fig.get("link_seconds", 0.0), 2) if first else None,
-        "deploy_real_seconds": round(first["deploy"]["finished_at"] - first["deploy"]["started_at"], 3) if first else None,
+        "deploy_real_seconds": (round(first["deploy"]["finished_at"] - first["deploy"]["started_at"], 3)
+                                if first else None),
         # the same replacement on an unscaled 2,400-baud line: real time with the deploy's link time put back
         "replacement_seconds_unscaled": round(first["deploy"]["finished_at"] - first["t_nfp"]
                                               - (first["deploy"]["finished_at"] - first["deploy"]["started_at"])
@@ -444,7 +447,8 @@ def materialize_everything(log=print, progress=None) -> dict:
         node = graph.get(key)
         if not node.is_materializable or node.group_name == "loop":
             continue
-        pkeys = node.partitions_def.get_partition_keys(dynamic_partitions_store=instance) if node.partitions_def else [None]
+        pkeys = (node.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+                 if node.partitions_def else [None])
         todo += [(key, pk) for pk in pkeys]
     for i, (key, pk) in enumerate(todo):
         name = key.to_user_string() + (" [%s]" % pk if pk else "")
@@ -470,7 +474,8 @@ def quiet_console(log_path: Path, verbose: bool):
         yield print, lambda title: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console = Console(file=sys.stdout)
@@ -530,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     print("Tiny-MLOps loop, device %s on %s %d %s at %d Hz, pool %d candidates (link time-scaled x%g)" % (
         f["device"], source, f["bearing"], f["axis"], f["rate_hz"], len(f["pool"]), f["time_scale"]))
     print("  windows processed on the device   %d (%d uploaded)" % (f["windows"], f["windows_uploaded"]))
-    print("  anomalies reported by champion    %d (pool confirmed %d)" % (f["anomalies"], f["pool_confirmed_anomalies"]))
+    print("  anomalies reported by champion    %d (pool confirmed %d)" % (
+        f["anomalies"], f["pool_confirmed_anomalies"]))
     print("  false positives (pool rejected)   %d (N_fp = %d)" % (f["false_positives"], f["n_fp"]))
     print("  champion replacements             %d -> %s" % (f["replacements"], f["new_champion"]))
     print("  N_fp-th false positive -> running %s s real (%s s on an unscaled line)" % (
@@ -538,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  deploy wire time                  %s s at 2,400 baud (link time; %s s real)" % (
         f["deploy_wire_seconds"], f["deploy_real_seconds"]))
     print("  link occupation                   %s" % f["occupation"])
-    print("  device runs                       %s (new champion: %s)" % (f["device_runs"], f["device_runs_new_champion"]))
+    print("  device runs                       %s (new champion: %s)" % (
+        f["device_runs"], f["device_runs_new_champion"]))
     print("  alarms raised by the device       %d" % len(f["alarms"]))
     for c in f["champions"]:
         print("  champion v%-3d windows %4d  anomalies %3d  pool-confirmed %3d  false positives %3d (rate %s)" % (

@@ -59,7 +59,8 @@ def feature_script(feature_set: str = "paper") -> bytes:
     """The device's feature extraction script of a feature set: a copy of its firmware module."""
     from firmware import feature_sets
 
-    return (Path(fpkg.__file__).parent / (feature_sets.module(feature_set).__name__.split(".")[-1] + ".py")).read_bytes()
+    return (Path(fpkg.__file__).parent
+            / (feature_sets.module(feature_set).__name__.split(".")[-1] + ".py")).read_bytes()
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from tinyml_dagster.demo import AXIS, BEARING, RATE_HZ
 
     os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
-    os.environ[settings.DATA_DIR_ENV] = str(settings.data_dir())  # the children run in ROOT: same data, whatever the cwd
+    # the children run in ROOT: same data, whatever the cwd
+    os.environ[settings.DATA_DIR_ENV] = str(settings.data_dir())
     # the pool serves the emulated device's cohort (link service and Dagster read it from the environment)
     os.environ.setdefault(settings.COHORT_ENV, "bearing=%d,rate_hz=%d" % (BEARING, RATE_HZ))
     install_instance_config(Path(os.environ["DAGSTER_HOME"]))

@@ -384,7 +384,8 @@ class KnowledgeBase:
                 version = self.schema_version()
                 if version > len(MIGRATIONS):
                     raise KnowledgeBaseError(
-                        "%s: schema version %d is newer than this code knows (%d)" % (self.path, version, len(MIGRATIONS))
+                        "%s: schema version %d is newer than this code knows (%d)"
+                        % (self.path, version, len(MIGRATIONS))
                     )
                 for i in range(version, len(MIGRATIONS)):
                     for stmt in MIGRATIONS[i].split(";"):
@@ -602,7 +603,8 @@ class KnowledgeBase:
             cur = self.current_champion(row[0])
             if cur is not None and cur.source == "reported":
                 # the champion the device's uploads named is this one: same episode, now with its repository id
-                self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?", (model_id, cur.episode_id))
+                self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?",
+                                   (model_id, cur.episode_id))
             else:
                 self._add_champion(row[0], model_id, "device", time.time(), upload_id)
 
@@ -703,7 +705,9 @@ class KnowledgeBase:
             )
             return self._conn.execute("SELECT pool_id FROM pools WHERE model_ids=?", (key,)).fetchone()[0]
 
-    def store_decisions(self, pool_id: int, model_ids: Sequence[str], rows: Sequence[tuple], now: float | None = None) -> int:
+    def store_decisions(
+        self, pool_id: int, model_ids: Sequence[str], rows: Sequence[tuple], now: float | None = None
+    ) -> int:
         """Store (upload_id, votes_anomaly, votes_total, pool_anomaly, false_positive, scores_blob, agree_mask) rows.
 
         Updates the ranking (+1 per candidate agreeing with the pool, -1 otherwise) in the same transaction;
@@ -871,7 +875,8 @@ class KnowledgeBase:
     def nth_false_positive_time(self, episode_id: int, n: int) -> float | None:
         """When the pool decided the n-th false positive of an episode (None if not reached)."""
         row = self.query(
-            "SELECT d.decided_at FROM champions c JOIN uploads u ON u.device_id = c.device_id AND u.id > c.since_upload_id"
+            "SELECT d.decided_at FROM champions c"
+            " JOIN uploads u ON u.device_id = c.device_id AND u.id > c.since_upload_id"
             " JOIN pool_decisions d ON d.upload_id = u.id AND d.false_positive = 1 WHERE c.id = ?"
             " ORDER BY u.id LIMIT 1 OFFSET ?",
             (episode_id, n - 1),

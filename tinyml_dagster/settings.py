@@ -52,7 +52,8 @@ _apply_recording_spec()
 
 
 def data_dir() -> Path:
-    """Root of everything generated (TINYML_DATA_DIR, default ./data; a recording spec's own: ./data/recordings/<spec>)."""
+    """Root of everything generated (TINYML_DATA_DIR, default ./data;
+    a recording spec's own: ./data/recordings/<spec>)."""
     spec = recording_spec_file()
     default = Path("data") / "recordings" / spec.stem if spec else Path("data")
     return Path(os.environ.get(DATA_DIR_ENV) or default).resolve()

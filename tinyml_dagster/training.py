@@ -20,11 +20,11 @@ from firmware import isoforest, local_training
 from tinyml_dagster import settings
 from tinyml_dagster.features import FEATURE_NAMES, WINDOW_MS
 from tinyml_dagster.forest import PoolScorer
-from tinyml_dagster.model_repository import ModelRepository
+from tinyml_dagster.model_repository import DEFAULT_THRESHOLD, ModelRepository
 
 TREE_COUNTS: tuple[int, ...] = (10, 20, 30, 40, 50)
 PSI = 100
-THRESHOLD = 0.6
+THRESHOLD = DEFAULT_THRESHOLD  # the paper's fixed threshold
 # Default target window false-alarm rate of a calibrated threshold: 0.2% of the model's own training windows score
 # above it. Healthy windows the model never saw score a little higher than those it was grown on (and conditions
 # drift), so the target sits well inside the 0.5% a monitored healthy machine may show; at 2 windows/s it is about

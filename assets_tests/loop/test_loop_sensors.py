@@ -82,7 +82,8 @@ def test_device_uploads_sensor_reports_decisions_without_runs_and_runs_only_for_
     # the run decides them and reports through its own materialisation: the sensor does not repeat it
     from tinyml_dagster.defs.loop.assets import device_champions, pool_decisions
 
-    r = dg.materialize([device_champions, pool_decisions], instance=instance, resources=gateway_resources(GatewayResource(data_dir=str(tmp_path))))
+    r = dg.materialize([device_champions, pool_decisions], instance=instance,
+                       resources=gateway_resources(GatewayResource(data_dir=str(tmp_path))))
     meta = r.asset_materializations_for_node("pool_decisions")[0].metadata
     assert meta["decided"].value == 1 and meta["through_upload_id"].value == 5
     after = _tick(device_uploads_sensor, instance, tmp_path)

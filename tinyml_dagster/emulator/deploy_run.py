@@ -13,6 +13,7 @@ from tinyml_dagster import ims, settings
 from tinyml_dagster import deployment_agent as da
 from tinyml_dagster.emulator.device_emulator import DeviceEmulator
 from tinyml_dagster.link import Deployer, LinkTiming, SerialTransport
+from tinyml_dagster.model_repository import DEFAULT_THRESHOLD
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BAUD, TURNAROUND_S = settings.LINK_BAUD, settings.LINK_TURNAROUND_S
@@ -35,7 +36,7 @@ def training_rows(n: int = 2000, seed: int = 2):
 def package(rows, n: int, encoding: str, version: int = 1, seed: int = 7, name: str = "") -> da.Package:
     """A signed package for the emulated device: an n-tree forest trained on rows, in the given encoding."""
     forest = isoforest.train(rows, n, 100, seed)
-    return da.forest_package(name or f"bench_t{n}", forest, {"threshold": 0.6, "grid": forest.grid},
+    return da.forest_package(name or f"bench_t{n}", forest, {"threshold": DEFAULT_THRESHOLD, "grid": forest.grid},
                              device_id="bench-0", version=version, key=KEY, encoding=encoding)
 
 

@@ -29,14 +29,18 @@ class IMSRecordingConfig(dg.Config):
 
     ims_dir: str = Field(
         default="",
-        description="Directory of real IMS files (e.g. a full copy of set 1); empty: TINYML_IMS_DIR, else the synthetic recording.",
+        description="Directory of real IMS files (e.g. a full copy of set 1); empty: TINYML_IMS_DIR, "
+        "else the synthetic recording.",
     )
-    n_files: int = Field(default=synthetic.DEFAULT_FILES, description="Files of the synthetic recording (2,156 = full scale; default TINYML_SYNTHETIC_FILES or 240).")
-    seed: int = Field(default=synthetic.DEFAULT_SEED, description="Seed of the synthetic recording: same seed, same bytes.")
+    n_files: int = Field(default=synthetic.DEFAULT_FILES, description="Files of the synthetic recording "
+                         "(2,156 = full scale; default TINYML_SYNTHETIC_FILES or 240).")
+    seed: int = Field(default=synthetic.DEFAULT_SEED,
+                      description="Seed of the synthetic recording: same seed, same bytes.")
     spec_file: str = Field(default="", description="A recording spec (TOML, see `python -m tinyml_dagster.recordings "
                            "inspect`); empty: TINYML_RECORDING, else the IMS recording.")
     recording: Optional[recordings.RecordingSpec] = Field(
-        default=None, description="A recording spec's fields given here instead of a spec file (same channels and rates "
+        default=None,
+        description="A recording spec's fields given here instead of a spec file (same channels and rates "
         "as the partitions, which come from TINYML_RECORDING).")
 
 
@@ -107,7 +111,8 @@ def _check_upstream(asset: str, used_at: float | None, what: str) -> None:
 
 def _span(timestamps: Iterable) -> str:
     ts = pd.to_datetime(list(timestamps))
-    return f"{ts[0]:%Y-%m-%d %H:%M:%S} .. {ts[-1]:%Y-%m-%d %H:%M:%S} ({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)"
+    return (f"{ts[0]:%Y-%m-%d %H:%M:%S} .. {ts[-1]:%Y-%m-%d %H:%M:%S} "
+            f"({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)")
 
 
 @dg.asset(group_name="data", kinds={"ascii"}, owners=OWNERS)
@@ -261,7 +266,8 @@ def _subsample_spec_recording(context: dg.AssetExecutionContext, manifest: dict,
         "n_channels": len(rec.channels), "channels": rec.channels, "units": manifest["units"],
         "rates_hz": list(signals), "window_ms": window_ms(spec), "snapshots_per_group": group,
         "attempt_at": attempt_at, "recording_attempt_at": manifest.get("attempt_at")})
-    context.log.info("resampled %d snapshots from %g Hz to %s Hz in %.2f s", len(rec), rec.rate_hz, list(signals), seconds)
+    context.log.info("resampled %d snapshots from %g Hz to %s Hz in %.2f s",
+                     len(rec), rec.rate_hz, list(signals), seconds)
     return dg.MaterializeResult(metadata={
         "snapshots": len(rec), "source_rate_hz": rec.rate_hz, "rates_hz": ", ".join(str(r) for r in signals),
         "snapshots_per_group": group, "groups": len(stamps), "seconds": round(seconds, 2),
@@ -289,7 +295,8 @@ def _split_summary(df: pd.DataFrame) -> str:
     for name, part in groups:
         for axis, g in part.groupby("axis"):
             med = " | ".join(f"{g[n].median():.4f}" for n in features.FEATURE_NAMES)
-            lines.append(f"| {name} | {axis} | {len(g)} | {g.life_fraction.min():.2f}-{g.life_fraction.max():.2f} | {med} |")
+            lines.append(f"| {name} | {axis} | {len(g)} | "
+                         f"{g.life_fraction.min():.2f}-{g.life_fraction.max():.2f} | {med} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,9 @@ from tinyml_dagster.report import plot_metadata
 @dg.asset(group_name="deploy", deps=["candidate_models"], owners=["team:gateway"],
           description="Package sizes of every candidate per encoding (compact default, paper-like json, "
                       "precompiled mpy).")
-def model_packages(context: dg.AssetExecutionContext, model_repository: ModelRepositoryResource) -> dg.MaterializeResult:
+def model_packages(
+    context: dg.AssetExecutionContext, model_repository: ModelRepositoryResource
+) -> dg.MaterializeResult:
     repo = model_repository.open()
     ids = repo.candidate_ids() or repo.ids()
     if not ids:

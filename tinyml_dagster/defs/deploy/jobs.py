@@ -35,6 +35,7 @@ def deploy_champion(context: dg.OpExecutionContext, config: DeployConfig, knowle
     return meta
 
 
-@dg.job(description="Deploy a chosen repository model to one device (the loop's replacements use replace_champion_job).")
+@dg.job(description="Deploy a chosen repository model to one device "
+                    "(the loop's replacements use replace_champion_job).")
 def deploy_champion_job():
     deploy_champion()

@@ -19,7 +19,8 @@ class CandidateModelsConfig(dg.Config):
     """Training parameters of the candidate models."""
 
     rate_hz: int = Field(default=settings.DEFAULT_RATE_HZ,
-                         description="feature windows of this sampling rate (paper: 500 Hz; default 2 kHz, see docs/results.md)")
+                         description="feature windows of this sampling rate "
+                                     "(paper: 500 Hz; default 2 kHz, see docs/results.md)")
     bearings: list[int] = Field(default=list(settings.BEARINGS), description="one model family per bearing")
     tree_counts: list[int] = Field(default=list(TREE_COUNTS), description="forest sizes (paper: 10..50)")
     psi: int = Field(default=PSI, description="subsample size per tree (paper: 100); height limit ceil(log2 psi)")
