@@ -7,7 +7,7 @@ CHECK_SIZE = 2
 MAX_BODY = 254 - HEADER_SIZE - CHECK_SIZE  # 249
 
 # device -> gateway
-HELLO = 0x01  # device status: id, champion, version, counters (body: see device engineer's data_comm)
+HELLO = 0x01  # device status: id, champion, version, counters (body: data_comm.HELLO_FORMAT)
 UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT, then its MAC)
 CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
 UPLOAD_GAP = 0x15  # upload numbers that will never come (body: GAP_FORMAT): the gateway records them as lost

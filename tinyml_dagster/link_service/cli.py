@@ -14,7 +14,7 @@ from tinyml_dagster.link_service.service import LinkService, PoolFactory
 
 
 def repository_pool_factory() -> PoolFactory:
-    """The pool from the model repository under settings (its candidates, as the forest engineer stores them)."""
+    """The pool from the model repository under settings (its candidates)."""
 
     def make():
         from tinyml_dagster.pool_inference import pool_from_repository
