@@ -129,3 +129,13 @@ def write_json(path, obj):
     import json
 
     write_atomic(path, json.dumps(obj).encode())
+
+
+def overlay(defaults, params, what):
+    """defaults overlaid with params (a dict or None); ValueError naming an unknown parameter of what."""
+    p = dict(defaults)
+    for k in params or {}:
+        if k not in p:
+            raise ValueError("%s: unknown parameter %s" % (what, k))
+        p[k] = params[k]
+    return p

@@ -9,17 +9,15 @@ below. Windows older than the span count for nothing. The share is the smoothed 
 MicroPython 1.27 and CPython alike; the gateway's evaluation runs this very class.
 """
 
+from firmware._compat import overlay
+
 BUCKETS = 30
 DEFAULTS = {"span_s": 600, "raise_fraction": 0.5, "clear_fraction": 0.1, "min_windows": 4}
 
 
 def check(params=None):
     """The rule's parameters: DEFAULTS overlaid with params; ValueError naming an unknown or bad one."""
-    p = dict(DEFAULTS)
-    for k in params or {}:
-        if k not in p:
-            raise ValueError("alarm rule: unknown parameter %s" % k)
-        p[k] = params[k]
+    p = overlay(DEFAULTS, params, "alarm rule")
     if not p["span_s"] > 0:
         raise ValueError("alarm rule: span_s must be > 0, got %r" % (p["span_s"],))
     if not 0.0 <= p["clear_fraction"] < p["raise_fraction"] <= 1.0:

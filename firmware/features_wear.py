@@ -24,6 +24,7 @@ quantisation noise (1/12 step^2) count as that floor.
 
 import math
 
+from firmware._compat import overlay
 from firmware.features import WINDOW_MS, window_length  # noqa: F401 (the set's interface)
 
 FEATURE_SET = "wear"
@@ -106,11 +107,7 @@ def window_features(buf, start=0, length=-1, steps=STEPS):
 
 def check_params(params=None):
     """The set's parameters: defaults overlaid with params; ValueError naming an unknown or bad one."""
-    p = dict(PARAMS)
-    for k in params or {}:
-        if k not in p:
-            raise ValueError("feature set wear: unknown parameter %s" % k)
-        p[k] = params[k]
+    p = overlay(PARAMS, params, "feature set wear")
     if type(p["steps"]) is not int or not 16 <= p["steps"] <= 4096:
         raise ValueError("feature set wear: steps must be an integer in 16..4096, got %r" % (p["steps"],))
     return p

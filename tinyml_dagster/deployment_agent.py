@@ -57,10 +57,9 @@ def deflate(data: bytes) -> bytes:
 
 def feature_script(feature_set: str = "paper") -> bytes:
     """The device's feature extraction script of a feature set: a copy of its firmware module."""
-    from firmware import feature_sets
+    from tinyml_dagster.features import feature_set as named_set
 
-    return (Path(fpkg.__file__).parent
-            / (feature_sets.module(feature_set).__name__.split(".")[-1] + ".py")).read_bytes()
+    return named_set(feature_set).script()
 
 
 @dataclass(frozen=True)

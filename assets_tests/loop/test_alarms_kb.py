@@ -85,7 +85,7 @@ def test_link_service_stores_a_devices_alarm(tmp_path):
     link._alarm(sealed(messages.pack_alarm(1000, 1300, 0.75, 1, 3, "b3-t50-abc")), messages)
     link._alarm(sealed(b"\x01\x02"), messages)  # malformed: logged, nothing stored
     link._alarm(sealed(messages.pack_alarm(2000, 0, 0.9, 1, 3, "x"), bytes(32)), messages)  # forged: dropped
-    service._record_alarms(kb)
+    service._record_writes(kb)
     (a,) = kb.alarms()
     assert (a["device_id"], a["start"], a["end"], a["peak_score"], a["feature_set"], a["champion_id"]) == \
         ("esp-1", 1000.0, 1300.0, pytest.approx(0.8), "wear", "b3-t50-abc")

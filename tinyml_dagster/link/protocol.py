@@ -16,19 +16,17 @@ from typing import Callable
 from firmware import messages as m
 
 from ..deployment_agent import Package
-from .transport import LinkTiming, SerialTransport
+from .transport import FRAME_WIRE, LinkTiming, SerialTransport
 
-ACK_WIRE = 6 + m.HEADER_SIZE + m.CHECK_SIZE + struct.calcsize(m.ACK_FORMAT)
-RESULT_WIRE_MAX = 6 + 254
+MESSAGE_WIRE = FRAME_WIRE + m.HEADER_SIZE + m.CHECK_SIZE  # a message's wire bytes besides its body
+ACK_WIRE = MESSAGE_WIRE + struct.calcsize(m.ACK_FORMAT)
+HAVE_WIRE = MESSAGE_WIRE + struct.calcsize(m.HAVE_FORMAT)
+RESULT_WIRE_MAX = FRAME_WIRE + 254
 # real seconds added to every reply timeout (thread scheduling on a busy gateway)
 REAL_SLACK_S = 0.25
 # link seconds a device may take to verify and install a package
 INSTALL_S = 30.0
 MAX_WINDOW = m.ACK_BITS + 1  # the ack bitmap covers the fragments after the contiguous offset
-
-
-FRAME_WIRE = 6  # pySerialTransfer: start, id, overhead, length, crc, stop
-MESSAGE_WIRE = FRAME_WIRE + m.HEADER_SIZE + m.CHECK_SIZE  # a message's wire bytes besides its body
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,10 @@ def estimate_deploy(stream_bytes: int, n_files: int, model_id: str, version: int
     windows = math.ceil(n_frag / window)
     offer = (MESSAGE_WIRE + struct.calcsize(m.OFFER_FORMAT) + n_files * struct.calcsize(m.OFFER_FILE_FORMAT)
              + m.MAC_SIZE)
-    have = MESSAGE_WIRE + struct.calcsize(m.HAVE_FORMAT)
     data = n_frag * (MESSAGE_WIRE + struct.calcsize(m.DATA_FORMAT)) + stream_bytes
     reason = "installed %s v%d" % (model_id, version)  # firmware/model_deployment_agent.py
     result = MESSAGE_WIRE + struct.calcsize(m.RESULT_FORMAT) + 1 + len(model_id.encode()) + len(reason.encode())
-    wire = offer + have + data + (windows - 1) * ACK_WIRE + result
+    wire = offer + HAVE_WIRE + data + (windows - 1) * ACK_WIRE + result
     turnarounds = 2 * windows + 1  # offer -> have -> first window, then window -> ack -> next window, ..., result
     return LinkEstimate(wire, turnarounds, wire * timing.byte_s + turnarounds * timing.turnaround_s)
 
@@ -170,7 +167,7 @@ class Deployer:
         sent_once: set[int] = set()
         try:
             for attempt in range(self.retries):
-                got = self._exchange(m.DEPLOY_OFFER, offer, (m.DEPLOY_HAVE, m.DEPLOY_RESULT), 6 + 5 + 11)
+                got = self._exchange(m.DEPLOY_OFFER, offer, (m.DEPLOY_HAVE, m.DEPLOY_RESULT), HAVE_WIRE)
                 if got is None:
                     raise DeployError("link cut: no answer to the offer after %d tries" % self.retries)
                 mtype, body = got
@@ -267,7 +264,7 @@ class Deployer:
             if got[0] == m.DEPLOY_RESULT:
                 tm = self.t.timing
                 rep.device_seconds = round(max(0.0, (time.monotonic() - wire_end) / tm.time_scale
-                                               - tm.turnaround_s - (6 + 5 + len(got[1])) * tm.byte_s), 3)
+                                               - tm.turnaround_s - (MESSAGE_WIRE + len(got[1])) * tm.byte_s), 3)
                 self._report(total, total, rep, t0, "acknowledged")
                 return got[1]
             _, new_base, bits = struct.unpack_from(m.ACK_FORMAT, got[1], 0)

@@ -13,6 +13,8 @@ from firmware import messages
 from tinyml_dagster import settings
 
 
+FRAME_WIRE = 6  # pySerialTransfer's bytes around a payload: start, id, overhead, length, crc, stop
+
 @dataclass(frozen=True)
 class LinkTiming:
     """The channel model: 8N1 at `baud`, a turnaround per direction change, all times x time_scale in real time."""
@@ -60,7 +62,7 @@ class SerialTransport:
         self.link.tx_buff[:n] = list(payload)  # send() stuffs tx_buff in place: refill before every (re)send
         if not self.link.send(n):
             raise OSError("pySerialTransfer could not write the frame")
-        wire = n + 6
+        wire = n + FRAME_WIRE
         now = time.monotonic()
         self.tx_busy_until = max(now, self.tx_busy_until) + wire * self.timing.byte_s * self.timing.time_scale
         self.wire_bytes_out += wire
@@ -96,7 +98,7 @@ class SerialTransport:
             if n:
                 payload = bytes(link.rx_buff[:n])
                 self.frames_in += 1
-                self.wire_bytes_in += n + 6
+                self.wire_bytes_in += n + FRAME_WIRE
                 msg = messages.unpack(payload)
                 if msg is not None:
                     return msg[0], msg[1], bytes(msg[2])

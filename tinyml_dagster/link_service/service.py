@@ -83,8 +83,7 @@ class LinkService:
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self._q: queue.Queue[_Item] = queue.Queue()
-        self._gap_q: queue.Queue[tuple] = queue.Queue()
-        self._alarm_q: queue.Queue[tuple] = queue.Queue()
+        self._writes: queue.Queue[Callable[[KnowledgeBase], None]] = queue.Queue()  # the ports' gaps and alarms
         self._threads: list[threading.Thread] = []
         self._links: dict[str, object] = {}
         self._problems: dict[str, str] = {}
@@ -154,8 +153,7 @@ class LinkService:
         if batch:
             self._commit(kb, batch)
         self._retry = []
-        self._record_gaps(kb)
-        self._record_alarms(kb)
+        self._record_writes(kb)
         now = time.monotonic()
         if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
             try:
@@ -211,42 +209,38 @@ class LinkService:
     def submit_gap(self, device_id: str, first: int, last: int, reason: str, done: Callable[[int, int], None]
                    ) -> None:
         """A port's device says first..last will never come: done(first, last) once that is recorded."""
-        self._gap_q.put((device_id, first, last, reason, done))
-
-    def _record_gaps(self, kb: KnowledgeBase) -> None:
-        while True:
-            try:
-                device_id, first, last, reason, done = self._gap_q.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                lost = kb.record_lost(device_id, first, last, reason)
-            except sqlite3.Error:
-                self._gap_q.put((device_id, first, last, reason, done))
-                raise
+        def record(kb: KnowledgeBase) -> None:
+            lost = kb.record_lost(device_id, first, last, reason)
             if lost:
                 log.warning("%s: uploads %d..%d recorded lost (%d never stored): %s", device_id, first, last, lost,
                             reason)
             done(first, last)
 
+        self._writes.put(record)
+
     def submit_alarm(self, device_id: str, start: float, end: float | None, peak: float, feature_set: str,
                      champion_id: str | None, champion_version: int) -> None:
         """A port's device raised or cleared an alarm: stored by the loop."""
-        self._alarm_q.put((device_id, start, end, peak, feature_set, champion_id, champion_version))
+        def record(kb: KnowledgeBase) -> None:
+            try:
+                kb.record_alarm(device_id, start, end, peak, feature_set, champion_id, champion_version)
+            except KnowledgeBaseError as e:
+                log.warning("%s: alarm refused: %s", device_id, e)
 
-    def _record_alarms(self, kb: KnowledgeBase) -> None:
+        self._writes.put(record)
+
+    def _record_writes(self, kb: KnowledgeBase) -> None:
+        """Carry out the ports' queued writes; one the database refuses waits for the next turn."""
         while True:
             try:
-                alarm = self._alarm_q.get_nowait()
+                write = self._writes.get_nowait()
             except queue.Empty:
                 return
             try:
-                kb.record_alarm(*alarm)
+                write(kb)
             except sqlite3.Error:
-                self._alarm_q.put(alarm)
+                self._writes.put(write)
                 raise
-            except KnowledgeBaseError as e:
-                log.warning("%s: alarm refused: %s", alarm[0], e)
 
     def _take_batch(self, timeout: float) -> list[_Item]:
         try:
