@@ -84,7 +84,9 @@ class SerialTransport:
         while True:
             try:
                 n = link.available()
-            except (IndexError, ValueError):  # pySerialTransfer trips over some corrupted stuffing
+            except (IndexError, ValueError, TypeError):
+                # pySerialTransfer trips over some corrupted stuffing (an overhead byte pointing into the part of
+                # rx_buff it fills with ' ' strings gives a TypeError)
                 n = 0
                 link.state = txfer.State.FIND_START_BYTE
                 self.bad_frames += 1
