@@ -44,7 +44,7 @@ LABELS = (("tinyml_dagster.dev", "dev.py"), ("tinyml_dagster.emulator", "emulato
           ("tinyml_dagster.link_service", "link service"), ("dagster_webserver", "webserver"),
           ("dagster-webserver", "webserver"), ("dagster-daemon", "daemon"), ("_daemon", "daemon"),
           ("execute_run", "runs"), ("api grpc", "code server"), ("code-server", "code server"),
-          ("dagster dev", "dagster dev"), ("multiprocessing", "webserver helpers"),
+          ("dagster dev", "dagster dev"), ("dg dev", "dg dev"), ("multiprocessing", "webserver helpers"),
           ("watch_orphans", "run log watchers"), ("tail -F", "run log watchers"))
 
 

@@ -9,7 +9,8 @@
    channel), its link on a pseudo-terminal, deploy key provisioned;
 3. the link service (`python -m tinyml_dagster.link_service`) with its pool, owning that port, writing the Knowledge
    Base and deciding every upload as it arrives;
-4. `dagster dev -w workspace.yaml`: webserver on http://127.0.0.1:3000 and the daemon running the sensors.
+4. `dg dev` (the project of pyproject.toml's [tool.dg]): webserver on http://127.0.0.1:3000 and the daemon running
+   the sensors.
 
 device_uploads_sensor reports the decisions, false_positive_sensor launches replace_champion_job at N_fp,
 fleet_sensor keeps the fleet view. Ctrl-C (SIGINT) or SIGTERM stops everything, also when started in the background.
@@ -150,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print("device %s on %s, link service up (Knowledge Base %s)" % (args.device_id, os.path.realpath(link),
                                                                        settings.kb_path()), flush=True)
         if not args.no_dagster:
-            procs.append(subprocess.Popen([py, "-m", "dagster", "dev", "-w", str(ROOT / "workspace.yaml"),
-                                           "-p", str(args.port)], cwd=ROOT, preexec_fn=child_takes_sigint))
+            # `dg dev` (Dagster's recommended command) loads the project from pyproject's [tool.dg], in this venv
+            dg = Path(sys.executable).parent / "dg"
+            procs.append(subprocess.Popen([str(dg), "dev", "--use-active-venv", "-p", str(args.port)], cwd=ROOT,
+                                          env={**os.environ, "VIRTUAL_ENV": sys.prefix},
+                                          preexec_fn=child_takes_sigint))
             print("Dagster UI on http://127.0.0.1:%d (Ctrl-C stops everything)" % args.port, flush=True)
         while not stop and all(p.poll() is None for p in procs):
             time.sleep(0.5)

@@ -228,8 +228,9 @@ def pool_ids(repo, cohort: dict[str, int] | None = None) -> list[str]:
     return same or ids
 
 
-def pool_from_repository(root=None) -> PoolInferenceEngine:
-    """The pool of the model repository's candidates for the devices' cohort (see pool_ids)."""
+def pool_from_repository(root=None, previous: PoolInferenceEngine | None = None) -> PoolInferenceEngine:
+    """The pool of the model repository's candidates for the devices' cohort (see pool_ids); `previous` itself when
+    it already is that pool (a model id names one trained forest)."""
     from tinyml_dagster import settings
     from tinyml_dagster.model_repository import ModelRepository
 
@@ -241,5 +242,8 @@ def pool_from_repository(root=None) -> PoolInferenceEngine:
     sets = {m: repo.config(m).get("feature_set", "paper") for m in ids}
     if len(set(sets.values())) > 1:
         raise ValueError("the candidates of one pool must share a feature set, got %s" % sets)
+    if (previous is not None and previous.model_ids == ids and previous.thresholds.tolist() == thresholds
+            and previous.feature_set == next(iter(sets.values()))):
+        return previous
     return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds,
                                             feature_set=next(iter(sets.values())))

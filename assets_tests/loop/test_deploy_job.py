@@ -107,6 +107,8 @@ def test_both_jobs_deploy_every_encoding_through_the_link_service(repo, gateway)
                                                                  "confirm_device": DEVICE}}}},
             instance=instance, partition_key=DEVICE, raise_on_error=False)
         assert res.success, [r.user_message for r in instance.all_logs(res.run_id)]
+        meta = res.asset_materializations_for_node("deployed_champion")[0].metadata
+        assert "](data:image/png;base64,iVBOR" in meta["deploy_progress"].value  # plotted from this deploy
         version += 1
         running = _device_runs(flash)
         assert (running["model_id"], running["encoding"], running["version"]) == (ids[2], encoding, version)

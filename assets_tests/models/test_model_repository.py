@@ -154,6 +154,7 @@ def test_candidate_models_asset_trains_20_verified_candidates(pipeline_data, mon
         assert m["anomaly_rate_later"] is not None and m["lineage"]["run_id"] == result.run_id
     md = result.asset_materializations_for_node("candidate_models")[0].metadata
     assert md["models"].value == 20
+    assert "](data:image/png;base64,iVBOR" in md["anomaly_rates"].value  # this run's candidates, plotted
     table = md["candidates"].value.splitlines()  # both encodings' package sizes for every candidate
     assert "package compact B" in table[0] and "package json B" in table[0] and len(table) == 22
     for row in table[2:]:

@@ -9,7 +9,7 @@ import pytest
 import scipy.io
 
 from tinyml_dagster import detection_quality as dq
-from tinyml_dagster import report, subsampling
+from tinyml_dagster import subsampling
 from tinyml_dagster.report import generate
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
 
@@ -121,22 +121,23 @@ def test_report_generator_runs_on_a_small_configuration(tmp_path, data_dir):
     assert len(pd.read_csv(tmp_path / "docs" / "results" / "detection_quality.csv")) == len(csv)
     assert set(csv.source) == {"synthetic", "ims-real-segments", "ims-real-files"}
     assert csv.auc.dropna().between(0, 1).all()
-    md = report.plot_markdown("fig3c_load.png", tmp_path / "docs" / "results")
-    assert md.startswith("![fig3c_load](data:image/png;base64,iVBOR")
-    assert report.plot_markdown("missing.png", tmp_path) is None
 
 
-def test_plots_become_dagster_markdown_metadata(tmp_path):
+def test_a_runs_plot_is_a_png_in_dagster_markdown():
+    import base64
+    import io
+
     import dagster as dg
+    from matplotlib.image import imread
 
-    from tinyml_dagster.report import plot_metadata
+    from tinyml_dagster.report.inline import bar_plot, line_plot
 
-    (tmp_path / "fig4a_occupation.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
-    meta = plot_metadata("fig4a_occupation.png", "fig4b_deploy_time.png", directory=tmp_path)
-    assert list(meta) == ["plot_fig4a_occupation"]  # a plot not generated yet is left out
-    value = meta["plot_fig4a_occupation"]
-    assert isinstance(value, dg.MarkdownMetadataValue)
-    assert value.md_str.startswith("![fig4a_occupation](data:image/png;base64,iVBORw0KGgo")
+    for value in (bar_plot("t", "y", ["a", "b"], {"s1": [1, 2], "s2": [2, 1]}, "two series"),
+                  line_plot("t", "x", "y", {"l": ([0, 1], [0, 2])}, "one line")):
+        assert isinstance(value, dg.MarkdownMetadataValue)
+        data = value.md_str.split("base64,")[1].split(")")[0]
+        height, width, _ = imread(io.BytesIO(base64.b64decode(data))).shape
+        assert width >= 400 and height >= 200
 
 
 def test_definitions_still_load_with_the_report_metadata():
@@ -150,24 +151,18 @@ def test_definitions_still_load_with_the_report_metadata():
     assert isinstance(d, dg.Definitions)
 
 
-def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeypatch, data_dir):
-    """A real Dagster materialization carries the generated Fig. 4 plots as Markdown metadata."""
+def test_model_packages_materialization_plots_its_own_packages(tmp_path, data_dir):
+    """A real Dagster materialization carries a plot of the link time of the packages it measured."""
     import random
 
     import dagster as dg
 
-    import tinyml_dagster.report as report_mod
     from firmware import isoforest
     from tinyml_dagster.defs.deploy.assets import model_packages
     from tinyml_dagster.defs.gateway import GatewayResource
     from tinyml_dagster.defs.resources import gateway_resources
     from tinyml_dagster.model_repository import ModelRepository
 
-    docs = tmp_path / "docs"
-    (docs / "results").mkdir(parents=True)
-    png = b"\x89PNG\r\n\x1a\n" + bytes(32)
-    (docs / "results" / "fig4b_deploy_time.png").write_bytes(png)
-    monkeypatch.setattr(report_mod, "DOCS", docs)
     repo = ModelRepository(tmp_path / "data" / "models")
     rng = random.Random(3)
     rows = [[rng.gauss(0, 0.02), rng.gauss(0, 0.3), rng.gauss(0.5, 0.8)] for _ in range(200)]
@@ -175,8 +170,7 @@ def test_model_packages_materialization_shows_the_deploy_plots(tmp_path, monkeyp
     result = dg.materialize([model_packages], resources=gateway_resources(GatewayResource()))
     assert result.success
     meta = result.asset_materializations_for_node("model_packages")[0].metadata
-    assert "plot_fig4b_deploy_time" in meta and "plot_fig4a_occupation" not in meta
-    assert "data:image/png;base64," in meta["plot_fig4b_deploy_time"].value
+    assert "](data:image/png;base64,iVBOR" in meta["link_seconds"].value
     (mpy,) = meta["mpy_bytes"].value.values()  # the precompiled package, built with mpy-cross
     (compact,) = meta["compact_bytes"].value.values()
     assert compact < mpy < 2 * compact

@@ -47,6 +47,7 @@ class DataFeed:
         self._t0: float | None = None
         self._lock = threading.Lock()
         self.files_fed = 0
+        self._looped: dict[int, bytes] = {}  # a looping feed parses each file once (2 MB for the synthetic run)
 
     def file_samples(self, path: Path) -> np.ndarray:
         """The samples one file contributes (complete windows of the subsampled channel)."""
@@ -65,10 +66,14 @@ class DataFeed:
             if not self.loop:
                 return False
             self._file = 0
-        x = self.file_samples(self.files[self._file])
+        samples = self._looped.get(self._file)
+        if samples is None:
+            samples = np.asarray(self.file_samples(self.files[self._file]), dtype="<f4").tobytes()
+            if self.loop:
+                self._looped[self._file] = samples
+        self._buf = samples
         self._file += 1
         self.files_fed += 1
-        self._buf = np.asarray(x, dtype="<f4").tobytes()
         self._pos = 0
         return True
 
@@ -89,6 +94,15 @@ class DataFeed:
             self._pos += 4 * n
             self._released += n
             return 4 * n
+
+    def seconds_to_next_window(self) -> float:
+        """Real seconds until the samples completing the current window are due."""
+        with self._lock:
+            if self._t0 is None:
+                return 0.0
+            missing = self.window - self._released % self.window
+            due_at = self._t0 + (self._released + missing) / (self.rate_hz * self.time_scale)
+            return max(0.0, due_at - time.perf_counter())
 
     def exhausted(self) -> bool:
         return self._file >= len(self.files) and self._pos >= len(self._buf) and not self.loop

@@ -23,6 +23,8 @@ RUNTIMES = ("vm", "cpython")
 # the VM runs with collection off (see docs/device.md): a large heap, and a reboot when it is full
 VM_HEAP_BYTES = 256 * 1024 * 1024  # seen: 1 reboot in 2,374 windows at 2 kHz (48 MB: ~270 windows)
 VM_MEMORY_BYTES = 512 * 1024 * 1024
+IDLE_MAX_S = 0.02  # an idle device loop wakes at least this often (its timers: retransmissions, HELLO)
+PACING_SLACK_S = 0.002  # the firmware paces a frame by its wire time + 1 ms (ticks_ms rounding)
 
 VM_BOOT = """
 import sys, host, binascii
@@ -159,8 +161,19 @@ class DeviceEmulator:
         self._booted.set()
         while self._running.is_set():
             if not self.device.step():
-                time.sleep(0.001)
+                self._sleep_until_work()
         self.device.state.save()
+
+    def _sleep_until_work(self) -> None:
+        """The device's light sleep: until link bytes arrive, the next window's samples are due, the wire has
+        carried what the device wrote (it may send its next frame), or IDLE_MAX_S (its other timers) has passed."""
+        timeout = min(IDLE_MAX_S, self.feed.seconds_to_next_window())
+        wire_free_in = self.wire.free_at() - time.perf_counter()
+        if wire_free_in > 0:
+            timeout = min(timeout, wire_free_in + PACING_SLACK_S)
+        woken = self.wire.device_readable
+        woken.wait(timeout)
+        woken.clear()
 
     def _run_vm(self) -> None:
         port = self.wire.device_port()
@@ -178,7 +191,7 @@ class DeviceEmulator:
             return "1" if self._running.is_set() else "0"
 
         def idle(_: bytes) -> str:
-            time.sleep(0.001)
+            self._sleep_until_work()
             return ""
 
         host = {"data_read": self.feed.read_hex, "data_write": lambda p: "", "link_read": link_read,

@@ -62,6 +62,7 @@ class HalfDuplexWire:
         self._lock = threading.Lock()
         self._to_device = bytearray()  # delivered, waiting for the device to read
         self._to_gateway = bytearray()  # delivered, waiting for room in the pty
+        self.device_readable = threading.Event()  # set when bytes reach the device (wakes its idle loop)
         # segments on the wire: [start, direction, data, delivered]; byte i ends at start + (i + 1) * byte_s
         self._segments: deque[list] = deque()
         self._direction: str | None = None
@@ -128,6 +129,7 @@ class HalfDuplexWire:
                     self.late_s_max = max(self.late_s_max, now - (start + n * self.byte_s))
                     if direction == DOWN:
                         self._to_device += chunk
+                        self.device_readable.set()
                         self.bytes_down += len(chunk)
                     else:
                         self._to_gateway += chunk
@@ -187,6 +189,11 @@ class HalfDuplexWire:
         except (BlockingIOError, OSError):
             return
         del self._to_gateway[:k]
+
+    def free_at(self) -> float:
+        """Real time (perf_counter) when the wire has carried every byte written so far."""
+        with self._lock:
+            return self._free_at
 
     def idle(self) -> bool:
         """Nothing scheduled is still on the wire."""

@@ -69,6 +69,12 @@ class SerialTransport:
         self.frames_out += 1
         return wire
 
+    def _wait_readable(self, timeout: float) -> None:
+        try:
+            select.select([self.link.connection.fileno()], [], [], timeout)
+        except (OSError, ValueError):  # closed under us: the next read says so
+            time.sleep(min(timeout, 0.0005))
+
     def writable(self) -> bool:
         """True when the port takes bytes now (its reader keeps up); a port nobody reads stays False."""
         return bool(select.select([], [self.link.connection.fileno()], [], 0)[1])
@@ -82,6 +88,7 @@ class SerialTransport:
         deadline = time.monotonic() + timeout
         link = self.link
         while True:
+            polled_empty = False
             try:
                 n = link.available()
             except (IndexError, ValueError, TypeError):
@@ -97,6 +104,7 @@ class SerialTransport:
                     raise
                 n = 0
                 self.empty_reads += 1
+                polled_empty = True
             if n:
                 payload = bytes(link.rx_buff[:n])
                 self.frames_in += 1
@@ -109,6 +117,10 @@ class SerialTransport:
             if link.status in (txfer.Status.CRC_ERROR, txfer.Status.PAYLOAD_ERROR, txfer.Status.STOP_BYTE_ERROR):
                 self.bad_frames += 1
                 link.status = txfer.Status.NO_DATA
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return None
-            time.sleep(0.0005)
+            if polled_empty:  # select would say readable again at once
+                time.sleep(min(remaining, 0.0005))
+            else:  # sleep until a byte comes: a quiet line costs no CPU
+                self._wait_readable(remaining)

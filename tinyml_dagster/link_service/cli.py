@@ -14,12 +14,15 @@ from tinyml_dagster.link_service.service import LinkService, PoolFactory
 
 
 def repository_pool_factory() -> PoolFactory:
-    """The pool from the model repository under settings (its candidates)."""
+    """The pool from the model repository under settings (its candidates), rebuilt only when they change."""
+    built = None
 
     def make():
+        nonlocal built
         from tinyml_dagster.pool_inference import pool_from_repository
 
-        return pool_from_repository()
+        built = pool_from_repository(previous=built)
+        return built
 
     return make
 

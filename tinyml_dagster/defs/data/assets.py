@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -19,6 +20,8 @@ from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.defs.data.partitions import feature_partition_key, feature_partitions
 
 OWNERS = ["team:data"]
+# the candidates are trained on these: a month-old recording judges today's machine by last month's data
+DATA_FRESHNESS = dg.FreshnessPolicy.time_window(warn_window=timedelta(days=7), fail_window=timedelta(days=30))
 RECORDING_MANIFEST = "ims_recording.json"
 SUBSAMPLED_INDEX = "index.json"
 ATTEMPTS_DIR = "attempts"  # <asset>.json: when each data asset was last attempted
@@ -115,7 +118,7 @@ def _span(timestamps: Iterable) -> str:
             f"({(ts[-1] - ts[0]).total_seconds() / 86400:.1f} days)")
 
 
-@dg.asset(group_name="data", kinds={"ascii"}, owners=OWNERS)
+@dg.asset(group_name="data", kinds={"ascii"}, owners=OWNERS, freshness_policy=DATA_FRESHNESS)
 def ims_recording(context: dg.AssetExecutionContext, config: IMSRecordingConfig) -> dg.MaterializeResult:
     """The recording: a recording spec's files, else IMS files from ims_dir, else the synthetic set 1 under data/."""
     attempt_at = _attempt("ims_recording", context)
@@ -200,7 +203,8 @@ def _spec_recording(context: dg.AssetExecutionContext, spec: recordings.Recordin
     )
 
 
-@dg.asset(group_name="data", deps=[ims_recording], kinds={"numpy"}, owners=OWNERS)
+@dg.asset(group_name="data", deps=[ims_recording], kinds={"numpy"}, owners=OWNERS,
+          freshness_policy=DATA_FRESHNESS)
 def subsampled_signals(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Every file at 500 Hz, 1 kHz and 2 kHz: FFT, rectangular low-pass at fs/2, inverse FFT at the new rate."""
     manifest = _read_json(settings.data_dir() / RECORDING_MANIFEST, "ims_recording")
@@ -301,7 +305,7 @@ def _split_summary(df: pd.DataFrame) -> str:
 
 
 @dg.asset(group_name="data", deps=[subsampled_signals], partitions_def=feature_partitions, kinds={"parquet"},
-          owners=OWNERS)
+          owners=OWNERS, freshness_policy=DATA_FRESHNESS)
 def feature_windows(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """Mean, skewness and excess kurtosis of every non-overlapping 500-ms window, per rate and bearing."""
     key = context.partition_key.keys_by_dimension

@@ -14,9 +14,10 @@ from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
 from tinyml_dagster.deployment_agent import Package, deploy_outcome_metadata, footprint, next_package
 from tinyml_dagster.knowledge_base import KnowledgeBaseError
-from tinyml_dagster.link import estimate_deploy
+from tinyml_dagster.link import LinkTiming, estimate_deploy
 from tinyml_dagster.knowledge_base import KnowledgeBase
 from tinyml_dagster.model_repository import add_device_champion
+from tinyml_dagster.report.inline import line_plot
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.training import retrain
 
@@ -207,7 +208,22 @@ def deployed_champion(context: dg.AssetExecutionContext, gateway: GatewayResourc
     return dg.MaterializeResult(metadata={
         "model_id": pkg.model_id, "version": pkg.version, **meta,
         "replacement_seconds": round(replacement_s, 1) if replacement_s is not None else None,
+        "deploy_progress": deploy_progress_plot(pkg, outcome),
     })
+
+
+def deploy_progress_plot(pkg: Package, outcome: dict) -> dg.MetadataValue:
+    """Bytes through the link over link time as the link service reported them, beside a clean line's estimate."""
+    reports = [(p["link_seconds"], p["bytes"]) for p in outcome["progress"] if p.get("what") != "queued"]
+    stream = outcome["figures"].get("stream_bytes") or pkg.size
+    if outcome["figures"].get("link_seconds") is not None:
+        reports.append((outcome["figures"]["link_seconds"], stream))
+    estimate = estimate_deploy(stream, len(pkg.files), pkg.model_id, pkg.version, LinkTiming()).seconds
+    return line_plot("Deploy of %s v%d to %s" % (pkg.model_id, pkg.version, pkg.device_id), "link seconds",
+                     "bytes delivered", {"reported": ([t for t, _ in reports], [b for _, b in reports]),
+                                         "clean-line estimate": ([0.0, estimate], [0, stream])},
+                     "this deploy's progress reports; the estimate counts every frame, acknowledgement and "
+                     "turnaround at %d baud" % LinkTiming().baud)
 
 
 class RetrainConfig(dg.Config):

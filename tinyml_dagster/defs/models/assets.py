@@ -9,7 +9,7 @@ from tinyml_dagster import settings
 from tinyml_dagster.defs.data.partitions import feature_partition_key
 from tinyml_dagster.deployment_agent import package_sizes
 from tinyml_dagster.features import PAPER_FEATURE_SET, load_feature_windows
-from tinyml_dagster.report import plot_metadata
+from tinyml_dagster.report.inline import bar_plot
 from tinyml_dagster.training import PSI, THRESHOLD, TREE_COUNTS, default_target_fa, train_candidates
 
 from .resources import ModelRepositoryResource
@@ -69,7 +69,10 @@ def candidate_models(context: dg.AssetExecutionContext, config: CandidateModelsC
         "train_seconds": round(sum(t.train_seconds for t in trained), 3),
         "largest_model_bytes": max(t.size_bytes for t in trained),
         "repository": dg.MetadataValue.path(str(repo.root)),
-        # the report's plots of the repository's costs (device time, detection quality), once `make report` ran
-        **plot_metadata("repository_sizes.png", "fig3a_inference_bearing1.png", "fig3b_inference_bearing3.png",
-                        "fig3c_load.png", "quality_synthetic.png"),
+        "anomaly_rates": bar_plot(
+            "Share of windows each candidate flags", "anomalous windows", [t.model_id for t in trained],
+            {"training windows": [t.anomaly_rate_train for t in trained],
+             "later windows": [t.anomaly_rate_later for t in trained]},
+            "this run's candidates at their thresholds: the training share is the calibrated false-alarm rate; "
+            "later windows include the degradation"),
     })
