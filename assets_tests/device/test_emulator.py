@@ -146,3 +146,20 @@ def test_cli_names_a_missing_ims_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinyml_dagster.emulator", "--ims-dir", str(tmp_path / "none"),
                         "--flash", str(tmp_path / "f")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and str(tmp_path / "none") in r.stderr
+
+
+def test_a_looping_feed_replays_the_same_samples_parsing_each_file_once(ims_files, monkeypatch):
+    feed = DataFeed(ims_files[:2], 1, "x", RATE, time_scale=1000.0, loop=True)
+    parsed = []
+    original = feed.file_samples
+    monkeypatch.setattr(feed, "file_samples", lambda f: parsed.append(f) or original(f))
+    per_pass = 2 * 2 * features.window_length(RATE, features.WINDOW_MS) * 4  # 2 files x 2 windows, float32
+    first, second = bytearray(), bytearray()
+    deadline = time.monotonic() + 30
+    while len(second) < per_pass and time.monotonic() < deadline:
+        buf = bytearray(4096)
+        n = feed.readinto(buf) or 0
+        (first if len(first) < per_pass else second).extend(buf[:n])
+    assert len(first) == len(second) == per_pass and first == second
+    assert parsed == ims_files[:2]
+    assert feed.seconds_to_next_window() >= 0.0

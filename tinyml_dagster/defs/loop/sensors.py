@@ -62,7 +62,7 @@ def device_uploads_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
     return dg.SensorResult(run_requests=requests, asset_events=events, dynamic_partitions_requests=partitions)
 
 
-@dg.sensor(job=jobs.replace_champion_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(job=jobs.replace_champion_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING,
            description="A champion with N_fp false positives (TINYML_N_FP): replace_champion_job for its device, "
                        "once per episode (a failed link is retried a bounded number of times), at high priority.")
 def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource,
@@ -121,7 +121,7 @@ def alarm_observations(alarms: list[dict]) -> list[dg.AssetObservation]:
     return out
 
 
-@dg.sensor(minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def alarm_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource) -> dg.SensorResult:
     """Alarm events the devices raised or cleared since the last tick, as metadata of the devices' partitions
     (hook a notification to this sensor, or to the observations of deployed_champion)."""
