@@ -138,3 +138,9 @@ def test_the_fleet_view(page, webserver):
     body = text_of(page, webserver + "/assets/deployed_champion?view=events&partition=esp32-demo", "esp32-demo")
     page.get_by_text("last_deploy_link_s", exact=False).first.wait_for(timeout=60_000)
     assert "previous_champion" in page.inner_text("body")
+
+
+def test_assets_plot_their_own_runs_data(page, webserver):
+    """candidate_models carries a plot drawn from its run's data, a PNG in Markdown that the UI opens."""
+    text_of(page, webserver + "/assets/candidate_models", "candidate_models")
+    page.get_by_text("anomaly_rates", exact=False).first.wait_for(timeout=60_000)
