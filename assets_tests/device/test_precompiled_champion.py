@@ -123,7 +123,7 @@ def test_tampered_mpy_is_refused_by_the_package_checks(tmp_path):
     e = next(f for f in good.files if f["name"] == "champion.mpy")
     flipped[good.head_size + e["offset"] + e["size"] // 2] ^= 0x10
     # a consistent package around another .mpy (every scorer says "normal"), signed without the device's key
-    evil = da.mpy_compile(b"H=(3,12,64)\nG=(lambda q0,q1,q2:100,)*3\n", "champion", da.MpyTarget())
+    evil = da.mpy_compile(b"H=(3,12,64)\nC=(0,0,0)\nL=0\nG=(lambda q0,q1,q2:100,)*3\n", "champion", da.MpyTarget())
     forged = _package(forest, "mpy", version=8, key=bytes(32), runtime=evil)
     out, _, flash = _install(tmp_path, {"flipped.pkg": da.Package(bytes(flipped), "m-30", DEVICE, 7, "mpy"),
                                         "forged.pkg": forged, "good.pkg": good}, forest, test)
