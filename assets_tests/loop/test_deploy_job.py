@@ -134,22 +134,30 @@ def test_a_refused_package_fails_the_run_with_the_devices_reason(repo, gateway):
     assert d["status"] == "failed" and "bad signature" in d["error"]
 
 
-@pytest.mark.parametrize("gateway", ["vm"], indirect=True)
-def test_the_default_encoding_follows_the_runtime_the_devices_hello_reported(repo, gateway):
-    _, ids = repo
+def _deploy_with_the_default_encoding(gateway, model_id: str) -> tuple[int, list[str]]:
+    """Wait for the device's boot HELLO to be stored, then deploy with the job's default encoding: (the runtime the
+    device reported, the run's log)."""
     flash, kb_path, resources = gateway
     kb = KnowledgeBase(kb_path)
     deadline = time.monotonic() + 120
     while kb.device_sys_mpy(DEVICE) is None:  # the boot HELLO, stored by the link service
         assert time.monotonic() < deadline, "no HELLO with the device's runtime recorded"
         time.sleep(0.2)
-    assert kb.device_sys_mpy(DEVICE) == 774  # the MicroPython 1.27 VM: .mpy v6.3, bytecode only
     instance = dg.DagsterInstance.ephemeral()
     res = deploy_champion_job.execute_in_process(
-        run_config={"ops": {"deploy_champion": {"config": {"model_id": ids[2], "device_id": DEVICE}}}},
+        run_config={"ops": {"deploy_champion": {"config": {"model_id": model_id, "device_id": DEVICE}}}},
         resources=resources, instance=instance, raise_on_error=False)
     logs = [r.user_message for r in instance.all_logs(res.run_id)]
     assert res.success, logs
+    return kb.device_sys_mpy(DEVICE), logs
+
+
+@pytest.mark.parametrize("gateway", ["vm"], indirect=True)
+def test_the_default_encoding_follows_the_runtime_the_devices_hello_reported(repo, gateway):
+    _, ids = repo
+    flash = gateway[0]
+    sys_mpy, logs = _deploy_with_the_default_encoding(gateway, ids[2])
+    assert sys_mpy == 774  # the MicroPython 1.27 VM: .mpy v6.3, bytecode only
     assert "encoding mpy: the device imports .mpy v6.3 (bytecode)" in logs
     running = _device_runs(flash)
     assert (running["model_id"], running["encoding"]) == (ids[2], "mpy")
@@ -160,18 +168,7 @@ def test_the_default_encoding_follows_the_runtime_the_devices_hello_reported(rep
 
 def test_a_device_without_a_mpy_loader_gets_the_compact_bytes(repo, gateway):
     _, ids = repo
-    flash, kb_path, resources = gateway
-    kb = KnowledgeBase(kb_path)
-    deadline = time.monotonic() + 60
-    while kb.device_sys_mpy(DEVICE) is None:
-        assert time.monotonic() < deadline, "no HELLO with the device's runtime recorded"
-        time.sleep(0.1)
-    assert kb.device_sys_mpy(DEVICE) == 0  # the firmware under CPython
-    instance = dg.DagsterInstance.ephemeral()
-    res = deploy_champion_job.execute_in_process(
-        run_config={"ops": {"deploy_champion": {"config": {"model_id": ids[0], "device_id": DEVICE}}}},
-        resources=resources, instance=instance, raise_on_error=False)
-    logs = [r.user_message for r in instance.all_logs(res.run_id)]
-    assert res.success, logs
+    sys_mpy, logs = _deploy_with_the_default_encoding(gateway, ids[0])
+    assert sys_mpy == 0  # the firmware under CPython
     assert "encoding compact: the device's runtime imports no .mpy (sys.implementation._mpy 0)" in logs
-    assert _device_runs(flash)["encoding"] == "compact"
+    assert _device_runs(gateway[0])["encoding"] == "compact"
