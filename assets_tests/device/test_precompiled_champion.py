@@ -164,3 +164,29 @@ def test_tampered_mpy_is_refused_by_the_package_checks(tmp_path):
     assert forged_result == [False, "bad signature: hmac mismatch (unsigned or tampered)"]
     assert good_result == [True, "installed m-30 v7"]
     assert out["CHAMPION"][0][2] == out["STORED"][0]
+
+
+def test_a_wear_champion_ships_its_feature_set_as_mpy_and_the_device_extracts_with_it(tmp_path):
+    from firmware import features_wear
+
+    xs = signal(250 * 60, seed=4, spike_every=23)
+    rows = [features_wear.window_features(xs, k * 250, 250) for k in range(60)]
+    forest = isoforest.train(rows[:50], 10, 32, 3)
+    config = {"grid": forest.grid, "threshold": 0.6, "feature_set": "wear", "feature_params": {"steps": 128}}
+    target = da.MpyTarget()
+    pkg = da.build_package("w-10", ("model.bin", forest.to_bytes()), config, device_id=DEVICE, version=3, key=KEY,
+                           encoding="mpy", target=target, runtime=da.runtime_mpy(forest, target))
+    out, stdout, flash = _install(tmp_path, {"wear.pkg": pkg}, forest, rows[50:], then=(
+        "import array, math\n"
+        "buf = array.array('f', [math.sin(i * 0.3) * 2 for i in range(250)])\n"
+        "from firmware import features_wear\n"
+        "dev.step()\n"
+        "m = dev.inference.feature_module\n"
+        "print('WEAR ' + json.dumps([m.__file__, m.FEATURE_SET, list(dev.data_in.extract(buf)),"
+        " list(features_wear.window_features(buf, 0, 250, 128))]))\n"))
+    assert out["RESULT"] == [[True, "installed w-10 v3"]], stdout
+    (want,) = out["STORED"]
+    assert out["REBOOTED"] == [["w-10", "PrecompiledForest", want]]
+    ((path, name, extracted, own),) = out["WEAR"]
+    assert path == "/flash/models/champion/features.mpy" and name == "wear" and extracted == own
+    assert (flash / "models" / "champion" / "features.mpy").read_bytes()[:2] == b"M\x06"
