@@ -3,9 +3,11 @@
 The node-array walk of `isoforest.Forest` spends ~20 bytecodes per node (subscripts, compares, index arithmetic);
 a tree compiled to `(57 if q0<-1234 else ...)` spends 4. The compact bytes stay the storage and wire form; the
 device compiles them here, TREES_PER_FUNCTION trees at a time so the compiler's transient memory stays small,
-and then holds only the bytecode. To keep that bytecode small, every constant is a short varint: thresholds are
-centred (q - 32768) and leaf codes offset by -64, the offsets added back once per window; a group's trees sit on
-one source line (no line-number table). Scores are the same integers summed, so they equal Forest's exactly.
+and then holds only the bytecode. To keep that bytecode small, every constant is a short varint: each feature is
+centred on the middle of its thresholds' range (2-byte constants instead of 3) and the leaf codes are offset so
+that most fall in -16..47 (one-byte constants), the offsets added back once per window; a group's trees sit on one
+source line (no line-number table); a split whose two sides are the same expression (common: two singleton leaves
+at one depth) is left out. Scores are the same integers summed, so they equal Forest's exactly.
 
 The gateway can do the compiling instead: `module_source` is the same groups as one module (the runtime module),
 which it compiles with mpy-cross into a .mpy that `PrecompiledForest` imports without compiling anything.
@@ -18,8 +20,9 @@ import sys
 from firmware import isoforest
 
 TREES_PER_FUNCTION = 5
-Q_CENTRE = 32768
-LEAF_OFFSET = 64
+Q_CENTRE = 32768  # a feature's centre when no tree splits on it
+SMALL_INT_MIN = -16  # MicroPython's one-byte integer constants: -16..47
+SMALL_INT_SPAN = 64
 
 # one globals dict shared by every compiled group (a dict per function would cost ~100 B each)
 _GLOBALS = {}
@@ -27,35 +30,67 @@ _GLOBALS = {}
 _SCORERS = {}
 
 
-def tree_expression(forest, root):
-    """One tree as a nested conditional expression of the centred features q0, q1, ... (leaf codes - 64)."""
+def layout(forest):
+    """(centres, leaf offset): per feature the middle of its thresholds' range; the offset putting most leaf codes
+    in -16..47."""
+    nf = forest.nf
+    nt = forest.nt
+    lo = [65535] * forest.n_features
+    hi = [0] * forest.n_features
+    counts = [0] * isoforest.LEAF_FLAG
+    for i in range(len(nf)):
+        f = nf[i]
+        if f & isoforest.LEAF_FLAG:
+            counts[f - isoforest.LEAF_FLAG] += 1
+        else:
+            lo[f] = min(lo[f], nt[i])
+            hi[f] = max(hi[f], nt[i])
+    centres = tuple((lo[f] + hi[f] + 1) // 2 if lo[f] <= hi[f] else Q_CENTRE for f in range(forest.n_features))
+    best, held = 0, sum(counts[:SMALL_INT_SPAN])
+    run = held
+    for start in range(1, len(counts) - SMALL_INT_SPAN + 1):
+        run += counts[start + SMALL_INT_SPAN - 1] - counts[start - 1]
+        if run > held:
+            best, held = start, run
+    return centres, best - SMALL_INT_MIN
+
+
+def tree_expression(forest, root, centres, leaf_offset):
+    """One tree as a nested conditional expression of the centred features q0, q1, ... (leaf codes - offset)."""
     nf = forest.nf
     nt = forest.nt
     nr = forest.nr
-    leaf_base = isoforest.LEAF_FLAG + LEAF_OFFSET
+    leaf_base = isoforest.LEAF_FLAG + leaf_offset
 
     def expr(i):  # recursion as deep as the tree: <= height limit + 1 = 8 for psi <= 128
         f = nf[i]
         if f & isoforest.LEAF_FLAG:
             return str(f - leaf_base)
-        return "(%s if q%d<%d else %s)" % (expr(i + 1), f, nt[i] - Q_CENTRE, expr(i + nr[i]))
+        left = expr(i + 1)
+        right = expr(i + nr[i])
+        if left == right:  # a split between equal leaves (two singletons at one depth) cannot change the sum
+            return left
+        return "(%s if q%d<%d else %s)" % (left, f, nt[i] - centres[f], right)
 
     return expr(root)
 
 
-def group_source(forest, roots):
+def group_source(forest, roots, centres, leaf_offset):
     """`def t(q0, q1, ...)` returning the summed (offset) leaf codes of the trees at roots, on one line."""
     args = ",".join("q%d" % f for f in range(forest.n_features))
-    return "def t(%s):return %s" % (args, "+".join(tree_expression(forest, r) for r in roots))
+    return "def t(%s):return %s" % (args, "+".join(tree_expression(forest, r, centres, leaf_offset) for r in roots))
 
 
 def module_source(forest):
-    """The runtime module of a forest: H = (n_features, n_trees, psi), G = the groups' lambdas, one per line."""
+    """The runtime module of a forest: H = (n_features, n_trees, psi), C = the centres, L = the leaf offset,
+    G = the groups' lambdas, one per line."""
     args = ",".join("q%d" % f for f in range(forest.n_features))
     roots = forest.roots
-    lines = ["H=(%d,%d,%d)" % (forest.n_features, forest.n_trees, forest.psi), "G=("]
+    centres, leaf_offset = layout(forest)
+    lines = ["H=(%d,%d,%d)" % (forest.n_features, forest.n_trees, forest.psi),
+             "C=(%s,)" % ",".join(str(c) for c in centres), "L=%d" % leaf_offset, "G=("]
     for k in range(0, len(roots), TREES_PER_FUNCTION):
-        lines.append("lambda %s:%s," % (args, "+".join(tree_expression(forest, r)
+        lines.append("lambda %s:%s," % (args, "+".join(tree_expression(forest, r, centres, leaf_offset)
                                                        for r in roots[k:k + TREES_PER_FUNCTION])))
     lines.append(")")
     return "\n".join(lines) + "\n"
@@ -67,18 +102,19 @@ def _compile(source, name):
 
 
 def _scorer(n_features):
-    """`score(x, scales, bases, groups, offset, k)`: quantise (as isoforest.quantise), centre, sum, exp, in one call.
+    """`score(x, scales, bases, centres, groups, offset, k)`: quantise (as isoforest.quantise), centre, sum, exp,
+    in one call.
 
     Unrolled over the features with the grid in locals: the per-window overhead that dominates small forests.
     """
-    lines = ["def score(x,S,B,groups,offset,k):"]
-    lines.append(" " + ",".join("S%d" % f for f in range(n_features)) + ",=S")
-    lines.append(" " + ",".join("B%d" % f for f in range(n_features)) + ",=B")
+    lines = ["def score(x,S,B,C,groups,offset,k):"]
+    for name in "SBC":
+        lines.append(" " + ",".join("%s%d" % (name, f) for f in range(n_features)) + ",=" + name)
     for f in range(n_features):
         lines.append(" v=x[%d]" % f)
         lines.append(" if v!=v:raise ValueError('feature %d is NaN')" % f)
         lines.append(" q=int(floor(v*S%d+0.5))-B%d if -1e30<v<1e30 else (0 if v<0 else 65535)" % (f, f))
-        lines.append(" q%d=(0 if q<0 else (65535 if q>65535 else q))-%d" % (f, Q_CENTRE))
+        lines.append(" q%d=(0 if q<0 else (65535 if q>65535 else q))-C%d" % (f, f))
     args = ",".join("q%d" % f for f in range(n_features))
     lines += [" s=offset", " for t in groups:", "  s+=t(%s)" % args, " return exp(k*s)"]
     _GLOBALS["floor"] = math.floor
@@ -87,10 +123,11 @@ def _scorer(n_features):
 
 
 def _path_summer(n_features):
-    """`ps(groups, q, offset)`: a quantised q centred into locals once, the groups' sums and the offsets added."""
+    """`ps(groups, q, centres, offset)`: a quantised q centred into locals once, the groups' sums and the offsets
+    added."""
     args = ",".join("q%d" % f for f in range(n_features))
-    centred = ",".join("q[%d]-%d" % (f, Q_CENTRE) for f in range(n_features))
-    return _compile("def ps(groups,q,offset):\n %s,=%s,\n s=offset\n for t in groups:\n  s+=t(%s)\n return s"
+    centred = ",".join("q[%d]-C[%d]" % (f, f) for f in range(n_features))
+    return _compile("def ps(groups,q,C,offset):\n %s,=%s,\n s=offset\n for t in groups:\n  s+=t(%s)\n return s"
                     % (args, centred, args), "ps")
 
 
@@ -126,21 +163,23 @@ class CompiledForest:
 
     def __init__(self, forest, collect=None):
         roots = forest.roots
+        centres, leaf_offset = layout(forest)
         groups = []
         for k in range(0, len(roots), TREES_PER_FUNCTION):
-            groups.append(_compile(group_source(forest, roots[k:k + TREES_PER_FUNCTION]), "t"))
+            groups.append(_compile(group_source(forest, roots[k:k + TREES_PER_FUNCTION], centres, leaf_offset), "t"))
             if collect is not None:
                 collect()
-        self._hold(forest.n_features, forest.n_trees, forest.psi, forest.grid, tuple(groups))
+        self._hold(forest.n_features, forest.n_trees, forest.psi, forest.grid, tuple(groups), centres, leaf_offset)
 
-    def _hold(self, n_features, n_trees, psi, grid, groups):
+    def _hold(self, n_features, n_trees, psi, grid, groups, centres, leaf_offset):
         self.n_features = n_features
         self.n_trees = n_trees
         self.psi = psi
         self.grid = [[int(g[0]), int(g[1])] for g in grid]
         # as isoforest.Forest computes it, so the scores are the same floats
         self._k = -math.log(2.0) / (isoforest.LEAF_STEP * n_trees * isoforest.c(psi))
-        self._offset = LEAF_OFFSET * n_trees
+        self._offset = leaf_offset * n_trees
+        self._centres = tuple(centres)
         self.groups = groups
         self._path_sum, self._score = scorers(n_features)
         sgrid = isoforest.scaled_grid(grid)
@@ -149,7 +188,7 @@ class CompiledForest:
 
     def path_sum(self, q):
         """Sum over trees of the leaf codes (path lengths in 1/8 steps) for a quantised vector q."""
-        return self._path_sum(self.groups, q, self._offset)
+        return self._path_sum(self.groups, q, self._centres, self._offset)
 
     def score_q(self, q):
         """Anomaly score (0..1) of a quantised feature vector."""
@@ -157,7 +196,7 @@ class CompiledForest:
 
     def score(self, x):
         """Anomaly score (0..1) of a raw feature vector (floats, in the model's feature order)."""
-        return self._score(x, self._scales, self._bases, self.groups, self._offset, self._k)
+        return self._score(x, self._scales, self._bases, self._centres, self.groups, self._offset, self._k)
 
 
 class PrecompiledForest(CompiledForest):
@@ -169,4 +208,6 @@ class PrecompiledForest(CompiledForest):
             raise ValueError("grid has %d features, runtime module has %d" % (len(grid), n_features))
         if len(module.G) != (n_trees + TREES_PER_FUNCTION - 1) // TREES_PER_FUNCTION:
             raise ValueError("runtime module has %d groups for %d trees" % (len(module.G), n_trees))
-        self._hold(n_features, n_trees, psi, grid, module.G)
+        if len(module.C) != n_features:
+            raise ValueError("runtime module has %d centres for %d features" % (len(module.C), n_features))
+        self._hold(n_features, n_trees, psi, grid, module.G, module.C, module.L)

@@ -8,12 +8,16 @@ Deploy messages go to firmware/transfer.py. Replies and control messages go befo
 """
 
 import struct
+import sys
 
 from firmware import frames, messages
 from firmware._compat import const, exists, read_bytes, ticks_add, ticks_diff, write_atomic
 
 FIRMWARE_VERSION = const(1)
 HELLO_FORMAT = "<16sHI16sIIIIHB"
+# the HELLO's runtime tail, right after HELLO_FORMAT (a HELLO without it is an older device's): the .mpy version
+# and architecture this MicroPython imports, its sys.implementation._mpy (0: none, e.g. CPython)
+HELLO_RUNTIME_FORMAT = "<H"
 PHASE_COLLECTING = const(0)
 PHASE_INFERRING = const(1)
 # champion version, chunk index, chunk count; the chunks' data concatenated is
@@ -35,12 +39,25 @@ def pack_hello(device_id, champion_version, champion_id, windows, anomalies, nex
                        _fixed(champion_id, 16), windows, anomalies, next_upload, dropped, outbox, phase)
 
 
+def pack_hello_runtime():
+    """The HELLO's runtime tail (HELLO_RUNTIME_FORMAT): sys.implementation._mpy, 0 where there is none."""
+    return struct.pack(HELLO_RUNTIME_FORMAT, getattr(sys.implementation, "_mpy", 0) & 0xFFFF)
+
+
 def unpack_hello(body):
-    """dict of a HELLO body."""
-    v = struct.unpack(HELLO_FORMAT, bytes(body))
-    return {"device_id": v[0].rstrip(b"\0").decode(), "firmware_version": v[1], "champion_version": v[2],
-            "champion_id": v[3].rstrip(b"\0").decode(), "windows": v[4], "anomalies": v[5],
-            "next_upload": v[6], "uploads_dropped": v[7], "outbox": v[8], "phase": v[9]}
+    """dict of a HELLO body; sys_mpy only when the body carries the runtime tail."""
+    body = bytes(body)
+    base = struct.calcsize(HELLO_FORMAT)
+    if len(body) < base:
+        raise ValueError("HELLO of %d bytes, need %d" % (len(body), base))
+    v = struct.unpack(HELLO_FORMAT, body[:base])
+    out = {"device_id": v[0].rstrip(b"\0").decode(), "firmware_version": v[1], "champion_version": v[2],
+           "champion_id": v[3].rstrip(b"\0").decode(), "windows": v[4], "anomalies": v[5],
+           "next_upload": v[6], "uploads_dropped": v[7], "outbox": v[8], "phase": v[9]}
+    tail = struct.calcsize(HELLO_RUNTIME_FORMAT)
+    if len(body) >= base + tail:
+        out["sys_mpy"] = struct.unpack(HELLO_RUNTIME_FORMAT, body[base:base + tail])[0]
+    return out
 
 
 class DataComm:

@@ -5,7 +5,7 @@ import time
 
 from firmware import alarms, feature_sets, features, messages
 from firmware._compat import collect, exists, makedirs, read_json, sleep_ms, ticks_ms, write_json
-from firmware.data_comm import PHASE_COLLECTING, PHASE_INFERRING, DataComm, pack_hello
+from firmware.data_comm import PHASE_COLLECTING, PHASE_INFERRING, DataComm, pack_hello, pack_hello_runtime
 from firmware.data_in import DataIn
 from firmware.local_inference import LocalInference
 from firmware.local_training import LocalTraining
@@ -79,6 +79,7 @@ class Device:
         self.state = State(self.root)
         self.state.data["boots"] = self.state.data.get("boots", 0) + 1
         self.features = (cfg["feature_set"], cfg["feature_params"])
+        self._shipped_features = None  # the feature module that came with the champion, when it is in use
         self.data_in = DataIn(data_uart, cfg["rate_hz"], cfg["window_ms"],
                               feature_sets.extractor(cfg["feature_set"], cfg["feature_params"]))
         self.inference = LocalInference()
@@ -111,14 +112,20 @@ class Device:
         model_id, version = self.agent.champion_info()
         phase = PHASE_INFERRING if self.inference.ready() else PHASE_COLLECTING
         return pack_hello(self.cfg["device_id"], version, model_id, d.get("windows", 0), d.get("anomalies", 0),
-                          d.get("next_upload", 0), d.get("uploads_dropped", 0), len(self.comm.outbox), phase)
+                          d.get("next_upload", 0), d.get("uploads_dropped", 0), len(self.comm.outbox),
+                          phase) + pack_hello_runtime()
 
     def sync_features(self):
         """Extract the champion's feature set (the configured one before any champion); True when it changed."""
         want = self.inference.feature_set or (self.cfg["feature_set"], self.cfg["feature_params"])
+        shipped = self.inference.feature_module
         if want == self.features:
+            if shipped is not self._shipped_features:  # the same features, from the champion's module or the own
+                self.data_in.extract = feature_sets.extractor(want[0], want[1], shipped)
+                self._shipped_features = shipped
             return False
-        self.data_in.extract = feature_sets.extractor(want[0], want[1])
+        self.data_in.extract = feature_sets.extractor(want[0], want[1], shipped)
+        self._shipped_features = shipped
         self.data_in.fill = 0  # a window half-filled for the old features is dropped
         self.features = want
         self.alarm = self.new_alarm_rule()  # scores of other features: the rule starts over

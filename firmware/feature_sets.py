@@ -23,9 +23,10 @@ def module(name):
     return m
 
 
-def extractor(name, params=None):
-    """window buffer -> feature tuple of a set with its parameters."""
-    return module(name).make_extractor(params)
+def extractor(name, params=None, shipped=None):
+    """window buffer -> feature tuple of a set with its parameters; from shipped (the set's module that came with
+    the champion) when given, else the firmware's."""
+    return (module(name) if shipped is None else shipped).make_extractor(params)
 
 
 def name_of_code(code):

@@ -28,6 +28,7 @@ def load_champion(path, default_threshold=None):
 
     A precompiled runtime module (config runtime_file, a .mpy) gives a PrecompiledForest; when it cannot be loaded
     (another MicroPython version or architecture) the model file is compiled instead and config["load_note"] says why.
+    A precompiled feature module (config features_file) is imported likewise into config["feature_module"].
     """
     try:
         cfg = read_json(path + "/config.json")
@@ -40,25 +41,11 @@ def load_champion(path, default_threshold=None):
     for key in ("model_id", "version", "threshold"):
         if key not in cfg:
             raise ChampionError("%s/config.json: no field %s" % (path, key))
-    if "runtime_file" in cfg:
-        forest = _load_precompiled(path, cfg)
-        if forest is not None:
-            return forest, cfg
-    if "model_file" not in cfg:
-        raise ChampionError("%s/config.json: no field model_file" % path)
-    model_path = path + "/" + cfg["model_file"]
-    try:
-        if cfg.get("encoding", "compact") == "json":
-            import json
-
-            with open(model_path) as f:
-                forest = isoforest.from_json(json.load(f))
-        else:
-            if "grid" not in cfg:
-                raise ChampionError("%s/config.json: no field grid" % path)
-            forest = isoforest.load(read_bytes(model_path), cfg["grid"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ChampionError("%s: %s" % (model_path, e)) from None
+    forest = _load_precompiled(path, cfg) if "runtime_file" in cfg else None
+    if forest is not None:
+        model_path = path + "/" + cfg["runtime_file"]
+    else:
+        forest, model_path = _load_model_file(path, cfg)
     name, params = feature_sets.of_config(cfg)
     try:
         feature_sets.extractor(name, params)
@@ -68,7 +55,44 @@ def load_champion(path, default_threshold=None):
     if forest.n_features != n:
         raise ChampionError("%s: forest of %d features for feature set %s of %d" % (model_path, forest.n_features,
                                                                                    name, n))
+    if "features_file" in cfg:
+        _load_features(path, cfg, name, params, n)
     return forest, cfg
+
+
+def _load_model_file(path, cfg):
+    """(forest, its path) of the champion's model file (compact bytes or the paper-like JSON)."""
+    if "model_file" not in cfg:
+        raise ChampionError("%s/config.json: no field model_file" % path)
+    model_path = path + "/" + cfg["model_file"]
+    try:
+        if cfg.get("encoding", "compact") == "json":
+            import json
+
+            with open(model_path) as f:
+                return isoforest.from_json(json.load(f)), model_path
+        if "grid" not in cfg:
+            raise ChampionError("%s/config.json: no field grid" % path)
+        return isoforest.load(read_bytes(model_path), cfg["grid"]), model_path
+    except (OSError, ValueError, KeyError) as e:
+        raise ChampionError("%s: %s" % (model_path, e)) from None
+
+
+def _load_features(path, cfg, name, params, n_features):
+    """The champion's own feature module (cfg features_file, a .mpy) into cfg["feature_module"]; when it cannot be
+    imported or is not the config's set, the firmware's module is used and cfg["load_note"] says why."""
+    file_name = cfg["features_file"]
+    try:
+        m = import_runtime(path, file_name)
+        if m.FEATURE_SET != name or m.N_FEATURES != n_features:
+            raise ValueError("feature set %s of %d features, the champion's is %s of %d"
+                             % (m.FEATURE_SET, m.N_FEATURES, name, n_features))
+        m.make_extractor(params)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        why = "%s not loaded (%s): own %s features instead" % (file_name, e, name)
+        cfg["load_note"] = cfg["load_note"] + "; " + why if "load_note" in cfg else why
+        return
+    cfg["feature_module"] = m
 
 
 class LocalInference:
@@ -83,6 +107,7 @@ class LocalInference:
         self.anomalies = 0
         self.last_score = 0.0
         self.feature_set = None  # (name, params) of the champion's features; None before the first champion
+        self.feature_module = None
 
     def set_champion(self, forest, cfg):
         """Hot-swap the champion (takes effect for the next window), compiled to bytecode for scoring."""
@@ -91,6 +116,7 @@ class LocalInference:
         self.model_id = cfg["model_id"]
         self.version = int(cfg["version"])
         self.feature_set = (cfg.get("feature_set", "paper"), cfg.get("feature_params", {}))
+        self.feature_module = cfg.get("feature_module")  # the set's module shipped with the champion, if any
 
     def ready(self):
         return self.forest is not None

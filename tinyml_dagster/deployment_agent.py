@@ -3,8 +3,10 @@
 A package is the paper's MicroPython module (model, feature script, config.json, __init__.py) in the
 container that firmware/package.py parses and verifies. In the `mpy` encodings the champion's runtime module
 (firmware/compiled_forest.module_source) and features.py travel precompiled by mpy-cross for the device's
-MicroPython (its `sys.implementation._mpy`, from TINYML_DEVICE_MPY, else the 1.27 VM's), so the device compiles
-nothing at install or boot; `mpy+compact` keeps the sources beside them for a device that cannot load the .mpy.
+MicroPython (its `sys.implementation._mpy`, which its HELLO reports and the Knowledge Base keeps), so the device
+compiles nothing at install or boot; `mpy+compact` keeps the compact model beside them for a device that cannot
+load the .mpy. Encoding `auto` is `mpy` for a device whose reported .mpy version the gateway's mpy-cross writes,
+else compact.
 Per-device HMAC keys come from TINYML_DEVICE_KEYS (``dev-a=<hex>,dev-b=<hex>``) or from key files under
 <data>/keys/ (created on first use); never from code.
 """
@@ -32,7 +34,9 @@ from . import settings
 from .storage import atomic_write
 
 ENCODINGS = {"compact": fpkg.ENC_COMPACT, "json": fpkg.ENC_JSON, "mpy": fpkg.ENC_MPY, "mpy+compact": fpkg.ENC_MPY}
+AUTO = "auto"  # chosen per device from the runtime its HELLO reported (choose_encoding)
 RUNTIME_FILE = "champion.mpy"
+FEATURES_FILE = "features.mpy"  # the feature set's module, precompiled: the device imports it
 # sys.implementation._mpy of the MicroPython 1.27 WASI VM (emulator and tests): .mpy v6.3, no native architecture
 VM_SYS_MPY = 774
 # MicroPython's native architectures in the order of sys.implementation._mpy's arch field (py/persistentcode.h)
@@ -85,18 +89,30 @@ class MpyTarget:
         return args + ([f"-march={self.arch}"] if self.arch else [])
 
 
-def device_mpy_target(device_id: str, env: str | None = None) -> MpyTarget:
-    """The device's .mpy target: its entry in TINYML_DEVICE_MPY (``dev-a=11014,dev-b=774``, the value of the
-    device's sys.implementation._mpy), else the MicroPython 1.27 VM's (bytecode .mpy v6.3)."""
-    spec = os.environ.get("TINYML_DEVICE_MPY", "") if env is None else env
-    registry = {}
-    for i, item in enumerate(filter(None, (s.strip() for s in spec.split(",")))):
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise PackagingError(
-                f"TINYML_DEVICE_MPY item {i + 1} ({item!r}): expected <device>=<sys.implementation._mpy>")
-        registry[name.strip()] = MpyTarget.from_sys_mpy(int(value))
-    return registry.get(device_id, MpyTarget.from_sys_mpy(VM_SYS_MPY))
+GATEWAY_MPY = MpyTarget()  # what the installed mpy-cross (MicroPython 1.27) writes without -b: .mpy v6.3
+
+
+def device_mpy_target(sys_mpy: int | None) -> MpyTarget:
+    """The .mpy target of a device that reported sys_mpy (its sys.implementation._mpy); the 1.27 VM's (bytecode
+    .mpy v6.3) for a device that reported none."""
+    return MpyTarget.from_sys_mpy(sys_mpy or VM_SYS_MPY)
+
+
+def choose_encoding(sys_mpy: int | None) -> tuple[str, str]:
+    """(encoding, why) for a device that reported sys_mpy in its HELLO (None: it never did): mpy when the gateway's
+    mpy-cross writes that .mpy version (for its architecture), else compact."""
+    if sys_mpy is None:
+        return "compact", "the device has not reported its MicroPython's .mpy version (no HELLO with it yet)"
+    if sys_mpy == 0:
+        return "compact", "the device's runtime imports no .mpy (sys.implementation._mpy 0)"
+    try:
+        target = MpyTarget.from_sys_mpy(sys_mpy)
+    except PackagingError as e:
+        return "compact", str(e)
+    if (target.version, target.sub_version) != (GATEWAY_MPY.version, GATEWAY_MPY.sub_version):
+        return "compact", (f"the device's .mpy v{target.version}.{target.sub_version} is not the gateway's "
+                           f"mpy-cross v{GATEWAY_MPY.version}.{GATEWAY_MPY.sub_version}")
+    return "mpy", f"the device imports .mpy v{target.version}.{target.sub_version} ({target.arch or 'bytecode'})"
 
 
 @functools.lru_cache(maxsize=16)  # features.py is the same for every package of a target
@@ -313,7 +329,8 @@ def build_package(
     """Sign a package of (model file, features.py, config.json, __init__.py) for one device and version.
 
     The mpy encodings need runtime (the champion's .mpy, see runtime_mpy) and ship features.py as features.mpy
-    compiled for target; `mpy` leaves the model file and features.py out, `mpy+compact` keeps them beside.
+    compiled for target, which the device imports; `mpy` leaves the model file out, `mpy+compact` keeps it beside
+    (a device that cannot import the .mpy files compiles it and uses its firmware's own feature module).
     """
     if encoding not in ENCODINGS:
         raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)}")
@@ -325,16 +342,17 @@ def build_package(
     if len(key) < 16:
         raise PackagingError("HMAC key shorter than 16 bytes")
     features = features_src if features_src is not None else feature_script(config.get("feature_set", "paper"))
-    cfg = {k: v for k, v in config.items() if k not in ("model_file", "runtime_file")}
+    cfg = {k: v for k, v in config.items() if k not in ("model_file", "runtime_file", "features_file")}
     cfg.update(model_id=model_id, version=version, encoding=encoding)
     sources = [model_file, ("features.py", features)]
     if encoding.startswith("mpy"):
         if runtime is None:
             raise PackagingError(f"{model_id}: encoding {encoding} needs the champion's .mpy (runtime_mpy)")
         features_mpy = mpy_compile(features, "features", target or MpyTarget())
-        precompiled = [(RUNTIME_FILE, runtime), ("features.mpy", features_mpy)]
-        sources = precompiled + sources if encoding == "mpy+compact" else precompiled
-        cfg["runtime_file"] = RUNTIME_FILE
+        sources = [(RUNTIME_FILE, runtime), (FEATURES_FILE, features_mpy)]
+        if encoding == "mpy+compact":
+            sources.append(model_file)
+        cfg.update(runtime_file=RUNTIME_FILE, features_file=FEATURES_FILE)
     if encoding != "mpy":
         cfg["model_file"] = model_file[0]
     raw_files = sources + [
@@ -384,9 +402,10 @@ def model_file(forest, encoding: str) -> tuple[str, bytes]:
 
 
 def forest_package(model_id: str, forest, config: dict, *, device_id: str, version: int, key: bytes,
-                   encoding: str = "compact") -> Package:
-    """A forest's signed package in an encoding; the mpy ones compiled for the device's target (device_mpy_target)."""
-    target = device_mpy_target(device_id) if encoding.startswith("mpy") else None
+                   encoding: str = "compact", sys_mpy: int | None = None) -> Package:
+    """A forest's signed package in an encoding; the mpy ones compiled for the device's reported runtime (sys_mpy,
+    see device_mpy_target)."""
+    target = device_mpy_target(sys_mpy) if encoding.startswith("mpy") else None
     return build_package(model_id, model_file(forest, encoding), config, device_id=device_id, version=version,
                          key=key, encoding=encoding, target=target,
                          runtime=runtime_mpy(forest, target) if target else None)
@@ -400,19 +419,25 @@ def package_sizes(model_id: str, forest, config: dict, encodings: tuple[str, ...
 
 
 def package_model(repo, model_id: str, *, device_id: str, version: int, key: bytes,
-                  encoding: str = "compact") -> Package:
+                  encoding: str = "compact", sys_mpy: int | None = None) -> Package:
     """The signed package of a repository model (its config: threshold, window, rate, feature schema, grid)."""
     forest, config = repo.load(model_id)
     return forest_package(model_id, forest, config, device_id=device_id, version=version, key=key,
-                          encoding=encoding)
+                          encoding=encoding, sys_mpy=sys_mpy)
 
 
 def next_package(repo, model_id: str, device_id: str, encoding: str = "compact", *,
-                 keys: DeviceKeys | None = None, ledger: VersionLedger | None = None) -> Package:
-    """A repository model packaged for a device under its key and its next version: what every deploy sends."""
+                 keys: DeviceKeys | None = None, ledger: VersionLedger | None = None,
+                 sys_mpy: int | None = None) -> Package:
+    """A repository model packaged for a device under its key and its next version: what every deploy sends.
+    sys_mpy: what the device's HELLO reported (KnowledgeBase.device_sys_mpy); encoding auto chooses by it."""
+    if encoding == AUTO:
+        encoding = choose_encoding(sys_mpy)[0]
+    if encoding not in ENCODINGS:
+        raise PackagingError(f"unknown encoding {encoding!r}: one of {sorted(ENCODINGS)} or {AUTO}")
     keys, ledger = keys or DeviceKeys(), ledger or VersionLedger()
     return package_model(repo, model_id, device_id=device_id, version=ledger.next(device_id),
-                         key=keys.key(device_id), encoding=encoding)
+                         key=keys.key(device_id), encoding=encoding, sys_mpy=sys_mpy)
 
 
 def deploy_through_link_service(kb, pkg: Package, *, timeout_s: float, episode_id: int | None = None,

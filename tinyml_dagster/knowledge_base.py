@@ -172,6 +172,15 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (device_id, start)
     );
     """,
+    # 5: what each device's MicroPython imports, from its HELLO (sys.implementation._mpy; 0: no .mpy loader)
+    """
+    CREATE TABLE device_runtimes (
+        device_id TEXT PRIMARY KEY,
+        sys_mpy INTEGER NOT NULL,
+        firmware_version INTEGER NOT NULL,
+        reported_at REAL NOT NULL
+    );
+    """,
 )
 
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
@@ -549,6 +558,24 @@ class KnowledgeBase:
             )
             return self._conn.execute("SELECT id FROM alarms WHERE device_id=? AND start=?",
                                       (device_id, float(start))).fetchone()[0]
+
+    def record_device_runtime(self, device_id: str, sys_mpy: int, firmware_version: int,
+                              now: float | None = None) -> None:
+        """Store what a device's HELLO says its runtime imports (the latest HELLO wins)."""
+        if not device_id:
+            raise KnowledgeBaseError("device runtime: field device_id must be a non-empty string")
+        if not 0 <= sys_mpy < 1 << 16:
+            raise KnowledgeBaseError("device runtime of %s: sys_mpy %r outside 0..65535" % (device_id, sys_mpy))
+        with self._lock, self.transaction():
+            self._conn.execute(
+                "INSERT INTO device_runtimes (device_id, sys_mpy, firmware_version, reported_at) VALUES (?,?,?,?)"
+                " ON CONFLICT (device_id) DO UPDATE SET sys_mpy = excluded.sys_mpy,"
+                " firmware_version = excluded.firmware_version, reported_at = excluded.reported_at",
+                (device_id, int(sys_mpy), int(firmware_version), time.time() if now is None else now))
+
+    def device_sys_mpy(self, device_id: str) -> int | None:
+        """The sys.implementation._mpy the device last reported (0: no .mpy loader; None: never reported)."""
+        return self.scalar("SELECT sys_mpy FROM device_runtimes WHERE device_id=?", (device_id,))
 
     def alarms(self, device_id: str | None = None, since_id: int = 0) -> list[dict]:
         """Alarm events (oldest first), as dicts."""

@@ -40,12 +40,13 @@ def repo(data_dir):
 
 
 @pytest.fixture
-def gateway(tmp_path, repo):
-    """An emulated device holding its key, and the link service process that owns its port."""
+def gateway(tmp_path, repo, request):
+    """An emulated device holding its key (its firmware under CPython, or in the MicroPython VM when the test is
+    parametrized so), and the link service process that owns its port."""
     flash = tmp_path / DEVICE / "flash"
     DeviceKeys().provision(DEVICE, flash)
-    emu = DeviceEmulator(DEVICE, flash_dir=flash, ims_files=ims_files(), runtime="cpython", turnaround_ms=100,
-                         time_scale=SCALE, config={"n_train": 100000}).start()
+    emu = DeviceEmulator(DEVICE, flash_dir=flash, ims_files=ims_files(), runtime=getattr(request, "param", "cpython"),
+                         turnaround_ms=100, time_scale=SCALE, config={"n_train": 100000}).start()
     kb_path, ready = tmp_path / "kb.sqlite", tmp_path / "ready"
     svc = subprocess.Popen([sys.executable, "-m", "tinyml_dagster.link_service", "--kb", str(kb_path),
                             "--port", f"{DEVICE}={emu.port_path}", "--time-scale", str(1 / SCALE), "--no-pool",
@@ -133,3 +134,43 @@ def test_a_refused_package_fails_the_run_with_the_devices_reason(repo, gateway):
     assert not (flash / "models" / "champion").exists()
     (d,) = KnowledgeBase(kb_path).deploys(DEVICE)
     assert d["status"] == "failed" and "bad signature" in d["error"]
+
+
+def _deploy_with_the_default_encoding(gateway, model_id: str) -> tuple[int, list[str]]:
+    """Wait for the device's boot HELLO to be stored, then deploy with the job's default encoding: (the runtime the
+    device reported, the run's log)."""
+    flash, kb_path, resources = gateway
+    kb = KnowledgeBase(kb_path)
+    deadline = time.monotonic() + 120
+    while kb.device_sys_mpy(DEVICE) is None:  # the boot HELLO, stored by the link service
+        assert time.monotonic() < deadline, "no HELLO with the device's runtime recorded"
+        time.sleep(0.2)
+    instance = dg.DagsterInstance.ephemeral()
+    res = deploy_champion_job.execute_in_process(
+        run_config={"ops": {"deploy_champion": {"config": {"model_id": model_id, "device_id": DEVICE}}}},
+        resources=resources, instance=instance, raise_on_error=False)
+    logs = [r.user_message for r in instance.all_logs(res.run_id)]
+    assert res.success, logs
+    return kb.device_sys_mpy(DEVICE), logs
+
+
+@pytest.mark.parametrize("gateway", ["vm"], indirect=True)
+def test_the_default_encoding_follows_the_runtime_the_devices_hello_reported(repo, gateway):
+    _, ids = repo
+    flash = gateway[0]
+    sys_mpy, logs = _deploy_with_the_default_encoding(gateway, ids[2])
+    assert sys_mpy == 774  # the MicroPython 1.27 VM: .mpy v6.3, bytecode only
+    assert "encoding mpy: the device imports .mpy v6.3 (bytecode)" in logs
+    running = _device_runs(flash)
+    assert (running["model_id"], running["encoding"]) == (ids[2], "mpy")
+    assert sorted(p.name for p in (flash / "models" / "champion").iterdir()) == [
+        "__init__.py", "champion.mpy", "config.json", "features.mpy"]
+    assert "not loaded" not in (flash.parent / "vm.stdout").read_text()  # both .mpy files imported
+
+
+def test_a_device_without_a_mpy_loader_gets_the_compact_bytes(repo, gateway):
+    _, ids = repo
+    sys_mpy, logs = _deploy_with_the_default_encoding(gateway, ids[0])
+    assert sys_mpy == 0  # the firmware under CPython
+    assert "encoding compact: the device's runtime imports no .mpy (sys.implementation._mpy 0)" in logs
+    assert _device_runs(gateway[0])["encoding"] == "compact"

@@ -155,6 +155,22 @@ class SerialLink:
             self._gap(bytes(body), messages)
         elif mtype == messages.ALARM:
             self._alarm(bytes(body), messages)
+        elif mtype == messages.HELLO:
+            self._hello(bytes(body))
+
+    def _hello(self, body: bytes) -> None:
+        """A HELLO with the runtime tail: what the device's MicroPython imports, stored for its next packages."""
+        from firmware.data_comm import unpack_hello
+
+        try:
+            hello = unpack_hello(body)
+        except (ValueError, struct.error, UnicodeError) as e:
+            log.warning("%s: malformed HELLO: %s", self.device_id, e)
+            return
+        if hello["device_id"] != self.device_id:
+            log.warning("%s: HELLO names device %r: not recorded", self.device_id, hello["device_id"])
+        elif "sys_mpy" in hello:
+            self.service.submit_device_runtime(self.device_id, hello["sys_mpy"], hello["firmware_version"])
 
     def _alarm(self, body: bytes, messages) -> None:
         """An alarm raised or cleared on the device (verified, like its uploads): stored by the service's loop."""

@@ -229,6 +229,10 @@ class LinkService:
 
         self._writes.put(record)
 
+    def submit_device_runtime(self, device_id: str, sys_mpy: int, firmware_version: int) -> None:
+        """A port's device said in its HELLO what its MicroPython imports: stored by the loop."""
+        self._writes.put(lambda kb: kb.record_device_runtime(device_id, sys_mpy, firmware_version))
+
     def _record_writes(self, kb: KnowledgeBase) -> None:
         """Carry out the ports' queued writes; one the database refuses waits for the next turn."""
         while True:

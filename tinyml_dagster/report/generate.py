@@ -504,7 +504,7 @@ def write_markdown(cfg: ReportConfig, dev: dt.DeviceTime | None, deploy: dict | 
                   f"heap {m['heap_bytes']['50']} B; {m['inference_fuel']['50']:,} instructions per inference vs "
                   f"{o['inference_fuel']['50']:,}; package {pb.get('mpy', {}).get('50')} B (mpy) vs "
                   f"{pb.get('compact', {}).get('50')} B (compact) and {pb.get('mpy+compact', {}).get('50')} B "
-                  f"(mpy+compact, the sources beside).", ""]
+                  f"(mpy+compact, the compact model beside).", ""]
     forest = bench_all.get("forest") if bench_all else None
     L += ["## The model repository's sizes and costs", ""]
     if forest and forest.get("compact_bytes"):

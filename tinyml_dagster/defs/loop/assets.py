@@ -12,7 +12,8 @@ from tinyml_dagster.defs.deploy.link import deploy_or_fail
 from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
-from tinyml_dagster.deployment_agent import Package, deploy_outcome_metadata, footprint, next_package
+from tinyml_dagster.deployment_agent import (AUTO, Package, choose_encoding, deploy_outcome_metadata, footprint,
+                                            next_package)
 from tinyml_dagster.knowledge_base import KnowledgeBaseError
 from tinyml_dagster.link import LinkTiming, estimate_deploy
 from tinyml_dagster.knowledge_base import KnowledgeBase
@@ -114,8 +115,9 @@ class ChampionPackageConfig(dg.Config):
     """Which candidate to package (empty: the top-ranked one that the device does not run)."""
 
     model_id: str = Field(default="", description="repository model id; empty: top of the ranking")
-    encoding: str = Field(default="compact", description="package encoding: compact, json, mpy or mpy+compact "
-                          "(precompiled for the device, see deploy_champion_job)")
+    encoding: str = Field(default=AUTO, description="package encoding: auto (mpy when the device's HELLO reported "
+                          "a .mpy version the gateway compiles for, else compact), compact, json, mpy or mpy+compact "
+                          "(see deploy_champion_job)")
     confirm_device: str = Field(default="", description="an operator's deploy outside a false-positive episode: "
                                 "the device id (the partition), with model_id set, confirms it")
 
@@ -158,8 +160,11 @@ def champion_package(context: dg.AssetExecutionContext, config: ChampionPackageC
         current = kb.current_champion(device_id)
         model_id = config.model_id or context.run.tags.get(MODEL_TAG) or pool.engine().top_candidate(
             kb, exclude=[current.model_id] if current else [])
+        sys_mpy = kb.device_sys_mpy(device_id)
+    if config.encoding == AUTO:
+        context.log.info("encoding for %s: %s (%s)", device_id, *choose_encoding(sys_mpy))
     pkg = next_package(gateway.repository(), model_id, device_id, config.encoding, keys=gateway.device_keys(),
-                       ledger=gateway.version_ledger())
+                       ledger=gateway.version_ledger(), sys_mpy=sys_mpy)
     out = gateway.packages_dir(device_id)
     atomic_write(out / ("%s-v%d.pkg" % (model_id, pkg.version)), pkg.data)
     atomic_write(out / "next.blob", pkg.to_blob())
