@@ -14,6 +14,10 @@ from firmware._compat import const, exists, read_bytes, ticks_add, ticks_diff, w
 
 FIRMWARE_VERSION = const(1)
 HELLO_FORMAT = "<16sHI16sIIIIHB"
+# appended to HELLO_FORMAT (a gateway reads it only from a body long enough): the device's last health report
+HELLO_HEALTH_FORMAT = "<IIIHBIII"
+HELLO_HEALTH_FIELDS = ("uptime_s", "free_heap", "largest_free_heap", "boots", "reset_cause", "feature_us_mean",
+                       "inference_us_mean", "settings_version")
 PHASE_COLLECTING = const(0)
 PHASE_INFERRING = const(1)
 # champion version, chunk index, chunk count; the chunks' data concatenated is
@@ -29,18 +33,27 @@ def _fixed(text, n):
     return b + bytes(n - len(b))
 
 
-def pack_hello(device_id, champion_version, champion_id, windows, anomalies, next_upload, dropped, outbox, phase):
-    """HELLO body (HELLO_FORMAT)."""
-    return struct.pack(HELLO_FORMAT, _fixed(device_id, 16), FIRMWARE_VERSION, champion_version,
+def pack_hello(device_id, champion_version, champion_id, windows, anomalies, next_upload, dropped, outbox, phase,
+               health=None):
+    """HELLO body (HELLO_FORMAT, then HELLO_HEALTH_FORMAT of a health report dict when given)."""
+    body = struct.pack(HELLO_FORMAT, _fixed(device_id, 16), FIRMWARE_VERSION, champion_version,
                        _fixed(champion_id, 16), windows, anomalies, next_upload, dropped, outbox, phase)
+    if health is not None:
+        body += struct.pack(HELLO_HEALTH_FORMAT, *[health.get(k, 0) for k in HELLO_HEALTH_FIELDS])
+    return body
 
 
 def unpack_hello(body):
     """dict of a HELLO body."""
-    v = struct.unpack(HELLO_FORMAT, bytes(body))
-    return {"device_id": v[0].rstrip(b"\0").decode(), "firmware_version": v[1], "champion_version": v[2],
-            "champion_id": v[3].rstrip(b"\0").decode(), "windows": v[4], "anomalies": v[5],
-            "next_upload": v[6], "uploads_dropped": v[7], "outbox": v[8], "phase": v[9]}
+    body = bytes(body)
+    base = struct.calcsize(HELLO_FORMAT)
+    v = struct.unpack(HELLO_FORMAT, body[:base])
+    out = {"device_id": v[0].rstrip(b"\0").decode(), "firmware_version": v[1], "champion_version": v[2],
+           "champion_id": v[3].rstrip(b"\0").decode(), "windows": v[4], "anomalies": v[5],
+           "next_upload": v[6], "uploads_dropped": v[7], "outbox": v[8], "phase": v[9]}
+    if len(body) >= base + struct.calcsize(HELLO_HEALTH_FORMAT):
+        out["health"] = dict(zip(HELLO_HEALTH_FIELDS, struct.unpack_from(HELLO_HEALTH_FORMAT, body, base)))
+    return out
 
 
 class DataComm:
@@ -72,6 +85,8 @@ class DataComm:
         self.uploads_sent = 0
         self.uploads_acked = 0
         self.uploads_refused = 0  # the gateway will never store them (UPLOAD_REFUSED): dropped, not resent
+        self.retransmits = 0  # uploads and champion chunks sent again after an ack timeout
+        self.configure = None  # callable(body, seq) -> [(type, body), ...] for a CONFIG_UPDATE
         self._normal_count = 0
         self.champion = None  # (version, CHAMPION_CHUNK bodies) until the gateway's CHAMPION_ACK
         self.champion_sent_at = None
@@ -189,6 +204,8 @@ class DataComm:
             return False
         if not self.control and self.champion is not None and (
                 self.champion_sent_at is None or ticks_diff(now, self.champion_sent_at) >= self.ack_timeout_ms):
+            if self.champion_sent_at is not None:
+                self.retransmits += len(self.champion[1])
             self.champion_sent_at = now
             for b in self.champion[1]:
                 self.control.append((messages.CHAMPION_CHUNK, b))
@@ -202,6 +219,8 @@ class DataComm:
             if e[3] is None or ticks_diff(now, e[3]) >= self.ack_timeout_ms:
                 if e[3] is None:
                     self.uploads_sent += 1
+                else:
+                    self.retransmits += 1
                 e[3] = now
                 self._write(messages.UPLOAD, e[2], now)
                 return True
@@ -251,6 +270,9 @@ class DataComm:
             version = struct.unpack_from(messages.CHAMPION_ACK_FORMAT, body, 0)[0]
             if self.champion is not None and self.champion[0] == version:
                 self.champion = None
+        elif msg_type == messages.CONFIG_UPDATE and self.configure is not None:
+            for t, b in self.configure(bytes(body), seq):
+                self.send(t, b)
         elif msg_type in _DEPLOY_TYPES:
             if self.transfer is None:
                 self.send(messages.ERROR, b"no transfer module")

@@ -83,6 +83,7 @@ class LocalInference:
         self.anomalies = 0
         self.last_score = 0.0
         self.feature_set = None  # (name, params) of the champion's features; None before the first champion
+        self.manifest = None  # the champion's config.json
 
     def set_champion(self, forest, cfg):
         """Hot-swap the champion (takes effect for the next window), compiled to bytecode for scoring."""
@@ -91,6 +92,7 @@ class LocalInference:
         self.model_id = cfg["model_id"]
         self.version = int(cfg["version"])
         self.feature_set = (cfg.get("feature_set", "paper"), cfg.get("feature_params", {}))
+        self.manifest = cfg
 
     def ready(self):
         return self.forest is not None
