@@ -229,6 +229,16 @@ class LinkService:
 
         self._writes.put(record)
 
+    def submit_write(self, write: Callable[[KnowledgeBase], None]) -> None:
+        """A port's Knowledge Base write (a health report, a settings outcome), carried out by the loop."""
+        def guarded(kb: KnowledgeBase) -> None:
+            try:
+                write(kb)
+            except KnowledgeBaseError as e:
+                log.warning("Knowledge Base refused a write: %s", e)
+
+        self._writes.put(guarded)
+
     def _record_writes(self, kb: KnowledgeBase) -> None:
         """Carry out the ports' queued writes; one the database refuses waits for the next turn."""
         while True:
@@ -320,6 +330,8 @@ class LinkService:
                 req = kb.claim_deploy([device_id])
                 if req is not None:
                     link.deploy_pending = req
+            if link.deploy_pending is None and link.settings_pending is None:
+                link.settings_pending = kb.claim_settings([device_id])
 
     def _log_once(self, topic: str, message: str | None) -> None:
         """Log a topic's problem when it starts or changes, and once when it clears (message None)."""
