@@ -74,7 +74,7 @@ def check(values, cfg, champion):
         manifest = champion or {}
         allowed = manifest.get("window_ms_allowed") or [manifest.get("window_ms", cfg["window_ms"])]
         if values["window_ms"] not in allowed:
-            raise SettingsError("window_ms %d not allowed by champion %s's manifest (its features take %s ms)"
+            raise SettingsError("window_ms %d not allowed by champion %s (it takes %s ms)"
                                 % (values["window_ms"], manifest.get("model_id", "-"),
                                    ", ".join(str(w) for w in allowed)))
     return values
@@ -124,11 +124,11 @@ def commit(root, new):
 
 
 def result_body(echo, applied, version, reason, in_force):
-    """CONFIG_RESULT body: status, the settings version, the reason, the settings in force (JSON, cut to fit)."""
-    why = reason.encode()[:120]
-    head = struct.pack(messages.CONFIG_RESULT_FORMAT, echo, messages.CONFIG_APPLIED if applied else
-                       messages.CONFIG_REFUSED, version, len(why)) + why
-    return head + json.dumps(in_force).encode()[:messages.MAX_BODY - len(head)]
+    """CONFIG_RESULT body: status, the settings version, the reason (cut to fit), the settings in force (JSON)."""
+    settings = json.dumps(in_force, separators=(",", ":")).encode()
+    why = reason.encode()[:max(0, messages.MAX_BODY - struct.calcsize(messages.CONFIG_RESULT_FORMAT) - len(settings))]
+    return struct.pack(messages.CONFIG_RESULT_FORMAT, echo, messages.CONFIG_APPLIED if applied else
+                       messages.CONFIG_REFUSED, version, len(why)) + why + settings
 
 
 def unpack_result(body):

@@ -8,7 +8,8 @@ from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
 from tinyml_dagster.knowledge_base import KnowledgeBase
-from tinyml_dagster.settings_updates import SETTINGS, configure_through_link_service, settings_ledger
+from tinyml_dagster.settings_updates import (SETTINGS, checked_settings, configure_through_link_service,
+                                             settings_ledger)
 
 ALL = "all"
 
@@ -38,7 +39,7 @@ def selected_devices(kb: KnowledgeBase, config: SettingsUpdateConfig) -> list[st
     """The devices the config names: device_id, device_ids and the cohort's, in order, each once."""
     chosen = ([config.device_id] if config.device_id else []) + list(config.device_ids)
     if config.cohort == ALL:
-        chosen += kb.devices()
+        chosen += sorted(set(kb.devices()) | set(kb.health_devices()))
     elif config.cohort:
         chosen += [r.device_id for r in kb.fleet() if r.champion and r.champion.model_id == config.cohort]
     return list(dict.fromkeys(chosen))
@@ -57,20 +58,27 @@ def settings_observation(outcome: dict) -> dg.AssetObservation:
 @dg.op(description="Queue the settings update for the selected devices and wait for each device's answer.")
 def update_settings(context: dg.OpExecutionContext, config: SettingsUpdateConfig,
                     knowledge_base: KnowledgeBaseResource, gateway: GatewayResource) -> list:
+    def fail(why: str) -> dg.Failure:
+        context.log.error(why)
+        return dg.Failure(description=why)
+
     values = config.values()
     if not values and not config.revert:
-        raise dg.Failure(description="no setting given: name at least one of %s, or revert" % ", ".join(SETTINGS))
+        raise fail("no setting given: name at least one of %s, or revert" % ", ".join(SETTINGS))
+    try:
+        values = checked_settings(values)
+    except ValueError as e:
+        raise fail("settings update refused by the gateway: %s" % e) from None
     with knowledge_base.open() as kb:
         devices = selected_devices(kb, config)
         if not devices:
-            raise dg.Failure(description="no device selected: set device_id, device_ids or cohort "
-                                         "(a champion's model id, or 'all')")
+            raise fail("no device selected: set device_id, device_ids or cohort (a champion's model id, or 'all')")
         try:
             outcomes = configure_through_link_service(kb, devices, values, settings_ledger(gateway.root()),
                                                       revert=config.revert, timeout_s=config.timeout_s,
                                                       run_id=context.run.run_id)
-        except (ValueError, TimeoutError) as e:
-            raise dg.Failure(description="settings update: %s" % e) from None
+        except TimeoutError as e:
+            raise fail("settings update: %s" % e) from None
     known = set(context.instance.get_dynamic_partitions(devices_partitions.name))
     for o in outcomes:
         context.log.info("%s: settings v%d %s: %s" % (o["device_id"], o["version"], o["status"], o["reason"]))
