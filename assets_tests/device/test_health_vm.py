@@ -1,13 +1,13 @@
 """Device health measured in the real MicroPython VM (its fuel-based clock, its heap) goes into the Knowledge Base,
 and device_health_sensor flags a device whose inference time or resets cross their limits and starts the action."""
 
-import binascii
+import json
 import time
 
 import dagster as dg
 import pytest
 
-from firmware import frames, messages
+from firmware.tests.util import samples_bytes, signal
 from tinyml_dagster import health
 from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.jobs import replace_champion_job, retrain_job
@@ -15,59 +15,23 @@ from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.monitor.health import HealthLimitsResource, device_health_sensor
 from tinyml_dagster.defs.resources import gateway_resources
 from tinyml_dagster.knowledge_base import KnowledgeBase
-from tinyml_dagster.micropython_vm import MicroPythonVM
+from tinyml_dagster.emulator.health_run import BytesFeed, vm_health
 
 KEY = bytes(range(32))
 DEVICE = "dev-h"
 BOOTS = 5
 WINDOWS = 70
 
-SCRIPT = """
-import host, binascii
-from firmware import _compat
-from firmware._compat import makedirs, sleep_ms, write_atomic, write_json
-from firmware.device import Device
-from firmware.tests.util import FakeUART, samples_bytes, signal
-_compat.set_clock_us(lambda: int(host.call('fuel_used', b'')) * %(ps)d // 1000000 & 0x3FFFFFFF)
-root = '/flash/dev'
-makedirs(root + '/deploy')
-write_atomic(root + '/deploy/key', %(key)r)
-write_json(root + '/config.json', {'device_id': %(device)r, 'rate_hz': 100, 'n_train': 30, 'n_trees': 10, 'psi': 16,
-                                   'baud': 1000000, 'health_every': 10})
-for boot in range(%(boots)d):
-    link = FakeUART()
-    data = samples_bytes(signal(50 * %(windows)d)) if boot == 0 else b''
-    dev = Device(FakeUART(data, burst=128), link, root, reset_cause=1 if boot == 0 else 3)
-    while dev.data_in.uart.pos < len(dev.data_in.uart.rx):
-        dev.step()
-    for _ in range(300):
-        if not dev.step():
-            sleep_ms(1)
-    print('TX', binascii.hexlify(link.tx).decode())
-"""
-
-
 @pytest.fixture(scope="module")
 def vm_reports(tmp_path_factory):
     """The HEALTH reports a device sent in the VM: one life of WINDOWS windows, then BOOTS - 1 reboots."""
     flash = tmp_path_factory.mktemp("health") / "flash"
-    code = SCRIPT % {"ps": round(health.NS_PER_FUEL * 1000), "key": KEY, "device": DEVICE, "boots": BOOTS,
-                     "windows": WINDOWS}
-    r = MicroPythonVM(flash_dir=flash, heap_bytes=40 * 1024 * 1024, memory_bytes=96 * 1024 * 1024,
-                      fuel=20_000_000_000).run(code=code).check()
-    reports = []
-    for line in r.stdout.splitlines():
-        if not line.startswith("TX "):
-            continue
-        dec = frames.FrameDecoder()
-        for b in binascii.unhexlify(line[3:]):
-            n = dec.feed(b)
-            m = messages.unpack(bytes(dec.payload())) if n else None
-            if m is not None and m[0] == messages.HEALTH:
-                body = messages.unseal(KEY, messages.TAG_HEALTH, DEVICE, m[2])
-                assert body is not None, "a HEALTH whose MAC does not verify"
-                reports.append(messages.unpack_health(body))
-    return reports
+    (flash / "deploy").mkdir(parents=True)
+    (flash / "deploy" / "key").write_bytes(KEY)
+    (flash / "config.json").write_text(json.dumps({"device_id": DEVICE, "rate_hz": 100, "n_train": 30, "n_trees": 10,
+                                                   "psi": 16, "baud": 1000000}))
+    feed = BytesFeed(samples_bytes(signal(50 * WINDOWS)))
+    return vm_health(flash, feed, DEVICE, KEY, windows=WINDOWS, boots=BOOTS, every=10)
 
 
 def test_the_vm_reports_real_times_heap_and_resets(vm_reports):
