@@ -3,7 +3,8 @@
 The VM gets an ESP32-like MicroPython heap (`-X heapsize=N`), a linear-memory limit with headroom above it (a
 heap too small can crash the VM rather than raise MemoryError), directories preopened as guest paths (the
 device's `/flash`, read-only source trees), stdout/stderr written to files (reliable, unlike WASI callbacks),
-and host functions the guest reaches with `import host; host.call(name, payload)` (`fuel_used` is built in): the payload arrives as bytes,
+and host functions the guest reaches with `import host; host.call(name, payload)` (built in: `fuel_used`, the
+instructions run so far): the payload arrives as bytes,
 the callable returns str (ASCII/UTF-8; binary data must be encoded, e.g. hex, as the guest cannot receive
 invalid UTF-8). Wasmtime's fuel gives a deterministic instruction count for every run.
 """

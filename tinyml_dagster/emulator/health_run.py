@@ -41,6 +41,7 @@ for boot in range(BOOTS):
     dev.cfg['health_every'] = EVERY
     while boot == 0 and dev.windows < WINDOWS and host.call('more', b'') == '1':
         dev.step()
+    dev.data_in.uart = HostUART('no_data')  # what is queued goes out, no further window comes in
     for _ in range(300):
         if not dev.step():
             sleep_ms(1)
@@ -74,7 +75,7 @@ def vm_health(flash: Path, feed, device_id: str, key: bytes, *, windows: int, bo
         sent.extend(payload)
         return ""
 
-    host = {"data": feed.read_hex, "link_read": lambda _: "", "link_write": link_write,
+    host = {"data": feed.read_hex, "no_data": lambda _: "", "link_read": lambda _: "", "link_write": link_write,
             "more": lambda _: "0" if feed.exhausted() else "1"}
     code = (SCRIPT.replace("PS_PER_FUEL", str(round(NS_PER_FUEL * 1000))).replace("BOOTS", str(boots))
             .replace("EVERY", str(every)).replace("WINDOWS", str(windows)))

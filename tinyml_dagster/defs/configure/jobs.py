@@ -84,7 +84,8 @@ def update_settings(context: dg.OpExecutionContext, config: SettingsUpdateConfig
         context.log.info("%s: settings v%d %s: %s" % (o["device_id"], o["version"], o["status"], o["reason"]))
         if o["device_id"] in known:
             context.log_event(settings_observation(o))
-    summary = [{k: o[k] for k in ("device_id", "version", "status", "reason", "in_force")} for o in outcomes]
+    summary = [{k: o[k] for k in ("device_id", "version", "status", "reason", "settings", "in_force", "figures")}
+               for o in outcomes]
     context.add_output_metadata({"devices": len(outcomes), "applied": sum(o["status"] == "applied" for o in outcomes),
                                  "outcomes": dg.MetadataValue.json(summary),
                                  "link_seconds": max((o["figures"].get("link_seconds", 0.0) for o in outcomes),

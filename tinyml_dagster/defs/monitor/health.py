@@ -71,11 +71,13 @@ def action_request(action: str, device_id: str, reasons: list[str], health_id: i
     return None
 
 
+SENSOR_DESCRIPTION = ("New health reports as observations of the devices' deployed_champion partitions; a device "
+                      "whose inference time, free heap or resets cross the health limits is flagged once per "
+                      "crossing and starts the configured action (retrain or redeploy).")
+
+
 @dg.sensor(jobs=[jobs.retrain_job, jobs.replace_champion_job], minimum_interval_seconds=30,
-           default_status=dg.DefaultSensorStatus.RUNNING,
-           description="New health reports as observations of the devices' deployed_champion partitions; a device "
-                       "whose inference time, free heap or resets cross the health limits is flagged once per "
-                       "crossing and starts the configured action (retrain or redeploy).")
+           default_status=dg.DefaultSensorStatus.RUNNING, description=SENSOR_DESCRIPTION)
 def device_health_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeBaseResource,
                          health_limits: HealthLimitsResource) -> dg.SensorResult:
     """Health since the last tick; a run for each device that just became unhealthy."""
