@@ -5,8 +5,9 @@ device applied passes (no replay). Its settings are checked against the champion
 the device's limits, then written atomically to <root>/settings.json with the settings they replace, which a
 later update with CONFIG_REVERT restores. A refused update changes nothing; the reason goes back to the gateway.
 
-settings.json: {"version": v, "values": {name: value}, "previous": {name: value}, "champion": [id, version]}
-("champion": the champion a threshold was set for; a new champion brings its own threshold).
+settings.json: {"version": v, "values": {name: value}, "previous": {name: value}, "champion": [id, version],
+"previous_champion": [id, version]} ("champion": the champion a threshold was set for, a new champion brings its
+own threshold; "previous_champion": that of the previous settings, for a revert).
 """
 
 import json
@@ -110,11 +111,21 @@ def propose(stored, version, flags, changes, cfg, champion):
     else:
         values = dict(current)
         values.update(changes)
+    if "threshold" in changes and not flags & messages.CONFIG_REVERT and champion is None:
+        raise SettingsError("no champion yet: a threshold is set for the champion in force")
     values = check(values, cfg, champion)
     new = {"version": version, "values": values, "previous": current}
-    if "threshold" in values:
-        new["champion"] = ([champion.get("model_id", ""), int(champion.get("version", 0))] if champion
-                           else stored.get("champion"))
+    # the champion a threshold holds for: the one in force when it was set
+    if flags & messages.CONFIG_REVERT:
+        bound = stored.get("previous_champion")
+    elif "threshold" in changes:
+        bound = [champion.get("model_id", ""), int(champion.get("version", 0))]
+    else:
+        bound = stored.get("champion")
+    if "threshold" in values and bound:
+        new["champion"] = bound
+    if stored.get("champion"):
+        new["previous_champion"] = stored["champion"]
     return new
 
 

@@ -100,6 +100,26 @@ def test_tampered_replayed_and_out_of_range_updates_are_refused_with_their_reaso
     assert not ok and "replayed" in reason and dev.inference.threshold == 0.5
 
 
+def test_a_threshold_needs_a_champion_and_stays_with_the_one_it_was_set_for():
+    root = scratch("cfg-champion")
+    makedirs(root + "/deploy")
+    write_atomic(root + "/deploy/key", KEY)
+    link = FakeUART()
+    dev = _device(root, b"", link)
+    ok, _, reason, _ = _update(dev, link, configure.pack_update(KEY, "dev-t", 1, {"threshold": 0.5}))
+    assert not ok and "no champion yet" in reason, reason
+    ok, _, reason, in_force = _update(dev, link, configure.pack_update(KEY, "dev-t", 2, {"upload_every": 4}))
+    assert ok and in_force["upload_every"] == 4, reason
+    # a threshold set for one champion is not carried over to the next by an unrelated update
+    root, dev, link = _trained("cfg-bound")
+    ok, _, reason, _ = _update(dev, link, configure.pack_update(KEY, "dev-t", 1, {"threshold": 0.45}))
+    assert ok and read_json(root + "/settings.json")["champion"] == list(dev.agent.champion_info()), reason
+    dev.inference.version += 1  # as if another champion had been installed
+    ok, _, reason, _ = _update(dev, link, configure.pack_update(KEY, "dev-t", 2, {"upload_every": 4}))
+    saved = read_json(root + "/settings.json")
+    assert ok and saved["champion"][1] == dev.inference.version - 1, (reason, saved)
+
+
 def test_health_is_reported_per_period_at_boot_and_in_hello():
     root = scratch("health")
     makedirs(root + "/deploy")
