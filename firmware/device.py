@@ -167,7 +167,8 @@ class Device:
             self.data_in = DataIn(self.data_in.uart, self.cfg["rate_hz"], self.cfg["window_ms"], self.data_in.extract)
         if [old[k] for k in ALARM_KEYS] != [self.cfg[k] for k in ALARM_KEYS]:
             self.alarm = self.new_alarm_rule()
-        self.inference.threshold = float(self.inference.manifest["threshold"]) if self.inference.ready() else 0.0
+        if self.inference.ready():
+            self.inference.threshold = float(self.inference.manifest["threshold"])
         self.apply_threshold()
         return [(messages.CONFIG_RESULT, configure.result_body(seq, True, new["version"], "applied settings v%d"
                                                                % new["version"], self.settings_in_force()))]
@@ -233,9 +234,10 @@ class Device:
     def step(self):
         """One turn: link in, data in (at most one window), link out; True when anything happened."""
         busy = self.comm.poll() > 0
-        if self.inference.feature_set is not self._champion_features:
+        if self.inference.feature_set is not self._champion_features:  # another champion (installed, fallback)
             self._champion_features = self.inference.feature_set
             self.sync_features()
+            self.apply_threshold()
         t0 = clock_us()
         feats = self.data_in.poll()
         if feats is not None:
