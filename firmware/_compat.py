@@ -11,7 +11,7 @@ except ImportError:  # CPython
 
 
 try:
-    from time import ticks_add, ticks_diff, ticks_ms, sleep_ms
+    from time import ticks_add, ticks_diff, ticks_ms, ticks_us, sleep_ms
 except ImportError:  # CPython
     import time as _time
 
@@ -19,6 +19,9 @@ except ImportError:  # CPython
 
     def ticks_ms():
         return int(_time.monotonic() * 1000) & (_PERIOD - 1)
+
+    def ticks_us():
+        return int(_time.perf_counter() * 1000000) & (_PERIOD - 1)
 
     def ticks_add(t, delta):
         return (t + delta) & (_PERIOD - 1)
@@ -65,6 +68,57 @@ def mem_free():
 
     gc.collect()
     return gc.mem_free() if hasattr(gc, "mem_free") else None
+
+
+_clock_us = None
+
+
+def set_clock_us(clock):
+    """Make clock_us() read clock() (the emulator's device-time model) instead of ticks_us()."""
+    global _clock_us
+    _clock_us = clock
+
+
+def clock_us():
+    """The device's microsecond clock for its own measurements (wraps like ticks_us: compare with ticks_diff)."""
+    return _clock_us() if _clock_us is not None else ticks_us()
+
+
+def heap_info():
+    """(free bytes, largest free block) of the MicroPython heap; (0, 0) under CPython.
+
+    On a board: after a collection, the largest block by a bounded binary search of allocations. In the WASI VM
+    nothing is collected, so the free heap is the untouched block at its end: largest = free."""
+    import gc
+
+    if not hasattr(gc, "mem_free"):
+        return 0, 0
+    if not COLLECT:
+        free = gc.mem_free()
+        return free, free
+    gc.collect()
+    free = gc.mem_free()
+    lo, hi = 0, free
+    while hi - lo > 256:
+        mid = (lo + hi) // 2
+        try:
+            probe = bytearray(mid)
+            del probe
+            lo = mid
+        except MemoryError:
+            hi = mid
+    gc.collect()
+    return free, lo
+
+
+def reset_cause():
+    """machine.reset_cause() on a board (1 power on, 2 hard, 3 watchdog, 4 deep sleep, 5 soft), else 0."""
+    try:
+        import machine
+
+        return machine.reset_cause()
+    except (ImportError, AttributeError):
+        return 0
 
 
 def exists(path):

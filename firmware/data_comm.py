@@ -18,6 +18,10 @@ HELLO_FORMAT = "<16sHI16sIIIIHB"
 # the HELLO's runtime tail, right after HELLO_FORMAT (a HELLO without it is an older device's): the .mpy version
 # and architecture this MicroPython imports, its sys.implementation._mpy (0: none, e.g. CPython)
 HELLO_RUNTIME_FORMAT = "<H"
+# after the runtime tail (a gateway reads it only from a body long enough): the device's last health report
+HELLO_HEALTH_FORMAT = "<IIIHBIII"
+HELLO_HEALTH_FIELDS = ("uptime_s", "free_heap", "largest_free_heap", "boots", "reset_cause", "feature_us_mean",
+                       "inference_us_mean", "settings_version")
 PHASE_COLLECTING = const(0)
 PHASE_INFERRING = const(1)
 # champion version, chunk index, chunk count; the chunks' data concatenated is
@@ -44,8 +48,15 @@ def pack_hello_runtime():
     return struct.pack(HELLO_RUNTIME_FORMAT, getattr(sys.implementation, "_mpy", 0) & 0xFFFF)
 
 
+def pack_hello_health(health):
+    """The HELLO's health tail (HELLO_HEALTH_FORMAT) of a health report dict; nothing before the first report."""
+    if health is None:
+        return b""
+    return struct.pack(HELLO_HEALTH_FORMAT, *[health.get(k, 0) for k in HELLO_HEALTH_FIELDS])
+
+
 def unpack_hello(body):
-    """dict of a HELLO body; sys_mpy only when the body carries the runtime tail."""
+    """dict of a HELLO body; sys_mpy and health only when the body carries their tails."""
     body = bytes(body)
     base = struct.calcsize(HELLO_FORMAT)
     if len(body) < base:
@@ -57,6 +68,9 @@ def unpack_hello(body):
     tail = struct.calcsize(HELLO_RUNTIME_FORMAT)
     if len(body) >= base + tail:
         out["sys_mpy"] = struct.unpack(HELLO_RUNTIME_FORMAT, body[base:base + tail])[0]
+    health_at = base + tail
+    if len(body) >= health_at + struct.calcsize(HELLO_HEALTH_FORMAT):
+        out["health"] = dict(zip(HELLO_HEALTH_FIELDS, struct.unpack_from(HELLO_HEALTH_FORMAT, body, health_at)))
     return out
 
 
@@ -89,6 +103,8 @@ class DataComm:
         self.uploads_sent = 0
         self.uploads_acked = 0
         self.uploads_refused = 0  # the gateway will never store them (UPLOAD_REFUSED): dropped, not resent
+        self.retransmits = 0  # uploads and champion chunks sent again after an ack timeout
+        self.configure = None  # callable(body, seq) -> [(type, body), ...] for a CONFIG_UPDATE
         self._normal_count = 0
         self.champion = None  # (version, CHAMPION_CHUNK bodies) until the gateway's CHAMPION_ACK
         self.champion_sent_at = None
@@ -206,6 +222,8 @@ class DataComm:
             return False
         if not self.control and self.champion is not None and (
                 self.champion_sent_at is None or ticks_diff(now, self.champion_sent_at) >= self.ack_timeout_ms):
+            if self.champion_sent_at is not None:
+                self.retransmits += len(self.champion[1])
             self.champion_sent_at = now
             for b in self.champion[1]:
                 self.control.append((messages.CHAMPION_CHUNK, b))
@@ -219,6 +237,8 @@ class DataComm:
             if e[3] is None or ticks_diff(now, e[3]) >= self.ack_timeout_ms:
                 if e[3] is None:
                     self.uploads_sent += 1
+                else:
+                    self.retransmits += 1
                 e[3] = now
                 self._write(messages.UPLOAD, e[2], now)
                 return True
@@ -268,6 +288,9 @@ class DataComm:
             version = struct.unpack_from(messages.CHAMPION_ACK_FORMAT, body, 0)[0]
             if self.champion is not None and self.champion[0] == version:
                 self.champion = None
+        elif msg_type == messages.CONFIG_UPDATE and self.configure is not None:
+            for t, b in self.configure(bytes(body), seq):
+                self.send(t, b)
         elif msg_type in _DEPLOY_TYPES:
             if self.transfer is None:
                 self.send(messages.ERROR, b"no transfer module")

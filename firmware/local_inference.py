@@ -108,6 +108,7 @@ class LocalInference:
         self.last_score = 0.0
         self.feature_set = None  # (name, params) of the champion's features; None before the first champion
         self.feature_module = None
+        self.manifest = None  # the champion's config.json
 
     def set_champion(self, forest, cfg):
         """Hot-swap the champion (takes effect for the next window), compiled to bytecode for scoring."""
@@ -117,6 +118,7 @@ class LocalInference:
         self.version = int(cfg["version"])
         self.feature_set = (cfg.get("feature_set", "paper"), cfg.get("feature_params", {}))
         self.feature_module = cfg.get("feature_module")  # the set's module shipped with the champion, if any
+        self.manifest = cfg
 
     def ready(self):
         return self.forest is not None

@@ -19,6 +19,7 @@ package(
         "local_training.py",
         "local_inference.py",
         "model_deployment_agent.py",
+        "configure.py",
         "data_comm.py",
         "device.py",
     ),

@@ -223,3 +223,45 @@ COMMIT_FORMAT = "<32s"
 RESULT_FORMAT = "<HBI"
 RESULT_INSTALLED = 0
 RESULT_REFUSED = 1
+
+# Settings (the paper's Configure phase) and health (its Monitor phase); codes after ALARM.
+HEALTH = 0x17  # device -> gateway: one reporting period's health (body: HEALTH_FORMAT, then its MAC)
+CONFIG_UPDATE = 0x18  # gateway -> device: a signed settings update (body: CONFIG_FORMAT + JSON, then its MAC)
+CONFIG_RESULT = 0x19  # device -> gateway: applied or refused (body: CONFIG_RESULT_FORMAT, reason, settings JSON)
+TAG_CONFIG = b"TMCF"  # a settings update is sealed by the gateway under the device's key
+TAG_HEALTH = b"TMHL"  # a health report is sealed by the device: only it may say how it is
+# CONFIG_UPDATE: settings version (u32, strictly above every version the device applied: no replay), flags (u8:
+# CONFIG_REVERT, go back to the settings before the last update), then the changed settings as a JSON object.
+CONFIG_FORMAT = "<IB"
+CONFIG_REVERT = 0x01
+# CONFIG_RESULT: echo, status, the device's settings version, reason length (u8), reason, then the settings in
+# force as a JSON object (the rest).
+CONFIG_RESULT_FORMAT = "<HBIB"
+CONFIG_APPLIED = 0
+CONFIG_REFUSED = 1
+# HEALTH: windows in the period (u16), feature extraction mean and max (us, u32 each), inference mean and max (us),
+# active time per window mean (us), free heap and largest free block (bytes, u32), uptime (s, u32), boots (u16),
+# last reset cause (u8: machine.reset_cause(), 0 unknown), frames retransmitted and link errors in the period
+# (u16 each), settings version (u32).
+HEALTH_FORMAT = "<HIIIIIIIIHBHHI"
+HEALTH_FIELDS = ("windows", "feature_us_mean", "feature_us_max", "inference_us_mean", "inference_us_max",
+                 "active_us_mean", "free_heap", "largest_free_heap", "uptime_s", "boots", "reset_cause",
+                 "retransmits", "link_errors", "settings_version")
+
+
+def pack_health(h):
+    """HEALTH body of a dict with HEALTH_FIELDS (values clamped to their field's range)."""
+    vals = []
+    for i in range(len(HEALTH_FIELDS)):
+        v = int(h.get(HEALTH_FIELDS[i], 0))
+        top = 0xFF if HEALTH_FORMAT[i + 1] == "B" else 0xFFFF if HEALTH_FORMAT[i + 1] == "H" else 0xFFFFFFFF
+        vals.append(0 if v < 0 else top if v > top else v)
+    return struct.pack(HEALTH_FORMAT, *vals)
+
+
+def unpack_health(body):
+    """dict of a HEALTH body (HEALTH_FIELDS); ValueError when it is too short."""
+    n = struct.calcsize(HEALTH_FORMAT)
+    if len(body) < n:
+        raise ValueError("HEALTH body of %d bytes, need %d" % (len(body), n))
+    return dict(zip(HEALTH_FIELDS, struct.unpack_from(HEALTH_FORMAT, body, 0)))

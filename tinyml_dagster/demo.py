@@ -134,26 +134,70 @@ def seed_pool(models_root: Path, source_models: Path, rate_hz: int = RATE_HZ, be
 
 # -- the device: real firmware behind the simulated line, fed the IMS recording, in its own process -----------
 
+def data_feed(recording: str | None, ims_dir: str, bearing: int, axis: str, rate_hz: int, pace: float):
+    """The device's data UART: the recording spec's channel, else the IMS files' bearing and axis, replayed at
+    pace x real time."""
+    from tinyml_dagster import ims
+    from tinyml_dagster.emulator.data_feed import DataFeed, RecordingFeed
+
+    if recording:
+        from tinyml_dagster.recordings import load_spec, open_recording
+
+        return RecordingFeed(open_recording(load_spec(recording)), axis, rate_hz, time_scale=pace)
+    return DataFeed(ims.list_ims_files(Path(ims_dir)), bearing, axis, rate_hz, time_scale=pace)
+
+
+# the demo's settings update, sent once the recording is scored: the champion's threshold and the alarm span
+DEMO_SETTINGS = {"threshold": 0.65, "alarm_span_s": 300}
+HEALTH_WINDOWS = 40  # windows the champion in force runs in the MicroPython VM for the device's health
+
+
+def settings_update(defs, instance, note) -> dict | None:
+    """update_settings_job for the demo's device; its outcome (None when the run failed)."""
+    r = defs.resolve_job_def("update_settings_job").execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"update_settings": {"config": {"device_id": DEVICE_ID, **DEMO_SETTINGS}}}})
+    outcome = r.output_for_node("update_settings")[0] if r.success else None
+    note("update_settings_job", success=r.success, **({"status": outcome["status"], "reason": outcome["reason"]}
+                                                       if outcome else {}))
+    return outcome
+
+
+def vm_device_health(flash: Path, key: bytes, feed) -> dict:
+    """The device's health as the MicroPython VM measures it on the champion and settings in force: means over
+    the reporting periods (times on the ESP32 model, the VM's heap, energy from tinyml_dagster.health's model)."""
+    from tinyml_dagster import health
+    from tinyml_dagster.emulator.health_run import vm_health
+
+    reports = [health.from_report(r) for r in vm_health(flash, feed, DEVICE_ID, key, windows=HEALTH_WINDOWS,
+                                                        every=10, heap_bytes=96 * 1024 * 1024)]
+    periods = [h for h in reports if h["inference_ms_mean"]]
+    if not periods:
+        return {}
+
+    def mean(k: str) -> float:
+        return round(sum(h[k] for h in periods) / len(periods), 3)
+
+    return {"inference_ms_mean": mean("inference_ms_mean"), "inference_ms_max": max(h["inference_ms_max"]
+                                                                                    for h in periods),
+            "feature_ms_mean": mean("feature_ms_mean"), "active_ms_mean": mean("active_ms_mean"),
+            "energy_mj_per_window": mean("energy_mj_per_window"), "free_heap_bytes": periods[-1]["free_heap_bytes"],
+            "windows": sum(h["windows"] for h in periods), "ns_per_instruction": health.NS_PER_FUEL,
+            "power_model_mw": round(health.ACTIVE_MW, 1)}
+
+
 def device_main(args) -> int:
     """The emulated device: SimulatedLink (its gateway end is a pty) + firmware Device + the bearing's DataFeed."""
     import signal as _signal
 
     from firmware.device import Device
-    from tinyml_dagster import ims
-    from tinyml_dagster.emulator.data_feed import DataFeed
     from tinyml_dagster.link.sim import SimulatedLink
     from tinyml_dagster.link.transport import LinkTiming
 
     link = SimulatedLink(LinkTiming(time_scale=args.time_scale))
     # the recording is replayed at windows_per_s windows per real second
-    pace = args.windows_per_s * settings.WINDOW_MS / 1000.0
-    if args.recording:
-        from tinyml_dagster.emulator.data_feed import RecordingFeed
-        from tinyml_dagster.recordings import load_spec, open_recording
-
-        feed = RecordingFeed(open_recording(load_spec(args.recording)), args.axis, args.rate_hz, time_scale=pace)
-    else:
-        feed = DataFeed(ims.list_ims_files(Path(args.ims_dir)), args.bearing, args.axis, args.rate_hz, time_scale=pace)
+    feed = data_feed(args.recording, args.ims_dir, args.bearing, args.axis, args.rate_hz,
+                     args.windows_per_s * settings.WINDOW_MS / 1000.0)
     device = Device(feed, link.device_uart, args.flash)
     gc.freeze()  # the host's own objects: the firmware's collect once per window scans only what it allocates
     stop = threading.Event()
@@ -331,6 +375,7 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
         while time.time() < deadline and not _settled(kb):
             time.sleep(0.2)
         r = defs.resolve_job_def("pool_decisions_job").execute_in_process(instance=instance)
+        settings_outcome = settings_update(defs, instance, note)
         report_fleet(defs, instance, resources, fleet_cursor)
     finally:
         for p in reversed(procs):
@@ -341,7 +386,24 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
                 p.kill()
         logf.close()
     status = json.loads(status_path.read_text())
+    feed = data_feed(str(settings.recording_spec_file() or ""), str(ims_dir), bearing, axis, rate_hz, 1e9)
+    device_health = vm_device_health(flash, gateway.device_keys().key(DEVICE_ID), feed)
+    reported = kb.health_history(DEVICE_ID)
+    device_health["resets"] = reported[-1]["resets"] if reported else 0
+    device_health["reports_in_kb"] = len(reported)
+    note("device_health", **device_health)
     figures = _figures(kb, status, replacements, n_fp, time_scale, time.time() - t0)
+    fig = settings_outcome["figures"] if settings_outcome else {}
+    figures.update({
+        "config_updates": sum(u["status"] == "applied" for u in kb.settings_updates(DEVICE_ID)),
+        "config_update": {k: settings_outcome[k] for k in ("version", "status", "reason", "settings", "in_force")}
+        if settings_outcome else None,
+        "config_update_link_seconds": fig.get("link_seconds"),
+        # the same exchange on a clean line: its wire bytes at 2,400 baud and two turnarounds
+        "config_update_wire_seconds": (round(fig["wire_bytes"] * timing.byte_s + 2 * timing.turnaround_s, 3)
+                                       if fig else None),
+        "config_update_wire_bytes": fig.get("wire_bytes"),
+        "device_health": device_health})
     figures.update({"rate_hz": rate_hz, "bearing": bearing, "axis": axis, "ims_dir": str(ims_dir), "pool": candidates,
                     "n_train": n_train, "upload_every": upload_every, "windows_per_s": windows_per_s})
     kb.close()
@@ -547,6 +609,15 @@ def main(argv: list[str] | None = None) -> int:
     print("  device runs                       %s (new champion: %s)" % (
         f["device_runs"], f["device_runs_new_champion"]))
     print("  alarms raised by the device       %d" % len(f["alarms"]))
+    u = f["config_update"] or {}
+    print("  settings update (no package)      %s v%s %s: %s link s at 2,400 baud (%s s of wire + turnarounds; "
+          "target <= 3 s), %s bytes" % (u.get("status", "not sent"), u.get("version"), u.get("settings"),
+                                       f["config_update_link_seconds"], f["config_update_wire_seconds"],
+                                       f["config_update_wire_bytes"]))
+    h = f["device_health"]
+    print("  device health (MicroPython VM)    inference %s ms, features %s ms, free heap %s B, resets %s, "
+          "%s mJ/window" % (h.get("inference_ms_mean"), h.get("feature_ms_mean"), h.get("free_heap_bytes"),
+                            h.get("resets"), h.get("energy_mj_per_window")))
     for c in f["champions"]:
         print("  champion v%-3d windows %4d  anomalies %3d  pool-confirmed %3d  false positives %3d (rate %s)" % (
             c["version"], c["windows"], c["anomalies"], c["confirmed_anomalies"], c["false_positives"],

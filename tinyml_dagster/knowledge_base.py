@@ -181,6 +181,48 @@ MIGRATIONS: tuple[str, ...] = (
         reported_at REAL NOT NULL
     );
     """,
+    # 6: signed settings updates (queued by Dagster, carried out by the link service) and the devices' health
+    # reports (one row per reporting period; times in ms, energy from the power model in tinyml_dagster/health.py)
+    """
+    CREATE TABLE settings_updates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        settings TEXT NOT NULL,
+        revert INTEGER NOT NULL DEFAULT 0,
+        run_id TEXT,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'applied', 'refused', 'failed')),
+        requested_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        reason TEXT,
+        in_force TEXT,
+        figures TEXT,
+        UNIQUE (device_id, version)
+    );
+    CREATE INDEX settings_updates_status ON settings_updates (status, id);
+    CREATE TABLE device_health (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        windows INTEGER NOT NULL,
+        feature_ms_mean REAL NOT NULL,
+        feature_ms_max REAL NOT NULL,
+        inference_ms_mean REAL NOT NULL,
+        inference_ms_max REAL NOT NULL,
+        active_ms_mean REAL NOT NULL,
+        free_heap_bytes INTEGER NOT NULL,
+        largest_free_heap_bytes INTEGER NOT NULL,
+        uptime_s INTEGER NOT NULL,
+        resets INTEGER NOT NULL,
+        reset_cause INTEGER NOT NULL,
+        retransmits INTEGER NOT NULL,
+        link_errors INTEGER NOT NULL,
+        settings_version INTEGER NOT NULL,
+        energy_mj_per_window REAL NOT NULL
+    );
+    CREATE INDEX device_health_device ON device_health (device_id, id);
+    """,
 )
 
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
@@ -1006,6 +1048,7 @@ class KnowledgeBase:
     def requeue_running(self) -> int:
         """Put requests a killed service left 'running' back in the queue (the service calls it at start)."""
         with self._lock, self.transaction():
+            self._conn.execute("UPDATE settings_updates SET status='pending', started_at=NULL WHERE status='running'")
             return self._conn.execute(
                 "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
             ).rowcount
@@ -1074,6 +1117,111 @@ class KnowledgeBase:
                     % (request_id, d["device_id"], d["status"], timeout)
                 )
             time.sleep(poll)
+
+    # -- settings updates (queued here, carried out by the link service) ----------------------------------
+
+    SETTINGS_KEYS = ("id", "device_id", "version", "settings", "revert", "run_id", "status", "requested_at",
+                     "started_at", "finished_at", "reason", "in_force", "figures")
+
+    def request_settings(self, device_id: str, version: int, values: dict, revert: bool = False,
+                         run_id: str | None = None) -> int:
+        """Queue a settings update (its version from the gateway's settings ledger) for device_id."""
+        if not valid_id(device_id):
+            raise KnowledgeBaseError("settings update: bad device id %r" % (device_id,))
+        with self._lock, self.transaction():
+            return self._conn.execute(
+                "INSERT INTO settings_updates (device_id, version, settings, revert, run_id, status, requested_at)"
+                " VALUES (?,?,?,?,?,'pending',?)",
+                (device_id, int(version), json.dumps(values, sort_keys=True), int(revert), run_id, time.time()),
+            ).lastrowid
+
+    def claim_settings(self, device_ids: Iterable[str] | None = None) -> tuple | None:
+        """Take the oldest pending settings update (for one of device_ids): (id, device_id, version, settings dict,
+        revert) or None."""
+        allowed = None if device_ids is None else set(device_ids)
+        with self._lock, self.transaction():
+            for rid, device_id, version, values, revert in self._conn.execute(
+                    "SELECT id, device_id, version, settings, revert FROM settings_updates WHERE status='pending'"
+                    " ORDER BY id").fetchall():
+                if allowed is None or device_id in allowed:
+                    self._conn.execute("UPDATE settings_updates SET status='running', started_at=? WHERE id=?",
+                                       (time.time(), rid))
+                    return rid, device_id, version, json.loads(values), bool(revert)
+        return None
+
+    def finish_settings(self, request_id: int, status: str, reason: str = "", in_force: dict | None = None,
+                        figures: dict | None = None) -> None:
+        """Record what became of a settings update: applied, refused (the device's reason) or failed (the link)."""
+        with self._lock, self.transaction():
+            self._conn.execute(
+                "UPDATE settings_updates SET status=?, finished_at=?, reason=?, in_force=?, figures=? WHERE id=?",
+                (status, time.time(), reason, json.dumps(in_force) if in_force is not None else None,
+                 json.dumps(figures or {}), request_id))
+
+    def settings_request(self, request_id: int) -> dict | None:
+        rows = self.query("SELECT %s FROM settings_updates WHERE id=?" % ", ".join(self.SETTINGS_KEYS), (request_id,))
+        if not rows:
+            return None
+        d = dict(zip(self.SETTINGS_KEYS, rows[0]))
+        for k in ("settings", "in_force", "figures"):
+            d[k] = json.loads(d[k]) if d[k] else ({} if k != "in_force" else None)
+        d["revert"] = bool(d["revert"])
+        return d
+
+    def settings_updates(self, device_id: str | None = None) -> list[dict]:
+        ids = self.query("SELECT id FROM settings_updates" + (" WHERE device_id=?" if device_id else "")
+                         + " ORDER BY id", (device_id,) if device_id else ())
+        return [self.settings_request(r[0]) for r in ids]
+
+    def settings_in_force(self, device_id: str) -> dict | None:
+        """The settings the device last reported in force (after an applied or a refused update), or None."""
+        rows = self.query("SELECT in_force, version, status FROM settings_updates WHERE device_id=? AND in_force"
+                          " IS NOT NULL ORDER BY finished_at DESC, id DESC LIMIT 1", (device_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def wait_settings(self, request_id: int, timeout: float = 120.0, poll: float = 0.1) -> dict:
+        """Block until the link service finished the settings update; TimeoutError naming it otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            d = self.settings_request(request_id)
+            if d is None:
+                raise KnowledgeBaseError("settings update %d: no such request" % request_id)
+            if d["status"] in ("applied", "refused", "failed"):
+                return d
+            if time.monotonic() > deadline:
+                raise TimeoutError("settings update %d to %s still %s after %.0f s: is the link service running?"
+                                   % (request_id, d["device_id"], d["status"], timeout))
+            time.sleep(poll)
+
+    # -- device health ------------------------------------------------------------------------------------
+
+    HEALTH_KEYS = ("windows", "feature_ms_mean", "feature_ms_max", "inference_ms_mean", "inference_ms_max",
+                   "active_ms_mean", "free_heap_bytes", "largest_free_heap_bytes", "uptime_s", "resets",
+                   "reset_cause", "retransmits", "link_errors", "settings_version", "energy_mj_per_window")
+
+    def record_health(self, device_id: str, health: dict, now: float | None = None) -> int:
+        """Store one health report (the keys of HEALTH_KEYS; tinyml_dagster.health.from_report makes them)."""
+        if not valid_id(device_id):
+            raise KnowledgeBaseError("health report: bad device id %r" % (device_id,))
+        missing = [k for k in self.HEALTH_KEYS if k not in health]
+        if missing:
+            raise KnowledgeBaseError("health report of %s: missing %s" % (device_id, ", ".join(missing)))
+        with self._lock, self.transaction():
+            return self._conn.execute(
+                "INSERT INTO device_health (device_id, received_at, %s) VALUES (?,?,%s)"
+                % (", ".join(self.HEALTH_KEYS), ",".join("?" * len(self.HEALTH_KEYS))),
+                (device_id, time.time() if now is None else now, *[health[k] for k in self.HEALTH_KEYS]),
+            ).lastrowid
+
+    def health_history(self, device_id: str, limit: int = 100, since: float | None = None) -> list[dict]:
+        """A device's health reports, oldest first (the last `limit`, received after `since`)."""
+        rows = self.query(
+            "SELECT id, received_at, %s FROM device_health WHERE device_id=? AND received_at > ? ORDER BY id DESC"
+            " LIMIT ?" % ", ".join(self.HEALTH_KEYS), (device_id, -1.0 if since is None else since, limit))
+        return [dict(zip(("id", "received_at") + self.HEALTH_KEYS, r)) for r in reversed(rows)]
+
+    def health_devices(self) -> list[str]:
+        return [r[0] for r in self.query("SELECT DISTINCT device_id FROM device_health ORDER BY device_id")]
 
     # -- retraining runs ----------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 The VM gets an ESP32-like MicroPython heap (`-X heapsize=N`), a linear-memory limit with headroom above it (a
 heap too small can crash the VM rather than raise MemoryError), directories preopened as guest paths (the
 device's `/flash`, read-only source trees), stdout/stderr written to files (reliable, unlike WASI callbacks),
-and host functions the guest reaches with `import host; host.call(name, payload)`: the payload arrives as bytes,
+and host functions the guest reaches with `import host; host.call(name, payload)` (built in: `fuel_used`, the
+instructions run so far): the payload arrives as bytes,
 the callable returns str (ASCII/UTF-8; binary data must be encoded, e.g. hex, as the guest cannot receive
 invalid UTF-8). Wasmtime's fuel gives a deterministic instruction count for every run.
 """
@@ -162,7 +163,8 @@ class MicroPythonVM:
             store.set_wasi(wasi)
             linker = wasmtime.Linker(engine)
             linker.define_wasi()
-            _define_host(linker, dict(self.host_functions))
+            # fuel_used: the wasm instructions run so far, the emulator's device clock (tinyml_dagster.health)
+            _define_host(linker, {"fuel_used": lambda _: str(self.fuel - store.get_fuel()), **self.host_functions})
             exit_code, trap = 0, None
             t0 = time.perf_counter()
             try:

@@ -33,7 +33,7 @@ def test_migration_keeps_an_existing_knowledge_base(tmp_path):
     assert kb.schema_version() == len(MIGRATIONS)
     assert kb.query("SELECT f_mean, f_skewness, f_kurtosis, feature_set FROM uploads") == [(0.1, 0.2, 0.3, "paper")]
     assert kb.feature_vectors([1]) == [("paper", (0.1, 0.2, 0.3))]
-    assert kb.alarms() == []
+    assert kb.alarms() == [] and kb.health_history("d0") == [] and kb.settings_updates() == []
 
 
 def test_windows_carry_their_feature_set_and_only_its_pool_votes(tmp_path):

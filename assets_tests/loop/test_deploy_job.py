@@ -174,3 +174,49 @@ def test_a_device_without_a_mpy_loader_gets_the_compact_bytes(repo, gateway):
     assert sys_mpy == 0  # the firmware under CPython
     assert "encoding compact: the device's runtime imports no .mpy (sys.implementation._mpy 0)" in logs
     assert _device_runs(gateway[0])["encoding"] == "compact"
+
+
+def _settings_run(resources, instance, **config):
+    from tinyml_dagster.defs.configure.jobs import update_settings_job
+
+    res = update_settings_job.execute_in_process(run_config={"ops": {"update_settings": {"config": config}}},
+                                                 resources=resources, instance=instance, raise_on_error=False)
+    return res, " ".join(r.user_message for r in instance.all_logs(res.run_id))
+
+
+def test_a_settings_update_changes_threshold_and_alarm_span_without_a_package(repo, gateway):
+    _, ids = repo
+    flash, kb_path, resources = gateway
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(devices_partitions.name, [DEVICE])
+    res = deploy_champion_job.execute_in_process(
+        run_config={"ops": {"deploy_champion": {"config": {"model_id": ids[1], "device_id": DEVICE}}}},
+        resources=resources, instance=instance)
+    assert res.success
+    res, logs = _settings_run(resources, instance, device_id=DEVICE, threshold=0.5, alarm_span_s=120)
+    assert res.success, logs
+    (out,) = res.output_for_node("update_settings")
+    assert out["status"] == "applied" and out["version"] == 1, out
+    assert out["in_force"]["threshold"] == 0.5 and out["in_force"]["alarm_span_s"] == 120
+    saved = json.loads((flash / "settings.json").read_text())
+    assert saved["values"] == {"threshold": 0.5, "alarm_span_s": 120} and saved["champion"] == [ids[1], 1]
+    (obs,) = res.get_asset_observation_events()
+    assert obs.partition == DEVICE and obs.asset_observation_data.asset_observation.metadata[
+        "settings_in_force"].value["threshold"] == 0.5
+    # no package: the champion and the deploy record are what they were
+    kb = KnowledgeBase(kb_path)
+    assert _device_runs(flash)["version"] == 1 and len(kb.deploys(DEVICE)) == 1
+    assert kb.settings_in_force(DEVICE)["threshold"] == 0.5
+
+    # the device refuses what its champion does not allow, with its reason, recorded in the KB
+    res, logs = _settings_run(resources, instance, device_id=DEVICE, window_ms=1000)
+    assert not res.success and "not allowed by champion %s" % ids[1] in logs, logs
+    last = kb.settings_updates(DEVICE)[-1]
+    assert last["status"] == "refused" and last["version"] == 2 and last["in_force"]["window_ms"] != 1000
+    # an out-of-range value never leaves the gateway
+    res, logs = _settings_run(resources, instance, cohort="all", threshold=1.5)
+    assert not res.success and "threshold 1.5 out of range" in logs and len(kb.settings_updates(DEVICE)) == 2
+
+    # the device's health report at boot reached the Knowledge Base through the port (periods: test_health_vm.py)
+    (h,) = kb.health_history(DEVICE)
+    assert (h["windows"], h["resets"], h["settings_version"]) == (0, 0, 0)

@@ -152,3 +152,27 @@ def test_migration_from_version_1_keeps_the_data(tmp_path):
     kb = KnowledgeBase(path)
     assert kb.schema_version() == len(MIGRATIONS) >= 2
     assert kb.deploy_request(1)["attempts"] == 1 and kb.deploy_request(1)["model_id"] == "m1"
+
+
+def test_settings_updates_are_queued_claimed_and_requeued_after_a_crash(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    first = kb.request_settings("dev-a", 1, {"threshold": 0.5})
+    kb.request_settings("dev-b", 1, {"upload_every": 3}, revert=False)
+    assert kb.claim_settings(["dev-b"])[1:] == ("dev-b", 1, {"upload_every": 3}, False)
+    assert kb.claim_settings(["dev-c"]) is None
+    assert kb.claim_settings()[0] == first
+    kb.requeue_running()  # a killed link service: both pending again
+    assert {r["status"] for r in kb.settings_updates()} == {"pending"}
+    rid, *_ = kb.claim_settings(["dev-a"])
+    kb.finish_settings(rid, "applied", "applied settings v1", {"threshold": 0.5}, {"link_seconds": 1.2})
+    assert kb.wait_settings(rid)["status"] == "applied" and kb.settings_in_force("dev-a") == {"threshold": 0.5}
+    assert kb.settings_in_force("dev-b") is None
+    with pytest.raises(KnowledgeBaseError, match="bad device id"):
+        kb.request_settings("", 1, {})
+
+
+def test_a_health_report_missing_a_field_is_refused_by_name(tmp_path):
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    with pytest.raises(KnowledgeBaseError, match="missing .*energy_mj_per_window"):
+        kb.record_health("dev-a", {k: 0 for k in KnowledgeBase.HEALTH_KEYS if k != "energy_mj_per_window"})
+    assert kb.health_history("dev-a") == []

@@ -67,3 +67,11 @@ def test_run_in_champion_false_positives_trigger_a_replacement_and_the_pool_conf
     assert not kb.undecided()
     assert len(kb.ranking_history()) >= 2
     assert json.loads(json.dumps(f))  # the figures serialise as demo.json does
+    # Configure: one signed settings update reached the device through the link service, without a package
+    assert f["config_updates"] == 1 and f["config_update"]["status"] == "applied"
+    assert f["config_update"]["in_force"]["threshold"] == 0.65 and f["config_update"]["in_force"]["alarm_span_s"] == 300
+    assert f["config_update_wire_bytes"] > 0 and f["config_update_link_seconds"] > 0
+    # Monitor: the champion in force measured in the MicroPython VM, and the device's own reports in the KB
+    h = f["device_health"]
+    assert h["inference_ms_mean"] > 0 and h["feature_ms_mean"] > 0 and h["free_heap_bytes"] > 0
+    assert h["energy_mj_per_window"] > 0 and h["resets"] == 0 and h["reports_in_kb"] >= 1

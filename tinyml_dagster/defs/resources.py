@@ -5,6 +5,7 @@ import dagster as dg
 from tinyml_dagster.defs.gateway import GatewayResource
 from tinyml_dagster.defs.loop.resources import DeviceBudgetResource, KnowledgeBaseResource, PoolResource
 from tinyml_dagster.defs.models.resources import ModelRepositoryResource
+from tinyml_dagster.defs.monitor.health import HealthLimitsResource
 
 
 def gateway_resources(gateway: GatewayResource) -> dict:
@@ -15,6 +16,7 @@ def gateway_resources(gateway: GatewayResource) -> dict:
         "pool": PoolResource(gateway=gateway),
         "model_repository": ModelRepositoryResource(gateway=gateway),
         "device_budget": DeviceBudgetResource(),
+        "health_limits": HealthLimitsResource(),
     }
 
 

@@ -75,13 +75,15 @@ def deploy_on_emulator(pkgs: list[da.Package], runtime: str, speedup: float, wit
 
 
 def _await_hello(transport: SerialTransport, timeout_s: float = 10.0) -> None:
-    """Take the boot HELLO off the line, so that only the deploy's bytes are counted."""
+    """Take the boot HELLO and HEALTH off the line, so that only the deploy's bytes are counted."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    want = {messages.HELLO, messages.HEALTH}
+    while want and time.monotonic() < deadline:
         msg = transport.recv(deadline - time.monotonic())
-        if msg is not None and msg[0] == messages.HELLO:
-            return
-    raise RuntimeError("no HELLO from the emulated device")
+        if msg is not None:
+            want.discard(msg[0])
+    if want:
+        raise RuntimeError("no boot HELLO and HEALTH from the emulated device")
 
 
 @dataclass(frozen=True)

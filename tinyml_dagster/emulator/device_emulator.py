@@ -13,6 +13,7 @@ from pathlib import Path
 
 import firmware
 from tinyml_dagster import ims, settings
+from tinyml_dagster.health import NS_PER_FUEL
 from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.emulator.data_feed import DataFeed
 from tinyml_dagster.emulator.wire import HalfDuplexWire
@@ -50,15 +51,19 @@ class HostUART:
         host.call(self.write_name, bytes(data))
         return len(data)
 
-from firmware import device
-dev = device.Device(HostUART('data'), HostUART('link'), '/flash')
+from firmware import device, _compat
+# the device's clock: VM instructions x the calibrated ns per instruction (tinyml_dagster.health.NS_PER_FUEL)
+_compat.set_clock_us(lambda: int(host.call('fuel_used', b'')) * PS_PER_FUEL // 1000000 & 0x3FFFFFFF)
+dev = device.Device(HostUART('data'), HostUART('link'), '/flash', reset_cause=int(host.call('reset_cause', b'')))
 print('BOOTED')
 while host.call('running', b'') == '1':
     if not dev.step():
         host.call('idle', b'')
 dev.state.save()
 print('STOPPED')
-"""
+""".replace("PS_PER_FUEL", str(round(NS_PER_FUEL * 1000)))
+# machine.reset_cause() values the emulated board reports: power on, and the watchdog's reboot after a crash
+POWER_ON, WATCHDOG_RESET = 1, 3
 
 
 def device_dir(device_id: str) -> Path:
@@ -194,8 +199,11 @@ class DeviceEmulator:
             self._sleep_until_work()
             return ""
 
+        def reset_cause(_: bytes) -> str:
+            return str(WATCHDOG_RESET if self.reboots else POWER_ON)
+
         host = {"data_read": self.feed.read_hex, "data_write": lambda p: "", "link_read": link_read,
-                "link_write": link_write, "running": running, "idle": idle}
+                "link_write": link_write, "running": running, "idle": idle, "reset_cause": reset_cause}
         vm = MicroPythonVM(heap_bytes=self.heap_bytes, memory_bytes=max(VM_MEMORY_BYTES, 2 * self.heap_bytes),
                            flash_dir=self.flash, readonly_dirs={}, sys_path=("/flash",), host_functions=host,
                            timeout_s=None, fuel=2**62, stdout_path=self.root / "vm.stdout",

@@ -274,3 +274,39 @@ class Deployer:
             have = {base // frag + 1 + j for j in range(m.ACK_BITS) if bits & (1 << j)}
             self._report(base, total, rep, t0, "acknowledged")
         return True  # not reached: the last acknowledgement is a result
+
+
+@dataclass
+class SettingsReport:
+    """What a settings update did on the wire and what the device answered."""
+
+    applied: bool
+    reason: str
+    device_settings_version: int
+    in_force: dict | None
+    body_bytes: int
+    wire_bytes: int
+    timeouts: int
+    link_seconds: float
+
+    def as_metadata(self) -> dict:
+        return asdict(self)
+
+
+def send_settings(transport: SerialTransport, body: bytes, version: int, *, retries: int = 6,
+                  reply_slack_s: float = 0.0) -> SettingsReport:
+    """Send one sealed CONFIG_UPDATE (firmware.configure.pack_update) and return the device's answer; DeployError
+    when it never answers. A repeat whose first answer was lost finds the device at this version: applied."""
+    from firmware import configure
+
+    t0, w0 = time.monotonic(), transport.wire_bytes_out + transport.wire_bytes_in
+    sender = Deployer(transport, retries=retries, reply_slack_s=reply_slack_s)
+    got = sender._exchange(m.CONFIG_UPDATE, body, (m.CONFIG_RESULT,), RESULT_WIRE_MAX)
+    if got is None:
+        raise DeployError("link cut: no answer to the settings update after %d tries" % retries)
+    applied, device_version, reason, in_force = configure.unpack_result(got[1])
+    if not applied and device_version == version and reason.startswith("replayed"):
+        applied, reason = True, "applied settings v%d (an earlier answer was lost)" % version
+    return SettingsReport(applied, reason, device_version, in_force, len(body),
+                          transport.wire_bytes_out + transport.wire_bytes_in - w0, sender.timeouts,
+                          round((time.monotonic() - t0) / transport.timing.time_scale, 3))

@@ -45,6 +45,7 @@ class SerialLink:
         self.device_id = device_id
         self.path = path
         self.deploy_pending: tuple | None = None
+        self.settings_pending: tuple | None = None  # (request id, device id, version, settings, revert)
         self.lock = threading.Lock()  # the transport (receive, deploy)
         self.state_lock = threading.Lock()  # contiguous, committed_above, outgoing, ack_due
         self.tx_seq = 0
@@ -122,6 +123,9 @@ class SerialLink:
         if self.deploy_pending is not None:
             self._deploy()
             return
+        if self.settings_pending is not None:
+            self._configure()
+            return
         with self.lock:
             msg = self.transport.recv(0.02)
         if msg is None:
@@ -157,6 +161,8 @@ class SerialLink:
             self._alarm(bytes(body), messages)
         elif mtype == messages.HELLO:
             self._hello(bytes(body))
+        elif mtype == messages.HEALTH:
+            self._health(bytes(body), messages)
 
     def _hello(self, body: bytes) -> None:
         """A HELLO with the runtime tail: what the device's MicroPython imports, stored for its next packages."""
@@ -170,7 +176,46 @@ class SerialLink:
         if hello["device_id"] != self.device_id:
             log.warning("%s: HELLO names device %r: not recorded", self.device_id, hello["device_id"])
         elif "sys_mpy" in hello:
-            self.service.submit_device_runtime(self.device_id, hello["sys_mpy"], hello["firmware_version"])
+            self.service.submit_write(
+                lambda kb: kb.record_device_runtime(self.device_id, hello["sys_mpy"], hello["firmware_version"]))
+
+    def _health(self, body: bytes, messages) -> None:
+        """A health report of the device (verified, like its uploads): stored by the service's loop."""
+        from tinyml_dagster.health import from_report
+
+        body = messages.unseal(self._key(), messages.TAG_HEALTH, self.device_id, body)
+        if body is None:
+            self.service._log_once("health-" + self.device_id, "%s: unauthenticated HEALTH dropped" % self.device_id)
+            return
+        try:
+            report = from_report(messages.unpack_health(body))
+        except ValueError as e:
+            log.warning("%s: %s", self.device_id, e)
+            return
+        self.service.submit_write(lambda kb: kb.record_health(self.device_id, report))
+
+    def _configure(self) -> None:
+        """Carry out a queued settings update: sealed under the device's key, sent, the answer recorded."""
+        from firmware import configure
+        from tinyml_dagster.link.protocol import send_settings
+
+        req_id, device_id, version, values, revert = self.settings_pending
+        try:
+            key = self._key()
+            if not key:
+                raise RuntimeError("the gateway holds no key for %s: nothing can be signed" % device_id)
+            with self.lock:
+                rep = send_settings(self.transport, configure.pack_update(key, device_id, version, values, revert),
+                                    version, reply_slack_s=self.service.reply_slack_s)
+            outcome = ("applied" if rep.applied else "refused", rep.reason, rep.in_force, rep.as_metadata())
+            (log.info if rep.applied else log.warning)("%s: settings v%d %s: %s", device_id, version, outcome[0],
+                                                       rep.reason)
+        except Exception as e:
+            log.warning("%s: settings update %d failed: %s: %s", device_id, req_id, type(e).__name__, e)
+            outcome = ("failed", "%s: %s" % (type(e).__name__, e), None, {})
+        finally:
+            self.settings_pending = None
+        self.service.submit_write(lambda kb: kb.finish_settings(req_id, *outcome))
 
     def _alarm(self, body: bytes, messages) -> None:
         """An alarm raised or cleared on the device (verified, like its uploads): stored by the service's loop."""

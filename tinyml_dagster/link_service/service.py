@@ -229,9 +229,15 @@ class LinkService:
 
         self._writes.put(record)
 
-    def submit_device_runtime(self, device_id: str, sys_mpy: int, firmware_version: int) -> None:
-        """A port's device said in its HELLO what its MicroPython imports: stored by the loop."""
-        self._writes.put(lambda kb: kb.record_device_runtime(device_id, sys_mpy, firmware_version))
+    def submit_write(self, write: Callable[[KnowledgeBase], None]) -> None:
+        """A port's Knowledge Base write (a health report, a settings outcome), carried out by the loop."""
+        def guarded(kb: KnowledgeBase) -> None:
+            try:
+                write(kb)
+            except KnowledgeBaseError as e:
+                log.warning("Knowledge Base refused a write: %s", e)
+
+        self._writes.put(guarded)
 
     def _record_writes(self, kb: KnowledgeBase) -> None:
         """Carry out the ports' queued writes; one the database refuses waits for the next turn."""
@@ -324,6 +330,8 @@ class LinkService:
                 req = kb.claim_deploy([device_id])
                 if req is not None:
                     link.deploy_pending = req
+            if link.deploy_pending is None and link.settings_pending is None:
+                link.settings_pending = kb.claim_settings([device_id])
 
     def _log_once(self, topic: str, message: str | None) -> None:
         """Log a topic's problem when it starts or changes, and once when it clears (message None)."""

@@ -23,6 +23,7 @@ from tinyml_dagster.storage import atomic_write
 from tinyml_dagster.training import retrain
 
 EPISODE_TAG = "tinyml/episode"
+HEALTH_TAG = "tinyml/health"  # a run the device's health started (device_health_sensor): the limits it crossed
 OWNERS = ["team:gateway"]
 # streaming devices are decided continuously: an hour without a decision means the devices or the link are silent
 DECISIONS_FRESHNESS = dg.FreshnessPolicy.time_window(warn_window=timedelta(minutes=15), fail_window=timedelta(hours=1))
@@ -128,6 +129,8 @@ def authorise_deploy(context: dg.AssetExecutionContext, config: ChampionPackageC
     episode = context.run.tags.get(EPISODE_TAG)
     if episode:
         return "false-positive episode %s" % episode
+    if context.run.tags.get(HEALTH_TAG):
+        return "device health: %s" % context.run.tags[HEALTH_TAG]
     if config.model_id and config.confirm_device == device_id:
         return "operator's deploy of %s" % config.model_id
     raise dg.Failure(description=(

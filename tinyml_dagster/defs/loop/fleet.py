@@ -27,6 +27,13 @@ fleet = dg.AssetSpec(
 )
 
 
+def monitor_view(kb, device_id: str) -> dict:
+    """The device's settings and health columns (tinyml_dagster/defs/monitor)."""
+    from tinyml_dagster.defs.monitor.health import monitor_view as view
+
+    return view(kb, device_id)
+
+
 def _utc(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "-"
 
@@ -69,12 +76,15 @@ def device_view(row: FleetDevice) -> dict:
 def fleet_markdown(views: dict[str, dict]) -> str:
     """The fleet as a markdown table, one device per row."""
     lines = ["| device | champion | since | source | false positives | episode | previous | last deploy | bytes "
-             "| link s | reason |", "|---|---|---|---|---:|---:|---|---|---:|---:|---|"]
+             "| link s | reason | settings | inference ms | free heap | resets | mJ/window |",
+             "|---|---|---|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for device, v in sorted(views.items()):
-        lines.append("| %s | %s | %s | %s | %d | %d | %s | %s | %d | %.1f | %s |" % (
+        lines.append("| %s | %s | %s | %s | %d | %d | %s | %s | %d | %.1f | %s | v%d | %.2f | %d | %d | %.3f |" % (
             device, v["champion"], v["champion_since"], v["source"], v["false_positives_since_install"],
             v["episode"], v["previous_champion"], v["last_deploy"], v["last_deploy_bytes"],
-            v["last_deploy_link_s"], v["last_deploy_reason"]))
+            v["last_deploy_link_s"], v["last_deploy_reason"], v.get("settings_version", 0),
+            v.get("inference_ms_mean", 0.0), v.get("free_heap_bytes", 0), v.get("resets", 0),
+            v.get("energy_mj_per_window", 0.0)))
     return "\n".join(lines)
 
 
@@ -90,7 +100,7 @@ def fleet_sensor(context: dg.SensorEvaluationContext, knowledge_base: KnowledgeB
     """What changed in the fleet since the last tick, as asset events."""
     cursor = json.loads(context.cursor) if context.cursor else {}
     with knowledge_base.open() as kb:
-        views = {row.device_id: device_view(row) for row in kb.fleet()}
+        views = {row.device_id: {**device_view(row), **monitor_view(kb, row.device_id)} for row in kb.fleet()}
     known = set(context.instance.get_dynamic_partitions(devices_partitions.name))
     events, seen = [], {}
     for device, view in views.items():
