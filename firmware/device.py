@@ -116,7 +116,8 @@ class Device:
     def sync_features(self):
         """Extract the champion's feature set (the configured one before any champion); True when it changed."""
         want = self.inference.feature_set or (self.cfg["feature_set"], self.cfg["feature_params"])
-        if want == self.features:
+        if feature_sets.same(want, self.features):
+            self.features = want
             return False
         self.data_in.extract = feature_sets.extractor(want[0], want[1])
         self.data_in.fill = 0  # a window half-filled for the old features is dropped

@@ -435,6 +435,16 @@ IMS_LABELS: dict[str, dict[int, BearingLabels]] = {
 IMS_SET2_FILES = 982
 
 
+def recording_onset(labels: dict[int, BearingLabels]) -> int | None:
+    """The first file of a recording with any bearing labelled degraded: its healthy part ends there.
+
+    The bearings share one shaft and housing, so every channel sees a degrading bearing's vibration; after the
+    first onset no channel of the recording is healthy (a non-failing bearing's windows then count neither as
+    healthy nor as degraded)."""
+    onsets = [lab.onset for lab in labels.values() if lab.failing and lab.onset is not None]
+    return min(onsets) if onsets else None
+
+
 @dataclass(frozen=True)
 class DetectionConfig:
     """How detection is judged: training split, model, threshold, alarm rule, sources."""
@@ -461,6 +471,7 @@ class Channel:
     file: np.ndarray
     features: dict[str, np.ndarray]
     note: str = ""
+    healthy_until: int | None = None  # the first file of the recording with any bearing labelled degraded
 
 
 def per_file_tables() -> dict[str, np.ndarray]:
@@ -514,7 +525,7 @@ def ims_file_channels(source: str, tables: dict[str, np.ndarray] | None = None) 
         files = np.repeat(np.arange(len(data)), axes)
         out.append(Channel(source, bearing, labels, times[files] - times[0], files, feats,
                            "per-file features of the raw 20 kHz signal (1-s files); wear: its time-domain part "
-                           "(log_rms, crest, skewness, kurtosis), no bands"))
+                           "(log_rms, crest, skewness, kurtosis), no bands", recording_onset(IMS_LABELS[source])))
     return out
 
 
@@ -547,7 +558,8 @@ def synthetic_channels(n_files: int, rate_hz: int = settings.DEFAULT_RATE_HZ, ch
         t = stamps[files] - stamps[0] + np.tile(np.repeat(np.arange(n_win) * WINDOW_S, 2), len(index))
         labels = BearingLabels(True, onset, len(index) - 1) if bearing in FAILING_BEARINGS else BearingLabels(False)
         out.append(Channel("synthetic-2khz", bearing, labels, t, files, per,
-                           f"synthetic set-1-like run, {rate_hz} Hz, the device's feature extraction (numpy twin)"))
+                           f"synthetic set-1-like run, {rate_hz} Hz, the device's feature extraction (numpy twin)",
+                           onset))
     return out
 
 
@@ -573,17 +585,23 @@ def _scores(model: str, X_train: np.ndarray, X: np.ndarray, cfg: DetectionConfig
 def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, threshold_mode: str) -> dict:
     """One record: a model of one feature set on one channel, with its threshold and the alarm rule."""
     from firmware.alarms import AlarmRule
-    from tinyml_dagster.training import THRESHOLD, calibrated_threshold
+    from tinyml_dagster.training import THRESHOLD, calibrated_threshold, crossfit_scores
 
     X = ch.features[feature_set]
     t_end_train = ch.t[0] + cfg.train_fraction * (ch.t[-1] - ch.t[0])
     train = ch.t < t_end_train
     seed = model_seed(cfg.seed, ch.bearing, cfg.n_trees)
     s = _scores(model, X[train], X, cfg, seed)
-    thr = THRESHOLD if threshold_mode == "paper-0.6" else calibrated_threshold(s[train], cfg.target_fa)
+    if threshold_mode == "paper-0.6":
+        thr = THRESHOLD
+    else:
+        def held_out(X_fit: np.ndarray, X_block: np.ndarray, k: int) -> np.ndarray:
+            return _scores(model, X_fit, X_block, cfg, seed + 7919 * (k + 1))
+
+        thr = calibrated_threshold(crossfit_scores(X[train], held_out), cfg.target_fa)
     anomalous = s > thr
     lab = ch.labels
-    healthy = ch.file < lab.onset if lab.failing else np.ones(len(s), bool)
+    healthy = ch.file < ch.healthy_until if ch.healthy_until is not None else np.ones(len(s), bool)
     heldout = healthy & ~train
     degraded = ch.file >= lab.onset if lab.failing else np.zeros(len(s), bool)
     alarm = dict(cfg.alarm)
@@ -595,7 +613,7 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
     healthy_days = (ch.t[heldout].max() - ch.t[heldout].min()) / 86400.0 if heldout.sum() > 1 else 0.0
     rec = {"source": ch.source, "bearing": ch.bearing, "feature_set": feature_set, "model": model,
            "threshold_mode": threshold_mode, "features": list(_feature_names(feature_set, ch)),
-           "failing": lab.failing, "threshold": round(float(thr), 4),
+           "failing": lab.failing, "threshold": round(float(thr), 4), "healthy_until_file": ch.healthy_until,
            "n_train": int(train.sum()), "n_heldout_healthy": int(heldout.sum()), "n_degraded": int(degraded.sum()),
            "auc": roc_auc(smooth[heldout], smooth[degraded]) if lab.failing else None,
            "auc_window": roc_auc(s[heldout], s[degraded]) if lab.failing else None,
