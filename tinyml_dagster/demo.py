@@ -59,6 +59,10 @@ FEATURE_SET = "wear"
 # positives the loop exists to correct (the paper's case); trained on the settled machine it would not need a
 # replacement
 N_TRAIN = 16
+# the device's alarm span (seconds of its clock, which counts whole seconds): the replay compresses the recording,
+# at 20-25 windows per real second one second holds 10-12 snapshots of 10 min, about two hours of the recording,
+# the order of the hour the whole-life evaluation uses for 10-min snapshots
+ALARM_SPAN_S = 1
 
 
 # -- the pool: the repository's candidates for the device's bearing ------------------------------------------
@@ -246,7 +250,8 @@ def run_loop(data_dir: Path, *, source_dir: Path | None = None, ims_dir: Path | 
     provision_flash(flash, DEVICE_ID, gateway.device_keys().key(DEVICE_ID), timing)
     cfg = json.loads((flash / "config.json").read_text())
     cfg.update({"rate_hz": rate_hz, "window_ms": settings.WINDOW_MS, "n_train": n_train, "upload_every": upload_every,
-                "ack_timeout_ms": max(200, int(5000 * time_scale * 4)), "feature_set": FEATURE_SET})
+                "ack_timeout_ms": max(200, int(5000 * time_scale * 4)), "feature_set": FEATURE_SET,
+                "alarm_span_s": ALARM_SPAN_S})
     (flash / "config.json").write_text(json.dumps(cfg))
     run_dir = data_dir / "run"
     run_dir.mkdir(exist_ok=True)
@@ -456,7 +461,11 @@ def materialize_everything(log=print, progress=None) -> dict:
     for i, (key, pk) in enumerate(todo):
         name = key.to_user_string() + (" [%s]" % pk if pk else "")
         job = defs.resolve_implicit_job_def_def_for_assets([key])
-        r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk, raise_on_error=False)
+        # the candidates are the loop's pool: trained on the loop's feature set
+        run_config = ({"ops": {"candidate_models": {"config": {"feature_set": FEATURE_SET}}}}
+                      if key.to_user_string() == "candidate_models" else None)
+        r = job.execute_in_process(instance=instance, asset_selection=[key], partition_key=pk, raise_on_error=False,
+                                   run_config=run_config)
         if not r.success:
             raise RuntimeError("materialising %s failed" % name)
         out["partitions"] += pk is not None
@@ -549,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     print("  link occupation                   %s" % f["occupation"])
     print("  device runs                       %s (new champion: %s)" % (
         f["device_runs"], f["device_runs_new_champion"]))
-    print("  alarms raised by the device       %d" % len(f["alarms"]))
+    print("  alarms raised by the device       %d (span %d s of the replay)" % (len(f["alarms"]), ALARM_SPAN_S))
+    for a in f["alarms"]:
+        print("    alarm by champion v%s %s: peak score %.3f, %s" % (
+            a["champion_version"], a["champion_id"], a["peak_score"], "cleared" if a["end"] else "still active"))
+    print("  false-positive rate per window    %s before the replacement, %s after" % (
+        f["false_positive_rate_before"], f["false_positive_rate_after"]))
     for c in f["champions"]:
         print("  champion v%-3d windows %4d  anomalies %3d  pool-confirmed %3d  false positives %3d (rate %s)" % (
             c["version"], c["windows"], c["anomalies"], c["confirmed_anomalies"], c["false_positives"],
