@@ -60,9 +60,10 @@ FEATURE_SET = "wear"
 # replacement
 N_TRAIN = 16
 # the device's alarm span (seconds of its clock, which counts whole seconds): the replay compresses the recording,
-# at 20-25 windows per real second one second holds 10-12 snapshots of 10 min, about two hours of the recording,
-# the order of the hour the whole-life evaluation uses for 10-min snapshots
-ALARM_SPAN_S = 1
+# at 20-25 windows per real second two seconds hold 20-25 snapshots of 10 min, a few hours of the recording (the
+# whole-life evaluation uses one hour of 10-min snapshots); one second would hold too few windows when the device
+# pauses (a deploy), and a pair of false positives would make half of them
+ALARM_SPAN_S = 2
 
 
 # -- the pool: the repository's candidates for the device's bearing ------------------------------------------

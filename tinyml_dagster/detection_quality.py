@@ -647,6 +647,9 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
     smooth = span_score(ch.t, s, alarm["span_s"], alarm["raise_fraction"])
     monitored = np.array([i for i in raises if not train[i]], dtype=int)
     in_healthy = [i for i in monitored if healthy[i]]
+    # after the recording's first onset, before this bearing's own (or on a bearing that never fails): neither
+    # healthy nor degraded by the labels, though the machine is degrading
+    unlabelled = [i for i in monitored if not healthy[i] and not degraded[i]]
     healthy_days = (ch.t[heldout].max() - ch.t[heldout].min()) / 86400.0 if heldout.sum() > 1 else 0.0
     rec = {"source": ch.source, "bearing": ch.bearing, "feature_set": feature_set, "model": model,
            "threshold_mode": threshold_mode, "features": list(_feature_names(feature_set, ch)),
@@ -655,7 +658,7 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
            "auc": roc_auc(smooth[heldout], smooth[degraded]) if lab.failing else None,
            "auc_window": roc_auc(s[heldout], s[degraded]) if lab.failing else None,
            "fa_rate_heldout": float(anomalous[heldout].mean()) if heldout.any() else None,
-           "alarms_in_healthy": len(in_healthy),
+           "alarms_in_healthy": len(in_healthy), "alarms_after_recording_onset": len(unlabelled),
            "alarms_per_healthy_day": round(len(in_healthy) / healthy_days, 3) if healthy_days else None,
            "first_alarm_h_before_failure": None, "first_alarm_h_after_onset": None, "note": ch.note}
     if lab.failing and ch.lead_time:
@@ -717,8 +720,8 @@ def write_detection(records: list[dict], path: str | os.PathLike | None = None) 
 def detection_table(records: list[dict], model: str = "firmware") -> pd.DataFrame:
     """The records of one model as a table, one row per source, bearing, feature set and threshold mode."""
     cols = ["source", "bearing", "feature_set", "threshold_mode", "failing", "threshold", "auc", "auc_window",
-            "fa_rate_heldout", "alarms_in_healthy", "alarms_per_healthy_day", "first_alarm_h_before_failure",
-            "first_alarm_h_after_onset"]
+            "fa_rate_heldout", "alarms_in_healthy", "alarms_after_recording_onset", "alarms_per_healthy_day",
+            "first_alarm_h_before_failure", "first_alarm_h_after_onset"]
     df = pd.DataFrame([r for r in records if r["model"] == model])
     return df[cols] if len(df) else df
 

@@ -53,7 +53,7 @@ def test_detection_records_and_json(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["default_feature_set"] == "wear" and len(doc["records"]) == len(records)
     for key in ("source", "bearing", "feature_set", "failing", "auc", "fa_rate_heldout", "alarms_in_healthy",
-                "first_alarm_h_before_failure"):
+                "alarms_after_recording_onset", "first_alarm_h_before_failure"):
         assert key in doc["records"][0]
     with pytest.raises(ValueError, match="unknown source 'ims-set9'"):
         dq.detection_records(dq.DetectionConfig(sources=("ims-set9",)), log=lambda *_: None)

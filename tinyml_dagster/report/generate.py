@@ -665,7 +665,8 @@ def detection_markdown(records: list[dict], device_bench: dict | None, headline:
         if not rows:
             continue
         df = pd.DataFrame(rows)[["source", "bearing", "feature_set", "threshold_mode", "failing", "auc", "auc_window",
-                                 "fa_rate_heldout", "alarms_in_healthy", "first_alarm_h_before_failure",
+                                 "fa_rate_heldout", "alarms_in_healthy", "alarms_after_recording_onset",
+                                 "first_alarm_h_before_failure",
                                  "first_alarm_h_after_onset"]]
         L += [f"Model: {model}", "", _md_table(df, {"auc": 3, "auc_window": 3, "fa_rate_heldout": 4}), ""]
     fails = [r for r in records if r["model"] == "firmware" and r["feature_set"] == DEFAULT_FEATURE_SET

@@ -69,7 +69,8 @@ def candidate_models_flag_a_sane_share_of_training(model_repository: ModelReposi
     rates = {m["model_id"]: m.get("anomaly_rate_train") for m in candidates}
     calibrated = {m["model_id"] for m in candidates
                   if ((m.get("lineage") or {}).get("threshold") or {}).get("method", "fixed") != "fixed"}
-    bad = {k: v for k, v in rates.items() if v is None or not (0.0 < v or k in calibrated) or v > MAX_TRAIN_ANOMALY_RATE}
+    bad = {k: v for k, v in rates.items()
+           if v is None or not (0.0 < v or k in calibrated) or v > MAX_TRAIN_ANOMALY_RATE}
     return dg.AssetCheckResult(
         passed=bool(rates) and not bad,
         metadata={"rates": dg.MetadataValue.json(rates), "insane": dg.MetadataValue.json(bad),
