@@ -184,7 +184,8 @@ class Device:
         """Extract the champion's feature set (the configured one before any champion); True when it changed."""
         want = self.inference.feature_set or (self.cfg["feature_set"], self.cfg["feature_params"])
         shipped = self.inference.feature_module
-        if want == self.features:
+        if feature_sets.same(want, self.features):
+            self.features = want
             if shipped is not self._shipped_features:  # the same features, from the champion's module or the own
                 self.data_in.extract = feature_sets.extractor(want[0], want[1], shipped)
                 self._shipped_features = shipped

@@ -40,3 +40,13 @@ def name_of_code(code):
 def of_config(cfg):
     """(name, params) of the feature set a champion's config uses (the paper's when it names none)."""
     return cfg.get("feature_set", PAPER), cfg.get("feature_params", {})
+
+
+def same(a, b):
+    """True when two (name, params) pairs name the same extraction (parameters counted with their defaults)."""
+    if a[0] != b[0]:
+        return False
+    m = module(a[0])
+    if not hasattr(m, "check_params"):
+        return True  # a set without parameters
+    return m.check_params(a[1]) == m.check_params(b[1])

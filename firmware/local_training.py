@@ -1,24 +1,65 @@
 """Local Training Engine: trains the first champion on the device from its own first N windows."""
 
+import math
+
 from firmware import isoforest
 
 # a calibrated threshold stays within these bounds: 0.5 is the score of a window as easy to isolate as any
 THRESHOLD_BOUNDS = (0.5, 0.99)
 
 
-def calibrated_threshold(scores, target_fa):
-    """The threshold above which at most a target_fa share of a model's scores on its own training windows lie:
-    their (1 - target_fa) quantile (the next higher score, as numpy's method="higher"), within THRESHOLD_BOUNDS."""
-    if not 0.0 < target_fa < 1.0:
-        raise ValueError("target false-alarm rate must be in (0, 1), got %r" % (target_fa,))
-    s = sorted(scores)
-    if not s:
-        raise ValueError("no training scores to calibrate a threshold on")
-    pos = (1.0 - target_fa) * (len(s) - 1)
+# the tail of healthy scores above which a generalised Pareto distribution is fitted: the top TAIL_SHARE of them,
+# and at least TAIL_MIN scores (peaks over threshold, as in extreme-value anomaly detection)
+TAIL_SHARE = 0.1
+TAIL_MIN = 10
+
+
+def _empirical(s, q):
+    """The q quantile of sorted scores s (the next higher score, as numpy's method="higher")."""
+    pos = q * (len(s) - 1)
     i = int(pos)
     if pos > i:
         i += 1
-    return min(max(float(s[i]), THRESHOLD_BOUNDS[0]), THRESHOLD_BOUNDS[1])
+    return float(s[i])
+
+
+def tail_quantile(scores, target_fa):
+    """The score a target_fa share of healthy scores exceed, from a generalised Pareto fit of their upper tail.
+
+    Peaks over threshold: u is the (1 - TAIL_SHARE) quantile, the excesses over it get a GPD by the method of
+    moments (shape xi = (1 - m^2/v) / 2, scale = m (m^2/v + 1) / 2), whose quantile extrapolates beyond the largest
+    score seen when target_fa * n < 1 (a 0.2% rate from a few hundred windows). With too few scores for a tail, or
+    when the empirical quantile rests on at least TAIL_MIN exceedances already, the empirical quantile.
+    """
+    s = sorted(scores)
+    n = len(s)
+    k = max(int(TAIL_SHARE * n), TAIL_MIN)
+    if n < 2 * TAIL_MIN or target_fa * n >= TAIL_MIN:
+        return _empirical(s, 1.0 - target_fa)
+    u = s[n - k - 1]
+    ex = [x - u for x in s[n - k:]]
+    m = sum(ex) / k
+    v = sum((e - m) * (e - m) for e in ex) / (k - 1)
+    if m <= 0.0 or v <= 0.0:
+        return float(s[-1])
+    xi = 0.5 * (1.0 - m * m / v)
+    sigma = 0.5 * m * (m * m / v + 1.0)
+    r = target_fa * n / k
+    if abs(xi) < 1e-9:
+        return u - sigma * math.log(r)
+    return u + sigma / xi * (r ** (-xi) - 1.0)
+
+
+def calibrated_threshold(scores, target_fa):
+    """The threshold a target_fa share of healthy windows' scores exceed (tail_quantile), within THRESHOLD_BOUNDS.
+    The scores should be of windows the model did not grow on (see the gateway's cross-fitted calibration); the
+    device's self-trained champion, which cannot afford refitting, uses its training windows'."""
+    if not 0.0 < target_fa < 1.0:
+        raise ValueError("target false-alarm rate must be in (0, 1), got %r" % (target_fa,))
+    if not len(scores):
+        raise ValueError("no training scores to calibrate a threshold on")
+    t = tail_quantile(scores, target_fa)
+    return min(max(t, THRESHOLD_BOUNDS[0]), THRESHOLD_BOUNDS[1])
 
 
 class LocalTraining:

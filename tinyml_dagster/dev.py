@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dagster", action="store_true", help="only the emulator and the link service")
     args = ap.parse_args(argv)
 
-    from tinyml_dagster.demo import AXIS, BEARING, RATE_HZ
+    from tinyml_dagster.demo import AXIS, BEARING, FEATURE_SET, RATE_HZ
 
     os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
     # the children run in ROOT: same data, whatever the cwd
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "--runtime", args.runtime, "--link", str(link),
                                        "--bearing", str(BEARING), "--axis", AXIS, "--rate-hz", str(RATE_HZ),
                                        # the firmware paces its sends by its configured baud: the scaled line's
-                                       "--set", "baud=%d" % int(settings.LINK_BAUD * args.speed)],
+                                       "--set", "baud=%d" % int(settings.LINK_BAUD * args.speed),
+                                       # the device's first champion extracts the pool's feature set
+                                       "--set", "feature_set=%s" % FEATURE_SET],
                                       cwd=ROOT, preexec_fn=child_takes_sigint))
         wait_for(link.exists, 120, "the emulator's link port", procs, stop)
         if stop:

@@ -669,11 +669,13 @@ class KnowledgeBase:
             if row[1] is not None:
                 return
             self._conn.execute("UPDATE model_uploads SET model_id=? WHERE upload_id=?", (model_id, upload_id))
-            cur = self.current_champion(row[0])
-            if cur is not None and cur.source == "reported":
-                # the champion the device's uploads named is this one: same episode, now with its repository id
+            # the champion the device's uploads named before its model arrived is this one (a device's first, the only
+            # one ever "reported", even when a deploy replaced it meanwhile): same episode, now with its repository id
+            reported = self._conn.execute("SELECT id FROM champions WHERE device_id=? AND source='reported'",
+                                          (row[0],)).fetchone()
+            if reported is not None:
                 self._conn.execute("UPDATE champions SET model_id=?, source='device' WHERE id=?",
-                                   (model_id, cur.episode_id))
+                                   (model_id, reported[0]))
             else:
                 self._add_champion(row[0], model_id, "device", time.time(), upload_id)
 

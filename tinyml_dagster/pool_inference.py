@@ -34,6 +34,7 @@ class FunctionCandidate:
     model_id: str
     score_fn: Callable[[np.ndarray], np.ndarray]
     threshold: float = DEFAULT_THRESHOLD
+    n_trees: int = 0  # the forest's size, when the candidate is a forest (tie_order)
 
     def score(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.score_fn(X), dtype=np.float64)
@@ -82,7 +83,7 @@ class PoolInferenceEngine:
         from tinyml_dagster.forest import PoolScorer, score_forest
 
         thresholds = list(thresholds) if thresholds is not None else [DEFAULT_THRESHOLD] * len(model_ids)
-        pool = cls([FunctionCandidate(m, lambda X, f=f: score_forest(f, X), t)
+        pool = cls([FunctionCandidate(m, lambda X, f=f: score_forest(f, X), t, f.n_trees)
                     for m, f, t in zip(model_ids, forests, thresholds)], feature_set=feature_set)
         pool._matrix_scorer = PoolScorer(list(forests)).scores
         return pool
@@ -179,14 +180,24 @@ class PoolInferenceEngine:
             return kept, run(kept)
 
     def top_candidate(self, kb: KnowledgeBase, exclude: Sequence[str] = ()) -> str:
-        """The best-ranked candidate of this pool (excluding e.g. the current champion); ties by model id."""
+        """The best-ranked candidate of this pool (excluding e.g. the current champion); ties by forest size
+        (the larger first, see tie_order), then model id."""
         ranked = [r for r in kb.ranking(self.model_ids) if r[0] not in exclude]
         unranked = sorted(m for m in self.model_ids if m not in exclude and m not in {r[0] for r in ranked})
+        sizes = {c.model_id: getattr(c, "n_trees", 0) for c in self.candidates}
         # Unranked candidates count as 0 points.
-        order = sorted([(-r[1], r[0]) for r in ranked] + [(0, m) for m in unranked])
+        order = sorted([(-r[1], *tie_order(r[0], sizes)) for r in ranked]
+                       + [(0, *tie_order(m, sizes)) for m in unranked])
         if not order:
             raise ValueError("no candidate left in the pool besides %s" % list(exclude))
-        return order[0][1]
+        return order[0][-1]
+
+
+def tie_order(model_id: str, sizes: dict[str, int] | None) -> tuple[int, str]:
+    """Between candidates of equal rank, the larger forest first: at the same calibrated false-alarm rate its
+    score (an average path length over more trees) varies less, so it separates wear from healthy windows better;
+    then the model id."""
+    return -int((sizes or {}).get(model_id) or 0), model_id
 
 
 def unpack_scores(blob: bytes) -> np.ndarray:
@@ -198,14 +209,15 @@ HYSTERESIS_POINTS = 20  # a pool member champion is replaced only by a candidate
 
 
 def next_champion(kb: KnowledgeBase, pool_ids: Sequence[str], champion: str,
-                  margin: int = HYSTERESIS_POINTS) -> str | None:
-    """The best-ranked candidate other than the champion (ties by model id); None while the champion is itself
-    a pool member ranked within margin points of it, so two near-equal candidates do not alternate."""
+                  margin: int = HYSTERESIS_POINTS, sizes: dict[str, int] | None = None) -> str | None:
+    """The best-ranked candidate other than the champion (ties by tie_order: sizes are the candidates' forest
+    sizes); None while the champion is itself a pool member ranked within margin points of it, so two near-equal
+    candidates do not alternate."""
     points = {r[0]: r[1] for r in kb.ranking(pool_ids)}
-    order = sorted((-points.get(m, 0), m) for m in pool_ids if m != champion)
+    order = sorted((-points.get(m, 0), *tie_order(m, sizes)) for m in pool_ids if m != champion)
     if not order:
         raise ValueError("no candidate left in the pool besides %s" % champion)
-    best = order[0][1]
+    best = order[0][-1]
     if champion in pool_ids and points.get(best, 0) < points.get(champion, 0) + margin:
         return None
     return best

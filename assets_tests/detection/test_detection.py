@@ -53,7 +53,28 @@ def test_detection_records_and_json(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["default_feature_set"] == "wear" and len(doc["records"]) == len(records)
     for key in ("source", "bearing", "feature_set", "failing", "auc", "fa_rate_heldout", "alarms_in_healthy",
-                "first_alarm_h_before_failure"):
+                "alarms_after_recording_onset", "first_alarm_h_before_failure"):
         assert key in doc["records"][0]
     with pytest.raises(ValueError, match="unknown source 'ims-set9'"):
         dq.detection_records(dq.DetectionConfig(sources=("ims-set9",)), log=lambda *_: None)
+
+
+def test_healthy_part_ends_at_the_recordings_first_onset():
+    """Bearings on one shaft see each other: a recording is healthy until its first labelled onset."""
+    assert dq.recording_onset(dq.IMS_LABELS["ims-set1-files"]) == 1400  # bearing 4 degrades before bearing 3
+    assert dq.recording_onset(dq.IMS_LABELS["ims-set2-files"]) == 530
+    assert dq.recording_onset({1: dq.BearingLabels(False), 2: dq.BearingLabels(False)}) is None
+    assert all(ch.healthy_until == 1400 for ch in dq.ims_file_channels("ims-set1-files"))
+
+
+def test_the_real_raw_files_through_the_devices_extraction_are_a_source():
+    b3, b4 = dq.raw_segment_channels()
+    assert (b3.bearing, b4.bearing) == (3, 4) and not b3.lead_time
+    assert set(np.unique(b3.file)) == set(range(50)) | set(range(2150, 2156))
+    assert b3.features["wear"].shape == (2 * 56, 7) and b3.features["paper"].shape == (2 * 56, 3)
+    records = dq.detection_records(dq.DetectionConfig(sources=(dq.RAW_SOURCE,), sklearn=False, n_trees=20),
+                                   log=lambda *_: None)
+    wear = [r for r in records if r["feature_set"] == "wear"]
+    # the first 25 healthy files train, the other 25 are held out, the last 6 files are failed
+    assert [(r["n_train"], r["n_heldout_healthy"], r["n_degraded"]) for r in wear] == [(50, 50, 12)] * 2
+    assert all(r["auc_window"] > 0.9 and r["first_alarm_h_before_failure"] is None for r in wear)

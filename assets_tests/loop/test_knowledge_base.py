@@ -120,6 +120,21 @@ def test_reported_champion_identified_later_keeps_its_episode(tmp_path):
     assert len(kb.champions("d1")) == 1
 
 
+def test_reported_champion_identified_after_a_deploy_replaced_it(tmp_path):
+    """The device's own model reaches the repository after the gateway already replaced it: the first episode
+    gets its id, and the deployed champion stays current."""
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    kb.ingest([win("d1", 1, champ="0")])
+    first = kb.current_champion("d1")
+    rid = kb.request_deploy("d1", "m7", b"pkg", episode_id=first.episode_id, run_id="r1")
+    kb.claim_deploy(["d1"])
+    kb.finish_deploy(rid, True)
+    kb.ingest([Upload("d1", 1 << 40, "champion", model_blob=b"\x00")])
+    kb.register_model_upload(kb.model_uploads()[0][0], "d1-t50-abc")
+    assert [(c.model_id, c.source) for c in kb.champions("d1")] == [("d1-t50-abc", "device"), ("m7", "deploy")]
+    assert kb.current_champion("d1").model_id == "m7"
+
+
 def test_deploy_queue(tmp_path):
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
     kb.ingest([win("d1", 1)])

@@ -184,7 +184,11 @@ def test_release_checks_block_a_package_over_budget(tmp_path, monkeypatch):
     checks = {c.check_name: c.passed for c in ok.get_asset_check_evaluations()}
     assert checks == {"fits_device_budget": True, "link_time_within_deadline": True}
     meta = ok.asset_materializations_for_node("champion_package")[0].metadata
-    assert meta["model_id"].value == kb.ranking(ids)[0][0]
+    # the best-ranked candidate; among equal ranks, the larger forest
+    ranking = kb.ranking(ids)
+    best = [m for m, points, *_ in ranking if points == ranking[0][1]]
+    repo = GatewayResource(data_dir=str(tmp_path)).repository()
+    assert meta["model_id"].value == min(best, key=lambda m: (-repo.get(m)["hyperparameters"]["n_trees"], m))
     assert (tmp_path / "packages" / "dev-a" / "next.blob").is_file()
     # a device with 8 KB of flash and a 5-s deadline: both checks fail, and the deploy does not run
     tight = DeviceBudgetResource(flash_bytes=8 * 1024, heap_bytes=4 * 1024, deadline_s=5.0)

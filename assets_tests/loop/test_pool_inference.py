@@ -85,6 +85,22 @@ def test_next_champion_keeps_a_near_equal_champion(tmp_path):
     assert next_champion(kb, ids, "device-own", margin=1000) == "b"
 
 
+def test_equal_rank_prefers_the_larger_forest(tmp_path):
+    """Before the pool has seen a disagreement every candidate ranks equal: the larger forest is deployed."""
+    from firmware import isoforest
+    from tinyml_dagster.pool_inference import next_champion
+
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    rows = np.random.default_rng(0).normal(size=(64, 3)).tolist()
+    ids = ["b3-t10-x", "b3-t50-y", "b3-t20-z"]
+    forests = [isoforest.train(rows, n, 32, 1) for n in (10, 50, 20)]
+    p = PoolInferenceEngine.from_forests(ids, forests, [0.6] * 3)
+    assert p.top_candidate(kb) == "b3-t50-y" and p.top_candidate(kb, exclude=["b3-t50-y"]) == "b3-t20-z"
+    sizes = {"b3-t10-x": 10, "b3-t50-y": 50, "b3-t20-z": 20}
+    assert next_champion(kb, ids, "device-own", sizes=sizes) == "b3-t50-y"
+    assert next_champion(kb, ids, "device-own") == "b3-t10-x"  # without sizes: by model id
+
+
 def test_the_pool_is_the_devices_cohort(tmp_path, monkeypatch):
     from firmware import isoforest
     from tinyml_dagster import settings

@@ -108,7 +108,8 @@ def test_report_generator_runs_on_a_small_configuration(tmp_path, data_dir):
         assert heading in text
     detection = json.loads((tmp_path / "data" / "bench" / "detection.json").read_text())
     assert detection["default_feature_set"] == "wear"
-    assert {r["source"] for r in detection["records"]} == {"synthetic-2khz", "ims-set1-files", "ims-set2-files"}
+    assert {r["source"] for r in detection["records"]} == {"synthetic-2khz", "ims-set1-files", "ims-set2-files",
+                                                          "ims-set1-raw-2khz"}
     assert "detection, default set (wear): " in text
     assert "ns per instruction" in text and "8.7 ms" in text
     pngs = sorted((tmp_path / "docs" / "results").glob("*.png"))

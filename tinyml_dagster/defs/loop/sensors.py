@@ -77,6 +77,8 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         members = pool_ids(pool.repository())
         if not members:
             return dg.SensorResult(skip_reason="no candidates to deploy: the model repository has none yet")
+        repo = pool.repository()
+        sizes = {m: (repo.get(m).get("hyperparameters") or {}).get("n_trees", 0) for m in members}
         requests = []
         for e in due:
             device_id, episode_id = e.device_id, e.episode_id
@@ -88,7 +90,7 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
                                         % (device_id, d["attempts"], episode_id, d["error"]))
                     continue
                 run_key += "-retry-%d" % d["attempts"]
-            top = next_champion(kb, members, e.champion)
+            top = next_champion(kb, members, e.champion, sizes=sizes)
             if top is None:
                 context.log.info("%s: %s keeps its place, no candidate ranks %d points above it"
                                  % (device_id, e.champion, HYSTERESIS_POINTS))

@@ -27,10 +27,12 @@ class CandidateModelsConfig(dg.Config):
     threshold: float = Field(default=THRESHOLD, description="anomaly when score > threshold (paper: 0.6), when "
                              "thresholds are not calibrated")
     feature_set: str = Field(default=PAPER_FEATURE_SET, description="the feature set the models are trained on "
-                             "(\"paper\", as the loop's demo, or \"wear\", the default for new deployments)")
+                             "(\"paper\", as the paper's figures, or \"wear\", the default for new deployments and the "
+                             "loop's demo)")
     target_fa: float | None = Field(default=None, description="calibrate each model's threshold so that this share "
-                                    "of its training windows are anomalous; none: fixed threshold for the paper's "
-                                    "set, 0.002 for any other")
+                                    "of healthy windows it did not grow on are anomalous (cross-fitted scores of "
+                                    "its training windows); none: fixed threshold for the paper's set, 0.002 for "
+                                    "any other")
     seed: int = Field(default=0, description="base seed; each model's seed derives from it, bearing and trees")
 
 
