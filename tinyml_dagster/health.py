@@ -82,12 +82,3 @@ def problems(history: list[dict], limits: HealthLimits) -> list[str]:
         out.append("%d resets in %.0f h > %d (last: %s)" % (resets, limits.resets_window_s / 3600, limits.resets_max,
                                                              RESET_CAUSES.get(history[-1]["reset_cause"], "?")))
     return out
-
-
-def sparkline(values: list[float]) -> str:
-    """A one-line plot of values (oldest first) in block characters."""
-    if not values:
-        return ""
-    lo, hi = min(values), max(values)
-    bars = "▁▂▃▄▅▆▇█"
-    return "".join(bars[0 if hi == lo else int((v - lo) / (hi - lo) * (len(bars) - 1))] for v in values)

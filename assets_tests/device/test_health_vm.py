@@ -77,6 +77,7 @@ def test_slow_inference_is_flagged_once_and_starts_retraining(tmp_path, vm_repor
     (obs,) = healthy.asset_events
     assert obs.partition == DEVICE and obs.metadata["health"].value == "ok"
     assert obs.metadata["inference_ms_mean"].value == round(measured, 2) > 0
+    assert "](data:image/png;base64,iVBOR" in obs.metadata["health_plot"].value  # its reports, plotted
 
     slow = _tick(tmp_path, instance, HealthLimitsResource(inference_ms_max=measured / 2))
     (req,) = slow.run_requests

@@ -12,6 +12,7 @@ from tinyml_dagster.defs.loop.assets import HEALTH_TAG
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource
 from tinyml_dagster.knowledge_base import KnowledgeBase
+from tinyml_dagster.report.inline import line_plot
 
 ACTIONS = ("retrain", "redeploy", "none")
 HISTORY = 200  # health reports a view or a check looks at, per device
@@ -34,7 +35,7 @@ class HealthLimitsResource(dg.ConfigurableResource):
 
 
 def monitor_view(kb: KnowledgeBase, device_id: str) -> dict:
-    """A device's settings in force and latest health, with small plots of its recent inference time and heap."""
+    """A device's settings in force and latest health, with a plot of its recent feature and inference times."""
     history = kb.health_history(device_id, limit=TREND)
     last = history[-1] if history else None
     periods = [h for h in history if h["windows"]]
@@ -54,9 +55,17 @@ def monitor_view(kb: KnowledgeBase, device_id: str) -> dict:
         "last_reset_cause": health.RESET_CAUSES.get(last["reset_cause"], "?") if last else "-",
         "retransmits_last_period": int(last["retransmits"]) if last else 0,
         "link_errors_last_period": int(last["link_errors"]) if last else 0,
-        "inference_ms_trend": health.sparkline([h["inference_ms_mean"] for h in periods]) or "-",
-        "free_heap_trend": health.sparkline([h["free_heap_bytes"] for h in history]) or "-",
+        **({"health_plot": health_plot(device_id, periods)} if len(periods) > 1 else {}),
     }
+
+
+def health_plot(device_id: str, periods: list[dict]) -> dg.MetadataValue:
+    """Feature-extraction and inference time of the recent reporting periods (a reset does not bend the axis)."""
+    hours = [(h["received_at"] - periods[-1]["received_at"]) / 3600 for h in periods]
+    return line_plot("%s: time per window" % device_id, "hours before the latest report", "ms (period mean)",
+                     {"feature extraction": (hours, [h["feature_ms_mean"] for h in periods]),
+                      "inference": (hours, [h["inference_ms_mean"] for h in periods])},
+                     "measured by the device's own clock, one point per health report (the last %d)" % TREND)
 
 
 def action_request(action: str, device_id: str, reasons: list[str], health_id: int) -> dg.RunRequest | None:
