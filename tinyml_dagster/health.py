@@ -1,8 +1,8 @@
 """Device health on the gateway (the paper's Monitor phase): the devices' reports, their energy, their limits.
 
 Energy per window comes from the device's measured active time (feature extraction + inference + the loop's work
-on that window) with an ESP32 power model from Espressif's ESP32 Series Datasheet, table "Power Consumption by
-Power Modes": the CPU on, radio off (Modem-sleep) at 240 MHz, dual-core, draws 30-68 mA; light-sleep 0.8 mA. The
+on that window) with an ESP32 power model from Espressif's ESP32 Series Datasheet (v3.5, Table 6 "Power Consumption by
+Power Modes"): the CPU on, radio off (Modem-sleep) at 240 MHz, dual-core, draws 30-68 mA; light-sleep 0.8 mA. The
 model takes the upper figure, 68 mA, at the 3.3 V supply: 224.4 mW while the window is worked on. Time between
 windows (sampling, waiting for the UART) is not counted: it depends on the power mode the board idles in.
 """
