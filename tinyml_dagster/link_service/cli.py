@@ -29,7 +29,8 @@ SUMMARY = "Gateway link service: the one long-running process that owns the devi
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tinyml_dagster.link_service", description=SUMMARY)
-    ap.add_argument("--kb", help="Knowledge Base path (default: settings.kb_path())")
+    ap.add_argument("--kb", help="Knowledge Base: a SQLite path, sqlite:///<path> or postgresql://... (default: "
+                                 "TINYML_KB_URL, else settings.kb_path())")
     ap.add_argument("--port", action="append", default=[], metavar="DEVICE_ID=PATH", help="a device's serial port")
     ap.add_argument("--ingest-socket", help="Unix socket for JSON-line uploads")
     ap.add_argument("--baud", type=int, default=2400)

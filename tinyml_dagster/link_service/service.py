@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tinyml_dagster import settings
-from tinyml_dagster.knowledge_base import IngestResult, KnowledgeBase, KnowledgeBaseError, Upload, valid_id
+from tinyml_dagster.knowledge_base import (DatabaseError, IngestResult, KnowledgeBase, KnowledgeBaseError,
+                                           UnstorableError, Upload, location, valid_id)
 
 log = logging.getLogger("tinyml_dagster.link_service")
 
@@ -50,7 +50,7 @@ def door_problem(u: Upload) -> str | None:
     return reason
 
 
-def _transient(e: sqlite3.Error) -> bool:
+def _transient(e: Exception) -> bool:
     """A fault the open connection outlives (a lock, a full disk); others reopen the database."""
     text = str(e).lower()
     return isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text or "full" in text)
@@ -64,7 +64,7 @@ class LinkService:
                  deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
                  pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0, db_timeout_s: float = 5.0,
                  keys: Callable[[str], bytes | None] | None = None):
-        self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
+        self.kb_path = location(kb_path)  # a SQLite path or a postgresql:// URL
         self.ports = dict(ports or {})
         self.ingest_socket = Path(ingest_socket) if ingest_socket else None
         self.pool_factory = pool_factory
@@ -115,7 +115,7 @@ class LinkService:
                     if kb is None:
                         kb = self._open_kb()
                     self._turn(kb)
-                except sqlite3.Error as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
+                except DatabaseError as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
                     self._log_once("database", "Knowledge Base %s: %s: %s (nothing acknowledged; retrying with"
                                    " backoff up to %.0f s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
                     if kb is not None and not _transient(e):
@@ -170,7 +170,7 @@ class LinkService:
                 self.counters["decided"] += decided
                 if decided >= DECIDE_BATCH:
                     self._next_decide = now
-            except sqlite3.Error:
+            except DatabaseError:
                 raise
             except Exception as e:  # the rows it could not use are quarantined; anything else: next round
                 self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
@@ -238,7 +238,7 @@ class LinkService:
                 return
             try:
                 write(kb)
-            except sqlite3.Error:
+            except DatabaseError:
                 self._writes.put(write)
                 raise
 
@@ -262,7 +262,7 @@ class LinkService:
             (good.append(item) if reason is None else refused.append((item, reason)))
         try:
             result = kb.ingest([i.upload for i in good])  # committed when this returns
-        except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError):
+        except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError):
             good, result = self._commit_one_by_one(kb, good, refused)
         reused = [(i, REUSED) for i, conflict in zip(good, result.conflicts) if conflict]
         if refused or reused:
@@ -284,7 +284,7 @@ class LinkService:
         for item in items:
             try:
                 one = kb.ingest([item.upload])
-            except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError) as e:
+            except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError) as e:
                 refused.append((item, "not storable: %s" % type(e).__name__))
                 continue
             kept.append(item)
