@@ -178,6 +178,15 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (device_id, start)
     );
     """,
+    # 5: reserved (the gateways' migration below neither needs nor touches what it holds)
+    "",
+    # 6: many gateways on one Knowledge Base: the gateway (its bus) each device hangs on, and the device's cohort
+    # (JSON: machine, channel, rate_hz, feature_set) that chooses its candidates
+    """
+    ALTER TABLE devices ADD COLUMN gateway TEXT;
+    ALTER TABLE devices ADD COLUMN cohort TEXT;
+    CREATE INDEX devices_gateway ON devices (gateway, device_id);
+    """,
 )
 
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
@@ -590,6 +599,45 @@ class KnowledgeBase:
 
     def devices(self) -> list[str]:
         return [r[0] for r in self.query("SELECT device_id FROM devices ORDER BY device_id")]
+
+    # -- gateways: which one each device hangs on, and the device's cohort --------------------------------
+
+    def assign_devices(self, gateway: str, devices: dict[str, dict | None], move: bool = False) -> None:
+        """Record that devices hang on gateway (their cohorts too, where given); a device belongs to exactly one
+        gateway: one another gateway holds is refused by name unless move is set (it was moved to this bus)."""
+        if not valid_id(gateway):
+            raise KnowledgeBaseError("gateway id %.80r: must be 1-%d printable characters without spaces"
+                                     % (gateway, MAX_ID))
+        now = time.time()
+        with self._lock, self.transaction():
+            for device_id, cohort in devices.items():
+                if not valid_id(device_id):
+                    raise KnowledgeBaseError("device id %.80r: must be 1-%d printable characters without spaces"
+                                             % (device_id, MAX_ID))
+                row = self._conn.execute("SELECT gateway FROM devices WHERE device_id=?", (device_id,)).fetchone()
+                if row and row[0] not in (None, gateway) and not move:
+                    raise KnowledgeBaseError("device %s belongs to gateway %s, not %s (a device hangs on one bus;"
+                                             " move it explicitly)" % (device_id, row[0], gateway))
+                text = json.dumps(cohort, sort_keys=True) if cohort else None
+                if row is None:
+                    self._conn.execute("INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway,"
+                                       " cohort) VALUES (?,?,?,-1,?,?)", (device_id, now, now, gateway, text))
+                else:
+                    self._conn.execute("UPDATE devices SET gateway=?, cohort=COALESCE(?, cohort) WHERE device_id=?",
+                                       (gateway, text, device_id))
+
+    def device_gateway(self, device_id: str) -> str | None:
+        """The gateway a device hangs on (None: not assigned, a single-gateway Knowledge Base)."""
+        return self.scalar("SELECT gateway FROM devices WHERE device_id=?", (device_id,))
+
+    def device_cohort(self, device_id: str) -> dict | None:
+        """A device's cohort (machine, channel, rate_hz, feature_set as recorded), or None."""
+        text = self.scalar("SELECT cohort FROM devices WHERE device_id=?", (device_id,))
+        return json.loads(text) if text else None
+
+    def gateway_devices(self, gateway: str) -> list[str]:
+        return [r[0] for r in self.query("SELECT device_id FROM devices WHERE gateway=? ORDER BY device_id",
+                                         (gateway,))]
 
     def max_upload_id(self) -> int:
         return self.scalar("SELECT COALESCE(MAX(id), 0) FROM uploads")
@@ -1088,12 +1136,14 @@ class KnowledgeBase:
                     return tuple(row)
         return None
 
-    def requeue_running(self) -> int:
-        """Put requests a killed service left 'running' back in the queue (the service calls it at start)."""
+    def requeue_running(self, device_ids: Iterable[str] | None = None) -> int:
+        """Put requests a killed service left 'running' back in the queue (the service calls it at start, for its
+        own devices: another gateway's running deploys are that gateway's)."""
+        sql = "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
         with self._lock, self.transaction():
-            return self._conn.execute(
-                "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
-            ).rowcount
+            if device_ids is None:
+                return self._conn.execute(sql).rowcount
+            return sum(self._conn.execute(sql + " AND device_id=?", (d,)).rowcount for d in device_ids)
 
     def update_deploy_progress(self, request_id: int, progress: dict) -> None:
         """Progress of a running deploy (bytes sent, link seconds, ETA), for whoever waits on it."""

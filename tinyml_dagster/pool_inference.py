@@ -228,6 +228,18 @@ def pool_ids(repo, cohort: dict[str, int] | None = None) -> list[str]:
     return same or ids
 
 
+def cohort_candidates(repo, cohort: dict | None) -> list[str]:
+    """The candidates that may replace the champion of a device of this cohort (whichever gateway it hangs on):
+    those whose training matches every key of it (machine, channel, rate_hz, ...) and whose feature set is its
+    feature_set; none of the cohort, none at all. No cohort: the gateway's pool (pool_ids)."""
+    if not cohort:
+        return pool_ids(repo)
+    ids = repo.candidate_ids() or [e["model_id"] for e in repo.list() if e.get("source") != "device"]
+    training = {k: v for k, v in cohort.items() if k != "feature_set"}
+    return [m for m in ids if in_cohort(repo.get(m), training)
+            and repo.config(m).get("feature_set", "paper") == cohort.get("feature_set", "paper")]
+
+
 def pool_from_repository(root=None) -> PoolInferenceEngine:
     """The pool of the model repository's candidates for the devices' cohort (see pool_ids)."""
     from tinyml_dagster import settings

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kb", help="Knowledge Base: a SQLite path, sqlite:///<path> or postgresql://... (default: "
                                  "TINYML_KB_URL, else settings.kb_path())")
     ap.add_argument("--port", action="append", default=[], metavar="DEVICE_ID=PATH", help="a device's serial port")
+    ap.add_argument("--gateway", default=os.environ.get("TINYML_GATEWAY_ID"),
+                    help="this gateway's id (its bus) when many share one Knowledge Base; its ports' devices are "
+                         "recorded as hanging on it (default: TINYML_GATEWAY_ID)")
+    ap.add_argument("--cohort", action="append", default=[], metavar="DEVICE_ID=KEY=VALUE,...",
+                    help="a device's cohort, e.g. pump-1=machine=p1,channel=b3x,rate_hz=2000,feature_set=paper")
     ap.add_argument("--ingest-socket", help="Unix socket for JSON-line uploads")
     ap.add_argument("--baud", type=int, default=2400)
     ap.add_argument("--time-scale", type=float, default=1.0, help="link time x this = real time (tests: < 1)")
@@ -49,12 +54,20 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--port %r: expected DEVICE_ID=PATH" % spec)
         dev, path = spec.split("=", 1)
         ports[dev] = path
+    cohorts = {}
+    for spec in args.cohort:
+        dev, _, pairs = spec.partition("=")
+        items = [p.partition("=") for p in pairs.split(",") if p]
+        if not dev or not items or any(not k or not sep for k, sep, _ in items):
+            ap.error("--cohort %r: expected DEVICE_ID=KEY=VALUE,KEY=VALUE" % spec)
+        cohorts[dev] = {k: int(v) if v.isdigit() else v for k, _, v in items}
     from tinyml_dagster.link.transport import LinkTiming
 
     svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket,
                       timing=LinkTiming(baud=args.baud, time_scale=args.time_scale),
                       pool_factory=None if args.no_pool else repository_pool_factory(),
-                      reply_slack_s=args.reply_slack, db_timeout_s=args.db_timeout)
+                      reply_slack_s=args.reply_slack, db_timeout_s=args.db_timeout, gateway_id=args.gateway,
+                      cohorts=cohorts)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     signal.signal(signal.SIGINT, lambda *_: svc.stop())
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file size limit fails the write (EFBIG), not the process

@@ -63,9 +63,13 @@ class LinkService:
                  ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
                  deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
                  pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0, db_timeout_s: float = 5.0,
-                 keys: Callable[[str], bytes | None] | None = None):
+                 keys: Callable[[str], bytes | None] | None = None, gateway_id: str | None = None,
+                 cohorts: dict[str, dict] | None = None):
         self.kb_path = location(kb_path)  # a SQLite path or a postgresql:// URL
         self.ports = dict(ports or {})
+        # with many gateways on one Knowledge Base: this one's id (its bus), which its ports' devices hang on
+        self.gateway_id = gateway_id
+        self.cohorts = dict(cohorts or {})
         self.ingest_socket = Path(ingest_socket) if ingest_socket else None
         self.pool_factory = pool_factory
         self.deployer = deployer
@@ -138,7 +142,9 @@ class LinkService:
         """Open the Knowledge Base; each port then learns from it how far its device's uploads are settled."""
         kb = KnowledgeBase(self.kb_path, timeout_s=self.db_timeout_s)
         try:
-            kb.requeue_running()
+            if self.gateway_id and self.ports:
+                kb.assign_devices(self.gateway_id, {d: self.cohorts.get(d) for d in self.ports})
+            kb.requeue_running(list(self.ports))
             for link in self._links.values():
                 link.resume_from(kb)
         except BaseException:
