@@ -462,21 +462,22 @@ class KnowledgeBase:
 
     # -- uploads ------------------------------------------------------------------------------------------
 
-    def ingest(self, uploads: Iterable[Upload], now: float | None = None) -> IngestResult:
-        """Store a batch of uploads in one transaction; retransmissions are recognised and stored once."""
+    def ingest(self, uploads: Iterable[Upload], now: float | None = None, gateway: str | None = None) -> IngestResult:
+        """Store a batch of uploads in one transaction; retransmissions are recognised and stored once. gateway:
+        the one they came through, recorded for devices that hang on none yet."""
         uploads = list(uploads)
         for u in uploads:
             u.validate()
         now = time.time() if now is None else now
         if self.postgres:
-            return self._ingest_copy(uploads, now)
+            return self._ingest_copy(uploads, now, gateway)
         result = IngestResult()
         with self._lock:
             try:
                 with self.transaction():
                     c = self._conn
                     for u in uploads:
-                        seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now)
+                        seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now, gateway)
                         seq = u.seq if u.kind == "champion" else seq
                         paper = u.feature_set == "paper"
                         f = u.features if u.features is not None and paper else (None, None, None)
@@ -520,7 +521,7 @@ class KnowledgeBase:
                 raise
         return result
 
-    def _ingest_copy(self, uploads: list[Upload], now: float) -> IngestResult:
+    def _ingest_copy(self, uploads: list[Upload], now: float, gateway: str | None) -> IngestResult:
         """PostgreSQL's ingest: the batch COPYed into a staging table and inserted by one statement, retransmissions
         (and repeats inside the batch) recognised by the (device, upload number) key; the SQLite path's outcome."""
         rows, forms = [], []
@@ -539,10 +540,10 @@ class KnowledgeBase:
         with self._lock, self.transaction():
             c = self._conn
             c.executemany(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq) VALUES (?,?,?,?)"
-                " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen, last_seq = excluded.last_seq"
-                " WHERE excluded.last_seq > devices.last_seq",
-                [(d, now, now, s) for d, s in latest.items()])
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen, last_seq = excluded.last_seq,"
+                " gateway = COALESCE(devices.gateway, excluded.gateway) WHERE excluded.last_seq > devices.last_seq",
+                [(d, now, now, s, gateway) for d, s in latest.items()])
             c.copy_rows("upload_batch", rows)
             new = {(d, s): uid for uid, d, s in c.execute(
                 "INSERT INTO uploads (" + _UPLOAD_COLUMNS + ") SELECT " + _UPLOAD_COLUMNS + " FROM upload_batch"
@@ -577,15 +578,15 @@ class KnowledgeBase:
                     self._add_champion(u.device_id, u.champion_id, "reported", now, uid - 1)
         return result
 
-    def _touch_device(self, device_id: str, seq: int, now: float) -> int:
+    def _touch_device(self, device_id: str, seq: int, now: float, gateway: str | None = None) -> int:
         last = self._last_seq.get(device_id)
         if last is None:
             row = self._conn.execute("SELECT last_seq FROM devices WHERE device_id=?", (device_id,)).fetchone()
             last = row[0] if row else None
         if last is None:
             self._conn.execute(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq) VALUES (?,?,?,?)",
-                (device_id, now, now, max(seq, -1)),
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway) VALUES (?,?,?,?,?)",
+                (device_id, now, now, max(seq, -1), gateway),
             )
             self._last_seq[device_id] = seq
         elif seq > last:
@@ -652,19 +653,22 @@ class KnowledgeBase:
             params.append(device_id)
         return self.scalar(sql, params)
 
-    def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper") -> list[tuple]:
+    def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper",
+                  gateway: str | None = None) -> list[tuple]:
         """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows of one feature set the pool
-        has not decided; for a set other than the paper's the three f_ values are replaced by its whole vector.
+        has not decided (of one gateway's devices, if given); for a set other than the paper's the three f_ values
+        are replaced by its whole vector.
 
         Upload ids grow in commit order, so a caller that decided everything through after_id passes it on.
         """
         rows = self.query(
             "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
             " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?"
+            + (" AND u.device_id IN (SELECT device_id FROM devices WHERE gateway = ?)" if gateway else "") +
             " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
             " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
-            (after_id, feature_set, limit),
+            (after_id, feature_set, *((gateway,) if gateway else ()), limit),
         )
         if feature_set == "paper":
             return [tuple(r[:6]) for r in rows]

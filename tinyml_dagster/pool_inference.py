@@ -73,6 +73,7 @@ class PoolInferenceEngine:
         self.feature_set = feature_set  # only windows of this set are put to the vote
         self.thresholds = np.array([getattr(c, "threshold", threshold) for c in candidates], dtype=np.float64)
         self._through: dict[str, int] = {}  # per KB: every window through this upload id is decided
+        self.gateway: str | None = None  # set: only the windows of the devices hanging on this gateway
         self._matrix_scorer: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
@@ -116,7 +117,7 @@ class PoolInferenceEngine:
         decided = anomalies = fps = 0
         through = self._through.get(str(kb.path), 0)
         while True:
-            rows = kb.undecided(limit=batch, after_id=through, feature_set=self.feature_set)
+            rows = kb.undecided(limit=batch, after_id=through, feature_set=self.feature_set, gateway=self.gateway)
             if not rows:
                 break
             last_id, full = rows[-1][0], len(rows) == batch

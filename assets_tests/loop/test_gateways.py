@@ -44,6 +44,22 @@ def test_a_device_hangs_on_exactly_one_gateway(kb_location):
         kb.assign_devices("bus a", {"a1": None})
 
 
+def test_uploads_through_a_gateway_make_its_devices_and_its_pool_decides_only_those(kb_location):
+    from tinyml_dagster.knowledge_base import Upload
+
+    def window(device, seq):
+        return Upload(device, seq, "normal", features=(0.1, 0.2, 0.3), champion_id="1", champion_decision=0)
+
+    kb = KnowledgeBase(kb_location)
+    kb.assign_devices("bus-b", {"b1": PUMP_B})
+    kb.ingest([window("a1", 1), window("b1", 1)], gateway="bus-a")  # b1 keeps its own gateway
+    kb.ingest([window("c1", 1)])
+    assert kb.device_gateway("a1") == "bus-a" and kb.device_gateway("b1") == "bus-b"
+    assert kb.device_gateway("c1") is None
+    assert [r[1] for r in kb.undecided(gateway="bus-a")] == ["a1"]
+    assert [r[1] for r in kb.undecided()] == ["a1", "b1", "c1"]
+
+
 def test_a_restarting_gateway_requeues_only_its_own_deploys(kb_location):
     kb = KnowledgeBase(kb_location)
     kb.assign_devices("bus-a", {"a1": None})

@@ -164,6 +164,7 @@ class LinkService:
         if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
             try:
                 self._pool = self.pool_factory()
+                self._pool.gateway = self.gateway_id  # many gateways: each decides its own devices' windows
             except Exception as e:  # no repository yet: ingest anyway, decide later
                 if self._pool is not None or not self._pool_at:
                     log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
@@ -267,7 +268,7 @@ class LinkService:
             reason = item.reason or door_problem(item.upload)
             (good.append(item) if reason is None else refused.append((item, reason)))
         try:
-            result = kb.ingest([i.upload for i in good])  # committed when this returns
+            result = kb.ingest([i.upload for i in good], gateway=self.gateway_id)  # committed when this returns
         except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError):
             good, result = self._commit_one_by_one(kb, good, refused)
         reused = [(i, REUSED) for i, conflict in zip(good, result.conflicts) if conflict]
@@ -289,7 +290,7 @@ class LinkService:
         kept, result = [], IngestResult()
         for item in items:
             try:
-                one = kb.ingest([item.upload])
+                one = kb.ingest([item.upload], gateway=self.gateway_id)
             except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError) as e:
                 refused.append((item, "not storable: %s" % type(e).__name__))
                 continue
