@@ -533,18 +533,17 @@ class KnowledgeBase:
                          u.champion_score, u.champion_decision, u.window, u.feature_set, vector))
             forms.append((u.kind, *f, u.champion_id, u.champion_score, u.champion_decision, u.window_start,
                           u.model_blob, u.feature_set, vector))
-        latest: dict[str, int] = {}
-        for u in uploads:
-            latest[u.device_id] = max(latest.get(u.device_id, -1), -1 if u.kind == "champion" else u.seq)
         result = IngestResult()
         with self._lock, self.transaction():
             c = self._conn
-            c.executemany(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway) VALUES (?,?,?,?,?)"
+            c.copy_rows("upload_batch", rows)
+            c.execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway)"
+                " SELECT device_id, ?, ?, MAX(CASE WHEN kind = 'champion' THEN -1 ELSE seq END), ? FROM upload_batch"
+                " GROUP BY device_id ORDER BY device_id"
                 " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen, last_seq = excluded.last_seq,"
                 " gateway = COALESCE(devices.gateway, excluded.gateway) WHERE excluded.last_seq > devices.last_seq",
-                [(d, now, now, s, gateway) for d, s in latest.items()])
-            c.copy_rows("upload_batch", rows)
+                (now, now, gateway))
             new = {(d, s): uid for uid, d, s in c.execute(
                 "INSERT INTO uploads (" + _UPLOAD_COLUMNS + ") SELECT " + _UPLOAD_COLUMNS + " FROM upload_batch"
                 " ORDER BY ord ON CONFLICT (device_id, seq) DO NOTHING RETURNING id, device_id, seq").fetchall()}
