@@ -104,6 +104,17 @@ def _service(kb_url: str, gateway: str, ports: dict[str, str], log, *extra: str)
     return p
 
 
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM the processes still running, the last started first (SIGKILL after 30 s)."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def _until(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -156,10 +167,7 @@ def test_a_gateway_that_goes_away_leaves_its_devices_requests_queued(postgres_cl
                             "--no-pool", "--port", "b1=%s" % ports["b1"]], capture_output=True, text=True, timeout=60)
         assert c.returncode != 0 and "device b1 belongs to gateway bus-b, not bus-c" in c.stderr
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=30)
+        _stop(procs)
         for master, slave in ptys.values():
             os.close(master)
             os.close(slave)
@@ -277,13 +285,7 @@ def test_two_gateways_replace_at_once_through_dagsters_queue_on_postgresql(postg
         buses = {r["runId"]: t["value"] for r in seen for t in r["tags"] if t["key"] == "tinyml/bus"}
         assert {buses[r.dagster_run.run_id] for r in runs.values()} == {"bus-a", "bus-b"}
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        _stop(procs)
         for emu in emus:
             emu.stop()
         for f in logs:
