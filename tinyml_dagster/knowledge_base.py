@@ -653,21 +653,28 @@ class KnowledgeBase:
         return self.scalar(sql, params)
 
     def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper",
-                  gateway: str | None = None) -> list[tuple]:
+                  gateway: str | None = None, cohort: dict | None = None) -> list[tuple]:
         """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows of one feature set the pool
-        has not decided (of one gateway's devices, if given); for a set other than the paper's the three f_ values
-        are replaced by its whole vector.
+        has not decided (of one gateway's devices, of one cohort's devices: {} those without a cohort, if given);
+        for a set other than the paper's the three f_ values are replaced by its whole vector.
 
         Upload ids grow in commit order, so a caller that decided everything through after_id passes it on.
         """
+        where, params = "", [after_id, feature_set]
+        if gateway:
+            where += " AND u.device_id IN (SELECT device_id FROM devices WHERE gateway = ?)"
+            params.append(gateway)
+        if cohort is not None:
+            where += " AND u.device_id IN (SELECT device_id FROM devices WHERE cohort %s)" % ("= ?" if cohort
+                                                                                            else "IS NULL")
+            params += [json.dumps(cohort, sort_keys=True)] if cohort else []
         rows = self.query(
             "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
-            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?"
-            + (" AND u.device_id IN (SELECT device_id FROM devices WHERE gateway = ?)" if gateway else "") +
+            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?" + where +
             " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
             " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
-            (after_id, feature_set, *((gateway,) if gateway else ()), limit),
+            (*params, limit),
         )
         if feature_set == "paper":
             return [tuple(r[:6]) for r in rows]

@@ -90,6 +90,30 @@ def test_a_devices_cohort_chooses_its_candidates(tmp_path):
     assert sorted(cohort_candidates(repo, None)) == sorted(pool_ids(repo, {}))
 
 
+def test_each_cohort_votes_only_on_its_devices_windows(kb_location, tmp_path):
+    from tinyml_dagster.knowledge_base import Upload
+    from tinyml_dagster.pool_inference import cohort_pools
+
+    repo = ModelRepository(tmp_path / "models")
+    a, b = _cohort_models(repo, PUMP_A, (2, 3, 4)), _cohort_models(repo, PUMP_B, (2, 4, 5))
+    repo.set_candidates(a + b)
+    kb = KnowledgeBase(kb_location)
+    kb.assign_devices("bus-a", {"a1": PUMP_A, "b1": PUMP_B, "c1": None})
+    kb.ingest([Upload(d, s, "normal", features=(0.0, 0.3, 0.5), champion_id="1", champion_decision=0)
+               for s in (1, 2) for d in ("a1", "b1", "c1", "x9")], gateway="bus-a")
+    pools = cohort_pools([PUMP_A, PUMP_B, PUMP_A], root=repo.root)
+    pools.gateway = "bus-b"  # another gateway's pools: none of these devices is theirs
+    assert pools.decide_pending(kb).decided == 0
+    pools.gateway = "bus-a"
+    assert pools.decide_pending(kb).decided == 8
+    voters = {d: json.loads(m) for d, m in kb.query(
+        "SELECT DISTINCT u.device_id, p.model_ids FROM pool_decisions x JOIN uploads u ON u.id = x.upload_id"
+        " JOIN pools p ON p.pool_id = x.pool_id")}
+    # a device with a cohort: its cohort's candidates only; without one (c1, and x9 which came through the
+    # gateway): the gateway's pool
+    assert voters == {"a1": a, "b1": b, "c1": a + b, "x9": a + b}
+
+
 def _service(kb_url: str, gateway: str, ports: dict[str, str], log, *extra: str) -> subprocess.Popen:
     ready = "%s.ready" % log.name
     if os.path.exists(ready):

@@ -167,3 +167,19 @@ def test_migration_from_version_1_keeps_the_data(kb_location):
     kb = KnowledgeBase(kb_location)
     assert kb.schema_version() == len(MIGRATIONS) >= 2
     assert kb.deploy_request(1)["attempts"] == 1 and kb.deploy_request(1)["model_id"] == "m1"
+
+
+def test_the_gateway_resource_chooses_the_backend_by_url(postgres_cluster, data_dir, monkeypatch):
+    from tinyml_dagster.defs.gateway import GatewayResource
+
+    assert GatewayResource().knowledge_base_location() == data_dir / "kb.sqlite"  # the embedded default
+    url = postgres_cluster.create_database()
+    with GatewayResource(kb_url=url.replace("postgres@", "postgres:secret@")).knowledge_base() as kb:
+        assert kb.postgres and kb.schema_version() == len(MIGRATIONS)
+        assert "secret" not in str(kb.path) and "postgres:***@" in str(kb.path)  # messages never show it
+    monkeypatch.setenv("TINYML_KB_URL", url)
+    with GatewayResource().knowledge_base() as kb:
+        assert kb.postgres
+    monkeypatch.setenv("TINYML_KB_URL", "sqlite:///" + str(data_dir / "other.sqlite"))
+    with GatewayResource().knowledge_base() as kb:
+        assert not kb.postgres and kb.path == data_dir / "other.sqlite"

@@ -13,13 +13,14 @@ from pathlib import Path
 from tinyml_dagster.link_service.service import LinkService, PoolFactory
 
 
-def repository_pool_factory() -> PoolFactory:
-    """The pool from the model repository under settings (its candidates)."""
+def repository_pool_factory(cohorts: list[dict] | None = None) -> PoolFactory:
+    """The pool from the model repository under settings (its candidates); with the ports' cohorts, a pool per
+    cohort voting on its devices' windows only."""
 
     def make():
-        from tinyml_dagster.pool_inference import pool_from_repository
+        from tinyml_dagster.pool_inference import cohort_pools, pool_from_repository
 
-        return pool_from_repository()
+        return cohort_pools(cohorts) if cohorts else pool_from_repository()
 
     return make
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     svc = LinkService(args.kb, ports=ports, ingest_socket=args.ingest_socket,
                       timing=LinkTiming(baud=args.baud, time_scale=args.time_scale),
-                      pool_factory=None if args.no_pool else repository_pool_factory(),
+                      pool_factory=None if args.no_pool else repository_pool_factory(list(cohorts.values())),
                       reply_slack_s=args.reply_slack, db_timeout_s=args.db_timeout, gateway_id=args.gateway,
                       cohorts=cohorts)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
