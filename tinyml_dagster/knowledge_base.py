@@ -430,7 +430,9 @@ class KnowledgeBase:
 
     def _set_schema_version(self, version: int) -> None:
         if self.postgres:
-            self._conn.execute("UPDATE kb_schema SET version=?", (version,))
+            self._conn.execute("CREATE TABLE IF NOT EXISTS kb_schema (version BIGINT NOT NULL)")
+            self._conn.execute("DELETE FROM kb_schema")
+            self._conn.execute("INSERT INTO kb_schema VALUES (?)", (version,))
         else:
             self._conn.execute("PRAGMA user_version=%d" % version)
 
@@ -1329,8 +1331,6 @@ class _PgConnection:
         try:
             self.raw.adapters.register_loader("numeric", _NumberLoader)
             self.raw.execute("SET lock_timeout = %d" % int(timeout_s * 1000))
-            self.raw.execute("CREATE TABLE IF NOT EXISTS kb_schema (version BIGINT NOT NULL)")
-            self.raw.execute("INSERT INTO kb_schema SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM kb_schema)")
             self.raw.execute("CREATE TEMP TABLE upload_batch (ord BIGINT, " + ", ".join(
                 "%s %s" % (_RESERVED.sub(r'"\1"', name), kind) for name, kind in _UPLOAD_BATCH_TYPES)
                              + ") ON COMMIT DELETE ROWS")
@@ -1355,6 +1355,10 @@ class _PgConnection:
                 copy.write_row(row)
 
     def schema_version(self) -> int:
+        """The schema version (0: a new database; its version table is made by the first migration, under the
+        writers' lock, so that gateways opening a new database at once do not race)."""
+        if self.raw.execute("SELECT to_regclass('kb_schema')").fetchone()[0] is None:
+            return 0
         return self.raw.execute("SELECT version FROM kb_schema").fetchone()[0]
 
     def close(self) -> None:

@@ -183,3 +183,15 @@ def test_the_gateway_resource_chooses_the_backend_by_url(postgres_cluster, data_
     monkeypatch.setenv("TINYML_KB_URL", "sqlite:///" + str(data_dir / "other.sqlite"))
     with GatewayResource().knowledge_base() as kb:
         assert not kb.postgres and kb.path == data_dir / "other.sqlite"
+
+
+def test_gateways_opening_a_new_knowledge_base_at_once_migrate_it_once(kb_location):
+    code = "import sys\nfrom tinyml_dagster.knowledge_base import KnowledgeBase\nprint(KnowledgeBase(sys.argv[1])" \
+           ".schema_version())\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(kb_location)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [(p.returncode, o.strip()) for p, (o, _) in zip(procs, outs)] == [(0, str(len(MIGRATIONS)))] * 4, outs
+    kb = KnowledgeBase(kb_location)
+    if kb.postgres:
+        assert kb.query("SELECT version FROM kb_schema") == [(len(MIGRATIONS),)]
