@@ -1,12 +1,13 @@
 """Fixtures every layer's tests share."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GATEWAY_ENV = ("TINYML_DEVICE_KEYS", "TINYML_KB_PATH", "TINYML_IMS_DIR", "TINYML_N_FP", "TINYML_SYNTHETIC_FILES",
-               "TINYML_RECORDING")
+GATEWAY_ENV = ("TINYML_DEVICE_KEYS", "TINYML_KB_PATH", "TINYML_KB_URL", "TINYML_IMS_DIR", "TINYML_N_FP",
+               "TINYML_SYNTHETIC_FILES", "TINYML_RECORDING")
 
 
 @pytest.fixture
@@ -17,3 +18,26 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     for name in GATEWAY_ENV:
         monkeypatch.delenv(name, raising=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster for the session, in a temporary directory on a unix socket; skipped where the
+    server is not installed, failed instead when TINYML_REQUIRE_POSTGRES is set (CI installs it)."""
+    from tinyml_dagster.pg_cluster import TempCluster, server_bin_dir
+
+    if server_bin_dir() is None:
+        if os.environ.get("TINYML_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL server binaries (initdb) not found, and TINYML_REQUIRE_POSTGRES is set")
+        pytest.skip("PostgreSQL server binaries (initdb) not installed: the PostgreSQL backend is not tested here")
+    cluster = TempCluster().start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kb_location(request, tmp_path):
+    """A fresh Knowledge Base on each backend: a SQLite file's path, a new PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return tmp_path / "kb.sqlite"
+    return request.getfixturevalue("postgres_cluster").create_database()

@@ -1,20 +1,26 @@
 """Knowledge Base manager: every device upload, the pool's decisions, the ranking, champions, deploys, retraining.
 
-SQLite in WAL mode by default (path from settings.kb_path()); all SQL is plain enough for a server database
-later. An upload is committed before it is acknowledged, and a retransmission (same device, same upload
-number) is stored once: the device's upload number (u32, monotonic, survives reboots) is the dedup key.
+SQLite in WAL mode by default (path from settings.kb_path()), or PostgreSQL through psycopg 3 when given a
+postgresql:// URL (settings.kb_url()): one schema, one set of migrations and one set of SQL statements for both,
+the few differences translated by _PgConnection. An upload is committed before it is acknowledged, and a
+retransmission (same device, same upload number) is stored once: the device's upload number (u32, monotonic,
+survives reboots) is the dedup key.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+import psycopg
+from psycopg.types.numeric import NumericLoader
 
 from tinyml_dagster import settings
 
@@ -223,6 +229,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX device_health_device ON device_health (device_id, id);
     """,
+    # 7: many gateways on one Knowledge Base: the gateway (its bus) each device hangs on, and the device's cohort
+    # (JSON: machine, channel, rate_hz, feature_set) that chooses its candidates
+    """
+    ALTER TABLE devices ADD COLUMN gateway TEXT;
+    ALTER TABLE devices ADD COLUMN cohort TEXT;
+    CREATE INDEX devices_gateway ON devices (gateway, device_id);
+    """,
 )
 
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
@@ -391,20 +404,54 @@ class IngestResult:
         return sum(1 for d in self.duplicates if not d)
 
 
+# what a database fault looks like on either backend (the link service retries these, acknowledging nothing)
+DatabaseError = (sqlite3.Error, psycopg.Error)
+# a batch the database refused because of one of its uploads (the link service then stores them one by one)
+UnstorableError = (sqlite3.InterfaceError, sqlite3.IntegrityError, psycopg.IntegrityError, psycopg.DataError)
+
+
+def is_url(location) -> bool:
+    """A PostgreSQL URL (postgresql://... or postgres://...), not a SQLite path."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def location(value: str | Path | None = None) -> str | Path:
+    """Where a Knowledge Base lives: a postgresql:// URL as given, a sqlite:/// URL or a path as a Path;
+    None: settings.kb_url() or settings.kb_path()."""
+    if value is None or value == "":
+        value = settings.kb_url() or settings.kb_path()
+    if is_url(value):
+        return value
+    if isinstance(value, str) and value.startswith("sqlite:///"):  # sqlite:///relative, sqlite:////absolute
+        return Path(value[len("sqlite:///"):])
+    if isinstance(value, str) and "://" in value:
+        raise KnowledgeBaseError("Knowledge Base %r: use sqlite:///<path>, postgresql://... or a path" % value)
+    return Path(value)
+
+
 class KnowledgeBase:
-    """The Knowledge Base manager over one SQLite database (WAL)."""
+    """The Knowledge Base manager over one SQLite database (WAL) or one PostgreSQL database."""
 
     def __init__(self, path: str | Path | None = None, *, synchronous: str = "FULL", timeout_s: float = 60.0):
-        """timeout_s: how long a write waits for another process's lock before sqlite3.OperationalError."""
-        self.path = Path(path) if path is not None else settings.kb_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """path: a SQLite path, sqlite:///<path> or postgresql://...; timeout_s: how long a write waits for another
+        process's lock before sqlite3.OperationalError (psycopg.errors.LockNotAvailable)."""
+        where = location(path)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self._last_seq: dict[str, int] = {}
+        self.postgres = is_url(where)
+        if self.postgres:
+            self.path = _redacted(where)
+            self._conn = _PgConnection(where, timeout_s)
+        else:
+            self.path = where
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None,
+                                         check_same_thread=False)
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=%s" % synchronous)
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._last_seq: dict[str, int] = {}
+            if not self.postgres:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=%s" % synchronous)
+                self._conn.execute("PRAGMA foreign_keys=ON")
             self.migrate()
         except BaseException:
             self._conn.close()
@@ -426,7 +473,17 @@ class KnowledgeBase:
         return _Tx(self)
 
     def schema_version(self) -> int:
+        if self.postgres:
+            return self._conn.schema_version()
         return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _set_schema_version(self, version: int) -> None:
+        if self.postgres:
+            self._conn.execute("CREATE TABLE IF NOT EXISTS kb_schema (version BIGINT NOT NULL)")
+            self._conn.execute("DELETE FROM kb_schema")
+            self._conn.execute("INSERT INTO kb_schema VALUES (?)", (version,))
+        else:
+            self._conn.execute("PRAGMA user_version=%d" % version)
 
     def migrate(self) -> int:
         """Bring the schema to the newest version; returns it."""
@@ -441,8 +498,8 @@ class KnowledgeBase:
                 for i in range(version, len(MIGRATIONS)):
                     for stmt in MIGRATIONS[i].split(";"):
                         if stmt.strip():
-                            self._conn.execute(stmt)
-                    self._conn.execute("PRAGMA user_version=%d" % (i + 1))
+                            self._conn.execute(_pg_ddl(stmt) if self.postgres else stmt)
+                    self._set_schema_version(i + 1)
             return self.schema_version()
 
     def query(self, sql: str, params: Sequence = ()) -> list[sqlite3.Row]:
@@ -456,19 +513,22 @@ class KnowledgeBase:
 
     # -- uploads ------------------------------------------------------------------------------------------
 
-    def ingest(self, uploads: Iterable[Upload], now: float | None = None) -> IngestResult:
-        """Store a batch of uploads in one transaction; retransmissions are recognised and stored once."""
+    def ingest(self, uploads: Iterable[Upload], now: float | None = None, gateway: str | None = None) -> IngestResult:
+        """Store a batch of uploads in one transaction; retransmissions are recognised and stored once. gateway:
+        the one they came through, recorded for devices that hang on none yet."""
         uploads = list(uploads)
         for u in uploads:
             u.validate()
         now = time.time() if now is None else now
+        if self.postgres:
+            return self._ingest_copy(uploads, now, gateway)
         result = IngestResult()
         with self._lock:
             try:
                 with self.transaction():
                     c = self._conn
                     for u in uploads:
-                        seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now)
+                        seq = self._touch_device(u.device_id, u.seq if u.kind != "champion" else -1, now, gateway)
                         seq = u.seq if u.kind == "champion" else seq
                         paper = u.feature_set == "paper"
                         f = u.features if u.features is not None and paper else (None, None, None)
@@ -512,15 +572,71 @@ class KnowledgeBase:
                 raise
         return result
 
-    def _touch_device(self, device_id: str, seq: int, now: float) -> int:
+    def _ingest_copy(self, uploads: list[Upload], now: float, gateway: str | None) -> IngestResult:
+        """PostgreSQL's ingest: the batch COPYed into a staging table and inserted by one statement, retransmissions
+        (and repeats inside the batch) recognised by the (device, upload number) key; the SQLite path's outcome."""
+        rows, forms = [], []
+        for i, u in enumerate(uploads):
+            paper = u.feature_set == "paper"
+            f = u.features if u.features is not None and paper else (None, None, None)
+            vector = None if paper or u.features is None else pack_features(u.features)
+            rows.append((i, u.device_id, u.seq, u.kind, now, u.sent_at, u.window_start, *f, u.champion_id,
+                         u.champion_score, u.champion_decision, u.window, u.feature_set, vector))
+            forms.append((u.kind, *f, u.champion_id, u.champion_score, u.champion_decision, u.window_start,
+                          u.model_blob, u.feature_set, vector))
+        result = IngestResult()
+        with self._lock, self.transaction():
+            c = self._conn
+            c.copy_rows("upload_batch", rows)
+            c.execute(
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway)"
+                " SELECT device_id, ?, ?, MAX(CASE WHEN kind = 'champion' THEN -1 ELSE seq END), ? FROM upload_batch"
+                " GROUP BY device_id ORDER BY device_id"
+                " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen, last_seq = excluded.last_seq,"
+                " gateway = COALESCE(devices.gateway, excluded.gateway) WHERE excluded.last_seq > devices.last_seq",
+                (now, now, gateway))
+            new = {(d, s): uid for uid, d, s in c.execute(
+                "INSERT INTO uploads (" + _UPLOAD_COLUMNS + ") SELECT " + _UPLOAD_COLUMNS + " FROM upload_batch"
+                " ORDER BY ord ON CONFLICT (device_id, seq) DO NOTHING RETURNING id, device_id, seq").fetchall()}
+            stored = {}
+            if len(new) < len(uploads):  # retransmissions: compare each with what is stored under its number
+                stored = {(r[0], r[1]): r[2:] for r in c.execute(
+                    "SELECT u.device_id, u.seq, u.id, u.kind, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_id,"
+                    " u.champion_score, u.champion_decision, u.window_start, m.blob, u.feature_set, u.features"
+                    " FROM uploads u JOIN (SELECT DISTINCT device_id, seq FROM upload_batch) b"
+                    " ON b.device_id = u.device_id AND b.seq = u.seq"
+                    " LEFT JOIN model_uploads m ON m.upload_id = u.id").fetchall()}
+            with_champion = {r[0] for r in c.execute("SELECT DISTINCT device_id FROM champions WHERE device_id IN"
+                                                     " (SELECT device_id FROM upload_batch)").fetchall()}
+            c.executemany(
+                "INSERT INTO model_uploads (upload_id, device_id, blob, window_from, window_to) VALUES (?,?,?,?,?)",
+                [(new[(u.device_id, u.seq)], u.device_id, u.model_blob, u.window_from, u.window_to)
+                 for u in uploads if u.kind == "champion" and (u.device_id, u.seq) in new])
+            for u, form in zip(uploads, forms):
+                uid = new.pop((u.device_id, u.seq), None)
+                if uid is None:
+                    first = stored[(u.device_id, u.seq)]
+                    result.upload_ids.append(first[0])
+                    result.duplicates.append(True)
+                    result.conflicts.append(tuple(first[1:]) != form)
+                    continue
+                result.upload_ids.append(uid)
+                result.duplicates.append(False)
+                result.conflicts.append(False)
+                if u.kind != "champion" and u.champion_id and u.device_id not in with_champion:
+                    with_champion.add(u.device_id)
+                    self._add_champion(u.device_id, u.champion_id, "reported", now, uid - 1)
+        return result
+
+    def _touch_device(self, device_id: str, seq: int, now: float, gateway: str | None = None) -> int:
         last = self._last_seq.get(device_id)
         if last is None:
             row = self._conn.execute("SELECT last_seq FROM devices WHERE device_id=?", (device_id,)).fetchone()
             last = row[0] if row else None
         if last is None:
             self._conn.execute(
-                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq) VALUES (?,?,?,?)",
-                (device_id, now, now, max(seq, -1)),
+                "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway) VALUES (?,?,?,?,?)",
+                (device_id, now, now, max(seq, -1), gateway),
             )
             self._last_seq[device_id] = seq
         elif seq > last:
@@ -535,6 +651,45 @@ class KnowledgeBase:
     def devices(self) -> list[str]:
         return [r[0] for r in self.query("SELECT device_id FROM devices ORDER BY device_id")]
 
+    # -- gateways: which one each device hangs on, and the device's cohort --------------------------------
+
+    def assign_devices(self, gateway: str, devices: dict[str, dict | None], move: bool = False) -> None:
+        """Record that devices hang on gateway (their cohorts too, where given); a device belongs to exactly one
+        gateway: one another gateway holds is refused by name unless move is set (it was moved to this bus)."""
+        if not valid_id(gateway):
+            raise KnowledgeBaseError("gateway id %.80r: must be 1-%d printable characters without spaces"
+                                     % (gateway, MAX_ID))
+        now = time.time()
+        with self._lock, self.transaction():
+            for device_id, cohort in devices.items():
+                if not valid_id(device_id):
+                    raise KnowledgeBaseError("device id %.80r: must be 1-%d printable characters without spaces"
+                                             % (device_id, MAX_ID))
+                row = self._conn.execute("SELECT gateway FROM devices WHERE device_id=?", (device_id,)).fetchone()
+                if row and row[0] not in (None, gateway) and not move:
+                    raise KnowledgeBaseError("device %s belongs to gateway %s, not %s (a device hangs on one bus;"
+                                             " move it explicitly)" % (device_id, row[0], gateway))
+                text = json.dumps(cohort, sort_keys=True) if cohort else None
+                if row is None:
+                    self._conn.execute("INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway,"
+                                       " cohort) VALUES (?,?,?,-1,?,?)", (device_id, now, now, gateway, text))
+                else:
+                    self._conn.execute("UPDATE devices SET gateway=?, cohort=COALESCE(?, cohort) WHERE device_id=?",
+                                       (gateway, text, device_id))
+
+    def device_gateway(self, device_id: str) -> str | None:
+        """The gateway a device hangs on (None: not assigned, a single-gateway Knowledge Base)."""
+        return self.scalar("SELECT gateway FROM devices WHERE device_id=?", (device_id,))
+
+    def device_cohort(self, device_id: str) -> dict | None:
+        """A device's cohort (machine, channel, rate_hz, feature_set as recorded), or None."""
+        text = self.scalar("SELECT cohort FROM devices WHERE device_id=?", (device_id,))
+        return json.loads(text) if text else None
+
+    def gateway_devices(self, gateway: str) -> list[str]:
+        return [r[0] for r in self.query("SELECT device_id FROM devices WHERE gateway=? ORDER BY device_id",
+                                         (gateway,))]
+
     def max_upload_id(self) -> int:
         return self.scalar("SELECT COALESCE(MAX(id), 0) FROM uploads")
 
@@ -548,19 +703,29 @@ class KnowledgeBase:
             params.append(device_id)
         return self.scalar(sql, params)
 
-    def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper") -> list[tuple]:
+    def undecided(self, limit: int = 10_000, after_id: int = 0, feature_set: str = "paper",
+                  gateway: str | None = None, cohort: dict | None = None) -> list[tuple]:
         """(id, device_id, f_mean, f_skewness, f_kurtosis, champion_decision) of windows of one feature set the pool
-        has not decided; for a set other than the paper's the three f_ values are replaced by its whole vector.
+        has not decided (of one gateway's devices, of one cohort's devices: {} those without a cohort, if given);
+        for a set other than the paper's the three f_ values are replaced by its whole vector.
 
         Upload ids grow in commit order, so a caller that decided everything through after_id passes it on.
         """
+        where, params = "", [after_id, feature_set]
+        if gateway:
+            where += " AND u.device_id IN (SELECT device_id FROM devices WHERE gateway = ?)"
+            params.append(gateway)
+        if cohort is not None:
+            where += " AND u.device_id IN (SELECT device_id FROM devices WHERE cohort %s)" % ("= ?" if cohort
+                                                                                            else "IS NULL")
+            params += [json.dumps(cohort, sort_keys=True)] if cohort else []
         rows = self.query(
             "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
-            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?"
+            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?" + where +
             " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
             " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
             " ORDER BY u.id LIMIT ?",
-            (after_id, feature_set, limit),
+            (*params, limit),
         )
         if feature_set == "paper":
             return [tuple(r[:6]) for r in rows]
@@ -593,7 +758,9 @@ class KnowledgeBase:
             self._conn.execute(
                 "INSERT INTO alarms (device_id, start, end, peak_score, feature_set, champion_id, champion_version,"
                 " received_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (device_id, start) DO UPDATE SET"
-                " end = COALESCE(excluded.end, alarms.end), peak_score = MAX(alarms.peak_score, excluded.peak_score),"
+                " end = COALESCE(excluded.end, alarms.end),"
+                " peak_score = CASE WHEN excluded.peak_score > alarms.peak_score THEN excluded.peak_score"
+                " ELSE alarms.peak_score END,"
                 " received_at = excluded.received_at",
                 (device_id, float(start), None if end is None else float(end), float(peak_score), feature_set,
                  champion_id, champion_version, now),
@@ -687,7 +854,8 @@ class KnowledgeBase:
         with self._lock, self.transaction():
             self._conn.executemany(
                 "INSERT INTO upload_refusals (device_id, reason, count, last_seq, last_at) VALUES (?,?,1,?,?)"
-                " ON CONFLICT (device_id, reason) DO UPDATE SET count = count + 1, last_seq = excluded.last_seq,"
+                " ON CONFLICT (device_id, reason) DO UPDATE SET count = upload_refusals.count + 1,"
+                " last_seq = excluded.last_seq,"
                 " last_at = excluded.last_at",
                 [(d, r, s if isinstance(s, int) and 0 <= s <= MAX_SEQ else None, now) for d, r, s in refusals],
             )
@@ -722,9 +890,10 @@ class KnowledgeBase:
                 "SELECT COUNT(*) FROM uploads WHERE device_id=? AND kind != 'champion' AND seq BETWEEN ? AND ?",
                 (device_id, first, last)).fetchone()[0]
             gapped = self._conn.execute(
-                "SELECT COALESCE(SUM(MIN(last_seq, ?) - MAX(first_seq, ?) + 1), 0) FROM upload_gaps"
+                "SELECT COALESCE(SUM(CASE WHEN last_seq < ? THEN last_seq ELSE ? END"
+                " - CASE WHEN first_seq > ? THEN first_seq ELSE ? END + 1), 0) FROM upload_gaps"
                 " WHERE device_id=? AND first_seq <= ? AND last_seq >= ?",
-                (last, first, device_id, last, first)).fetchone()[0]
+                (last, last, first, first, device_id, last, first)).fetchone()[0]
             lost = (last - first + 1) - stored - gapped
             if lost > 0:
                 self._conn.execute(
@@ -814,8 +983,8 @@ class KnowledgeBase:
             if stored:
                 c.executemany(
                     "INSERT INTO ranking (model_id, points, agree, disagree, updated_at) VALUES (?,?,?,?,?)"
-                    " ON CONFLICT (model_id) DO UPDATE SET points = points + excluded.points,"
-                    " agree = agree + excluded.agree, disagree = disagree + excluded.disagree,"
+                    " ON CONFLICT (model_id) DO UPDATE SET points = ranking.points + excluded.points,"
+                    " agree = ranking.agree + excluded.agree, disagree = ranking.disagree + excluded.disagree,"
                     " updated_at = excluded.updated_at",
                     [(m, agree[i] - disagree[i], agree[i], disagree[i], now) for i, m in enumerate(model_ids)],
                 )
@@ -907,7 +1076,8 @@ class KnowledgeBase:
             where = "u.device_id = ? AND u.id > ? AND u.kind != 'champion'" + (" AND u.id <= ?" if nxt else "")
             params = (c.device_id, c.since_upload_id) + ((nxt,) if nxt else ())
             decided, anomalies, fps = self.query(
-                "SELECT COUNT(d.upload_id), COALESCE(SUM(u.kind = 'anomaly'), 0), COALESCE(SUM(d.false_positive), 0)"
+                "SELECT COUNT(d.upload_id), COALESCE(SUM(CASE WHEN u.kind = 'anomaly' THEN 1 ELSE 0 END), 0),"
+                " COALESCE(SUM(d.false_positive), 0)"
                 f" FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id WHERE {where}", params)[0]
             rows.append({"device": c.device_id, "episode": c.episode_id, "champion": c.model_id, "source": c.source,
                          "windows_decided": decided, "champion_anomalies": anomalies, "false_positives": fps,
@@ -1047,13 +1217,18 @@ class KnowledgeBase:
                     return tuple(row)
         return None
 
-    def requeue_running(self) -> int:
-        """Put requests a killed service left 'running' back in the queue (the service calls it at start)."""
+    def requeue_running(self, device_ids: Iterable[str] | None = None) -> int:
+        """Put deploys and settings updates a killed service left 'running' back in the queue (the service calls it
+        at start, for its own devices: another gateway's running requests are that gateway's); the deploys put back."""
+        sql = "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
         with self._lock, self.transaction():
-            self._conn.execute("UPDATE settings_updates SET status='pending', started_at=NULL WHERE status='running'")
-            return self._conn.execute(
-                "UPDATE deploy_requests SET status='pending', started_at=NULL WHERE status='running'"
-            ).rowcount
+            n = 0
+            for d in [None] if device_ids is None else device_ids:
+                where, params = ("", ()) if d is None else (" AND device_id=?", (d,))
+                self._conn.execute("UPDATE settings_updates SET status='pending', started_at=NULL"
+                                   " WHERE status='running'" + where, params)
+                n += self._conn.execute(sql + where, params).rowcount
+            return n
 
     def update_deploy_progress(self, request_id: int, progress: dict) -> None:
         """Progress of a running deploy (bytes sent, link seconds, ETA), for whoever waits on it."""
@@ -1263,6 +1438,131 @@ class _Tx:
         else:
             self.kb._conn.execute("ROLLBACK")
         return False
+
+
+_UPLOAD_COLUMNS = ("device_id, seq, kind, received_at, sent_at, window_start, f_mean, f_skewness, f_kurtosis,"
+                   " champion_id, champion_score, champion_decision, window, feature_set, features")
+# tables whose new rows get their id from the database: an INSERT returns it (sqlite3's lastrowid)
+_GENERATED_IDS = {"uploads": "id", "pools": "pool_id", "ranking_history": "id", "champions": "id",
+                  "deploy_requests": "id", "retraining_runs": "id", "upload_gaps": "id", "alarms": "id",
+                  "settings_updates": "id", "device_health": "id"}
+_RESERVED = re.compile(r'(?<![\w"])(end|window)(?![\w"])')  # column names PostgreSQL reserves (lower case only)
+_PG_LOCK_KEY = 0x6B62  # the advisory lock that serialises writers, as SQLite's BEGIN IMMEDIATE does
+
+
+def _pg_ddl(stmt: str) -> str:
+    """A migration statement in PostgreSQL's types: 64-bit integers and identities, float8, bytea."""
+    s = stmt.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+    s = re.sub(r"\bINTEGER\b", "BIGINT", s)
+    s = re.sub(r"\bREAL\b", "DOUBLE PRECISION", s)
+    s = re.sub(r"\bBLOB\b", "BYTEA", s)
+    return _RESERVED.sub(r'"\1"', s)
+
+
+_PG_SQL: dict[tuple[str, bool], tuple[str, bool]] = {}
+
+
+def _pg_sql(sql: str, many: bool = False) -> tuple[str, bool]:
+    """A statement in PostgreSQL's terms (placeholders, INSERT OR IGNORE, quoted reserved names, RETURNING the
+    generated id) and whether it returns that id."""
+    key = (sql, many)
+    if key not in _PG_SQL:
+        s = _RESERVED.sub(r'"\1"', sql.replace("%", "%%").replace("?", "%s"))
+        if sql == "BEGIN IMMEDIATE":
+            s = "BEGIN; SELECT pg_advisory_xact_lock(%d)" % _PG_LOCK_KEY
+        elif "INSERT OR IGNORE INTO" in s:
+            s = s.replace("INSERT OR IGNORE INTO", "INSERT INTO") + " ON CONFLICT DO NOTHING"
+        m = re.match(r"\s*INSERT INTO (\w+)", s)
+        returns = bool(m and not many and m.group(1) in _GENERATED_IDS and "RETURNING" not in s)
+        if returns:
+            s += " RETURNING " + _GENERATED_IDS[m.group(1)]
+        _PG_SQL[key] = (s, returns)
+    return _PG_SQL[key]
+
+
+class _PgCursor:
+    """The part of a sqlite3 cursor the manager uses: rows, rowcount, lastrowid."""
+
+    def __init__(self, cur, returns: bool):
+        self._cur = cur
+        self.rowcount = cur.rowcount
+        self.lastrowid = None
+        if returns:
+            row = cur.fetchone()
+            self.lastrowid = row[0] if row else None
+
+    def fetchone(self):
+        return self._cur.fetchone() if self._cur.description else None
+
+    def fetchall(self):
+        return self._cur.fetchall() if self._cur.description else []
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+class _PgConnection:
+    """A psycopg 3 connection behind the sqlite3 calls the manager makes (autocommit; BEGIN IMMEDIATE takes the
+    writers' advisory lock); numeric results (SUM of integers) come back as int or float, never Decimal."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self.raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)))
+        try:
+            self.raw.adapters.register_loader("numeric", _NumberLoader)
+            self.raw.execute("SET lock_timeout = %d" % int(timeout_s * 1000))
+            self.raw.execute("CREATE TEMP TABLE upload_batch (ord BIGINT, " + ", ".join(
+                "%s %s" % (_RESERVED.sub(r'"\1"', name), kind) for name, kind in _UPLOAD_BATCH_TYPES)
+                             + ") ON COMMIT DELETE ROWS")
+        except BaseException:
+            self.raw.close()
+            raise
+
+    def execute(self, sql: str, params: Sequence = ()) -> _PgCursor:
+        text, returns = _pg_sql(sql)
+        return _PgCursor(self.raw.execute(text, tuple(params)), returns)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence]) -> None:
+        rows = [tuple(r) for r in rows]
+        if rows:  # pipelined: one round trip for the batch
+            with self.raw.cursor() as cur:
+                cur.executemany(_pg_sql(sql, many=True)[0], rows)
+
+    def copy_rows(self, table: str, rows: Sequence[Sequence]) -> None:
+        """COPY rows into a staging table (all its columns, in order)."""
+        with self.raw.cursor() as cur, cur.copy("COPY %s FROM STDIN" % table) as copy:
+            for row in rows:
+                copy.write_row(row)
+
+    def schema_version(self) -> int:
+        """The schema version (0: a new database; its version table is made by the first migration, under the
+        writers' lock, so that gateways opening a new database at once do not race)."""
+        if self.raw.execute("SELECT to_regclass('kb_schema')").fetchone()[0] is None:
+            return 0
+        return self.raw.execute("SELECT version FROM kb_schema").fetchone()[0]
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+_UPLOAD_BATCH_TYPES = (
+    ("device_id", "TEXT"), ("seq", "BIGINT"), ("kind", "TEXT"), ("received_at", "DOUBLE PRECISION"),
+    ("sent_at", "DOUBLE PRECISION"), ("window_start", "DOUBLE PRECISION"), ("f_mean", "DOUBLE PRECISION"),
+    ("f_skewness", "DOUBLE PRECISION"), ("f_kurtosis", "DOUBLE PRECISION"), ("champion_id", "TEXT"),
+    ("champion_score", "DOUBLE PRECISION"), ("champion_decision", "BIGINT"), ("window", "BYTEA"),
+    ("feature_set", "TEXT"), ("features", "BYTEA"))
+
+
+class _NumberLoader(NumericLoader):
+    """numeric as int when whole, else float."""
+
+    def load(self, data):
+        value = super().load(data)
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def pack_features(values: Sequence[float]) -> bytes:

@@ -9,12 +9,16 @@ champion.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from tinyml_dagster.knowledge_base import KnowledgeBase
+
+log = logging.getLogger("tinyml_dagster.pool_inference")
 
 DEFAULT_THRESHOLD = 0.6  # paper: an Isolation Forest score above 0.6 is an anomaly
 
@@ -74,6 +78,8 @@ class PoolInferenceEngine:
         self.feature_set = feature_set  # only windows of this set are put to the vote
         self.thresholds = np.array([getattr(c, "threshold", threshold) for c in candidates], dtype=np.float64)
         self._through: dict[str, int] = {}  # per KB: every window through this upload id is decided
+        self.gateway: str | None = None  # set: only the windows of the devices hanging on this gateway
+        self.cohort: dict | None = None  # set: only its cohort's devices' windows ({}: devices without a cohort)
         self._matrix_scorer: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
@@ -117,7 +123,8 @@ class PoolInferenceEngine:
         decided = anomalies = fps = 0
         through = self._through.get(str(kb.path), 0)
         while True:
-            rows = kb.undecided(limit=batch, after_id=through, feature_set=self.feature_set)
+            rows = kb.undecided(limit=batch, after_id=through, feature_set=self.feature_set, gateway=self.gateway,
+                                cohort=self.cohort)
             if not rows:
                 break
             last_id, full = rows[-1][0], len(rows) == batch
@@ -240,14 +247,63 @@ def pool_ids(repo, cohort: dict[str, int] | None = None) -> list[str]:
     return same or ids
 
 
-def pool_from_repository(root=None, previous: PoolInferenceEngine | None = None) -> PoolInferenceEngine:
-    """The pool of the model repository's candidates for the devices' cohort (see pool_ids); `previous` itself when
-    it already is that pool (a model id names one trained forest)."""
+def cohort_candidates(repo, cohort: dict | None) -> list[str]:
+    """The candidates that may replace the champion of a device of this cohort (whichever gateway it hangs on):
+    those whose training matches every key of it (machine, channel, rate_hz, ...) and whose feature set is its
+    feature_set; none of the cohort, none at all. No cohort: the gateway's pool (pool_ids)."""
+    if not cohort:
+        return pool_ids(repo)
+    ids = repo.candidate_ids() or [e["model_id"] for e in repo.list() if e.get("source") != "device"]
+    training = {k: v for k, v in cohort.items() if k != "feature_set"}
+    return [m for m in ids if in_cohort(repo.get(m), training)
+            and repo.config(m).get("feature_set", "paper") == cohort.get("feature_set", "paper")]
+
+
+class CohortPools:
+    """One pool per cohort of a gateway's devices, each voting only on its cohort's windows (and the gateway's pool
+    on the windows of devices without a cohort); decide_pending as one pool's."""
+
+    def __init__(self, pools: Sequence[PoolInferenceEngine]):
+        self.pools = list(pools)
+
+    @property
+    def gateway(self) -> str | None:
+        return self.pools[0].gateway if self.pools else None
+
+    @gateway.setter
+    def gateway(self, value: str | None) -> None:
+        for p in self.pools:
+            p.gateway = value
+
+    def decide_pending(self, kb: KnowledgeBase, batch: int = 20_000, max_batches: int | None = None) -> DecideSummary:
+        done = [p.decide_pending(kb, batch, max_batches) for p in self.pools]
+        return DecideSummary(sum(d.decided for d in done), sum(d.anomalies for d in done),
+                             sum(d.false_positives for d in done), max(d.through_upload_id for d in done))
+
+
+def cohort_pools(cohorts: Sequence[dict], root=None) -> CohortPools:
+    """A pool for each cohort that has candidates in the repository, and one for devices without a cohort."""
+    pools = []
+    for cohort in [dict(c) for c in {json.dumps(c, sort_keys=True): c for c in cohorts}.values()] + [{}]:
+        try:
+            pools.append(pool_from_repository(root, cohort))
+        except ValueError as e:  # no candidate of this cohort yet: its windows wait
+            log.warning("cohort %s: %s", cohort or "(none)", e)
+    if not pools:
+        raise ValueError("no cohort of %s has candidates in the repository" % list(cohorts))
+    return CohortPools(pools)
+
+
+def pool_from_repository(root=None, cohort: dict | None = None,
+                         previous: PoolInferenceEngine | None = None) -> PoolInferenceEngine:
+    """The pool of the model repository's candidates for the devices' cohort (see pool_ids); with a cohort (a
+    device's: machine, channel, rate_hz, feature_set), its candidates only, voting only on its devices' windows;
+    `previous` itself when it already is that pool (a model id names one trained forest)."""
     from tinyml_dagster import settings
     from tinyml_dagster.model_repository import ModelRepository
 
     repo = ModelRepository(root or settings.models_dir())
-    ids = pool_ids(repo)
+    ids = cohort_candidates(repo, cohort) if cohort else pool_ids(repo)
     if not ids:
         raise ValueError("the model repository under %s holds no candidate models yet" % repo.root)
     thresholds = [float(repo.get(m).get("threshold") or DEFAULT_THRESHOLD) for m in ids]
@@ -255,7 +311,9 @@ def pool_from_repository(root=None, previous: PoolInferenceEngine | None = None)
     if len(set(sets.values())) > 1:
         raise ValueError("the candidates of one pool must share a feature set, got %s" % sets)
     if (previous is not None and previous.model_ids == ids and previous.thresholds.tolist() == thresholds
-            and previous.feature_set == next(iter(sets.values()))):
+            and previous.feature_set == next(iter(sets.values())) and previous.cohort == cohort):
         return previous
-    return PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds,
+    pool = PoolInferenceEngine.from_forests(ids, [repo.load_forest(m) for m in ids], thresholds,
                                             feature_set=next(iter(sets.values())))
+    pool.cohort = cohort
+    return pool

@@ -124,6 +124,11 @@ def kb_path() -> Path:
     return Path(env).resolve() if env else data_dir() / "kb.sqlite"
 
 
+def kb_url() -> str | None:
+    """The Knowledge Base as a URL (TINYML_KB_URL: sqlite:///<path> or postgresql://...), None: kb_path()."""
+    return os.environ.get("TINYML_KB_URL") or None
+
+
 def bench_dir(root: Path | None = None) -> Path:
     """Where benchmarks and the demo write their JSON figures."""
     return (root or data_dir()) / "bench"

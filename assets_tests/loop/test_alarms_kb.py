@@ -2,11 +2,10 @@
 existing Knowledge Base whole; windows of any length carry their set; only the pool of a set votes on its windows;
 a device's ALARM reaches the Knowledge Base and the alarm sensor."""
 
-import sqlite3
-
 import dagster as dg
 import numpy as np
 import pytest
+from kb_backends import old_knowledge_base
 
 from firmware import messages
 from tinyml_dagster.knowledge_base import MIGRATIONS, KnowledgeBase, KnowledgeBaseError, Upload
@@ -18,26 +17,20 @@ def _window(seq, features, feature_set="paper", anomaly=False):
                   champion_score=0.4, champion_decision=int(anomaly), window_start=seq * 0.5, feature_set=feature_set)
 
 
-def test_migration_keeps_an_existing_knowledge_base(tmp_path):
-    path = tmp_path / "kb.sqlite"
-    con = sqlite3.connect(path)  # a Knowledge Base as the previous schema (version 2) left it
-    for i in range(2):
-        con.executescript(MIGRATIONS[i])
-    con.execute("PRAGMA user_version=2")
-    con.execute("INSERT INTO devices VALUES ('d0', 1, 1, 7)")
-    con.execute("INSERT INTO uploads (device_id, seq, kind, received_at, f_mean, f_skewness, f_kurtosis,"
-                " champion_decision) VALUES ('d0', 7, 'normal', 1, 0.1, 0.2, 0.3, 0)")
-    con.commit()
-    con.close()
-    kb = KnowledgeBase(path)
-    assert kb.schema_version() == len(MIGRATIONS)
+def test_migration_keeps_an_existing_knowledge_base(kb_location):
+    # a Knowledge Base as the previous schema (version 2) left it
+    old_knowledge_base(kb_location, 2, "INSERT INTO devices VALUES ('d0', 1, 1, 7)",
+                       "INSERT INTO uploads (device_id, seq, kind, received_at, f_mean, f_skewness, f_kurtosis,"
+                       " champion_decision) VALUES ('d0', 7, 'normal', 1, 0.1, 0.2, 0.3, 0)")
+    kb = KnowledgeBase(kb_location)
+    assert kb.schema_version() == len(MIGRATIONS) >= 4
     assert kb.query("SELECT f_mean, f_skewness, f_kurtosis, feature_set FROM uploads") == [(0.1, 0.2, 0.3, "paper")]
     assert kb.feature_vectors([1]) == [("paper", (0.1, 0.2, 0.3))]
     assert kb.alarms() == [] and kb.health_history("d0") == [] and kb.settings_updates() == []
 
 
-def test_windows_carry_their_feature_set_and_only_its_pool_votes(tmp_path):
-    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+def test_windows_carry_their_feature_set_and_only_its_pool_votes(kb_location):
+    kb = KnowledgeBase(kb_location)
     wear = tuple(np.linspace(-1, 1, 7))
     kb.ingest([_window(1, (0.1, 0.2, 0.3)), _window(2, wear, "wear", anomaly=True), _window(3, (0.0, 0.1, 0.2))])
     assert [r[0] for r in kb.undecided()] == [1, 3]
@@ -58,8 +51,8 @@ def test_windows_carry_their_feature_set_and_only_its_pool_votes(tmp_path):
     assert [r[0] for r in kb.undecided()] == [1, 3] and kb.undecided(feature_set="wear") == []
 
 
-def test_alarm_events_are_stored_once_and_updated_when_cleared(tmp_path):
-    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+def test_alarm_events_are_stored_once_and_updated_when_cleared(kb_location):
+    kb = KnowledgeBase(kb_location)
     a = kb.record_alarm("d1", 1000.0, None, 0.71, "wear", "b3-t50-x", 4, now=1.0)
     assert kb.record_alarm("d1", 1000.0, 1600.0, 0.69, "wear", "b3-t50-x", 4, now=2.0) == a
     (got,) = kb.alarms("d1")
@@ -116,8 +109,8 @@ def test_alarm_sensor_puts_alarms_on_the_device_partition(tmp_path):
     assert not again.asset_events
 
 
-def test_normal_windows_of_a_feature_set_for_retraining(tmp_path):
-    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+def test_normal_windows_of_a_feature_set_for_retraining(kb_location):
+    kb = KnowledgeBase(kb_location)
     wear = tuple(np.linspace(-1, 1, 7))
     kb.ingest([_window(1, (0.1, 0.2, 0.3)), _window(2, wear, "wear"), _window(3, wear, "wear", anomaly=True)])
     paper = kb.normal_windows()

@@ -26,8 +26,12 @@ def test_the_shipped_instance_config_queues_runs_with_limits(tmp_path):
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     queue = instance.get_concurrency_config().run_queue_config
     assert 1 <= queue.max_concurrent_runs <= 3
-    limits = {(t["key"], t.get("value")): t["limit"] for t in queue.tag_concurrency_limits}
+    per_value = [t for t in queue.tag_concurrency_limits if isinstance(t.get("value"), dict)]
+    limits = {(t["key"], t.get("value")): t["limit"] for t in queue.tag_concurrency_limits if t not in per_value}
     assert limits[("tinyml/job", "decide")] == 1 and limits[("tinyml/job", "retrain")] == 1
+    # one deploy run at a time on each bus (per value of tinyml/bus), different buses in parallel
+    assert [(t["key"], t["value"], t["limit"]) for t in per_value] == [
+        ("tinyml/bus", {"applyLimitPerUniqueValue": True}, 1)]
 
 
 def test_candidate_models_default_config_succeeds_after_make_devs_preparation(data_dir, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from tinyml_dagster import settings
 from tinyml_dagster.deployment_agent import DeviceKeys, VersionLedger
-from tinyml_dagster.knowledge_base import KnowledgeBase
+from tinyml_dagster.knowledge_base import KnowledgeBase, location
 from tinyml_dagster.model_repository import ModelRepository
 
 
@@ -19,6 +19,9 @@ class GatewayResource(dg.ConfigurableResource):
     data_dir: str = Field(default="", description="root of everything the gateway stores; empty: TINYML_DATA_DIR "
                                                    "or ./data")
     kb_path: str = Field(default="", description="the Knowledge Base; empty: TINYML_KB_PATH or <data_dir>/kb.sqlite")
+    kb_url: str = Field(default="", description="the Knowledge Base as a URL, before kb_path: sqlite:///<path> or "
+                                                "postgresql://user@host/db (shared by many gateways); empty: "
+                                                "TINYML_KB_URL, else kb_path")
     n_fp: int = Field(default_factory=settings.n_fp, ge=1,
                       description="false positives of a champion that trigger its replacement (paper: 5; TINYML_N_FP)")
 
@@ -33,8 +36,13 @@ class GatewayResource(dg.ConfigurableResource):
     def models_dir(self) -> Path:
         return settings.models_dir(self.root())
 
+    def knowledge_base_location(self) -> str | Path:
+        """The Knowledge Base's URL (kb_url, TINYML_KB_URL) or its SQLite file's path."""
+        url = self.kb_url or settings.kb_url()
+        return location(url) if url else self.knowledge_base_path()
+
     def knowledge_base(self) -> KnowledgeBase:
-        return KnowledgeBase(self.knowledge_base_path())
+        return KnowledgeBase(self.knowledge_base_location())
 
     def repository(self) -> ModelRepository:
         return ModelRepository(self.models_dir())

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tinyml_dagster import settings
-from tinyml_dagster.knowledge_base import IngestResult, KnowledgeBase, KnowledgeBaseError, Upload, valid_id
+from tinyml_dagster.knowledge_base import (DatabaseError, IngestResult, KnowledgeBase, KnowledgeBaseError,
+                                           UnstorableError, Upload, location, valid_id)
 
 log = logging.getLogger("tinyml_dagster.link_service")
 
@@ -50,7 +50,7 @@ def door_problem(u: Upload) -> str | None:
     return reason
 
 
-def _transient(e: sqlite3.Error) -> bool:
+def _transient(e: Exception) -> bool:
     """A fault the open connection outlives (a lock, a full disk); others reopen the database."""
     text = str(e).lower()
     return isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text or "full" in text)
@@ -63,9 +63,13 @@ class LinkService:
                  ingest_socket: str | Path | None = None, pool_factory: PoolFactory | None = None,
                  deployer: Deployer | None = None, timing=None, batch_max: int = 5000,
                  pool_refresh_s: float = 5.0, reply_slack_s: float = 1.0, db_timeout_s: float = 5.0,
-                 keys: Callable[[str], bytes | None] | None = None):
-        self.kb_path = Path(kb_path) if kb_path else settings.kb_path()
+                 keys: Callable[[str], bytes | None] | None = None, gateway_id: str | None = None,
+                 cohorts: dict[str, dict] | None = None):
+        self.kb_path = location(kb_path)  # a SQLite path or a postgresql:// URL
         self.ports = dict(ports or {})
+        # with many gateways on one Knowledge Base: this one's id (its bus), which its ports' devices hang on
+        self.gateway_id = gateway_id
+        self.cohorts = dict(cohorts or {})
         self.ingest_socket = Path(ingest_socket) if ingest_socket else None
         self.pool_factory = pool_factory
         self.deployer = deployer
@@ -115,7 +119,7 @@ class LinkService:
                     if kb is None:
                         kb = self._open_kb()
                     self._turn(kb)
-                except sqlite3.Error as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
+                except DatabaseError as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
                     self._log_once("database", "Knowledge Base %s: %s: %s (nothing acknowledged; retrying with"
                                    " backoff up to %.0f s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
                     if kb is not None and not _transient(e):
@@ -138,7 +142,9 @@ class LinkService:
         """Open the Knowledge Base; each port then learns from it how far its device's uploads are settled."""
         kb = KnowledgeBase(self.kb_path, timeout_s=self.db_timeout_s)
         try:
-            kb.requeue_running()
+            if self.gateway_id and self.ports:
+                kb.assign_devices(self.gateway_id, {d: self.cohorts.get(d) for d in self.ports})
+            kb.requeue_running(list(self.ports))
             for link in self._links.values():
                 link.resume_from(kb)
         except BaseException:
@@ -158,6 +164,7 @@ class LinkService:
         if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
             try:
                 self._pool = self.pool_factory()
+                self._pool.gateway = self.gateway_id  # many gateways: each decides its own devices' windows
             except Exception as e:  # no repository yet: ingest anyway, decide later
                 if self._pool is not None or not self._pool_at:
                     log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
@@ -170,7 +177,7 @@ class LinkService:
                 self.counters["decided"] += decided
                 if decided >= DECIDE_BATCH:
                     self._next_decide = now
-            except sqlite3.Error:
+            except DatabaseError:
                 raise
             except Exception as e:  # the rows it could not use are quarantined; anything else: next round
                 self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
@@ -248,7 +255,7 @@ class LinkService:
                 return
             try:
                 write(kb)
-            except sqlite3.Error:
+            except DatabaseError:
                 self._writes.put(write)
                 raise
 
@@ -271,8 +278,8 @@ class LinkService:
             reason = item.reason or door_problem(item.upload)
             (good.append(item) if reason is None else refused.append((item, reason)))
         try:
-            result = kb.ingest([i.upload for i in good])  # committed when this returns
-        except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError):
+            result = kb.ingest([i.upload for i in good], gateway=self.gateway_id)  # committed when this returns
+        except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError):
             good, result = self._commit_one_by_one(kb, good, refused)
         reused = [(i, REUSED) for i, conflict in zip(good, result.conflicts) if conflict]
         if refused or reused:
@@ -293,8 +300,8 @@ class LinkService:
         kept, result = [], IngestResult()
         for item in items:
             try:
-                one = kb.ingest([item.upload])
-            except (KnowledgeBaseError, sqlite3.InterfaceError, sqlite3.IntegrityError, OverflowError, TypeError) as e:
+                one = kb.ingest([item.upload], gateway=self.gateway_id)
+            except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError) as e:
                 refused.append((item, "not storable: %s" % type(e).__name__))
                 continue
             kept.append(item)

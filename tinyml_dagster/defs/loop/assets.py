@@ -211,10 +211,13 @@ def deployed_champion(context: dg.AssetExecutionContext, gateway: GatewayResourc
         episode_id = int(episode) if episode else (current.episode_id if current else None)
         t_nfp = kb.nth_false_positive_time(episode_id, knowledge_base.n_fp) if episode_id else None
         outcome = deploy_or_fail(kb, pkg, knowledge_base.deploy_timeout_s, context, episode_id=episode_id)
+        gateway_id, cohort = kb.device_gateway(device_id), kb.device_cohort(device_id)
     meta = deploy_outcome_metadata(outcome)
     replacement_s = (outcome["finished_at"] - t_nfp) if t_nfp else None
     return dg.MaterializeResult(metadata={
         "model_id": pkg.model_id, "version": pkg.version, **meta,
+        # whichever gateway the device hangs on, its cohort chose the candidates
+        "gateway": gateway_id or "", "cohort": dg.MetadataValue.json(cohort or {}),
         "replacement_seconds": round(replacement_s, 1) if replacement_s is not None else None,
         "deploy_progress": deploy_progress_plot(pkg, outcome),
     })

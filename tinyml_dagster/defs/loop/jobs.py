@@ -10,6 +10,9 @@ from tinyml_dagster.defs.loop import assets
 
 JOB_TAG = "tinyml/job"
 REPLACEMENT_PRIORITY = {"dagster/priority": "10"}  # ahead of any queued decision or retraining run
+# the half-duplex bus (gateway) a deploy run occupies: dagster.yaml allows one run per value at a time
+BUS_TAG = "tinyml/bus"
+DEFAULT_BUS = "local"  # a device no gateway id was recorded for: the single gateway's bus
 
 pool_decisions_job = dg.define_asset_job(
     "pool_decisions_job", selection=[assets.device_champions, assets.pool_decisions],

@@ -11,7 +11,7 @@ from tinyml_dagster.defs.loop.assets import (EPISODE_TAG, MODEL_TAG, POOL_DECISI
 from tinyml_dagster.defs.loop import jobs
 from tinyml_dagster.defs.loop.partitions import devices_partitions
 from tinyml_dagster.defs.loop.resources import KnowledgeBaseResource, PoolResource
-from tinyml_dagster.pool_inference import HYSTERESIS_POINTS, next_champion, pool_ids
+from tinyml_dagster.pool_inference import HYSTERESIS_POINTS, cohort_candidates, next_champion, pool_ids
 
 
 def _new_devices(context: dg.SensorEvaluationContext, devices: list[str]) -> list[dg.AddDynamicPartitionsRequest]:
@@ -74,14 +74,17 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
         due = [e for e in kb.episodes() if e.false_positives >= knowledge_base.n_fp]
         if not due:
             return dg.SensorResult(skip_reason="no champion has %d false positives" % knowledge_base.n_fp)
-        members = pool_ids(pool.repository())
-        if not members:
-            return dg.SensorResult(skip_reason="no candidates to deploy: the model repository has none yet")
         repo = pool.repository()
-        sizes = {m: (repo.get(m).get("hyperparameters") or {}).get("n_trees", 0) for m in members}
+        if not pool_ids(repo):
+            return dg.SensorResult(skip_reason="no candidates to deploy: the model repository has none yet")
         requests = []
         for e in due:
             device_id, episode_id = e.device_id, e.episode_id
+            cohort = kb.device_cohort(device_id)
+            members = cohort_candidates(repo, cohort)
+            if not members:
+                context.log.warning("%s: no candidate of its cohort %s in the repository" % (device_id, cohort))
+                continue
             run_key = "replace-%s-episode-%d" % (device_id, episode_id)
             d = kb.deploy_for_episode(device_id, episode_id)
             if d is not None and d["status"] == "failed":  # the link failed: try again, a bounded number of times
@@ -90,6 +93,7 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
                                         % (device_id, d["attempts"], episode_id, d["error"]))
                     continue
                 run_key += "-retry-%d" % d["attempts"]
+            sizes = {m: (repo.get(m).get("hyperparameters") or {}).get("n_trees", 0) for m in members}
             top = next_champion(kb, members, e.champion, sizes=sizes)
             if top is None:
                 context.log.info("%s: %s keeps its place, no candidate ranks %d points above it"
@@ -99,7 +103,8 @@ def false_positive_sensor(context: dg.SensorEvaluationContext, knowledge_base: K
                 run_key=run_key,
                 partition_key=device_id,
                 tags={EPISODE_TAG: str(episode_id), MODEL_TAG: top, "tinyml/false_positives": str(e.false_positives),
-                      **jobs.REPLACEMENT_PRIORITY},
+                      # one deploy at a time per bus: dagster.yaml's tag concurrency limit per value of this tag
+                      jobs.BUS_TAG: kb.device_gateway(device_id) or jobs.DEFAULT_BUS, **jobs.REPLACEMENT_PRIORITY},
             ))
         return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=_new_devices(context, kb.devices()))
     finally:
