@@ -102,19 +102,19 @@ def wait(pred, timeout: float, what: str, proc: subprocess.Popen, poll: float = 
         time.sleep(poll)
 
 
-def forced_false_positives(champion: str, n: int):
-    """n windows of the device's channel that its champion calls anomalous and the pool normal: real false
+def forced_false_positives(champion: str, n: int) -> tuple[list[tuple[float, ...]], str]:
+    """n windows (and their feature set) of the device's channel that its champion calls anomalous and the pool normal: real false
     positives (if the champion is a pool member: windows where every other member votes normal, so the ranking
     moves away from it as the pool's hysteresis requires)."""
     import numpy as np
 
     from tinyml_dagster.demo import BEARING, RATE_HZ
-    from tinyml_dagster.features import load_feature_windows
+    from tinyml_dagster.features import feature_set, load_feature_windows
     from tinyml_dagster.pool_inference import pool_from_repository
 
     engine = pool_from_repository()
-    df = load_feature_windows(RATE_HZ, BEARING)
-    X = df[df.axis == "x"][["mean", "skewness", "kurtosis"]].to_numpy(dtype=float)
+    df = load_feature_windows(RATE_HZ, BEARING, feature_set=engine.feature_set)
+    X = df[df.axis == "x"][list(feature_set(engine.feature_set).names)].to_numpy(dtype=float)
     d = engine.decide(X, np.ones(len(X)))
     if champion in engine.model_ids:
         k = engine.model_ids.index(champion)
@@ -124,7 +124,7 @@ def forced_false_positives(champion: str, n: int):
     rows = X[pick]
     if not len(rows):
         raise RuntimeError("no window of the channel is a false positive of %s" % champion)
-    return [tuple(map(float, rows[i % len(rows)])) for i in range(n)]
+    return [tuple(map(float, rows[i % len(rows)])) for i in range(n)], engine.feature_set
 
 
 def force_episode(kb, champion: str, n: int) -> int:
@@ -132,8 +132,9 @@ def force_episode(kb, champion: str, n: int) -> int:
     from tinyml_dagster.knowledge_base import Upload
 
     now = time.time()
+    rows, set_name = forced_false_positives(champion, n)
     uploads = [Upload(DEVICE, FORCED_SEQ_BASE + int(now) * 100 + i, "anomaly", features=f, champion_id=champion,
-                      champion_decision=1, sent_at=now) for i, f in enumerate(forced_false_positives(champion, n))]
+                      champion_decision=1, sent_at=now, feature_set=set_name) for i, f in enumerate(rows)]
     return kb.ingest(uploads).upload_ids[-1]
 
 

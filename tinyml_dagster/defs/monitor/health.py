@@ -35,7 +35,7 @@ class HealthLimitsResource(dg.ConfigurableResource):
 
 
 def monitor_view(kb: KnowledgeBase, device_id: str) -> dict:
-    """A device's settings in force and latest health, with a plot of its recent feature and inference times."""
+    """A device's settings in force and latest health (also a row of the fleet table)."""
     history = kb.health_history(device_id, limit=TREND)
     last = history[-1] if history else None
     periods = [h for h in history if h["windows"]]
@@ -55,7 +55,6 @@ def monitor_view(kb: KnowledgeBase, device_id: str) -> dict:
         "last_reset_cause": health.RESET_CAUSES.get(last["reset_cause"], "?") if last else "-",
         "retransmits_last_period": int(last["retransmits"]) if last else 0,
         "link_errors_last_period": int(last["link_errors"]) if last else 0,
-        **({"health_plot": health_plot(device_id, periods)} if len(periods) > 1 else {}),
     }
 
 
@@ -105,6 +104,9 @@ def device_health_sensor(context: dg.SensorEvaluationContext, knowledge_base: Kn
             problems = health.problems(history, health_limits.limits())
             view = monitor_view(kb, device_id)
             view["health"] = "; ".join(problems) or "ok"
+            periods = [h for h in history[-TREND:] if h["windows"]]
+            if len(periods) > 1:
+                view["health_plot"] = health_plot(device_id, periods)
             if device_id in known:
                 events.append(dg.AssetObservation("deployed_champion", partition=device_id, metadata=view,
                                                   description="%s health: %s" % (device_id, view["health"])))
