@@ -103,9 +103,9 @@ def wait(pred, timeout: float, what: str, proc: subprocess.Popen, poll: float = 
 
 
 def forced_false_positives(champion: str, n: int) -> tuple[list[tuple[float, ...]], str]:
-    """n windows (and their feature set) of the device's channel that its champion calls anomalous and the pool normal: real false
-    positives (if the champion is a pool member: windows where every other member votes normal, so the ranking
-    moves away from it as the pool's hysteresis requires)."""
+    """n windows of the device's channel that its champion calls anomalous and the pool normal, and their feature
+    set: real false positives (if the champion is a pool member: windows where every other member votes normal, so
+    the ranking moves away from it as the pool's hysteresis requires)."""
     import numpy as np
 
     from tinyml_dagster.demo import BEARING, RATE_HZ
