@@ -119,6 +119,8 @@ def forced_false_positives(champion: str, n: int) -> tuple[list[tuple[float, ...
     if champion in engine.model_ids:
         k = engine.model_ids.index(champion)
         pick = d.votes[:, k] & ~np.delete(d.votes, k, axis=1).any(axis=1)
+        if not pick.any():  # no window that only the champion flags: those the pool's majority calls normal
+            pick = d.votes[:, k] & ~d.pool_anomaly
     else:
         pick = ~d.pool_anomaly
     rows = X[pick]
