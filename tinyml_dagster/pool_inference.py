@@ -281,12 +281,14 @@ class CohortPools:
                              sum(d.false_positives for d in done), max(d.through_upload_id for d in done))
 
 
-def cohort_pools(cohorts: Sequence[dict], root=None) -> CohortPools:
-    """A pool for each cohort that has candidates in the repository, and one for devices without a cohort."""
+def cohort_pools(cohorts: Sequence[dict], root=None, previous: CohortPools | None = None) -> CohortPools:
+    """A pool for each cohort that has candidates in the repository, and one for devices without a cohort; each
+    pool of `previous` that is still its cohort's pool is kept (see pool_from_repository)."""
+    before = {json.dumps(p.cohort, sort_keys=True): p for p in previous.pools} if previous is not None else {}
     pools = []
     for cohort in [dict(c) for c in {json.dumps(c, sort_keys=True): c for c in cohorts}.values()] + [{}]:
         try:
-            pools.append(pool_from_repository(root, cohort))
+            pools.append(pool_from_repository(root, cohort, previous=before.get(json.dumps(cohort, sort_keys=True))))
         except ValueError as e:  # no candidate of this cohort yet: its windows wait
             log.warning("cohort %s: %s", cohort or "(none)", e)
     if not pools:

@@ -112,6 +112,11 @@ def test_each_cohort_votes_only_on_its_devices_windows(kb_location, tmp_path):
     # a device with a cohort: its cohort's candidates only; without one (c1, and x9 which came through the
     # gateway): the gateway's pool
     assert voters == {"a1": a, "b1": b, "c1": a + b, "x9": a + b}
+    # the link service's refresh keeps each cohort's pool while its candidates stay the same
+    again = cohort_pools([PUMP_A, PUMP_B], root=repo.root, previous=pools)
+    assert [p is q for p, q in zip(again.pools, pools.pools)] == [True, True, True]
+    repo.set_candidates(a)
+    assert cohort_pools([PUMP_A, PUMP_B], root=repo.root, previous=pools).pools[-1] is not pools.pools[-1]
 
 
 def _service(kb_url: str, gateway: str, ports: dict[str, str], log, *extra: str) -> subprocess.Popen:

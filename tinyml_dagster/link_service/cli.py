@@ -22,9 +22,7 @@ def repository_pool_factory(cohorts: list[dict] | None = None) -> PoolFactory:
         nonlocal built
         from tinyml_dagster.pool_inference import cohort_pools, pool_from_repository
 
-        if cohorts:
-            return cohort_pools(cohorts)
-        built = pool_from_repository(previous=built)
+        built = cohort_pools(cohorts, previous=built) if cohorts else pool_from_repository(previous=built)
         return built
 
     return make

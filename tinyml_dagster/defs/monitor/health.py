@@ -34,9 +34,10 @@ class HealthLimitsResource(dg.ConfigurableResource):
                                    self.resets_window_s)
 
 
-def monitor_view(kb: KnowledgeBase, device_id: str) -> dict:
-    """A device's settings in force and latest health (also a row of the fleet table)."""
-    history = kb.health_history(device_id, limit=TREND)
+def monitor_view(kb: KnowledgeBase, device_id: str, history: list[dict] | None = None) -> dict:
+    """A device's settings in force and latest health (also a row of the fleet table); `history`: its recent health
+    reports when the caller has read them already."""
+    history = kb.health_history(device_id, limit=TREND) if history is None else history[-TREND:]
     last = history[-1] if history else None
     periods = [h for h in history if h["windows"]]
     latest = periods[-1] if periods else last
@@ -102,7 +103,7 @@ def device_health_sensor(context: dg.SensorEvaluationContext, knowledge_base: Kn
                 continue
             cursor["seen"][device_id] = newest
             problems = health.problems(history, health_limits.limits())
-            view = monitor_view(kb, device_id)
+            view = monitor_view(kb, device_id, history)
             view["health"] = "; ".join(problems) or "ok"
             periods = [h for h in history[-TREND:] if h["windows"]]
             if len(periods) > 1:
