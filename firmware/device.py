@@ -95,6 +95,7 @@ class Device:
                               feature_sets.extractor(cfg["feature_set"], cfg["feature_params"]))
         self.inference = LocalInference()
         self.alarm = self.new_alarm_rule()
+        self.alarm_no = 0  # the number of the alarm raised last (its clear carries it too)
         self.training = LocalTraining(cfg["n_train"], cfg["n_trees"], cfg["psi"], cfg["seed"])
         self.agent = ModelDeploymentAgent(self.root, cfg["device_id"], self.inference, self.state,
                                           cfg["threshold"])
@@ -231,8 +232,11 @@ class Device:
             a = self.alarm
             if event == "raised":
                 d["alarms"] = d.get("alarms", 0) + 1
-            self.comm.send_alarm(messages.pack_alarm(int(a.start), now if event == "cleared" else 0, a.peak, code,
-                                                     self.inference.version, self.inference.model_id))
+                self.alarm_no = d.get("next_alarm", 0)
+                d["next_alarm"] = self.alarm_no + 1
+                self.state.save()  # before the alarm is on flash: its number is never used again, even after a reboot
+            self.comm.queue_alarm(messages.pack_alarm(self.alarm_no, int(a.start), now if event == "cleared" else 0,
+                                                      a.peak, code, self.inference.version, self.inference.model_id))
         queued = self.comm.queue_upload(now, anomaly, self.inference.version, score, feats, code)
         # upload numbers must never be reused after a reboot: save with every queued upload
         if queued or self.windows % self.cfg["save_every"] == 0:
