@@ -3,7 +3,6 @@ pySerialTransfer; a lost ALARM or ALARM_ACK frame makes the device send the alar
 
 from __future__ import annotations
 
-import os
 import time
 
 from gateway_harness import KEY, Pty, PtyLink, State, running
@@ -13,48 +12,49 @@ from firmware.data_comm import DataComm
 from tinyml_dagster.knowledge_base import KnowledgeBase
 
 
-def _type(payload: bytes) -> int | None:
-    m = messages.unpack(payload)
-    return None if m is None else m[0]
+def _type(frame_bytes: bytes) -> int | None:
+    """The message type of the first complete frame in frame_bytes (None: none, or a bad envelope)."""
+    dec = frames.FrameDecoder()
+    for b in frame_bytes:
+        n = dec.feed(b)
+        if n:
+            m = messages.unpack(bytes(dec.payload()))
+            return None if m is None else m[0]
+    return None
 
 
-class LossyLink(PtyLink):
-    """The device end of a pty that loses the first frame of each listed message type, going up or coming down."""
+class LossyLink:
+    """Wraps a device's link (readinto/write): the first frame of each listed message type is lost, going up (the
+    device writes it) or coming down (the gateway sent it)."""
 
-    def __init__(self, port: Pty, lose_up: set[int], lose_down: set[int]):
-        super().__init__(port)
-        self.lose_up, self.lose_down = set(lose_up), set(lose_down)
+    def __init__(self, link, lose_up: set[int], lose_down: set[int] = frozenset()):
+        self.link, self.lose_up, self.lose_down = link, set(lose_up), set(lose_down)
         self.lost: list[int] = []
         self.sent: list[int] = []
         self.decoder = frames.FrameDecoder()
         self.pending = bytearray()
 
-    def write(self, data) -> None:
-        dec = frames.FrameDecoder()
-        n = [dec.feed(b) for b in bytes(data)][-1]
-        t = _type(bytes(dec.payload()[:n]))
+    def write(self, data):
+        t = _type(bytes(data))
         if t in self.lose_up:
             self.lose_up.discard(t)
             self.lost.append(t)
-            return
+            return len(data)
         self.sent.append(t)
-        super().write(data)
+        return self.link.write(data)
 
     def readinto(self, buf) -> int:
-        try:
-            data = os.read(self.port.master, 4096)
-        except BlockingIOError:
-            data = b""
-        for b in data:
+        got = bytearray(4096)
+        for b in got[:self.link.readinto(got) or 0]:
             n = self.decoder.feed(b)
             if n:
-                payload = bytes(self.decoder.payload()[:n])
-                t = _type(payload)
+                frame = frames.encode(bytes(self.decoder.payload()))
+                t = _type(frame)
                 if t in self.lose_down:
                     self.lose_down.discard(t)
                     self.lost.append(t)
-                    continue
-                self.pending += frames.encode(payload)
+                else:
+                    self.pending += frame
         n = min(len(buf), len(self.pending))
         buf[:n] = self.pending[:n]
         del self.pending[:n]
@@ -76,7 +76,7 @@ def test_a_lost_alarm_frame_and_a_lost_ack_are_made_good_and_the_alarm_is_stored
     root = tmp_path / "flash"
     (root / "deploy").mkdir(parents=True)
     (root / "deploy" / "key").write_bytes(KEY)
-    link = LossyLink(port, lose_up={messages.ALARM}, lose_down={messages.ALARM_ACK})
+    link = LossyLink(PtyLink(port), lose_up={messages.ALARM}, lose_down={messages.ALARM_ACK})
     comm = DataComm(link, str(root), State(), baud=1_000_000, ack_timeout_ms=300, device_id="dev-a")
     try:
         with running(tmp_path / "kb.sqlite", ports={"dev-a": port.path}):
@@ -98,24 +98,6 @@ def test_a_lost_alarm_frame_and_a_lost_ack_are_made_good_and_the_alarm_is_stored
         port.close()
 
 
-class DropFirst:
-    """Wraps a device's link: the first frame of msg_type the device writes is lost on the wire."""
-
-    def __init__(self, link, msg_type: int):
-        self.link, self.msg_type, self.lost = link, msg_type, 0
-
-    def readinto(self, buf):
-        return self.link.readinto(buf)
-
-    def write(self, data):
-        dec = frames.FrameDecoder()
-        n = [dec.feed(b) for b in bytes(data)][-1]
-        if not self.lost and _type(bytes(dec.payload()[:n])) == self.msg_type:
-            self.lost = 1
-            return len(data)
-        return self.link.write(data)
-
-
 def test_the_emulated_device_raises_an_alarm_whose_lost_frame_is_sent_again_and_stored_once(tmp_path):
     from tinyml_dagster import ims, synthetic
     from tinyml_dagster.emulator import DeviceEmulator
@@ -134,13 +116,14 @@ def test_the_emulated_device_raises_an_alarm_whose_lost_frame_is_sent_again_and_
                          runtime="cpython", time_scale=20, turnaround_ms=10, loop_data=True,
                          config={"n_train": 4, "n_trees": 10, "psi": 4, "threshold": 0.01, "upload_every": 1}).start()
     try:
-        lossy = emu.device.comm.link = DropFirst(emu.device.comm.link, messages.ALARM)
+        lossy = emu.device.comm.link = LossyLink(emu.device.comm.link, {messages.ALARM})
         with running(tmp_path / "kb.sqlite", ports={"dev-e": emu.port_path}, timing=LinkTiming(time_scale=1 / 20)):
             kb = KnowledgeBase(tmp_path / "kb.sqlite")
             deadline = time.time() + 60
             while not (lossy.lost and kb.alarms() and emu.device.comm.alarms_acked) and time.time() < deadline:
                 time.sleep(0.05)
-            assert lossy.lost and emu.device.comm.alarms_acked == 1 and not emu.device.comm.alarm_box
+            comm = emu.device.comm
+            assert lossy.lost == [messages.ALARM] and comm.alarms_acked == 1 and not comm.alarm_box
             (a,) = kb.alarms()
             assert (a["device_id"], a["alarm_no"], a["end"], a["champion_id"]) == ("dev-e", 0, None, "local-dev-e")
             assert emu.device.alarm.active and emu.device.state.data["alarms"] == 1
