@@ -334,11 +334,32 @@ def test_an_alarm_is_sent_again_until_acknowledged_and_a_reboot_keeps_it():
     _drain(dev)
     assert dev.comm.alarm_box == [] and dev.comm.alarms_acked == 1
     assert Device(FakeUART(), FakeUART(), root).comm.alarm_box == []
-    # the next alarm (the rule starts over after a reboot) takes the next number: none is used twice
+
+
+def test_an_alarm_open_at_a_reboot_is_cleared_after_it_with_its_number():
+    root = scratch("alarmopen")
     link = FakeUART()
-    dev = Device(FakeUART(samples_bytes(signal(50 * 8)), burst=128), link, root)
+    write_json(root + "/config.json", dict(CFG, threshold=0.01))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
     _drain(dev)
-    assert [messages.unpack_alarm(b[:-messages.MAC_SIZE])[0] for b in _alarms_sent(link)] == [1]
+    (raised,) = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+    link = FakeUART()
+    dev = Device(FakeUART(samples_bytes(signal(50 * 6)), burst=128), link, root)
+    assert dev.alarm.active and dev.alarm_no == raised[0]
+    dev.inference.threshold = 0.999  # the machine is healthy again: no window is anomalous
+    _drain(dev)
+    alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+    # the clear of the same alarm (its number and start, an end) replaces its raise, never acknowledged
+    assert {a[:2] for a in alarms} == {raised[:2]} and alarms[-1][2] is not None and not dev.alarm.active
+    assert [e[:2] for e in dev.comm.alarm_box] == [[raised[0], alarms[-1][2]]]
+    assert "open_alarm" not in dev.state.data
+    dev.inference.threshold = 0.01  # worn again: the next alarm takes the next number
+    dev.data_in.uart.feed(samples_bytes(signal(50 * 8)))
+    _drain(dev)
+    got = [messages.unpack_alarm(b[:-messages.MAC_SIZE])[:3] for b in _alarms_sent(link)]
+    assert [g[0] for g in got[len(alarms):]] == [1], got
+    dev = Device(FakeUART(), FakeUART(), root)
+    assert dev.alarm_no == 1 and [e[0] for e in dev.comm.alarm_box] == [0, 1]
 
 
 def test_a_clear_replaces_its_raise_and_a_full_alarm_box_drops_its_oldest():
