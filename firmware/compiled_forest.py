@@ -120,7 +120,7 @@ def _scorer(n_features):
         lines.append(" elif q%d<D%d:e=D%d-q%d;p+=e/(W%d+e)" % (f, f, f, f, f))
     args = ",".join("q%d" % f for f in range(n_features))
     lines += [" s=offset", " for t in groups:", "  s+=t(%s)" % args,
-              " return exp(k*oor(s,p/%d,n))" % n_features]
+              " return exp(k*(oor(s,p/%d,n) if p else s))" % n_features]
     _GLOBALS["floor"] = math.floor
     _GLOBALS["exp"] = math.exp
     _GLOBALS["oor"] = isoforest.out_of_range_path_sum
