@@ -650,8 +650,8 @@ def detection_markdown(records: list[dict], device_bench: dict | None, headline:
 
     L = ["## Detection per feature set on whole lives (data/bench/detection.json)", "",
          f"Default feature set: **{DEFAULT_FEATURE_SET}**. Per source and bearing, models trained on the first quarter "
-         "of the recording's time (healthy everywhere): the firmware's Isolation Forest (50 trees, psi 100) and "
-         "scikit-learn's on the same features; thresholds calibrated for a 0.2% window false-alarm rate on "
+         "of the recording's windows (healthy everywhere): the firmware's Isolation Forest (50 trees, psi 100, "
+         "scored with out-of-range isolation) and scikit-learn's on the same features; thresholds calibrated for a 0.2% window false-alarm rate on "
          "cross-fitted scores of the training windows (5 blocks of time, each scored by a model grown on the "
          "others) through a generalised Pareto tail (the paper's set also at its fixed 0.6). Healthy = the "
          "recording's part before its first labelled onset (every channel sees a degrading bearing on the shared "
