@@ -58,9 +58,16 @@ _compat.set_clock_us(lambda: int(host.call('fuel_used', b'')) * PS_PER_FUEL // 1
 dev = device.Device(HostUART('data'), HostUART('link'), '/flash', reset_cause=int(host.call('reset_cause', b'')))
 print('BOOTED')
 allocated = micropython.mem_current()
-while host.call('running', b'') == '1':
+running, busy = True, 0
+while running:
     if not dev.step():
-        host.call('idle', b'')
+        busy = 0
+        running = host.call('idle', b'') == '1'  # the light sleep; '0' once the emulator stops
+    else:
+        busy += 1
+        if busy == 16:  # a long busy spell: is the emulator stopping?
+            busy = 0
+            running = host.call('running', b'') == '1'
     # collect here, at module level: below, no function's wasm locals hold heap pointers the collector would miss
     # (bytes allocated and not freed since the last collection; mem_current is a wrapping small int)
     if (micropython.mem_current() - allocated) % 0x80000000 > COLLECT_BYTES:
@@ -205,7 +212,7 @@ class DeviceEmulator:
 
         def idle(_: bytes) -> str:
             self._sleep_until_work()
-            return ""
+            return running(b"")
 
         def reset_cause(_: bytes) -> str:
             return str(WATCHDOG_RESET if self.reboots else POWER_ON)
