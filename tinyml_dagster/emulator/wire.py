@@ -27,7 +27,8 @@ BITS_PER_BYTE = 10  # 8N1: start + 8 data + stop
 UP, DOWN = "up", "down"  # device -> gateway, gateway -> device
 _MAX_WAIT_S = 0.05
 _OPEN_GRACE_S = 0.02
-_MIN_WAIT_S = 0.0003  # deliver in batches at most this fine (late by this much at worst, never cumulative)
+_MIN_WAIT_S = 0.001  # deliver in batches at most this fine (late by this much at worst, never cumulative; a
+# UART FIFO or a USB adapter hands bytes over in bursts too), so the thread wakes at most every ms on a busy line
 
 
 class HalfDuplexWire:
