@@ -261,6 +261,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE alarm_events RENAME TO alarms;
     CREATE INDEX alarms_device_start ON alarms (device_id, start);
     """,
+    # 9: the scorer tag (an upload's champion_id) of the device's last window before a champion took over: windows
+    # the previous champion scored and the device sent after the switch (its outbox) are not the new one's
+    """
+    ALTER TABLE champions ADD COLUMN prior_scorer TEXT;
+    """,
 )
 
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
@@ -1072,10 +1077,13 @@ class KnowledgeBase:
 
     def _add_champion(self, device_id: str, model_id: str, source: str, now: float, since_upload_id: int,
                       deploy_id: int | None = None) -> int:
+        prior = self._conn.execute(
+            "SELECT champion_id FROM uploads WHERE device_id=? AND id<=? AND kind != 'champion'"
+            " ORDER BY seq DESC LIMIT 1", (device_id, since_upload_id)).fetchone()
         cur = self._conn.execute(
-            "INSERT INTO champions (device_id, model_id, source, since, since_upload_id, deploy_id)"
-            " VALUES (?,?,?,?,?,?)",
-            (device_id, model_id, source, now, since_upload_id, deploy_id),
+            "INSERT INTO champions (device_id, model_id, source, since, since_upload_id, deploy_id, prior_scorer)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (device_id, model_id, source, now, since_upload_id, deploy_id, prior[0] if prior else None),
         )
         return cur.lastrowid
 
@@ -1084,6 +1092,9 @@ class KnowledgeBase:
             return self._add_champion(device_id, model_id, source, time.time(), self.max_upload_id())
 
     _CHAMPION = "SELECT id, device_id, model_id, source, since, since_upload_id, deploy_id FROM champions"
+    # an upload u of champion c's episode (c's device, after c took over, not scored by the champion before it)
+    _IN_EPISODE = ("u.device_id = c.device_id AND u.id > c.since_upload_id"
+                   " AND (c.prior_scorer IS NULL OR u.champion_id IS NULL OR u.champion_id != c.prior_scorer)")
 
     def current_champion(self, device_id: str) -> Champion | None:
         """The device's champion now, or None."""
@@ -1120,17 +1131,18 @@ class KnowledgeBase:
             " WHERE u.kind != 'champion' ORDER BY u.id")]
 
     def episode_summaries(self) -> list[dict]:
-        """Per device and champion episode: windows the pool decided, the champion's anomalies, false positives."""
-        champs = self.champions()
+        """Per device and champion episode: windows the pool decided, the champion's anomalies, false positives
+        (a window counts in the last episode it belongs to, see _IN_EPISODE: late windows stay their scorer's)."""
+        counts: dict[int, list[int]] = {}
+        for episode, anomaly, fp in self.query(
+                "SELECT (SELECT MAX(c.id) FROM champions c WHERE " + self._IN_EPISODE + "),"
+                " CASE WHEN u.kind = 'anomaly' THEN 1 ELSE 0 END, d.false_positive"
+                " FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id WHERE u.kind != 'champion'"):
+            n = counts.setdefault(episode, [0, 0, 0])
+            n[0], n[1], n[2] = n[0] + 1, n[1] + anomaly, n[2] + fp
         rows = []
-        for i, c in enumerate(champs):
-            nxt = next((n.since_upload_id for n in champs[i + 1:] if n.device_id == c.device_id), None)
-            where = "u.device_id = ? AND u.id > ? AND u.kind != 'champion'" + (" AND u.id <= ?" if nxt else "")
-            params = (c.device_id, c.since_upload_id) + ((nxt,) if nxt else ())
-            decided, anomalies, fps = self.query(
-                "SELECT COUNT(d.upload_id), COALESCE(SUM(CASE WHEN u.kind = 'anomaly' THEN 1 ELSE 0 END), 0),"
-                " COALESCE(SUM(d.false_positive), 0)"
-                f" FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id WHERE {where}", params)[0]
+        for c in self.champions():
+            decided, anomalies, fps = counts.get(c.episode_id, (0, 0, 0))
             rows.append({"device": c.device_id, "episode": c.episode_id, "champion": c.model_id, "source": c.source,
                          "windows_decided": decided, "champion_anomalies": anomalies, "false_positives": fps,
                          "fp_rate": fps / decided if decided else float("nan")})
@@ -1153,14 +1165,14 @@ class KnowledgeBase:
         """Per device, its current champion's episode and the false positives so far.
 
         An episode is one champion's time on a device; its false positives are the pool-rejected anomalies
-        uploaded since the champion took over.
+        uploaded since the champion took over, except those the previous champion scored (sent late).
         """
         return [Episode(*r) for r in self.query(
             "SELECT c.device_id, c.id, c.model_id,"
             " (SELECT COUNT(*) FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id"
-            "   WHERE u.device_id = c.device_id AND u.id > c.since_upload_id AND d.false_positive = 1),"
+            "   WHERE " + self._IN_EPISODE + " AND d.false_positive = 1),"
             " (SELECT MAX(d.decided_at) FROM uploads u JOIN pool_decisions d ON d.upload_id = u.id"
-            "   WHERE u.device_id = c.device_id AND u.id > c.since_upload_id AND d.false_positive = 1)"
+            "   WHERE " + self._IN_EPISODE + " AND d.false_positive = 1)"
             " FROM champions c WHERE c.id = (SELECT MAX(id) FROM champions c2 WHERE c2.device_id = c.device_id)"
             " ORDER BY c.device_id"
         )]
@@ -1168,8 +1180,7 @@ class KnowledgeBase:
     def nth_false_positive_time(self, episode_id: int, n: int) -> float | None:
         """When the pool decided the n-th false positive of an episode (None if not reached)."""
         row = self.query(
-            "SELECT d.decided_at FROM champions c"
-            " JOIN uploads u ON u.device_id = c.device_id AND u.id > c.since_upload_id"
+            "SELECT d.decided_at FROM champions c JOIN uploads u ON " + self._IN_EPISODE +
             " JOIN pool_decisions d ON d.upload_id = u.id AND d.false_positive = 1 WHERE c.id = ?"
             " ORDER BY u.id LIMIT 1 OFFSET ?",
             (episode_id, n - 1),

@@ -10,9 +10,10 @@ from tinyml_dagster.defs.resources import gateway_resources
 from tinyml_dagster.knowledge_base import KnowledgeBase, Upload
 
 
-def _anomalies(kb: KnowledgeBase, device: str, seqs, pool_says_normal: bool = True) -> None:
-    """Anomalies the device's champion reported; the pool calls them normal: false positives."""
-    ids = kb.ingest([Upload(device, s, "anomaly", features=(0.0, 0.0, 9.0), champion_id="v1", champion_decision=1)
+def _anomalies(kb: KnowledgeBase, device: str, seqs, pool_says_normal: bool = True, champion: str = "v1") -> None:
+    """Anomalies the device's champion (its tag in uploads) reported; the pool calls them normal: false positives."""
+    ids = kb.ingest([Upload(device, s, "anomaly", features=(0.0, 0.0, 9.0), champion_id=champion,
+                            champion_decision=1)
                      for s in seqs]).upload_ids
     pool = kb.pool_id(["m1"])
     fp = int(pool_says_normal)
@@ -80,8 +81,8 @@ def test_fleet_sensor_reports_only_what_changed(tmp_path):
     instance.add_dynamic_partitions("devices", ["dev-b"])
     joined = tick(again.cursor)
     assert [(type(e).__name__, e.partition) for e in joined.asset_events] == [("AssetObservation", "dev-b")]
-    # a false positive against dev-a's champion: dev-a's observation and a new table
-    _anomalies(kb, "dev-a", [7])
+    # a false positive against dev-a's champion (version 2 on the device): dev-a's observation and a new table
+    _anomalies(kb, "dev-a", [7], champion="v2")
     fp = tick(joined.cursor)
     assert sorted(e.asset_key.to_user_string() + "/" + str(e.partition) for e in fp.asset_events) == [
         "deployed_champion/dev-a", "fleet/None"]

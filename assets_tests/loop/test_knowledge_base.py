@@ -156,6 +156,26 @@ def test_reported_champion_identified_after_a_deploy_replaced_it(kb_location):
     assert kb.current_champion("d1").model_id == "m7"
 
 
+def test_windows_the_previous_champion_scored_and_sent_late_are_not_the_new_champions(kb_location):
+    """A deploy finishes while the device's outbox still holds windows its old champion scored: their false
+    positives stay the old episode's, and the new champion's episode starts with none."""
+    kb = KnowledgeBase(kb_location)
+    kb.ingest([win("d1", 1, anomaly=True, champ="0")])
+    old = kb.current_champion("d1")
+    rid = kb.request_deploy("d1", "m7", b"pkg", episode_id=old.episode_id, run_id="r1")
+    kb.claim_deploy(["d1"])
+    kb.finish_deploy(rid, True)
+    kb.ingest([win("d1", s, anomaly=True, champ="0") for s in (2, 3)] + [win("d1", 4, anomaly=True, champ="1")])
+    pid = kb.pool_id(["a", "b"])
+    kb.store_decisions(pid, ["a", "b"], [(u, 0, 2, 0, 1, b"", [True, True]) for u, *_ in kb.undecided()])
+    (e,) = kb.episodes()
+    assert (e.champion, e.false_positives) == ("m7", 1)
+    assert kb.nth_false_positive_time(e.episode_id, 1) is not None
+    assert kb.nth_false_positive_time(e.episode_id, 2) is None
+    summary = {r["champion"]: (r["windows_decided"], r["false_positives"]) for r in kb.episode_summaries()}
+    assert summary == {"0": (3, 3), "m7": (1, 1)}
+
+
 def test_deploy_queue(kb_location):
     kb = KnowledgeBase(kb_location)
     kb.ingest([win("d1", 1)])

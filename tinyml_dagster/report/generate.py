@@ -649,17 +649,17 @@ def detection_markdown(records: list[dict], device_bench: dict | None, headline:
     from tinyml_dagster.features import DEFAULT_FEATURE_SET
 
     L = ["## Detection per feature set on whole lives (data/bench/detection.json)", "",
-         f"Default feature set: **{DEFAULT_FEATURE_SET}**. Per source and bearing, models trained on the first quarter "
-         "of the recording's windows (healthy everywhere): the firmware's Isolation Forest (50 trees, psi 100, "
-         "scored with out-of-range isolation) and scikit-learn's on the same features; thresholds calibrated for a 0.2% window false-alarm rate on "
-         "cross-fitted scores of the training windows (5 blocks of time, each scored by a model grown on the "
-         "others) through a generalised Pareto tail (the paper's set also at its fixed 0.6). Healthy = the "
-         "recording's part before its first labelled onset (every channel sees a degrading bearing on the shared "
-         "shaft); degraded = from the bearing's own onset. `auc`: degraded vs held-out healthy "
-         "windows on the score the alarm acts on (the k-th highest window score of the alarm span); "
-         "`auc_window`: on single windows; alarms: firmware/alarms.py, span 3,600 s (6 snapshots), raised at 50% "
-         "anomalous windows, cleared at 10%. IMS sources are per-file features of the raw 20 kHz signal; the wear set "
-         "there is its time-domain part (no bands).", ""]
+         f"Default feature set: **{DEFAULT_FEATURE_SET}**. Per source and bearing, models trained on the first "
+         "quarter of the recording's windows (healthy everywhere): the firmware's Isolation Forest (50 trees, "
+         "psi 100, scored with out-of-range isolation) and scikit-learn's on the same features; thresholds "
+         "calibrated for a 0.2% window false-alarm rate on cross-fitted scores of the training windows (5 "
+         "blocks of time, each scored by a model grown on the others) through a generalised Pareto tail (the "
+         "paper's set also at its fixed 0.6). Healthy = the recording's part before its first labelled onset "
+         "(every channel sees a degrading bearing on the shared shaft); degraded = from the bearing's own "
+         "onset. `auc`: degraded vs held-out healthy windows on the score the alarm acts on (the k-th highest "
+         "window score of the alarm span); `auc_window`: on single windows; alarms: firmware/alarms.py, span "
+         "3,600 s (6 snapshots), raised at 50% anomalous windows, cleared at 10%. IMS sources are per-file "
+         "features of the raw 20 kHz signal; the wear set there is its time-domain part (no bands).", ""]
     for model in ("firmware", "sklearn"):
         rows = [r for r in records if r["model"] == model]
         if not rows:
