@@ -458,6 +458,9 @@ class WindowBatch:
         may fail (problems() then asks each row)."""
         from firmware import feature_sets
 
+        if not ({type(x) for x in self.device_ids} <= {str} and {type(x) for x in self.kinds} <= {str}
+                and {type(x) for x in self.champion_ids} <= {str, type(None)}):
+            return False
         if not set(self.kinds) <= {"normal", "anomaly"}:
             return False
         try:
@@ -989,7 +992,7 @@ class KnowledgeBase:
                 " ON CONFLICT (device_id, reason) DO UPDATE SET count = upload_refusals.count + 1,"
                 " last_seq = excluded.last_seq,"
                 " last_at = excluded.last_at",
-                [(d, r, s if isinstance(s, int) and 0 <= s <= MAX_SEQ else None, now) for d, r, s in refusals],
+                [(d, r, s if _is_int(s) and 0 <= s <= MAX_SEQ else None, now) for d, r, s in refusals],
             )
 
     def refusals(self, device_id: str | None = None) -> dict[tuple[str, str], int]:

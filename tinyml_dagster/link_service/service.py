@@ -7,12 +7,12 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from tinyml_dagster.knowledge_base import (DatabaseError, IngestResult, KnowledgeBase, KnowledgeBaseError,
-                                           UnstorableError, Upload, location, valid_id)
+                                           UnstorableError, Upload, WindowBatch, location, valid_id)
 
 log = logging.getLogger("tinyml_dagster.link_service")
 
@@ -36,6 +36,19 @@ class _Item:
     settles: bool = False  # a refusal settles the number for good (a port's device drops it): record it as a gap
 
 
+@dataclass
+class _WindowsItem:
+    """A batch of windows from the ingest socket: acked(refused rows) once every other row is committed."""
+
+    batch: WindowBatch
+    acked: Callable[[list[int]], None]  # with the rows refused
+    refuse: Callable[[Upload, str], None] | None = None
+    reasons: dict[int, str] = field(default_factory=dict)  # rows refused before they reached the door
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
 def door_problem(u: Upload) -> str | None:
     """Why an upload must not be stored (types, lengths, finiteness, sizes, a champion blob that does not
     parse), or None."""
@@ -48,6 +61,14 @@ def door_problem(u: Upload) -> str | None:
         except KnowledgeBaseError as e:
             reason = str(e).split(":")[0] + ": not a champion (u16 length | config.json | compact forest)"
     return reason
+
+
+def _size(item: _Item | _WindowsItem) -> int:
+    return len(item) if isinstance(item, _WindowsItem) else 1
+
+
+def _no_ack(upload: Upload, duplicate: bool) -> None:
+    """The ack of a window of a batch: the batch is acknowledged as a whole."""
 
 
 def _transient(e: Exception) -> bool:
@@ -86,7 +107,8 @@ class LinkService:
         self.db_timeout_s = db_timeout_s  # a write waits this long for another process's lock, then retries later
         self.stop_event = threading.Event()
         self.ready = threading.Event()
-        self._q: queue.Queue[_Item] = queue.Queue()
+        self._q: queue.Queue[_Item | _WindowsItem] = queue.Queue()
+        self._queued = 0  # uploads in _q (a batch counts its windows)
         self._writes: queue.Queue[Callable[[KnowledgeBase], None]] = queue.Queue()  # the ports' gaps and alarms
         self._threads: list[threading.Thread] = []
         self._links: dict[str, object] = {}
@@ -196,10 +218,22 @@ class LinkService:
                settles: bool = False) -> None:
         """Queue an upload; ack(upload, duplicate) is called once it is committed, refuse(upload, reason) when
         it will never be stored (reason: refused already)."""
-        if self._q.qsize() >= MAX_QUEUED:  # the database is down for long: not acknowledged, the sender resends
+        if self._queued >= MAX_QUEUED:  # the database is down for long: not acknowledged, the sender resends
             self.counters["dropped"] += 1
             return
         self._q.put(_Item(upload, ack, refuse, reason, settles))
+        self._queued += 1
+
+    def submit_windows(self, batch: WindowBatch, acked: Callable[[list[int]], None],
+                       refuse: Callable[[Upload, str], None] | None = None, reasons: dict[int, str] | None = None
+                       ) -> None:
+        """Queue a batch of windows; refuse(upload, reason) is called for each row that will never be stored
+        (reasons: rows refused already), then acked(those rows) once every other row is committed."""
+        if self._queued >= MAX_QUEUED:  # as submit: not acknowledged, the sender resends
+            self.counters["dropped"] += len(batch)
+            return
+        self._q.put(_WindowsItem(batch, acked, refuse, dict(reasons or {})))
+        self._queued += len(batch)
 
     def device_key(self, device_id: str) -> bytes | None:
         """The key of a device (None: the gateway holds none, so nothing of it can be verified)."""
@@ -259,22 +293,33 @@ class LinkService:
                 self._writes.put(write)
                 raise
 
-    def _take_batch(self, timeout: float) -> list[_Item]:
+    def _take_batch(self, timeout: float) -> list[_Item | _WindowsItem]:
+        """Queued items up to batch_max uploads (at least one item)."""
         try:
-            first = self._q.get(timeout=timeout)
+            batch = [self._q.get(timeout=timeout)]
         except queue.Empty:
             return []
-        batch = [first]
-        while len(batch) < self.batch_max:
+        size = _size(batch[0])
+        while size < self.batch_max:
             try:
                 batch.append(self._q.get_nowait())
             except queue.Empty:
                 break
+            size += _size(batch[-1])
+        self._queued -= size
         return batch
 
-    def _commit(self, kb: KnowledgeBase, batch: list[_Item]) -> None:
+    def _commit(self, kb: KnowledgeBase, batch: list[_Item | _WindowsItem]) -> None:
+        sets: dict[str, list[_WindowsItem]] = {}  # one transaction per feature set
+        for item in batch:
+            if isinstance(item, _WindowsItem):
+                sets.setdefault(item.batch.feature_set, []).append(item)
+        for items in sets.values():
+            self._commit_windows(kb, items)
         good, refused = [], []
         for item in batch:
+            if isinstance(item, _WindowsItem):
+                continue
             reason = item.reason or door_problem(item.upload)
             (good.append(item) if reason is None else refused.append((item, reason)))
         try:
@@ -290,6 +335,47 @@ class LinkService:
             self.counters["duplicates" if dup else "ingested"] += 1
             try:
                 item.ack(item.upload, dup)
+            except OSError:
+                pass  # the sender went away; it retransmits and the KB recognises the repeat
+
+    def _commit_windows(self, kb: KnowledgeBase, items: list[_WindowsItem]) -> None:
+        """Commit the storable windows of the batches in one transaction, then refuse the others and acknowledge
+        each batch."""
+        refused: list[tuple[_Item, str]] = []
+        refused_rows: dict[int, list[int]] = {id(item): [] for item in items}
+        parts, origin = [], []  # origin: (item, row) of each row of the joined batch
+        for item in items:
+            reasons = {**item.batch.problems(), **item.reasons}
+            refused += [(_Item(item.batch.upload(i), _no_ack, item.refuse), r) for i, r in sorted(reasons.items())]
+            refused_rows[id(item)] += sorted(reasons)
+            keep = [i for i in range(len(item)) if i not in reasons]
+            parts.append(item.batch.subset(keep) if reasons else item.batch)
+            origin += [(item, i) for i in keep]
+        joined = WindowBatch.concat(parts)
+        try:
+            # committed when this returns
+            result = kb.ingest_windows(joined, gateway=self.gateway_id) if len(joined) else IngestResult()
+            kept = range(len(joined))
+        except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError):
+            singles = [_Item(joined.upload(j), _no_ack, item.refuse) for j, (item, _) in enumerate(origin)]
+            position = {id(single): j for j, single in enumerate(singles)}
+            stored, result = self._commit_one_by_one(kb, singles, refused)
+            kept = [position[id(single)] for single in stored]
+            for j in set(range(len(joined))) - set(kept):
+                refused_rows[id(origin[j][0])].append(origin[j][1])
+        reused = []
+        for j, conflict in zip(kept, result.conflicts):
+            if conflict:
+                item, row = origin[j]
+                reused.append((_Item(joined.upload(j), _no_ack, item.refuse), REUSED))
+                refused_rows[id(item)].append(row)
+        if refused or reused:
+            self._refuse(kb, refused, reused)
+        self.counters["ingested"] += result.stored
+        self.counters["duplicates"] += sum(result.duplicates) - sum(result.conflicts)
+        for item in items:
+            try:
+                item.acked(sorted(refused_rows[id(item)]))
             except OSError:
                 pass  # the sender went away; it retransmits and the KB recognises the repeat
 
