@@ -536,6 +536,7 @@ class KnowledgeBase:
         process's lock before sqlite3.OperationalError (psycopg.errors.LockNotAvailable)."""
         where = location(path)
         self._lock = threading.RLock()
+        self._tx_depth = 0  # transactions open on this connection (nested ones are savepoints)
         self._last_seq: dict[str, int] = {}
         self.postgres = is_url(where)
         if self.postgres:
@@ -568,7 +569,8 @@ class KnowledgeBase:
         self.close()
 
     def transaction(self) -> "_Tx":
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); writers are serialised across processes."""
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); writers are serialised across processes. Inside another
+        transaction of this manager: a savepoint, undone alone on error, committed with the outer one."""
         return _Tx(self)
 
     def schema_version(self) -> int:
@@ -854,14 +856,16 @@ class KnowledgeBase:
             where += " AND u.device_id IN (SELECT device_id FROM devices WHERE cohort %s)" % ("= ?" if cohort
                                                                                             else "IS NULL")
             params += [json.dumps(cohort, sort_keys=True)] if cohort else []
-        rows = self.query(
-            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
-            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?" + where +
-            " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
-            " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
-            " ORDER BY u.id LIMIT ?",
-            (*params, limit),
-        )
+        sql = ("SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
+               " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?" + where +
+               " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
+               " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
+               " ORDER BY u.id LIMIT ?")
+        with self._lock:
+            if self.postgres:  # planned for this after_id: a plan for any after_id anti-joins every decision
+                rows = self._conn.execute(sql, (*params, limit), prepare=False).fetchall()
+            else:
+                rows = self._conn.execute(sql, (*params, limit)).fetchall()
         if feature_set == "paper":
             return [tuple(r[:6]) for r in rows]
         return [(r[0], r[1], *unpack_features(r[6]), r[5]) for r in rows]
@@ -1559,18 +1563,37 @@ class KnowledgeBase:
 
 
 class _Tx:
+    """A transaction; inside another one, a savepoint of it (undone alone on error, committed with the outer)."""
+
     def __init__(self, kb: KnowledgeBase):
         self.kb = kb
 
     def __enter__(self):
-        self.kb._conn.execute("BEGIN IMMEDIATE")
+        self.kb._lock.acquire()
+        try:
+            depth = self.kb._tx_depth
+            self.kb._conn.execute("SAVEPOINT tx%d" % depth if depth else "BEGIN IMMEDIATE")
+        except BaseException:
+            self.kb._lock.release()
+            raise
+        self.kb._tx_depth = depth + 1
         return self.kb._conn
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.kb._conn.execute("COMMIT")
-        else:
-            self.kb._conn.execute("ROLLBACK")
+        self.kb._tx_depth -= 1
+        depth = self.kb._tx_depth
+        if exc_type is not None:
+            self.kb._last_seq.clear()  # the rollback undid our view of the devices' upload numbers
+        try:
+            if depth and exc_type is None:
+                self.kb._conn.execute("RELEASE tx%d" % depth)
+            elif depth:
+                self.kb._conn.execute("ROLLBACK TO tx%d" % depth)
+                self.kb._conn.execute("RELEASE tx%d" % depth)
+            else:
+                self.kb._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.kb._lock.release()
         return False
 
 
@@ -1651,9 +1674,10 @@ class _PgConnection:
             self.raw.close()
             raise
 
-    def execute(self, sql: str, params: Sequence = ()) -> _PgCursor:
+    def execute(self, sql: str, params: Sequence = (), prepare: bool | None = None) -> _PgCursor:
+        """prepare: None lets psycopg prepare a statement run often; False plans it for these parameters."""
         text, returns = _pg_sql(sql)
-        return _PgCursor(self.raw.execute(text, tuple(params)), returns)
+        return _PgCursor(self.raw.execute(text, tuple(params), prepare=prepare), returns)
 
     def executemany(self, sql: str, rows: Iterable[Sequence]) -> None:
         rows = [tuple(r) for r in rows]

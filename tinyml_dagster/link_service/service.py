@@ -8,6 +8,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -115,6 +116,7 @@ class LinkService:
         self._problems: dict[str, str] = {}
         self._refusals_logged: set[tuple[str, str]] = set()
         self._retry: list[_Item] = []
+        self._answers: list[Callable[[], None]] = []  # acks and refusals of the turn, sent once it is committed
         self._pool, self._pool_at, self._next_decide, self._next_deploy_check = None, 0.0, 0.0, 0.0
         self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0,
                          "dropped": 0}
@@ -175,14 +177,32 @@ class LinkService:
         return kb
 
     def _turn(self, kb: KnowledgeBase) -> None:
-        """One turn of the loop: commit a batch (then acknowledge it), record gaps, decide, hand out deploys."""
+        """One turn of the loop: commit a batch with the pool's decisions on it (then acknowledge it), record gaps,
+        hand out deploys."""
         batch = self._retry or self._take_batch(timeout=0.05)
         self._retry = batch  # until committed: a database fault leaves it for the next turn
+        now = time.monotonic()
+        self._refresh_pool(now)
         if batch:
-            self._commit(kb, batch)
+            self._answers = []
+            with kb.transaction():  # one commit (and one turn of the writers' lock) for the batch and its decisions
+                self._commit(kb, batch)
+                self._decide(kb, now)
+            answers, self._answers = self._answers, []
+            for answer in answers:  # committed: acknowledge
+                try:
+                    answer()
+                except OSError:
+                    pass  # the sender went away; it retransmits and the KB recognises the repeat
+        elif now >= self._next_decide:
+            self._decide(kb, now)
         self._retry = []
         self._record_writes(kb)
-        now = time.monotonic()
+        if now >= self._next_deploy_check:
+            self._dispatch_deploys(kb)
+            self._next_deploy_check = now + 0.2
+
+    def _refresh_pool(self, now: float) -> None:
         if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
             try:
                 self._pool = self.pool_factory()
@@ -192,23 +212,24 @@ class LinkService:
                     log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
                 self._pool = None
             self._pool_at = now
-        if self._pool is not None and (batch or now >= self._next_decide):
-            self._next_decide = now + 1.0
-            try:  # one batch a turn: a backlog of decisions never holds the acks of new uploads back
-                decided = self._pool.decide_pending(kb, batch=DECIDE_BATCH, max_batches=1).decided
-                self.counters["decided"] += decided
-                if decided >= DECIDE_BATCH:
-                    self._next_decide = now
-            except DatabaseError:
-                raise
-            except Exception as e:  # the rows it could not use are quarantined; anything else: next round
-                self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
-                               % (type(e).__name__, e))
-            else:
-                self._log_once("pool", None)
-        if now >= self._next_deploy_check:
-            self._dispatch_deploys(kb)
-            self._next_deploy_check = now + 0.2
+
+    def _decide(self, kb: KnowledgeBase, now: float) -> None:
+        """The pool decides one batch of the windows stored and not decided yet."""
+        if self._pool is None:
+            return
+        self._next_decide = now + 1.0
+        try:  # one batch a turn: a backlog of decisions never holds the acks of new uploads back for long
+            decided = self._pool.decide_pending(kb, batch=DECIDE_BATCH, max_batches=1).decided
+            self.counters["decided"] += decided
+            if decided >= DECIDE_BATCH:
+                self._next_decide = now
+        except DatabaseError:
+            raise
+        except Exception as e:  # the rows it could not use are quarantined; anything else: next round
+            self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
+                           % (type(e).__name__, e))
+        else:
+            self._log_once("pool", None)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -333,10 +354,7 @@ class LinkService:
             if conflict:
                 continue
             self.counters["duplicates" if dup else "ingested"] += 1
-            try:
-                item.ack(item.upload, dup)
-            except OSError:
-                pass  # the sender went away; it retransmits and the KB recognises the repeat
+            self._answers.append(partial(item.ack, item.upload, dup))
 
     def _commit_windows(self, kb: KnowledgeBase, items: list[_WindowsItem]) -> None:
         """Commit the storable windows of the batches in one transaction, then refuse the others and acknowledge
@@ -373,11 +391,7 @@ class LinkService:
             self._refuse(kb, refused, reused)
         self.counters["ingested"] += result.stored
         self.counters["duplicates"] += sum(result.duplicates) - sum(result.conflicts)
-        for item in items:
-            try:
-                item.acked(sorted(refused_rows[id(item)]))
-            except OSError:
-                pass  # the sender went away; it retransmits and the KB recognises the repeat
+        self._answers += [partial(item.acked, sorted(refused_rows[id(item)])) for item in items]
 
     def _commit_one_by_one(
         self, kb: KnowledgeBase, items: list[_Item], refused: list
@@ -412,10 +426,7 @@ class LinkService:
                 self._refusals_logged.add((device_id, reason))
                 log.warning("%s: upload %.40r refused: %s (counted in the KB, logged once)", device_id, seq, reason)
             if item.refuse is not None:
-                try:
-                    item.refuse(item.upload, reason)
-                except OSError:
-                    pass
+                self._answers.append(partial(item.refuse, item.upload, reason))
 
     def _dispatch_deploys(self, kb: KnowledgeBase) -> None:
         for device_id, link in self._links.items():
