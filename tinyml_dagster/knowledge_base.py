@@ -552,6 +552,8 @@ class KnowledgeBase:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=%s" % synchronous)
                 self._conn.execute("PRAGMA foreign_keys=ON")
+                self._conn.execute("CREATE TEMP TABLE upload_batch (%s)" % ", ".join(
+                    "%s %s" % name_type for name_type in _UPLOAD_BATCH_COLUMNS))
             self.migrate()
         except BaseException:
             self._conn.close()
@@ -682,8 +684,6 @@ class KnowledgeBase:
             row = min(problems)
             batch.upload(row).validate()
         now = time.time() if now is None else now
-        if not self.postgres:
-            return self.ingest([batch.upload(i) for i in range(len(batch))], now, gateway)
         n = len(batch)
         paper = batch.feature_set == "paper"
         if paper:
@@ -712,24 +712,31 @@ class KnowledgeBase:
 
     def _ingest_staged(self, rows: list[tuple], models: list[tuple], now: float, gateway: str | None
                        ) -> IngestResult:
-        """PostgreSQL's ingest: rows (ord, then _UPLOAD_BATCH_TYPES' columns) COPYed into a staging table and
-        inserted by one statement, retransmissions (and repeats inside the batch) recognised by the (device, upload
-        number) key; models: (device, seq, blob, window_from, window_to) of the champion uploads; the SQLite path's
-        outcome."""
+        """Ingest in bulk (PostgreSQL's, and SQLite's of a WindowBatch): rows (ord, then _UPLOAD_BATCH_TYPES'
+        columns) put into a staging table (COPY on PostgreSQL) and inserted by one statement, retransmissions (and
+        repeats inside the batch) recognised by the (device, upload number) key; models: (device, seq, blob,
+        window_from, window_to) of the champion uploads; the outcome of SQLite's ingest one upload at a time."""
         result = IngestResult()
         with self._lock, self.transaction():
             c = self._conn
-            c.copy_rows("upload_batch", _UPLOAD_BATCH_COLUMNS, rows)
-            c.execute(
+            c.execute("DELETE FROM upload_batch")  # an earlier batch of an enclosing transaction
+            self._last_seq.clear()  # the devices' upload numbers move on below, not through _touch_device
+            if self.postgres:
+                c.copy_rows("upload_batch", _UPLOAD_BATCH_COLUMNS, rows)
+            else:
+                c.executemany("INSERT INTO upload_batch VALUES (%s)" % ",".join("?" * len(_UPLOAD_BATCH_COLUMNS)),
+                              rows)
+            c.execute(  # WHERE true: SQLite's upsert after a SELECT needs a WHERE
                 "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway)"
                 " SELECT device_id, ?, ?, MAX(CASE WHEN kind = 'champion' THEN -1 ELSE seq END), ? FROM upload_batch"
-                " GROUP BY device_id ORDER BY device_id"
+                " WHERE true GROUP BY device_id ORDER BY device_id"
                 " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen, last_seq = excluded.last_seq,"
                 " gateway = COALESCE(devices.gateway, excluded.gateway) WHERE excluded.last_seq > devices.last_seq",
                 (now, now, gateway))
             new = {(d, s): uid for uid, d, s in c.execute(
                 "INSERT INTO uploads (" + _UPLOAD_COLUMNS + ") SELECT " + _UPLOAD_COLUMNS + " FROM upload_batch"
-                " ORDER BY ord ON CONFLICT (device_id, seq) DO NOTHING RETURNING id, device_id, seq").fetchall()}
+                " WHERE true ORDER BY ord ON CONFLICT (device_id, seq) DO NOTHING RETURNING id, device_id, seq"
+            ).fetchall()}
             stored = {}
             if len(new) < len(rows):  # retransmissions: compare each with what is stored under its number
                 stored = {(r[0], r[1]): r[2:] for r in c.execute(
@@ -761,8 +768,11 @@ class KnowledgeBase:
                 if kind != "champion" and champion_id and device_id not in with_champion:
                     with_champion.add(device_id)
                     reported.append((device_id, champion_id, "reported", now, uid - 1))
-            if reported:
+            if reported and self.postgres:
                 c.copy_rows("champions", _CHAMPION_COLUMNS, reported)
+            elif reported:
+                c.executemany("INSERT INTO champions (device_id, model_id, source, since, since_upload_id)"
+                              " VALUES (?,?,?,?,?)", reported)
         return result
 
     def _touch_device(self, device_id: str, seq: int, now: float, gateway: str | None = None) -> int:

@@ -156,3 +156,16 @@ def test_a_bad_batch_line_gets_an_error_and_the_service_goes_on(tmp_path):
         c.send_windows(columns([{"d": "d1", "s": 1}]))
         assert drain(c, lambda got: got) == [("d1", 1)]
     assert KnowledgeBase(tmp_path / "kb.sqlite").upload_keys() == {("d1", 1)}
+
+
+def test_windows_and_single_uploads_keep_the_devices_upload_numbers_in_step(kb_location):
+    kb = KnowledgeBase(kb_location)
+    kb.ingest([Upload("d1", 5, "normal", (0.0, 0.1, 1.0), "v1", 0.4, 0)])
+    kb.ingest_windows(batch_of([{"d": "d1", "s": 10}]))
+    kb.ingest([Upload("d1", 7, "normal", (0.0, 0.1, 1.0), "v1", 0.4, 0)])  # late, below the last number
+    assert kb.scalar("SELECT last_seq FROM devices WHERE device_id='d1'") == 10
+    with kb.transaction():  # two batches in one enclosing transaction: each stored once, as itself
+        first = kb.ingest_windows(batch_of([{"d": "d2", "s": 1}, {"d": "d2", "s": 2}]))
+        second = kb.ingest_windows(batch_of([{"d": "d2", "s": 3}]))
+    assert first.duplicates == [False, False] and second.duplicates == [False]
+    assert kb.count_uploads(device_id="d2") == 3 and len(set(first.upload_ids + second.upload_ids)) == 3
