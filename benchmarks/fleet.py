@@ -220,6 +220,7 @@ def run_scaleout(ids, forests, devices_n: int, gateways: int, per_device: int, w
                 svcs[names[0]] = start_service(spec_path, log, socks[names[0]], names[0])
             else:
                 cluster.restart("immediate")
+                events["server_down_s"] = round(time.time() - t0 - events[what], 3)
         for t in threads:
             t.join(timeout=900)
         t_last_ack = time.time()
@@ -230,6 +231,7 @@ def run_scaleout(ids, forests, devices_n: int, gateways: int, per_device: int, w
             svc.wait(timeout=30)
         out = {"devices": devices_n, "gateways": gateways, "uploads": total, "backend": "postgresql",
                **figures(kb, devices, per_device, acked_lists, t_last_ack - t0), **events,
+               "longest_ack_gap_s": round(float(np.diff(sorted(stop.get("ack_times", [t0]))).max(initial=0)), 3),
                "reconnects": sum(c.reconnects for c in clients)}
         kb.close()
         for c in clients:

@@ -537,6 +537,8 @@ class KnowledgeBase:
         where = location(path)
         self._lock = threading.RLock()
         self._tx_depth = 0  # transactions open on this connection (nested ones are savepoints)
+        self._staged = False  # the open transaction staged a batch already (see _ingest_staged)
+        self._pool_ids: dict[str, int] = {}  # pools' ids by their model ids (a pool row is never deleted)
         self._last_seq: dict[str, int] = {}
         self.postgres = is_url(where)
         if self.postgres:
@@ -719,7 +721,9 @@ class KnowledgeBase:
         result = IngestResult()
         with self._lock, self.transaction():
             c = self._conn
-            c.execute("DELETE FROM upload_batch")  # an earlier batch of an enclosing transaction
+            if self._staged or not self.postgres:  # an earlier batch (PostgreSQL empties it at each commit)
+                c.execute("DELETE FROM upload_batch")
+            self._staged = True
             self._last_seq.clear()  # the devices' upload numbers move on below, not through _touch_device
             if self.postgres:
                 c.copy_rows("upload_batch", _UPLOAD_BATCH_COLUMNS, rows)
@@ -1089,10 +1093,13 @@ class KnowledgeBase:
     def pool_id(self, model_ids: Sequence[str]) -> int:
         key = json.dumps(list(model_ids))
         with self._lock:
-            self._conn.execute(
-                "INSERT OR IGNORE INTO pools (model_ids, created_at) VALUES (?, ?)", (key, time.time())
-            )
-            return self._conn.execute("SELECT pool_id FROM pools WHERE model_ids=?", (key,)).fetchone()[0]
+            if key not in self._pool_ids:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO pools (model_ids, created_at) VALUES (?, ?)", (key, time.time())
+                )
+                self._pool_ids[key] = self._conn.execute("SELECT pool_id FROM pools WHERE model_ids=?",
+                                                         (key,)).fetchone()[0]
+            return self._pool_ids[key]
 
     def store_decisions(
         self, pool_id: int, model_ids: Sequence[str], rows: Sequence[tuple], now: float | None = None
@@ -1592,8 +1599,11 @@ class _Tx:
     def __exit__(self, exc_type, exc, tb):
         self.kb._tx_depth -= 1
         depth = self.kb._tx_depth
-        if exc_type is not None:
-            self.kb._last_seq.clear()  # the rollback undid our view of the devices' upload numbers
+        if exc_type is not None:  # the rollback undid our view of the devices' upload numbers and new pools
+            self.kb._last_seq.clear()
+            self.kb._pool_ids.clear()
+        if not depth:
+            self.kb._staged = False
         try:
             if depth and exc_type is None:
                 self.kb._conn.execute("RELEASE tx%d" % depth)

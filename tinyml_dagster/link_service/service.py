@@ -23,7 +23,7 @@ PoolFactory = Callable[[], object]
 DECIDE_BATCH = 5000  # windows the pool decides per turn of the loop
 MAX_QUEUED = 200_000  # uploads waiting for the database; beyond, new ones are dropped unacknowledged
 DB_RETRY_MIN_S = 0.25  # after a database fault the loop retries after this, doubling up to DB_RETRY_MAX_S
-DB_RETRY_MAX_S = 2.0
+DB_RETRY_MAX_S = 0.5  # a retry is one connection attempt: a restarted database server is back in use within this
 REUSED = "upload number reused with different content"
 INVALID_ID = "(invalid id)"  # refusals of uploads without a usable device id are counted under this name
 
@@ -145,7 +145,7 @@ class LinkService:
                     self._turn(kb)
                 except DatabaseError as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
                     self._log_once("database", "Knowledge Base %s: %s: %s (nothing acknowledged; retrying with"
-                                   " backoff up to %.0f s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
+                                   " backoff up to %g s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
                     if kb is not None and not _transient(e):
                         kb.close()
                         kb = None
