@@ -756,7 +756,7 @@ class KnowledgeBase:
                 "INSERT INTO model_uploads (upload_id, device_id, blob, window_from, window_to) VALUES (?,?,?,?,?)",
                 [(new[(d, s)], d, blob, w_from, w_to) for d, s, blob, w_from, w_to in models if (d, s) in new])
             reported = []  # the first champion a device reports, for devices without one
-            for _, device_id, seq, kind, _, _, window_start, *f, champion_id, score, decision, window, fs, vector in (
+            for _, device_id, seq, kind, _, _, window_start, *f, champion_id, score, decision, _, fs, vector in (
                     rows):
                 uid = new.pop((device_id, seq), None)
                 if uid is None:
