@@ -3,6 +3,8 @@ inference for 10-50 trees, model load cost, and heap held by a loaded champion; 
 per-tree bytecode at load, firmware/compiled_forest.py) and the plain node-array walk of isoforest.Forest, against a
 LibIsolationForest-style model (nested dict nodes loaded from JSON), and the champion the gateway precompiled with
 mpy-cross (`mpy`: imported by the device, nothing compiled); package bytes per encoding. Writes data/bench/device.json.
+Inference is timed on windows inside the forest's split ranges and (`inference_fuel_beyond`) on windows beyond them,
+where out-of-range isolation adds its pow.
 
 Fuel per operation is the difference between deterministic VM runs that differ only by that operation.
 Heap is gc.mem_alloc() after a top-level gc.collect() with the model held, minus the same without it (the firmware
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from firmware import features, isoforest  # noqa: E402
-from firmware.tests.util import signal  # noqa: E402
+from firmware.tests.util import beyond_range, signal  # noqa: E402
 from tinyml_dagster import settings  # noqa: E402
 from tinyml_dagster.deployment_agent import MpyTarget, forest_package, runtime_mpy  # noqa: E402
 from tinyml_dagster import device_workloads as dw  # noqa: E402
@@ -43,6 +45,8 @@ HEAP_TARGET = 24 * 1024
 SPEEDUP_TARGET = 3.0
 MPY_LOAD_TARGET = 0.5  # the .mpy champion's load instructions, as a share of the nested dicts' at 50 trees
 PACKAGE_ENCODINGS = ("compact", "mpy", "mpy+compact", "json")
+BEYOND_SCALE = 3.0  # the test windows' features times this: beyond every forest's split ranges
+READ_BEYOND = "rows = json.load(open('/flash/beyond.json'))\n"
 
 FEATURES_SETUP = """
 import array
@@ -118,12 +122,16 @@ def measure() -> dict:
         flash = Path(tmp)
         grid = isoforest.make_grid(train_rows)
         (flash / "rows.json").write_text(json.dumps([list(r) for r in test_rows]))
+        beyond_rows = [[v * BEYOND_SCALE for v in r] for r in test_rows]
+        (flash / "beyond.json").write_text(json.dumps(beyond_rows))
         (flash / "grid.json").write_text(json.dumps(grid))
         for n in SIZES:
             forest = isoforest.train(train_rows, n, PSI, seed=n, grid=grid)
             (flash / f"m{n}.bin").write_bytes(forest.to_bytes())
             (flash / f"m{n}.json").write_text(json.dumps(isoforest.to_json(forest)))
             out["ours"]["model_bytes"][n] = out["node_arrays"]["model_bytes"][n] = len(forest.to_bytes())
+            out.setdefault("windows_beyond_range", {})[n] = {"inside": N_WINDOWS - beyond_range(forest, test_rows),
+                                                             "beyond": beyond_range(forest, beyond_rows)}
             out["baseline"]["model_bytes"][n] = (flash / f"m{n}.json").stat().st_size
             (flash / f"m{n}.mpy").write_bytes(runtime_mpy(forest, MpyTarget()))
             out["mpy"]["model_bytes"][n] = (flash / f"m{n}.mpy").stat().st_size
@@ -145,6 +153,10 @@ def measure() -> dict:
                 out[kind]["heap_bytes"][n] = dw.heap(load_out) - base_heap
                 out[kind]["load_fuel"][n] = only_load - setup_only
                 out[kind]["inference_fuel"][n] = (score_fuel - only_load) // N_WINDOWS
+                if kind in ("ours", "mpy"):
+                    loaded = dw.SETUP + dw.BASELINE_SCORER + load % {"n": n} + dw.COLLECT + READ_BEYOND
+                    beyond = dw.fuel(vm, loaded + score)[0] - dw.fuel(vm, loaded)[0]
+                    out[kind].setdefault("inference_fuel_beyond", {})[n] = beyond // N_WINDOWS
         w = features.window_length(RATE_HZ)
         k = 8
         f0, _ = dw.fuel(vm, FEATURES_SETUP % {"w": w})
@@ -180,13 +192,15 @@ def measure() -> dict:
 def main() -> int:
     out = measure()
     print(f"device benchmark (MicroPython 1.27 WASI VM, psi={PSI}, fuel = wasm instructions)")
-    print(f"{'trees':>5} {'ours heap':>10} {'base heap':>10} {'ours inf':>10} {'base inf':>10} {'speedup':>8}"
-          f" {'ours load':>10} {'base load':>10} {'ours B':>7} {'base B':>8}")
+    print(f"{'trees':>5} {'ours heap':>10} {'base heap':>10} {'ours inf':>10} {'beyond':>8} {'base inf':>10}"
+          f" {'speedup':>8} {'ours load':>10} {'base load':>10} {'ours B':>7} {'base B':>8}")
     o, b = out["ours"], out["baseline"]
     for n in SIZES:
         print(f"{n:>5} {o['heap_bytes'][n]:>10} {b['heap_bytes'][n]:>10} {o['inference_fuel'][n]:>10}"
-              f" {b['inference_fuel'][n]:>10} {out['inference_speedup'][n]:>7}x {o['load_fuel'][n]:>10}"
-              f" {b['load_fuel'][n]:>10} {o['model_bytes'][n]:>7} {b['model_bytes'][n]:>8}")
+              f" {o['inference_fuel_beyond'][n]:>8} {b['inference_fuel'][n]:>10} {out['inference_speedup'][n]:>7}x"
+              f" {o['load_fuel'][n]:>10} {b['load_fuel'][n]:>10} {o['model_bytes'][n]:>7} {b['model_bytes'][n]:>8}")
+    print("inference (ours inf) on windows inside the split ranges, 'beyond' on windows beyond them "
+          f"(features x {BEYOND_SCALE}; inside/beyond per size: {out['windows_beyond_range']})")
     f = out["feature_fuel_per_window"]
     a = out["node_arrays"]
     print("node-array walk (isoforest.Forest, no compile): " + ", ".join(
@@ -195,7 +209,8 @@ def main() -> int:
     print("precompiled .mpy champion (mpy-cross by the gateway, imported): " + ", ".join(
         f"{n} trees load {m['load_fuel'][n]} fuel ({m['load_fuel'][n] / b['load_fuel'][n]:.2f}x nested dicts, "
         f"{m['load_fuel'][n] / o['load_fuel'][n]:.3f}x compiled), heap {m['heap_bytes'][n]} B, "
-        f"inference {m['inference_fuel'][n]} fuel, .mpy {m['model_bytes'][n]} B" for n in SIZES))
+        f"inference {m['inference_fuel'][n]} fuel ({m['inference_fuel_beyond'][n]} beyond the ranges), "
+        f".mpy {m['model_bytes'][n]} B" for n in SIZES))
     print("package bytes (first deploy): " + "; ".join(
         f"{enc} " + ", ".join(str(out["package_bytes"][enc][n]) for n in SIZES) for enc in PACKAGE_ENCODINGS))
     print(f"feature extraction: {f['fuel']} fuel per window of {f['samples']} samples ({f['rate_hz']} Hz, 500 ms)")

@@ -7,7 +7,8 @@ and then holds only the bytecode. To keep that bytecode small, every constant is
 centred on the middle of its thresholds' range (2-byte constants instead of 3) and the leaf codes are offset so
 that most fall in -16..47 (one-byte constants), the offsets added back once per window; a group's trees sit on one
 source line (no line-number table); a split whose two sides are the same expression (common: two singleton leaves
-at one depth) is left out. Scores are the same integers summed, so they equal Forest's exactly.
+at one depth) is left out. Scores are the same integers summed, so they equal Forest's exactly; the out-of-range
+isolation (isoforest's module docstring) adds two compares per feature against the forest's split ranges.
 
 The gateway can do the compiling instead: `module_source` is the same groups as one module (the runtime module),
 which it compiles with mpy-cross into a .mpy that `PrecompiledForest` imports without compiling anything.
@@ -31,21 +32,17 @@ _SCORERS = {}
 
 
 def layout(forest):
-    """(centres, leaf offset): per feature the middle of its thresholds' range; the offset putting most leaf codes
-    in -16..47."""
+    """(centres, leaf offset): per feature the middle of its split range (Q_CENTRE when no split uses it); the
+    offset putting most leaf codes in -16..47."""
     nf = forest.nf
-    nt = forest.nt
-    lo = [65535] * forest.n_features
-    hi = [0] * forest.n_features
     counts = [0] * isoforest.LEAF_FLAG
     for i in range(len(nf)):
         f = nf[i]
         if f & isoforest.LEAF_FLAG:
             counts[f - isoforest.LEAF_FLAG] += 1
-        else:
-            lo[f] = min(lo[f], nt[i])
-            hi[f] = max(hi[f], nt[i])
-    centres = tuple((lo[f] + hi[f] + 1) // 2 if lo[f] <= hi[f] else Q_CENTRE for f in range(forest.n_features))
+    lo = forest.split_lo
+    hi = forest.split_hi
+    centres = tuple((lo[f] + hi[f] + 1) // 2 for f in range(forest.n_features))
     best, held = 0, sum(counts[:SMALL_INT_SPAN])
     run = held
     for start in range(1, len(counts) - SMALL_INT_SPAN + 1):
@@ -82,13 +79,15 @@ def group_source(forest, roots, centres, leaf_offset):
 
 
 def module_source(forest):
-    """The runtime module of a forest: H = (n_features, n_trees, psi), C = the centres, L = the leaf offset,
-    G = the groups' lambdas, one per line."""
+    """The runtime module of a forest: H = (n_features, n_trees, psi), C = the centres, R = the split ranges
+    (lows, highs), L = the leaf offset, G = the groups' lambdas, one per line."""
     args = ",".join("q%d" % f for f in range(forest.n_features))
     roots = forest.roots
     centres, leaf_offset = layout(forest)
     lines = ["H=(%d,%d,%d)" % (forest.n_features, forest.n_trees, forest.psi),
-             "C=(%s,)" % ",".join(str(c) for c in centres), "L=%d" % leaf_offset, "G=("]
+             "C=(%s,)" % ",".join(str(c) for c in centres),
+             "R=((%s,),(%s,))" % (",".join(str(v) for v in forest.split_lo), ",".join(str(v) for v in forest.split_hi)),
+             "L=%d" % leaf_offset, "G=("]
     for k in range(0, len(roots), TREES_PER_FUNCTION):
         lines.append("lambda %s:%s," % (args, "+".join(tree_expression(forest, r, centres, leaf_offset)
                                                        for r in roots[k:k + TREES_PER_FUNCTION])))
@@ -102,23 +101,29 @@ def _compile(source, name):
 
 
 def _scorer(n_features):
-    """`score(x, scales, bases, centres, groups, offset, k)`: quantise (as isoforest.quantise), centre, sum, exp,
-    in one call.
+    """`score(x, scales, bases, centres, lows, highs, widths, groups, offset, k, n_trees)`: quantise (as
+    isoforest.quantise), centre, out-of-range share (as isoforest.out_of_range_share, on centred lows and highs),
+    sum, exp, in one call.
 
     Unrolled over the features with the grid in locals: the per-window overhead that dominates small forests.
     """
-    lines = ["def score(x,S,B,C,groups,offset,k):"]
-    for name in "SBC":
+    lines = ["def score(x,S,B,C,D,U,W,groups,offset,k,n):"]
+    for name in "SBCDUW":
         lines.append(" " + ",".join("%s%d" % (name, f) for f in range(n_features)) + ",=" + name)
+    lines.append(" p=0.0")
     for f in range(n_features):
         lines.append(" v=x[%d]" % f)
         lines.append(" if v!=v:raise ValueError('feature %d is NaN')" % f)
         lines.append(" q=int(floor(v*S%d+0.5))-B%d if -1e30<v<1e30 else (0 if v<0 else 65535)" % (f, f))
         lines.append(" q%d=(0 if q<0 else (65535 if q>65535 else q))-C%d" % (f, f))
+        lines.append(" if q%d>U%d:e=q%d-U%d;p+=e/(W%d+e)" % (f, f, f, f, f))
+        lines.append(" elif q%d<D%d:e=D%d-q%d;p+=e/(W%d+e)" % (f, f, f, f, f))
     args = ",".join("q%d" % f for f in range(n_features))
-    lines += [" s=offset", " for t in groups:", "  s+=t(%s)" % args, " return exp(k*s)"]
+    lines += [" s=offset", " for t in groups:", "  s+=t(%s)" % args,
+              " return exp(k*(oor(s,p/%d,n) if p else s))" % n_features]
     _GLOBALS["floor"] = math.floor
     _GLOBALS["exp"] = math.exp
+    _GLOBALS["oor"] = isoforest.out_of_range_path_sum
     return _compile("\n".join(lines), "score")
 
 
@@ -169,9 +174,10 @@ class CompiledForest:
             groups.append(_compile(group_source(forest, roots[k:k + TREES_PER_FUNCTION], centres, leaf_offset), "t"))
             if collect is not None:
                 collect()
-        self._hold(forest.n_features, forest.n_trees, forest.psi, forest.grid, tuple(groups), centres, leaf_offset)
+        self._hold(forest.n_features, forest.n_trees, forest.psi, forest.grid, tuple(groups), centres, leaf_offset,
+                   forest.split_lo, forest.split_hi)
 
-    def _hold(self, n_features, n_trees, psi, grid, groups, centres, leaf_offset):
+    def _hold(self, n_features, n_trees, psi, grid, groups, centres, leaf_offset, split_lo, split_hi):
         self.n_features = n_features
         self.n_trees = n_trees
         self.psi = psi
@@ -180,6 +186,12 @@ class CompiledForest:
         self._k = -math.log(2.0) / (isoforest.LEAF_STEP * n_trees * isoforest.c(psi))
         self._offset = leaf_offset * n_trees
         self._centres = tuple(centres)
+        self.split_lo = tuple(split_lo)
+        self.split_hi = tuple(split_hi)
+        # the ranges centred as the scorer's features, and their widths
+        self._lows = tuple(split_lo[f] - centres[f] for f in range(n_features))
+        self._highs = tuple(split_hi[f] - centres[f] for f in range(n_features))
+        self._widths = tuple(split_hi[f] - split_lo[f] for f in range(n_features))
         self.groups = groups
         self._path_sum, self._score = scorers(n_features)
         sgrid = isoforest.scaled_grid(grid)
@@ -191,12 +203,14 @@ class CompiledForest:
         return self._path_sum(self.groups, q, self._centres, self._offset)
 
     def score_q(self, q):
-        """Anomaly score (0..1) of a quantised feature vector."""
-        return math.exp(self._k * self.path_sum(q))
+        """Anomaly score (0..1) of a quantised feature vector, with out-of-range isolation."""
+        p = isoforest.out_of_range_share(q, self.split_lo, self.split_hi)
+        return math.exp(self._k * isoforest.out_of_range_path_sum(self.path_sum(q), p, self.n_trees))
 
     def score(self, x):
         """Anomaly score (0..1) of a raw feature vector (floats, in the model's feature order)."""
-        return self._score(x, self._scales, self._bases, self._centres, self.groups, self._offset, self._k)
+        return self._score(x, self._scales, self._bases, self._centres, self._lows, self._highs, self._widths,
+                           self.groups, self._offset, self._k, self.n_trees)
 
 
 class PrecompiledForest(CompiledForest):
@@ -210,4 +224,7 @@ class PrecompiledForest(CompiledForest):
             raise ValueError("runtime module has %d groups for %d trees" % (len(module.G), n_trees))
         if len(module.C) != n_features:
             raise ValueError("runtime module has %d centres for %d features" % (len(module.C), n_features))
-        self._hold(n_features, n_trees, psi, grid, module.G, module.C, module.L)
+        ranges = getattr(module, "R", None)
+        if ranges is None or len(ranges) != 2 or len(ranges[0]) != n_features or len(ranges[1]) != n_features:
+            raise ValueError("runtime module has no split ranges R for %d features" % n_features)
+        self._hold(n_features, n_trees, psi, grid, module.G, module.C, module.L, ranges[0], ranges[1])

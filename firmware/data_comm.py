@@ -4,6 +4,9 @@ Sends HELLO at boot and on STATUS_REQUEST, an UPLOAD for every anomaly and every
 window; uploads stay in a bounded outbox (persisted in outbox.bin) until the gateway's UPLOAD_ACK; unacked ones
 are re-sent after ack_timeout_ms, one the gateway refuses (UPLOAD_REFUSED) is dropped; a full outbox drops its
 oldest normal upload (else its oldest) and counts it.
+Alarm events (ALARM) go first, from their own bounded box (persisted in alarms.bin), again every ack_timeout_ms
+until the gateway's ALARM_ACK; an alarm's clear replaces its raise not yet acknowledged; a full box drops its oldest
+alarm and counts it.
 Deploy messages go to firmware/transfer.py. Replies and control messages go before uploads.
 """
 
@@ -30,6 +33,7 @@ CHAMPION_CHUNK_FORMAT = "<IHH"
 CHAMPION_CHUNK_DATA = const(240)
 _DEPLOY_TYPES = (messages.DEPLOY_OFFER, messages.DEPLOY_DATA, messages.DEPLOY_COMMIT)
 _BITS_PER_BYTE = const(10)  # 8N1
+ALARM_OUTBOX_MAX = const(16)
 
 
 def _fixed(text, n):
@@ -74,11 +78,17 @@ def unpack_hello(body):
     return out
 
 
+def _alarm_entry(sealed):
+    """An alarm box entry of a sealed ALARM body: [alarm number, end (0: raised), body, sent at (None: not yet)]."""
+    return [struct.unpack_from("<I", sealed, 0)[0], struct.unpack_from("<I", sealed, messages.ALARM_END_OFFSET)[0],
+            sealed, None]
+
+
 class DataComm:
     """Frames in and out over `link` (readinto/write: machine.UART or the emulator's bridge)."""
 
     def __init__(self, link, root, state, baud=2400, outbox_max=64, upload_every=10, ack_timeout_ms=5000,
-                 transfer=None, status=None, device_id=""):
+                 transfer=None, status=None, device_id="", alarm_outbox_max=ALARM_OUTBOX_MAX):
         self.link = link
         self.root = root
         self.device_id = device_id
@@ -95,6 +105,8 @@ class DataComm:
         self.rx_mv = memoryview(self.rx)
         self.control = []  # (type, body) to send before any upload
         self.outbox = []  # [upload_no, anomaly, body, sent_at or None]
+        self.alarm_box = []  # [alarm_no, end, sealed body, sent_at or None]
+        self.alarm_outbox_max = alarm_outbox_max
         self.seq = 0
         self.busy_until = None  # ticks_ms when the link is free again
         self.frames_in = 0
@@ -103,7 +115,8 @@ class DataComm:
         self.uploads_sent = 0
         self.uploads_acked = 0
         self.uploads_refused = 0  # the gateway will never store them (UPLOAD_REFUSED): dropped, not resent
-        self.retransmits = 0  # uploads and champion chunks sent again after an ack timeout
+        self.retransmits = 0  # uploads, alarms and champion chunks sent again after an ack timeout
+        self.alarms_acked = 0
         self.configure = None  # callable(body, seq) -> [(type, body), ...] for a CONFIG_UPDATE
         self._normal_count = 0
         self.champion = None  # (version, CHAMPION_CHUNK bodies) until the gateway's CHAMPION_ACK
@@ -113,33 +126,39 @@ class DataComm:
         # is new moves its ack past them); state's "gaps": the numbers dropped from a full outbox
         through = state.data.get("acked_through", -1)
         self.settled = [[0, through, messages.GAP_SETTLED]] if through >= 0 else []
-        self._load_outbox()
+        for flag, body in self._read_box("outbox.bin"):
+            self.outbox.append([struct.unpack_from("<I", body, 0)[0], flag, body, None])
+        for _, body in self._read_box("alarms.bin"):
+            if len(body) > messages.ALARM_HEAD_SIZE:
+                self.alarm_box.append(_alarm_entry(body))
 
-    # --- outbox (survives reboots)
-    def _outbox_path(self):
-        return self.root + "/outbox.bin"
-
-    def _load_outbox(self):
-        path = self._outbox_path()
+    # --- outboxes (survive reboots): records of u16 length, u8 flag, body
+    def _read_box(self, name):
+        """(flag, body) of each record of the box file <root>/<name> (none when it does not exist)."""
+        path = self.root + "/" + name
         if not exists(path):
-            return
+            return []
         buf = read_bytes(path)
+        out = []
         pos = 0
         while pos + 3 <= len(buf):
             n, flag = struct.unpack_from("<HB", buf, pos)
             pos += 3
             if pos + n > len(buf):
                 break  # a torn tail cannot happen with write_atomic, but never trust flash
-            body = bytes(buf[pos:pos + n])
+            out.append((flag, bytes(buf[pos:pos + n])))
             pos += n
-            self.outbox.append([struct.unpack_from("<I", body, 0)[0], flag, body, None])
+        return out
 
-    def _save_outbox(self):
+    def _write_box(self, name, box):
         out = bytearray()
-        for e in self.outbox:
+        for e in box:
             out += struct.pack("<HB", len(e[2]), 1 if e[1] else 0)
             out += e[2]
-        write_atomic(self._outbox_path(), out)
+        write_atomic(self.root + "/" + name, out)
+
+    def _save_outbox(self):
+        self._write_box("outbox.bin", self.outbox)
 
     def _drop(self, settled):
         """Remove the uploads whose number is settled(no) from the outbox (and flash); how many went."""
@@ -149,9 +168,25 @@ class DataComm:
             self._save_outbox()
         return before - len(self.outbox)
 
-    def send_alarm(self, body):
-        """Send an ALARM body, sealed like the uploads."""
-        self.send(messages.ALARM, messages.seal(self._key(), messages.TAG_ALARM, self.device_id, body))
+    def queue_alarm(self, body):
+        """Keep an ALARM event (messages.pack_alarm body, sealed like the uploads) until the gateway's ALARM_ACK: it
+        replaces the event of the same alarm not yet acknowledged; a full box drops its oldest alarm and counts it."""
+        e = _alarm_entry(messages.seal(self._key(), messages.TAG_ALARM, self.device_id, body))
+        box = [a for a in self.alarm_box if a[0] != e[0]]
+        if len(box) >= self.alarm_outbox_max:
+            box.pop(0)
+            self.state.data["alarms_dropped"] = self.state.data.get("alarms_dropped", 0) + 1
+        box.append(e)
+        self.alarm_box = box
+        self._write_box("alarms.bin", box)
+
+    def _alarm_acked(self, no, end, status):
+        """ALARM_ACK: the event of alarm `no` that ended at `end` is stored (refused: the alarm, whatever its end)."""
+        box = [a for a in self.alarm_box if a[0] != no or (a[1] != end and status != messages.ALARM_REFUSED)]
+        if len(box) != len(self.alarm_box):
+            self.alarms_acked += 1
+            self.alarm_box = box
+            self._write_box("alarms.bin", box)
 
     def queue_upload(self, window_time, anomaly, champion_version, score, feats, feature_set=0):
         """Queue an UPLOAD for this window when it is an anomaly or the periodic normal one; True if queued."""
@@ -233,15 +268,16 @@ class DataComm:
             t, b = self.control.pop(0)
             self._write(t, b, now)
             return True
-        for e in self.outbox:
-            if e[3] is None or ticks_diff(now, e[3]) >= self.ack_timeout_ms:
-                if e[3] is None:
-                    self.uploads_sent += 1
-                else:
-                    self.retransmits += 1
-                e[3] = now
-                self._write(messages.UPLOAD, e[2], now)
-                return True
+        for box, msg_type in ((self.alarm_box, messages.ALARM), (self.outbox, messages.UPLOAD)):
+            for e in box:
+                if e[3] is None or ticks_diff(now, e[3]) >= self.ack_timeout_ms:
+                    if e[3] is not None:
+                        self.retransmits += 1
+                    elif msg_type == messages.UPLOAD:
+                        self.uploads_sent += 1
+                    e[3] = now
+                    self._write(msg_type, e[2], now)
+                    return True
         return False
 
     # --- receiving
@@ -281,6 +317,11 @@ class DataComm:
                 return
             refused = struct.unpack_from(messages.UPLOAD_REFUSED_FORMAT, body, 0)[0]
             self.uploads_refused += self._drop(lambda no: no == refused)
+        elif msg_type == messages.ALARM_ACK:
+            if len(body) < 9:
+                self.bad_messages += 1
+                return
+            self._alarm_acked(*struct.unpack_from(messages.ALARM_ACK_FORMAT, body, 0))
         elif msg_type == messages.CHAMPION_ACK:
             if len(body) < 5:
                 self.bad_messages += 1

@@ -94,6 +94,7 @@ class Device:
         self.data_in = DataIn(data_uart, cfg["rate_hz"], cfg["window_ms"],
                               feature_sets.extractor(cfg["feature_set"], cfg["feature_params"]))
         self.inference = LocalInference()
+        self.alarm_no = 0  # the number of the alarm raised last (its clear carries it too)
         self.alarm = self.new_alarm_rule()
         self.training = LocalTraining(cfg["n_train"], cfg["n_trees"], cfg["psi"], cfg["seed"])
         self.agent = ModelDeploymentAgent(self.root, cfg["device_id"], self.inference, self.state,
@@ -198,9 +199,16 @@ class Device:
         return True
 
     def new_alarm_rule(self):
+        """The alarm rule of the settings; an alarm still open (before a reboot, or under the rule replaced) stays
+        open in it, so that its clear comes, with its number."""
         c = self.cfg
-        return alarms.AlarmRule({"span_s": c["alarm_span_s"], "raise_fraction": c["alarm_raise"],
+        rule = alarms.AlarmRule({"span_s": c["alarm_span_s"], "raise_fraction": c["alarm_raise"],
                                  "clear_fraction": c["alarm_clear"], "min_windows": c["alarm_min_windows"]})
+        open_alarm = self.state.data.get("open_alarm")
+        if open_alarm:
+            self.alarm_no, rule.start, rule.peak = open_alarm
+            rule.active = True
+        return rule
 
     def on_window(self, feats):
         """One window's features: train towards the first champion, or score and report it."""
@@ -231,8 +239,14 @@ class Device:
             a = self.alarm
             if event == "raised":
                 d["alarms"] = d.get("alarms", 0) + 1
-            self.comm.send_alarm(messages.pack_alarm(int(a.start), now if event == "cleared" else 0, a.peak, code,
-                                                     self.inference.version, self.inference.model_id))
+                self.alarm_no = d.get("next_alarm", 0)
+                d["next_alarm"] = self.alarm_no + 1
+                d["open_alarm"] = [self.alarm_no, a.start, a.peak]
+            else:
+                d.pop("open_alarm", None)
+            self.state.save()  # before the event is on flash: a number is never used again, an alarm cleared once
+            self.comm.queue_alarm(messages.pack_alarm(self.alarm_no, int(a.start), now if event == "cleared" else 0,
+                                                      a.peak, code, self.inference.version, self.inference.model_id))
         queued = self.comm.queue_upload(now, anomaly, self.inference.version, score, feats, code)
         # upload numbers must never be reused after a reboot: save with every queued upload
         if queued or self.windows % self.cfg["save_every"] == 0:

@@ -23,6 +23,17 @@ Everything is deterministic and integer-based so the device and the gateway buil
     leaf: one byte 0x80 | v, v = round((depth + c(size)) * 8), the precomputed path length in 1/8 steps.
   About 300 B per psi=100 tree, ~15 KB for 50 trees. psi <= 128 keeps every leaf value below 16.
 - Runtime form: `Forest` unpacks the compact bytes into flat per-node arrays (see its docstring), ~4 B per node.
+
+Out-of-range isolation: a plain forest scores every window beyond its training range like the most extreme
+training window (the window lands in the same outermost leaves however far out it lies). The score here counts the
+window as if it took part in its own isolation: per feature f the forest's range [lo_f, hi_f] is the min and max of
+its split thresholds on f (the whole grid when no split uses f); a window's excess is e_f = max(0, q_f - hi_f,
+lo_f - q_f); a node splitting on f at a uniform value over the range widened to include the window separates it
+with probability e_f / (hi_f - lo_f + e_f), so with the node's feature drawn uniformly a node isolates it with
+probability p = mean_f e_f / (hi_f - lo_f + e_f) (a lower bound: deeper nodes' ranges are narrower). Over the
+forest's path length L (path_sum / (8 * n_trees)) the expected path length becomes E = (1 - (1 - p) ** L) / p:
+E = L inside the range (p = 0: the plain score, bit for bit) and falls, so the score 2 ** (-E / c(psi)) rises, as
+the window moves further out. Cost per window: 2 compares per feature, and a pow only beyond the range.
 - Paper-like JSON form (nested dicts) for people and the paper's tooling: `to_json` / `from_json`.
 Training and scoring use no recursion (an explicit stack of <= height + 1 entries) and small buffers.
 """
@@ -412,6 +423,8 @@ class Forest:
         self.nf = nf = bytearray(n)
         self.nt = nt = array("H", bytes(2 * n))
         nr = bytearray(n)
+        lo = [Q_MAX] * self.n_features
+        hi = [0] * self.n_features
         roots = []
         i = 0
         for p in starts:
@@ -431,7 +444,12 @@ class Forest:
                     if not pending:
                         break
                     continue
-                nt[i - 1] = buf[p + 1] | (buf[p + 2] << 8)
+                t = buf[p + 1] | (buf[p + 2] << 8)
+                nt[i - 1] = t
+                if t < lo[f]:
+                    lo[f] = t
+                if t > hi[f]:
+                    hi[f] = t
                 o = buf[p + 3]
                 if o:
                     pending.append((i - 1, p + o))
@@ -441,6 +459,9 @@ class Forest:
                     p += 6
         self.nr = nr
         self.roots = roots
+        # per feature the range of its split thresholds; the whole grid when no split uses it (never out of range)
+        self.split_lo = tuple(lo[f] if lo[f] <= hi[f] else 0 for f in range(self.n_features))
+        self.split_hi = tuple(hi[f] if lo[f] <= hi[f] else Q_MAX for f in range(self.n_features))
         # score = 2 ** (-(sum of leaf codes / (8 * n_trees)) / c(psi)) = exp(k * sum)
         self._k = -math.log(2.0) / (LEAF_STEP * self.n_trees * c(self.psi))
         self._q = [0] * self.n_features
@@ -488,17 +509,47 @@ class Forest:
             total += f
         return total - 128 * self.n_trees
 
+    def expected_path_sum(self, q):
+        """The path sum with out-of-range isolation (the plain path_sum inside the forest's split ranges)."""
+        return out_of_range_path_sum(self.path_sum(q), out_of_range_share(q, self.split_lo, self.split_hi),
+                                     self.n_trees)
+
     def score_q(self, q):
-        """Anomaly score (0..1) of a quantised feature vector."""
-        return math.exp(self._k * self.path_sum(q))
+        """Anomaly score (0..1) of a quantised feature vector, with out-of-range isolation."""
+        return math.exp(self._k * self.expected_path_sum(q))
 
     def score(self, x):
         """Anomaly score (0..1) of a raw feature vector (floats, in the model's feature order)."""
         return self.score_q(quantise(x, self._sgrid, self._q))
 
     def mean_path_length(self, x):
-        """E[h] of a raw feature vector, in tree levels."""
-        return self.path_sum(quantise(x, self._sgrid, self._q)) / (LEAF_STEP * self.n_trees)
+        """E[h] of a raw feature vector with out-of-range isolation, in tree levels."""
+        return self.expected_path_sum(quantise(x, self._sgrid, self._q)) / (LEAF_STEP * self.n_trees)
+
+
+def out_of_range_share(q, lo, hi):
+    """p: the probability that one node isolates quantised q, the mean over features of e_f / (hi_f - lo_f + e_f)
+    for its excess e_f beyond the split range [lo_f, hi_f] (0.0 inside every range)."""
+    p = 0.0
+    for f in range(len(lo)):
+        v = q[f]
+        if v > hi[f]:
+            e = v - hi[f]
+        elif v < lo[f]:
+            e = lo[f] - v
+        else:
+            continue
+        p += e / (hi[f] - lo[f] + e)
+    return p / len(lo)
+
+
+def out_of_range_path_sum(path_sum, p, n_trees):
+    """The expected path sum (1/8 steps, all trees) when each node also isolates with probability p:
+    E = (1 - (1 - p) ** L) / p for the path length L; path_sum itself when p = 0."""
+    if not p:
+        return path_sum
+    steps = LEAF_STEP * n_trees
+    return steps * (1.0 - (1.0 - p) ** (path_sum / steps)) / p
 
 
 def load(buf, grid):

@@ -11,7 +11,7 @@ HELLO = 0x01  # device status: id, champion, version, counters (body: data_comm.
 UPLOAD = 0x10  # one window: features, champion score and decision (body: UPLOAD_FORMAT, then its MAC)
 CHAMPION_CHUNK = 0x12  # the self-trained champion, compact encoding, in chunks
 UPLOAD_GAP = 0x15  # upload numbers that will never come (body: GAP_FORMAT): the gateway records them as lost
-ALARM = 0x16  # an alarm raised (end 0) or cleared (body: ALARM_FORMAT, then its MAC)
+ALARM = 0x16  # an alarm raised (end 0) or cleared (body: ALARM_FORMAT, then its MAC), until ALARM_ACK
 DEPLOY_HAVE = 0x21  # what the device holds / where a transfer resumes
 DEPLOY_ACK = 0x23  # acknowledgement of a window of data frames
 DEPLOY_RESULT = 0x25  # installed or refused (+ reason), champion id and version
@@ -123,25 +123,29 @@ def unpack_upload(body):
     return upload_no, window_time, bool(flags & FLAG_ANOMALY), version, score, features, flags >> FEATURE_SET_SHIFT
 
 
-# ALARM body: start (u32, s), end (u32, s; 0 while active), peak score (f32), feature set code (u8), champion
-# version (u16), then the champion id (u8 length + bytes).
-ALARM_FORMAT = "<IIfBH"
+# ALARM body: alarm number (u32, per device, monotonic, survives reboots; its raise and its clear share it), start
+# (u32, s), end (u32, s; 0 while active), peak score (f32), feature set code (u8), champion version (u16), then the
+# champion id (u8 length + bytes). The device sends it again every ack timeout until the gateway's ALARM_ACK.
+ALARM_FORMAT = "<IIIfBH"
 ALARM_HEAD_SIZE = struct.calcsize(ALARM_FORMAT)
+ALARM_END_OFFSET = 8
 
 
-def pack_alarm(start, end, peak, feature_set, champion_version, champion_id):
+def pack_alarm(alarm_no, start, end, peak, feature_set, champion_version, champion_id):
     """ALARM body of one alarm event (end 0: still active)."""
     cid = champion_id.encode()[:255]
-    return struct.pack(ALARM_FORMAT, start, end, peak, feature_set, champion_version) + bytes([len(cid)]) + cid
+    return (struct.pack(ALARM_FORMAT, alarm_no, start, end, peak, feature_set, champion_version)
+            + bytes([len(cid)]) + cid)
 
 
 def unpack_alarm(body):
-    """(start, end or None, peak, feature set code, champion version, champion id) of an ALARM body."""
+    """(alarm number, start, end or None, peak, feature set code, champion version, champion id) of an ALARM body."""
     if len(body) < ALARM_HEAD_SIZE + 1 or len(body) != ALARM_HEAD_SIZE + 1 + body[ALARM_HEAD_SIZE]:
-        raise ValueError("ALARM body of %d bytes is malformed" % len(body))
-    start, end, peak, code, version = struct.unpack_from(ALARM_FORMAT, body, 0)
+        raise ValueError("ALARM body of %d bytes is malformed (need %d + 1 + champion id length)"
+                         % (len(body), ALARM_HEAD_SIZE))
+    no, start, end, peak, code, version = struct.unpack_from(ALARM_FORMAT, body, 0)
     cid = bytes(body[ALARM_HEAD_SIZE + 1:]).decode()
-    return start, (end or None), peak, code, version, cid
+    return no, start, (end or None), peak, code, version, cid
 
 
 # Authentication: an UPLOAD, UPLOAD_GAP or ALARM body, a champion blob and a DEPLOY_OFFER body end with a MAC
@@ -239,6 +243,14 @@ CONFIG_REVERT = 0x01
 CONFIG_RESULT_FORMAT = "<HBIB"
 CONFIG_APPLIED = 0
 CONFIG_REFUSED = 1
+
+# Alarm delivery; codes after CONFIG_RESULT.
+ALARM_ACK = 0x1A  # gateway -> device: an ALARM event is stored (or refused for good): stop sending it
+# ALARM_ACK: alarm number, the acknowledged event's end (0: its raise), status (ALARM_STORED: the event with that
+# number and end is committed; ALARM_REFUSED: that alarm will never be stored, whatever its end).
+ALARM_ACK_FORMAT = "<IIB"
+ALARM_STORED = 0
+ALARM_REFUSED = 1
 # HEALTH: windows in the period (u16), feature extraction mean and max (us, u32 each), inference mean and max (us),
 # active time per window mean (us), free heap and largest free block (bytes, u32), uptime (s, u32), boots (u16),
 # last reset cause (u8: machine.reset_cause(), 0 unknown), frames retransmitted and link errors in the period

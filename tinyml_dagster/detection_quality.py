@@ -16,7 +16,10 @@ windows are healthy too and an AUC near 0.5 is the right answer for them.
 
 `detection_records` (`--detection`, and `make report`) judges each feature set on whole lives instead: per source
 (the synthetic run through the device's feature extraction at 2 kHz, the per-file tables of IMS sets 1 and 2),
-bearing, feature set and model, with thresholds calibrated on cross-fitted scores of the training windows
+bearing, feature set and model, trained on the first `train_fraction` of the recording's windows (a share of its
+windows, not of its calendar time: a device trains on the windows it has recorded, and set 1's multi-day stops put
+only 252 of its 2,156 files in its first quarter of time; every training window must lie in the healthy part),
+with thresholds calibrated on cross-fitted scores of the training windows
 (training.crossfit_scores, a generalised Pareto tail for the target rate), the labels of BearingLabels (healthy:
 the recording before its first labelled onset, recording_onset; degraded: from the bearing's own onset) and the
 alarm rule of firmware/alarms.py; it writes data/bench/detection.json.
@@ -453,7 +456,7 @@ def recording_onset(labels: dict[int, BearingLabels]) -> int | None:
 class DetectionConfig:
     """How detection is judged: training split, model, threshold, alarm rule, sources."""
 
-    train_fraction: float = 0.25  # the first quarter of a recording's time trains the models (healthy everywhere)
+    train_fraction: float = 0.25  # the first quarter of a recording's windows trains the models (healthy everywhere)
     target_fa: float = 0.002  # training.TARGET_FA: each model's calibrated threshold
     n_trees: int = 50
     psi: int = PSI
@@ -476,7 +479,7 @@ class Channel:
     features: dict[str, np.ndarray]
     note: str = ""
     healthy_until: int | None = None  # the first file of the recording with any bearing labelled degraded
-    train_until_s: float | None = None  # the training windows' end (s from the start); None: cfg.train_fraction
+    train_until_s: float | None = None  # the training windows' end (s from the start); None: training_windows
     lead_time: bool = True  # False when the recording holds nothing between its healthy and its failed files
 
 
@@ -624,9 +627,7 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
     from tinyml_dagster.training import THRESHOLD, calibrated_threshold, crossfit_scores
 
     X = ch.features[feature_set]
-    t_end_train = (ch.t[0] + cfg.train_fraction * (ch.t[-1] - ch.t[0]) if ch.train_until_s is None
-                   else ch.train_until_s)
-    train = ch.t < t_end_train
+    train = training_windows(ch, cfg.train_fraction)
     seed = model_seed(cfg.seed, ch.bearing, cfg.n_trees)
     s = _scores(model, X[train], X, cfg, seed)
     if threshold_mode == "paper-0.6":
@@ -669,6 +670,21 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
             rec["first_alarm_h_before_failure"] = round(float(t_fail - ch.t[after[0]]) / 3600.0, 1)
             rec["first_alarm_h_after_onset"] = round(float(ch.t[after[0]] - t_onset) / 3600.0, 1)
     return rec
+
+
+def training_windows(ch: Channel, train_fraction: float) -> np.ndarray:
+    """Mask of the windows a model trains on: the first train_fraction of the channel's windows (in time order),
+    or those before ch.train_until_s; ValueError if any lies past the recording's healthy part."""
+    if ch.train_until_s is not None:
+        train = ch.t < ch.train_until_s
+    else:
+        if not 0.0 < train_fraction < 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+        train = np.arange(len(ch.t)) < int(train_fraction * len(ch.t))
+    if ch.healthy_until is not None and (ch.file[train] >= ch.healthy_until).any():
+        raise ValueError(f"{ch.source} bearing {ch.bearing}: training windows reach file {ch.file[train].max()}, "
+                         f"past the healthy part (before file {ch.healthy_until}); lower train_fraction")
+    return train
 
 
 def _feature_names(feature_set: str, ch: Channel) -> tuple[str, ...]:

@@ -3,8 +3,8 @@
 The compact bytes are decoded into node arrays (feature, threshold, left, right, leaf code; leaves point to
 themselves), the windows are quantised on each model's grid exactly as the firmware does (clip(floor(x * 2**e
 + 0.5) - base, 0, 65535)), and every (tree, window) pair is brought to its leaf with vectorised lookups (see
-PoolScorer). Scores are exp(k * sum of leaf codes) with the firmware's k, so they match
-`firmware.isoforest.Forest.score` to float rounding (tested < 1e-9).
+PoolScorer). Scores are exp(k * expected path sum) with the firmware's k and its out-of-range isolation
+(`out_of_range_path_sums`), so they match `firmware.isoforest.Forest.score` to float rounding (tested < 1e-9).
 """
 
 from __future__ import annotations
@@ -108,6 +108,9 @@ class PoolScorer:
         decoded = [decode(f) for f in self.forests]
         self.depth = max(t.depth for t in decoded)
         self.k = np.array([f._k for f in self.forests])
+        self.split_lo = np.array([f.split_lo for f in self.forests], dtype=np.int64)  # (models, features)
+        self.split_hi = np.array([f.split_hi for f in self.forests], dtype=np.int64)
+        self.model_n_trees = np.array([f.n_trees for f in self.forests], dtype=np.int64)
         tree_model = np.concatenate([np.full(len(t.roots), m, dtype=np.intp) for m, t in enumerate(decoded)])
         # trees of one model are contiguous: reduceat boundaries
         self.model_first_tree = np.searchsorted(tree_model, np.arange(len(self.forests)))
@@ -158,7 +161,10 @@ class PoolScorer:
 
     def path_sums(self, X: np.ndarray) -> np.ndarray:
         """(n_windows, n_models) int64 sums of leaf codes, as Forest.path_sum on each row."""
-        Q = self.quantised(X)
+        return self._path_sums(self.quantised(X))
+
+    def _path_sums(self, Q: np.ndarray) -> np.ndarray:
+        """path_sums of quantised windows (n_windows, n_models * n_features)."""
         n, width = Q.shape
         out = np.empty((n, len(self.forests)), dtype=np.int64)
         if self._rank is not None:
@@ -209,9 +215,40 @@ class PoolScorer:
             out[lo:hi] = np.add.reduceat(np.take(leaf, node), self.model_first_tree, axis=1)
         return out
 
+    def expected_path_sums(self, X: np.ndarray) -> np.ndarray:
+        """(n_windows, n_models) path sums with out-of-range isolation, as Forest.expected_path_sum on each row."""
+        Q = self.quantised(X)
+        share = out_of_range_shares(Q.reshape(len(Q), len(self.forests), self.n_features), self.split_lo,
+                                    self.split_hi)
+        return out_of_range_path_sums(self._path_sums(Q), share, self.model_n_trees)
+
     def scores(self, X: np.ndarray) -> np.ndarray:
-        """(n_windows, n_models) anomaly scores in 0..1."""
-        return np.exp(self.path_sums(X) * self.k[None, :])
+        """(n_windows, n_models) anomaly scores in 0..1, with out-of-range isolation."""
+        return np.exp(self.k[None, :] * self.expected_path_sums(X))
+
+
+def out_of_range_shares(Q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """isoforest.out_of_range_share of quantised windows Q (n, models, features) for each model's split ranges
+    lo, hi (models, features): (n, models), summed over the features in the firmware's order."""
+    Q = Q.astype(np.int64)
+    excess = np.maximum(0, np.maximum(Q - hi, lo - Q))
+    part = np.divide(excess, (hi - lo) + excess, out=np.zeros(excess.shape), where=excess > 0)
+    total = np.zeros(part.shape[:2])
+    for f in range(part.shape[2]):
+        total += part[:, :, f]
+    return total / part.shape[2]
+
+
+def out_of_range_path_sums(path_sums: np.ndarray, share: np.ndarray, n_trees: np.ndarray) -> np.ndarray:
+    """isoforest.out_of_range_path_sum, elementwise: (n, models) path sums, shares and each model's tree count."""
+    steps = (isoforest.LEAF_STEP * np.asarray(n_trees, dtype=np.int64)).astype(np.float64)
+    out = path_sums.astype(np.float64)
+    beyond = share > 0
+    if beyond.any():
+        steps = np.broadcast_to(steps, out.shape)[beyond]
+        p = share[beyond]
+        out[beyond] = steps * (1.0 - (1.0 - p) ** (out[beyond] / steps)) / p
+    return out
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,31 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN cohort TEXT;
     CREATE INDEX devices_gateway ON devices (gateway, device_id);
     """,
+    # 8: a device's alarm events are keyed by its alarm number (per device, survives reboots; the raise and the clear
+    # of one alarm share it), no longer by their start: a device's clock may start over after a power loss. The
+    # table is rebuilt without UNIQUE (device_id, start), its rows copied in order (alarm_no NULL: stored before)
+    """
+    CREATE TABLE alarm_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        device_id TEXT NOT NULL,
+        alarm_no INTEGER,
+        start REAL NOT NULL,
+        end REAL,
+        peak_score REAL NOT NULL,
+        feature_set TEXT NOT NULL,
+        champion_id TEXT,
+        champion_version INTEGER,
+        received_at REAL NOT NULL,
+        UNIQUE (device_id, alarm_no)
+    );
+    INSERT INTO alarm_events (device_id, start, end, peak_score, feature_set, champion_id, champion_version,
+        received_at)
+        SELECT device_id, start, end, peak_score, feature_set, champion_id, champion_version, received_at FROM alarms
+        ORDER BY id;
+    DROP TABLE alarms;
+    ALTER TABLE alarm_events RENAME TO alarms;
+    CREATE INDEX alarms_device_start ON alarms (device_id, start);
+    """,
 )
 
 # a device's self-trained champion (version v) is stored under upload number CHAMPION_SEQ_BASE + v
@@ -384,6 +409,29 @@ def _is_finite(x) -> bool:
         return math.isfinite(x)
     except OverflowError:
         return False
+
+
+def _alarm_problem(device_id, alarm_no, start, end, peak_score, feature_set, champion_id,
+                   champion_version) -> str | None:
+    """What is wrong with an alarm event (the field and the rule), or None when it can be stored."""
+    from firmware import feature_sets
+
+    if not valid_id(device_id):
+        return "field device_id must be 1-%d printable characters without spaces" % MAX_ID
+    if alarm_no is not None and (not _is_int(alarm_no) or not 0 <= alarm_no <= MAX_SEQ):
+        return "field alarm_no must be an int in 0..2**63-1"
+    for name, value in (("start", start), ("end", end), ("peak_score", peak_score)):
+        if (value is not None or name != "end") and not _is_finite(value):
+            return "field %s must be a finite number" % name
+    if end is not None and end < start:
+        return "end %s before start %s" % (end, start)
+    if feature_set not in feature_sets.CODES:
+        return "field feature_set: unknown feature set %r" % (feature_set,)
+    if champion_id is not None and not valid_id(champion_id):
+        return "field champion_id must be 1-%d printable characters without spaces" % MAX_ID
+    if champion_version is not None and not _is_int(champion_version):
+        return "field champion_version must be an int"
+    return None
 
 
 def valid_id(x) -> bool:
@@ -900,26 +948,30 @@ class KnowledgeBase:
 
     def record_alarm(self, device_id: str, start: float, end: float | None, peak_score: float, feature_set: str,
                      champion_id: str | None = None, champion_version: int | None = None,
-                     now: float | None = None) -> int:
-        """Store a device's alarm event (raised: end None; cleared: end set; the same start updates it)."""
-        if not device_id:
-            raise KnowledgeBaseError("alarm: field device_id must be a non-empty string")
-        if end is not None and end < start:
-            raise KnowledgeBaseError("alarm of %s: end %s before start %s" % (device_id, end, start))
+                     now: float | None = None, alarm_no: int | None = None) -> int:
+        """Store a device's alarm event once, keyed by the device and its alarm number (without one: its start);
+        a clear (end set) or a higher peak updates the row and its received_at, a repeat changes nothing."""
+        problem = _alarm_problem(device_id, alarm_no, start, end, peak_score, feature_set, champion_id,
+                                 champion_version)
+        if problem is not None:
+            raise KnowledgeBaseError("alarm of %.80r number %.40r: %s" % (device_id, alarm_no, problem))
         now = time.time() if now is None else now
+        end = None if end is None else float(end)
+        key = ("alarm_no=?", alarm_no) if alarm_no is not None else ("start=? AND alarm_no IS NULL", float(start))
         with self._lock, self.transaction():
-            self._conn.execute(
-                "INSERT INTO alarms (device_id, start, end, peak_score, feature_set, champion_id, champion_version,"
-                " received_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (device_id, start) DO UPDATE SET"
-                " end = COALESCE(excluded.end, alarms.end),"
-                " peak_score = CASE WHEN excluded.peak_score > alarms.peak_score THEN excluded.peak_score"
-                " ELSE alarms.peak_score END,"
-                " received_at = excluded.received_at",
-                (device_id, float(start), None if end is None else float(end), float(peak_score), feature_set,
-                 champion_id, champion_version, now),
-            )
-            return self._conn.execute("SELECT id FROM alarms WHERE device_id=? AND start=?",
-                                      (device_id, float(start))).fetchone()[0]
+            row = self._conn.execute("SELECT id, end, peak_score FROM alarms WHERE device_id=? AND " + key[0],
+                                     (device_id, key[1])).fetchone()
+            if row is None:
+                return self._conn.execute(
+                    "INSERT INTO alarms (device_id, alarm_no, start, end, peak_score, feature_set, champion_id,"
+                    " champion_version, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (device_id, alarm_no, float(start), end, float(peak_score), feature_set, champion_id,
+                     champion_version, now)).lastrowid
+            new_end, new_peak = end if end is not None else row[1], max(float(peak_score), row[2])
+            if (new_end, new_peak) != (row[1], row[2]):
+                self._conn.execute("UPDATE alarms SET end=?, peak_score=?, received_at=? WHERE id=?",
+                                   (new_end, new_peak, now, row[0]))
+            return row[0]
 
     def record_device_runtime(self, device_id: str, sys_mpy: int, firmware_version: int,
                               now: float | None = None) -> None:
@@ -941,14 +993,14 @@ class KnowledgeBase:
 
     def alarms(self, device_id: str | None = None, since_id: int = 0) -> list[dict]:
         """Alarm events (oldest first), as dicts."""
-        sql = ("SELECT id, device_id, start, end, peak_score, feature_set, champion_id, champion_version, received_at"
-               " FROM alarms WHERE id > ?")
+        sql = ("SELECT id, device_id, start, end, peak_score, feature_set, champion_id, champion_version, received_at,"
+               " alarm_no FROM alarms WHERE id > ?")
         params: list = [since_id]
         if device_id is not None:
             sql += " AND device_id=?"
             params.append(device_id)
         keys = ("id", "device_id", "start", "end", "peak_score", "feature_set", "champion_id", "champion_version",
-                "received_at")
+                "received_at", "alarm_no")
         return [dict(zip(keys, r)) for r in self.query(sql + " ORDER BY id", params)]
 
     def normal_windows(self, since_upload_id: int = 0, through_upload_id: int | None = None,

@@ -78,3 +78,18 @@ def test_the_real_raw_files_through_the_devices_extraction_are_a_source():
     # the first 25 healthy files train, the other 25 are held out, the last 6 files are failed
     assert [(r["n_train"], r["n_heldout_healthy"], r["n_degraded"]) for r in wear] == [(50, 50, 12)] * 2
     assert all(r["auc_window"] > 0.9 and r["first_alarm_h_before_failure"] is None for r in wear)
+
+
+def test_models_train_on_the_first_share_of_the_windows_and_only_healthy_ones():
+    """A share of the windows, not of calendar time: set 1's long stops would leave a quarter of its time 252 files."""
+    for source, last_train_file in (("ims-set1-files", 538), ("ims-set2-files", 244)):
+        for ch in dq.ims_file_channels(source):
+            train = dq.training_windows(ch, 0.25)
+            n = int(0.25 * len(ch.t))
+            assert train[:n].all() and not train[n:].any()
+            assert ch.file[train].max() == last_train_file < ch.healthy_until
+    b4 = dq.ims_file_channels("ims-set1-files")[3]
+    with pytest.raises(ValueError, match="training windows reach file 1508, past the healthy part .before file 1400"):
+        dq.training_windows(b4, 0.7)
+    with pytest.raises(ValueError, match="train_fraction must be in"):
+        dq.training_windows(b4, 0.0)

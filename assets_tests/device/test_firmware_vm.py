@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from firmware import features, isoforest
+from firmware.tests.util import beyond_range
 from tinyml_dagster.micropython_vm import MicroPythonVM
 
 # collection is off in the WASI VM (its GC misses roots held in wasm locals), so tests get a large heap
@@ -53,6 +54,7 @@ def _cpython_pipeline(spike_every):
     xs = _signal(250 * 48, 5, spike_every)
     rows = features.signal_features(xs, 500)
     forest = isoforest.train(rows[:32], 25, 32, 11)
+    assert 0 < beyond_range(forest, rows) < len(rows)  # windows inside and beyond the split ranges
     out = [hashlib.sha256(forest.to_bytes()).hexdigest()]
     out += [struct.pack("<dddd", *r, forest.score(r)).hex() for r in rows]
     return out

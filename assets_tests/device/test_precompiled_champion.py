@@ -5,7 +5,8 @@ import json
 import pytest
 
 from firmware import features, isoforest
-from firmware.tests.util import signal
+from firmware.compiled_forest import PrecompiledForest, module_source
+from firmware.tests.util import beyond_range, signal
 from tinyml_dagster import deployment_agent as da
 from tinyml_dagster.micropython_vm import REPO_ROOT, MicroPythonVM
 
@@ -52,8 +53,9 @@ SHIFTED_FEATURES = da.feature_script() + (
 
 
 def _rows():
+    """Training rows, and test rows inside and (amplified windows) beyond the split ranges."""
     rows = features.signal_features(signal(250 * 120, seed=3, spike_every=17), 500)
-    return rows[:80], rows[80:]
+    return rows[:80], rows[80:] + [tuple(v * 3.0 for v in r) for r in rows[80:88]]
 
 
 def _package(forest, encoding, version=7, target=VM, key=KEY, runtime=None):
@@ -85,6 +87,7 @@ def _install(tmp_path, packages, forest, test_rows, then=""):
 def test_mpy_champion_scores_as_the_stored_forest_and_compiles_nothing(tmp_path):
     train, test = _rows()
     forest = isoforest.train(train, 30, 64, 5)
+    assert 0 < beyond_range(forest, test) < len(test)
     out, _, flash = _install(tmp_path, {"mpy.pkg": _package(forest, "mpy")}, forest, test)
     assert out["RESULT"] == [[True, "installed m-30 v7"]]
     (want,) = out["STORED"]  # the stored forest's node-array walk, in the same VM
@@ -95,6 +98,16 @@ def test_mpy_champion_scores_as_the_stored_forest_and_compiles_nothing(tmp_path)
     assert sorted(p.name for p in champion.iterdir()) == ["__init__.py", "champion.mpy", "config.json",
                                                          "features.mpy"]
     assert max(want) > 0.6 > min(want)  # the rows hold anomalies and normal windows
+
+
+def test_a_runtime_module_without_split_ranges_is_refused():
+    forest = isoforest.train(_rows()[0], 12, 64, 6)
+    module = {}
+    exec(module_source(forest), module)
+    assert PrecompiledForest(type("M", (), module), forest.grid).split_hi == forest.split_hi
+    del module["R"]  # a runtime module of an older gateway
+    with pytest.raises(ValueError, match="no split ranges R for 3 features"):
+        PrecompiledForest(type("M", (), module), forest.grid)
 
 
 def test_features_travel_as_mpy_and_compute_the_same_features(tmp_path):

@@ -2,6 +2,10 @@
 existing Knowledge Base whole; windows of any length carry their set; only the pool of a set votes on its windows;
 a device's ALARM reaches the Knowledge Base and the alarm sensor."""
 
+import logging
+import sqlite3
+import struct
+
 import dagster as dg
 import numpy as np
 import pytest
@@ -53,35 +57,103 @@ def test_windows_carry_their_feature_set_and_only_its_pool_votes(kb_location):
 
 def test_alarm_events_are_stored_once_and_updated_when_cleared(kb_location):
     kb = KnowledgeBase(kb_location)
-    a = kb.record_alarm("d1", 1000.0, None, 0.71, "wear", "b3-t50-x", 4, now=1.0)
-    assert kb.record_alarm("d1", 1000.0, 1600.0, 0.69, "wear", "b3-t50-x", 4, now=2.0) == a
+    a = kb.record_alarm("d1", 1000.0, None, 0.71, "wear", "b3-t50-x", 4, now=1.0, alarm_no=0)
+    assert kb.record_alarm("d1", 1000.0, None, 0.71, "wear", "b3-t50-x", 4, now=1.5, alarm_no=0) == a  # a resend
+    assert kb.alarms("d1")[0]["received_at"] == 1.0  # changed nothing: the alarm sensor does not see it again
+    assert kb.record_alarm("d1", 1000.0, 1600.0, 0.69, "wear", "b3-t50-x", 4, now=2.0, alarm_no=0) == a
     (got,) = kb.alarms("d1")
-    assert (got["start"], got["end"], got["peak_score"], got["feature_set"], got["champion_version"]) == \
-        (1000.0, 1600.0, 0.71, "wear", 4)
+    assert (got["alarm_no"], got["start"], got["end"], got["peak_score"], got["feature_set"], got["champion_version"],
+            got["received_at"]) == (0, 1000.0, 1600.0, 0.71, "wear", 4, 2.0)
+    # the device's clock started over after a power loss: another alarm with the same start is another row
+    b = kb.record_alarm("d1", 1000.0, None, 0.8, "wear", "b3-t50-x", 4, alarm_no=1)
+    assert b != a and [x["alarm_no"] for x in kb.alarms("d1")] == [0, 1]
     with pytest.raises(KnowledgeBaseError, match="end 900.0 before start 1000.0"):
-        kb.record_alarm("d1", 1000.0, 900.0, 0.7, "wear")
+        kb.record_alarm("d1", 1000.0, 900.0, 0.7, "wear", alarm_no=2)
+    for bad, field in (({"peak_score": float("nan")}, "peak_score must be a finite number"),
+                       ({"feature_set": "fft"}, "unknown feature set 'fft'"),
+                       ({"champion_id": "has space"}, "field champion_id"), ({"alarm_no": -1}, "field alarm_no")):
+        args = dict(dict(device_id="d1", start=1.0, end=None, peak_score=0.7, feature_set="wear", alarm_no=3), **bad)
+        with pytest.raises(KnowledgeBaseError, match=field):
+            kb.record_alarm(**args)
+    assert len(kb.alarms()) == 2
 
 
-def test_link_service_stores_a_devices_alarm(tmp_path):
+def test_alarms_stored_before_alarm_numbers_are_kept_by_the_migration(kb_location):
+    # a Knowledge Base as schema 7 left it: alarms keyed by their start
+    old_knowledge_base(kb_location, 7, 'INSERT INTO alarms (device_id, start, "end", peak_score, feature_set,'
+                       ' champion_id, champion_version, received_at) VALUES'
+                       " ('d0', 1000, 1300, 0.8, 'wear', 'm1', 3, 5), ('d0', 2000, NULL, 0.7, 'paper', NULL, 0, 6)")
+    kb = KnowledgeBase(kb_location)
+    assert kb.schema_version() == len(MIGRATIONS) >= 8
+    assert [(a["id"], a["device_id"], a["alarm_no"], a["start"], a["end"], a["peak_score"], a["champion_id"],
+             a["received_at"]) for a in kb.alarms()] == [(1, "d0", None, 1000.0, 1300.0, 0.8, "m1", 5.0),
+                                                          (2, "d0", None, 2000.0, None, 0.7, None, 6.0)]
+    assert kb.record_alarm("d0", 2000.0, 2100.0, 0.7, "paper", now=7.0) == 2  # an old alarm is still keyed by start
+    assert kb.record_alarm("d0", 1000.0, None, 0.9, "wear", "m2", 4, alarm_no=0) == 3  # numbered: a new row
+    assert [(a["alarm_no"], a["end"]) for a in kb.alarms("d0")] == [(None, 1300.0), (None, 2100.0), (0, None)]
+
+
+def _sealed_alarm(body: bytes, key: bytes, device_id: str = "esp-1") -> bytes:
+    return messages.seal(key, messages.TAG_ALARM, device_id, body)
+
+
+def _answers(link) -> list[tuple[int, int, int]]:
+    out = [struct.unpack(messages.ALARM_ACK_FORMAT, b) for t, b in link.outgoing if t == messages.ALARM_ACK]
+    link.outgoing.clear()
+    return out
+
+
+def test_link_service_stores_an_alarm_once_and_acknowledges_it_after_the_commit(tmp_path, caplog):
     from tinyml_dagster.link_service import LinkService
     from tinyml_dagster.link_service.ports import SerialLink
 
+    caplog.set_level(logging.WARNING, logger="tinyml_dagster.link_service")
     key = bytes(range(32))
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
     service = LinkService(tmp_path / "kb.sqlite", keys={"esp-1": key}.get)
     link = SerialLink(service, "esp-1", "/dev/null")
-
-    def sealed(body: bytes, k: bytes = key) -> bytes:
-        return messages.seal(k, messages.TAG_ALARM, "esp-1", body)
-
-    link._alarm(sealed(messages.pack_alarm(1000, 0, 0.8, 1, 3, "b3-t50-abc")), messages)
-    link._alarm(sealed(messages.pack_alarm(1000, 1300, 0.75, 1, 3, "b3-t50-abc")), messages)
-    link._alarm(sealed(b"\x01\x02"), messages)  # malformed: logged, nothing stored
-    link._alarm(sealed(messages.pack_alarm(2000, 0, 0.9, 1, 3, "x"), bytes(32)), messages)  # forged: dropped
+    raised = _sealed_alarm(messages.pack_alarm(4, 1000, 0, 0.8, 1, 3, "b3-t50-abc"), key)
+    link._alarm(raised, messages)
+    assert _answers(link) == []  # nothing acknowledged before it is committed
     service._record_writes(kb)
+    assert _answers(link) == [(4, 0, messages.ALARM_STORED)]
+    (first,) = kb.alarms()
+    link._alarm(raised, messages)  # its ack was lost: the device sends it again
+    service._record_writes(kb)
+    assert _answers(link) == [(4, 0, messages.ALARM_STORED)] and kb.alarms() == [first]
+    cleared = _sealed_alarm(messages.pack_alarm(4, 1000, 1300, 0.75, 1, 3, "b3-t50-abc"), key)
+    link._alarm(cleared, messages)
+    link._alarm(cleared, messages)
+    # a database fault: the write waits for the next turn and nothing is acknowledged
+    kb.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        service._record_writes(kb)
+    assert _answers(link) == []
+    kb = KnowledgeBase(tmp_path / "kb.sqlite")
+    service._record_writes(kb)
+    assert _answers(link) == [(4, 1300, messages.ALARM_STORED)] * 2
     (a,) = kb.alarms()
-    assert (a["device_id"], a["start"], a["end"], a["peak_score"], a["feature_set"], a["champion_id"]) == \
-        ("esp-1", 1000.0, 1300.0, pytest.approx(0.8), "wear", "b3-t50-abc")
+    assert (a["device_id"], a["alarm_no"], a["start"], a["end"], a["peak_score"], a["feature_set"],
+            a["champion_id"]) == ("esp-1", 4, 1000.0, 1300.0, pytest.approx(0.8), "wear", "b3-t50-abc")
+    # bad bodies: a clear error, nothing stored, refused when the number is there (the device stops sending them)
+    caplog.clear()
+    link._alarm(_sealed_alarm(struct.pack("<I", 9) + b"\x02", key), messages)
+    link._alarm(_sealed_alarm(b"\x01\x02", key), messages)
+    link._alarm(_sealed_alarm(messages.pack_alarm(10, 2000, 0, 0.9, 15, 3, "x"), key), messages)  # unknown set
+    link._alarm(_sealed_alarm(messages.pack_alarm(11, 2000, 1000, 0.9, 1, 3, "x"), key), messages)  # ends first
+    link._alarm(_sealed_alarm(messages.pack_alarm(12, 2000, 0, float("nan"), 1, 3, "x"), key), messages)
+    link._alarm(_sealed_alarm(messages.pack_alarm(13, 2000, 0, 0.9, 1, 3, "x"), bytes(32)), messages)  # forged
+    service._record_writes(kb)
+    assert sorted(_answers(link)) == [(9, 0, messages.ALARM_REFUSED), (10, 0, messages.ALARM_REFUSED),
+                                      (11, 1000, messages.ALARM_REFUSED), (12, 0, messages.ALARM_REFUSED)]
+    assert len(kb.alarms()) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("ALARM refused, nothing stored: ALARM body of 5 bytes is malformed" in e for e in errors), errors
+    assert any("ALARM body of 2 bytes is malformed" in e for e in errors)
+    assert any("unknown feature set code 15" in e for e in errors)
+    assert any("alarm 11 refused, nothing stored" in e and "end 1000.0 before start 2000.0" in e for e in errors)
+    assert any("alarm 12 refused" in e and "peak_score must be a finite number" in e for e in errors)
+    assert any("unauthenticated ALARM dropped" in r.getMessage() for r in caplog.records)
 
 
 def test_alarm_sensor_puts_alarms_on_the_device_partition(tmp_path):

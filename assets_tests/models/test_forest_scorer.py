@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from firmware import isoforest as iso
+from firmware.tests.util import beyond_range
 from tinyml_dagster.forest import PoolScorer, decode, quantise, score_forest
 
 
@@ -31,6 +32,8 @@ def test_pool_scores_equal_the_firmware_scores_on_thousands_of_windows(forests, 
     X[5:7] = on
     pool = PoolScorer(forests, method=method)
     assert pool.method == method
+    for f in forests:  # windows inside and beyond each forest's split ranges
+        assert 500 < beyond_range(f, X.tolist()) < 2500
     S = pool.scores(X)
     assert S.shape == (3000, 5)
     ref = np.array([[f.score(list(x)) for f in forests] for x in X])
@@ -38,6 +41,8 @@ def test_pool_scores_equal_the_firmware_scores_on_thousands_of_windows(forests, 
     sums = pool.path_sums(X)
     expected = np.array([[f.path_sum(iso.quantise(list(x), f.grid)) for f in forests] for x in X[:300]])
     assert (sums[:300] == expected).all()
+    expected = np.array([[f.expected_path_sum(iso.quantise(list(x), f.grid)) for f in forests] for x in X[:300]])
+    assert np.abs(pool.expected_path_sums(X[:300]) - expected).max() < 1e-9
     assert np.allclose(score_forest(forests[2], X), ref[:, 2], rtol=0, atol=1e-9)
     assert ((S > 0) & (S <= 1)).all()
 

@@ -170,7 +170,7 @@ for i in range(300):
 F = isoforest.train(rows, 50, 100, 11)
 print(ubinascii.hexlify(ubinascii.unhexlify('00') + F.to_bytes()).decode())
 print(F.grid)
-print(repr(F.score([0.5, 3.0, 6.0])), repr(F.score(rows[5])))
+print(repr(F.score([0.5, 3.0, 6.0])), repr(F.score(rows[5])), repr(F.score([6.0, -40.0, 14.0])))
 """
     # the WASI build's garbage collector must not run inside nested calls: give it a heap it never fills
     result = MicroPythonVM(heap_bytes=4 * 1024 * 1024).run(code=code).check()
@@ -179,6 +179,48 @@ print(repr(F.score([0.5, 3.0, 6.0])), repr(F.score(rows[5])))
     forest = iso.train(rows, 50, 100, 11)
     assert bytes.fromhex(hex_bytes)[1:] == forest.to_bytes()
     assert json.loads(grid) == forest.grid
-    s1, s2 = (float(v) for v in scores.split())
+    s1, s2, s3 = (float(v) for v in scores.split())
     assert s1 == pytest.approx(forest.score([0.5, 3.0, 6.0]), rel=1e-6)
     assert s2 == pytest.approx(forest.score(rows[5]), rel=1e-6)
+    assert s3 == pytest.approx(forest.score([6.0, -40.0, 14.0]), rel=1e-6)  # beyond every split range
+    beyond = iso.quantise([6.0, -40.0, 14.0], forest.grid)
+    assert all(not forest.split_lo[f] <= beyond[f] <= forest.split_hi[f] for f in range(3))
+
+
+def test_split_ranges_are_the_thresholds_extremes_or_the_whole_grid():
+    rows = _rows(300)
+    forest = iso.train(rows, 20, 64, seed=4)
+    for f in range(3):
+        thresholds = [forest.nt[i] for i in range(forest.n_nodes) if forest.nf[i] == f]
+        assert (forest.split_lo[f], forest.split_hi[f]) == (min(thresholds), max(thresholds))
+    # a feature no tree splits on (constant in training) is never out of range
+    constant = iso.train([r[:2] + [1.5] for r in rows], 20, 64, seed=4)
+    assert (constant.split_lo[2], constant.split_hi[2]) == (0, iso.Q_MAX)
+    assert constant.score([0.0, 0.0, 1e6]) == constant.score([0.0, 0.0, 1.5])
+    assert iso.out_of_range_share([0, 0, 0], (10, 10, 0), (20, 20, iso.Q_MAX)) == pytest.approx(
+        (10 / 20 + 10 / 20) / 3)
+    assert iso.out_of_range_path_sum(123, 0.0, 10) == 123  # inside: the plain path sum
+
+
+def test_score_rises_with_a_window_moving_beyond_the_training_range():
+    """The plain forest scores every window past its outermost splits alike; out-of-range isolation keeps rising."""
+    import numpy as np
+
+    from tinyml_dagster.forest import PoolScorer
+
+    rows = _rows(1000)
+    forest = iso.train(rows, 50, 100, seed=5)
+    pool = PoolScorer([forest])
+    top = max(r[1] for r in rows)
+    walk = [[0.0, top * (1.0 + 0.05 * k), 0.0] for k in range(1, 12)]  # within the grid's headroom
+    scores = [forest.score(x) for x in walk]
+    assert all(b > a for a, b in zip(scores, scores[1:])), scores
+    sums = [forest.path_sum(iso.quantise(x, forest.grid)) for x in walk]
+    assert len(set(sums)) == 1  # the path stops changing: only the excess moves the score
+    assert np.abs(pool.scores(np.array(walk))[:, 0] - scores).max() < 1e-12
+    inside = [x for x in rows[:200]
+              if not iso.out_of_range_share(iso.quantise(x, forest.grid), forest.split_lo, forest.split_hi)]
+    assert len(inside) > 150  # training windows: inside the ranges (but the few at a feature's extremes)
+    for x in inside:  # the plain score
+        plain = 2 ** (-forest.path_sum(iso.quantise(x, forest.grid)) / (8 * 50) / iso.c(100))
+        assert forest.score(x) == pytest.approx(plain, rel=1e-12)

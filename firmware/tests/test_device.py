@@ -36,7 +36,7 @@ def _drain(dev, steps=5, pause_ms=0):
     while dev.data_in.uart.pos < len(dev.data_in.uart.rx):
         dev.step()
     for _ in range(5000):
-        if not dev.comm.control and all(e[3] is not None for e in dev.comm.outbox):
+        if not dev.comm.control and all(e[3] is not None for e in dev.comm.outbox + dev.comm.alarm_box):
             break
         if not dev.step():
             sleep_ms(1)
@@ -293,10 +293,91 @@ def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
     _drain(dev)
     alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for t, b in _sent(link) if t == messages.ALARM]
     assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
-    start, end, peak, code, version, champion = alarms[0]
-    assert end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
+    no, start, end, peak, code, version, champion = alarms[0]
+    assert no == 0 and end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
     assert version == 0 and champion == "local-dev-t"
-    assert messages.unpack_alarm(messages.pack_alarm(5, 9, 0.5, 1, 2, "m"))[:2] == (5, 9)
+    assert messages.unpack_alarm(messages.pack_alarm(7, 5, 9, 0.5, 1, 2, "m"))[:3] == (7, 5, 9)
+
+
+def _alarm_ack(no, end, status=messages.ALARM_STORED):
+    return frames.encode(messages.pack(messages.ALARM_ACK, 3, struct.pack(messages.ALARM_ACK_FORMAT, no, end, status)))
+
+
+def _alarms_sent(link):
+    return [b for t, b in _sent(link) if t == messages.ALARM]
+
+
+def test_an_alarm_is_sent_again_until_acknowledged_and_a_reboot_keeps_it():
+    root = scratch("alarmbox")
+    link = FakeUART()
+    write_json(root + "/config.json", dict(CFG, threshold=0.01))  # every window anomalous: an alarm is raised
+    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
+    _drain(dev)
+    raised = _alarms_sent(link)
+    assert len(raised) == 1 and [e[0] for e in dev.comm.alarm_box] == [0]
+    box = dev.comm.alarm_box[0]
+    box[3] = ticks_add(box[3], -CFG["ack_timeout_ms"])  # no ALARM_ACK within the ack timeout: sent again
+    _due(dev)
+    assert _alarms_sent(link) == raised * 2 and dev.comm.retransmits >= 1
+    # a reboot before any ack: the alarm comes back from flash and is sent again, before any upload
+    link = FakeUART()
+    dev = Device(FakeUART(), link, root)
+    assert [e[0] for e in dev.comm.alarm_box] == [0] and dev.state.data["next_alarm"] == 1
+    _drain(dev)
+    sent = [t for t, _ in _sent(link) if t in (messages.ALARM, messages.UPLOAD)]
+    assert _alarms_sent(link) == raised and sent[0] == messages.ALARM, sent
+    # acks of another event (its clear) or another alarm leave it; its own ack takes it, from flash too
+    link.feed(_alarm_ack(0, 999) + _alarm_ack(1, 0))
+    _drain(dev)
+    assert [e[0] for e in dev.comm.alarm_box] == [0]
+    link.feed(_alarm_ack(0, 0))
+    _drain(dev)
+    assert dev.comm.alarm_box == [] and dev.comm.alarms_acked == 1
+    assert Device(FakeUART(), FakeUART(), root).comm.alarm_box == []
+
+
+def test_an_alarm_open_at_a_reboot_is_cleared_after_it_with_its_number():
+    root = scratch("alarmopen")
+    link = FakeUART()
+    write_json(root + "/config.json", dict(CFG, threshold=0.01))
+    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
+    _drain(dev)
+    (raised,) = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+    link = FakeUART()
+    dev = Device(FakeUART(samples_bytes(signal(50 * 6)), burst=128), link, root)
+    assert dev.alarm.active and dev.alarm_no == raised[0]
+    dev.inference.threshold = 0.999  # the machine is healthy again: no window is anomalous
+    _drain(dev)
+    alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+    # the clear of the same alarm (its number and start, an end) replaces its raise, never acknowledged
+    assert {a[:2] for a in alarms} == {raised[:2]} and alarms[-1][2] is not None and not dev.alarm.active
+    assert [e[:2] for e in dev.comm.alarm_box] == [[raised[0], alarms[-1][2]]]
+    assert "open_alarm" not in dev.state.data
+    dev.inference.threshold = 0.01  # worn again: the next alarm takes the next number
+    dev.data_in.uart.feed(samples_bytes(signal(50 * 8)))
+    _drain(dev)
+    got = [messages.unpack_alarm(b[:-messages.MAC_SIZE])[:3] for b in _alarms_sent(link)]
+    assert [g[0] for g in got[len(alarms):]] == [1], got
+    dev = Device(FakeUART(), FakeUART(), root)
+    assert dev.alarm_no == 1 and [e[0] for e in dev.comm.alarm_box] == [0, 1]
+
+
+def test_a_clear_replaces_its_raise_and_a_full_alarm_box_drops_its_oldest():
+    root = scratch("alarmbound")
+    comm = _device(root).comm
+    comm.alarm_outbox_max = 3
+    for no in range(4):
+        comm.queue_alarm(messages.pack_alarm(no, 100 + no, 0, 0.7, 0, 0, "m"))
+    assert [e[0] for e in comm.alarm_box] == [1, 2, 3] and comm.state.data["alarms_dropped"] == 1
+    comm.queue_alarm(messages.pack_alarm(2, 102, 150, 0.8, 0, 0, "m"))  # alarm 2 cleared before its raise was acked
+    assert [e[:2] for e in comm.alarm_box] == [[1, 0], [3, 0], [2, 150]]
+    comm.handle(messages.ALARM_ACK, struct.pack(messages.ALARM_ACK_FORMAT, 2, 0, messages.ALARM_STORED))
+    assert [e[0] for e in comm.alarm_box] == [1, 3, 2]  # the raise's late ack does not take the clear
+    comm.handle(messages.ALARM_ACK, struct.pack(messages.ALARM_ACK_FORMAT, 2, 150, messages.ALARM_STORED))
+    comm.handle(messages.ALARM_ACK, struct.pack(messages.ALARM_ACK_FORMAT, 3, 0, messages.ALARM_REFUSED))
+    comm.handle(messages.ALARM_ACK, b"\x01")  # too short: counted, ignored
+    assert [e[0] for e in comm.alarm_box] == [1] and comm.bad_messages == 1
+    assert [e[:2] for e in _device(root).comm.alarm_box] == [[1, 0]]
 
 
 def test_self_trained_champion_on_wear_gets_a_calibrated_threshold():

@@ -5,7 +5,7 @@ from firmware.compiled_forest import CompiledForest
 from firmware.data_in import DataIn
 from firmware.local_inference import LocalInference
 from firmware.local_training import LocalTraining
-from firmware.tests.util import FakeUART, samples_bytes, signal
+from firmware.tests.util import FakeUART, beyond_range, samples_bytes, signal
 
 
 def _close(a, b, tol=1e-6):
@@ -71,8 +71,35 @@ def test_compiled_forest_scores_equal_the_node_walk():
     forest = isoforest.train(rows[:40], 25, 32, 11)
     compiled = CompiledForest(forest)
     probes = rows + features.signal_features(signal(50 * 10, seed=6, spike_every=5), 100)
+    assert 0 < beyond_range(forest, probes) < len(probes)  # windows inside and beyond the split ranges
     for r in probes:
         q = isoforest.quantise(r, forest.grid)
         assert compiled.path_sum(q) == forest.path_sum(q), r
-        assert compiled.score(r) == forest.score(r), r
+        assert compiled.score(r) == forest.score(r) == compiled.score_q(q) == forest.score_q(q), r
     assert compiled.n_trees == 25 and len(compiled.groups) == 5
+    assert (compiled.split_lo, compiled.split_hi) == (forest.split_lo, forest.split_hi)
+
+
+def test_out_of_range_isolation_rises_with_the_excess_and_is_the_plain_score_inside():
+    rows = features.signal_features(signal(50 * 60, seed=5), 100)
+    forest = isoforest.train(rows[:40], 25, 32, 11)
+    compiled = CompiledForest(forest)
+    base = [(forest.split_lo[f] + forest.split_hi[f]) // 2 for f in range(forest.n_features)]
+    for f in range(forest.n_features):
+        lo, hi = forest.split_lo[f], forest.split_hi[f]
+        assert lo < hi < isoforest.Q_MAX and lo > 0
+        q = list(base)
+        for v in (lo, (lo + hi) // 2, hi):  # inside: the plain score 2 ** (-L / c(psi))
+            q[f] = v
+            assert isoforest.out_of_range_share(q, forest.split_lo, forest.split_hi) == 0
+            plain = 2.0 ** (-forest.path_sum(q) / (isoforest.LEAF_STEP * forest.n_trees) / isoforest.c(forest.psi))
+            assert _close(forest.score_q(q), plain, 1e-12) and compiled.score_q(q) == forest.score_q(q)
+        for side, edge, end in ((1, hi, isoforest.Q_MAX), (-1, lo, 0)):
+            q[f] = edge
+            last = forest.score_q(q)
+            step = max(1, abs(end - edge) // 12)
+            for k in range(1, 13):  # further and further out: the path stays, the score rises
+                q[f] = edge + side * min(k * step, abs(end - edge))
+                s = forest.score_q(q)
+                assert s > last and compiled.score_q(q) == s, (f, side, k, s, last)
+                last = s

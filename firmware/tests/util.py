@@ -70,3 +70,14 @@ def samples_bytes(xs):
         struct.pack_into("<f", out, 4 * i, xs[i])
     return out
 
+
+
+def beyond_range(forest, rows):
+    """How many rows lie beyond the forest's split ranges (out-of-range isolation applies to them)."""
+    from firmware import isoforest
+
+    n = 0
+    for r in rows:
+        if isoforest.out_of_range_share(isoforest.quantise(r, forest.grid), forest.split_lo, forest.split_hi):
+            n += 1
+    return n

@@ -218,19 +218,31 @@ class SerialLink:
         self.service.submit_write(lambda kb: kb.finish_settings(req_id, *outcome))
 
     def _alarm(self, body: bytes, messages) -> None:
-        """An alarm raised or cleared on the device (verified, like its uploads): stored by the service's loop."""
+        """An alarm raised or cleared on the device (verified, like its uploads): stored by the service's loop, then
+        answered with ALARM_ACK; a malformed one is refused (the device stops sending it), a forged one not answered."""
         body = messages.unseal(self._key(), messages.TAG_ALARM, self.device_id, body)
         if body is None:
-            log.warning("%s: unauthenticated ALARM dropped", self.device_id)
+            self.service._log_once("alarm-" + self.device_id, "%s: unauthenticated ALARM dropped" % self.device_id)
             return
         try:
-            start, end, peak, code, version, champion = messages.unpack_alarm(body)
+            no, start, end, peak, code, version, champion = messages.unpack_alarm(body)
             fset = feature_sets.name_of_code(code)
         except ValueError as e:
-            log.warning("%s: %s", self.device_id, e)
+            log.error("%s: ALARM refused, nothing stored: %s", self.device_id, e)
+            if len(body) >= 4:  # the number is there: refuse it, so the device stops resending it
+                self.alarm_answer(struct.unpack_from("<I", body, 0)[0], None, False)
             return
-        self.service.submit_alarm(self.device_id, float(start), None if end is None else float(end), float(peak),
-                                  fset, champion or None, int(version))
+        self.service.submit_alarm(self.device_id, no, float(start), None if end is None else float(end), float(peak),
+                                  fset, champion or None, int(version), self.alarm_answer)
+
+    def alarm_answer(self, alarm_no: int, end: float | None, stored: bool) -> None:
+        """Queue the ALARM_ACK of an alarm event committed (stored) or refused for good."""
+        from firmware import messages
+
+        status = messages.ALARM_STORED if stored else messages.ALARM_REFUSED
+        with self.state_lock:
+            self.outgoing.append((messages.ALARM_ACK, struct.pack(messages.ALARM_ACK_FORMAT, alarm_no, int(end or 0),
+                                                                  status)))
 
     def _key(self) -> bytes | None:
         """This device's key; looked up again every KEY_RETRY_S while the gateway holds none."""

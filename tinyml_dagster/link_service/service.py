@@ -280,14 +280,20 @@ class LinkService:
 
         self._writes.put(record)
 
-    def submit_alarm(self, device_id: str, start: float, end: float | None, peak: float, feature_set: str,
-                     champion_id: str | None, champion_version: int) -> None:
-        """A port's device raised or cleared an alarm: stored by the loop."""
+    def submit_alarm(self, device_id: str, alarm_no: int, start: float, end: float | None, peak: float,
+                     feature_set: str, champion_id: str | None, champion_version: int,
+                     done: Callable[[int, float | None, bool], None]) -> None:
+        """A port's device raised or cleared an alarm: stored by the loop, then done(alarm_no, end, stored) (not
+        called while the database fails: the device sends it again)."""
         def record(kb: KnowledgeBase) -> None:
             try:
-                kb.record_alarm(device_id, start, end, peak, feature_set, champion_id, champion_version)
+                kb.record_alarm(device_id, start, end, peak, feature_set, champion_id, champion_version,
+                                alarm_no=alarm_no)
             except KnowledgeBaseError as e:
-                log.warning("%s: alarm refused: %s", device_id, e)
+                log.error("%s: alarm %d refused, nothing stored: %s", device_id, alarm_no, e)
+                done(alarm_no, end, False)
+                return
+            done(alarm_no, end, True)
 
         self._writes.put(record)
 

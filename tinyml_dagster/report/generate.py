@@ -77,8 +77,8 @@ def demo_figures(mode: str, log=print) -> tuple[dict | None, Path | None]:
     """The demo's data/bench/demo.json and its Knowledge Base (running `python -m tinyml_dagster.demo` if asked)."""
     path = settings.bench_dir() / "demo.json"
     if mode == "run" or (mode == "reuse" and not path.exists()):
-        log("== python -m tinyml_dagster.demo --skip-assets")
-        subprocess.run([sys.executable, "-m", "tinyml_dagster.demo", "--skip-assets"], cwd=REPO_ROOT)
+        log("== python -m tinyml_dagster.demo")  # step 1 materialises the candidates its loop needs
+        subprocess.run([sys.executable, "-m", "tinyml_dagster.demo"], cwd=REPO_ROOT)
     if mode == "skip":
         return None, None
     figures = json.loads(path.read_text()) if path.exists() else None  # None: the demo did not finish
