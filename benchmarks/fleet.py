@@ -1,8 +1,8 @@
 """Fleet benchmark: 1,000 devices' uploads through the link service into the Knowledge Base and the pool.
 
-A traffic generator speaks the service's ingest interface (Unix socket, JSON lines) for 1,000 devices; the
-service (a separate process) commits, acknowledges and lets a pool of real compact Isolation Forests decide
-every window. Half-way the service is SIGKILLed and restarted; the generator resends what was not acked.
+A traffic generator speaks the service's ingest interface (Unix socket, a batch of windows per JSON line) for
+1,000 devices; the service (a separate process) commits, acknowledges and lets a pool of real compact Isolation
+Forests decide every window. Half-way the service is SIGKILLed and restarted; the generator resends what was not acked.
 Figures: uploads/s (first send to last ack, outage included), p99 upload-to-decision (upload's send time to
 the pool's decision committed), lost (sent but not stored), duplicates (stored twice).
 Scale-out (`scaleout`): 10,000 devices over 10 gateways (10 link service processes, each its own socket, pool and
@@ -41,7 +41,8 @@ from tinyml_dagster.pool_inference import PoolInferenceEngine
 from firmware import isoforest
 spec = pickle.load(open(sys.argv[1], "rb"))
 forests = [isoforest.load(buf, grid) for buf, grid in spec["forests"]]
-factory = lambda: PoolInferenceEngine.from_forests(spec["model_ids"], forests)
+pool = PoolInferenceEngine.from_forests(spec["model_ids"], forests)  # built before the socket opens
+factory = lambda: pool
 sock, gateway = (sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else (spec["sock"], None)
 svc = link_service.LinkService(spec["kb"], ingest_socket=sock, pool_factory=factory, pool_refresh_s=1e9,
                                gateway_id=gateway)
@@ -77,21 +78,21 @@ def generate(client: IngestClient, devices: list[str], per_device: int, window: 
     rng = np.random.default_rng(seed)
     todo = [(d, s) for s in range(1, per_device + 1) for d in devices]
     i = 0
-    while i < len(todo) or client.in_flight:
-        if i < len(todo) and len(client.in_flight) < window:
-            chunk = todo[i:i + min(window - len(client.in_flight), 256)]
+    while i < len(todo) or client.pending:
+        if i < len(todo) and client.pending < window:
+            chunk = todo[i:i + min(window - client.pending, 256)]
             i += len(chunk)
             feats = normal_rows(len(chunk), int(rng.integers(1 << 30)))
             anomalous = rng.random(len(chunk)) < 0.05
             feats[anomalous, 2] += 8.0  # real anomalies: heavy tails
             champ = anomalous | (rng.random(len(chunk)) < 0.03)  # the champion also flags some normal windows
-            now = time.time()
-            lines = []
-            for (d, s), f, _a, c in zip(chunk, feats, anomalous, champ):
-                line = '{"d":"%s","s":%d,"k":"%s","f":[%.6g,%.6g,%.6g],"c":"v1","cs":%.3f,"cd":%d,"t":%.6f}\n' % (
-                    d, s, "anomaly" if c else "normal", f[0], f[1], f[2], 0.7 if c else 0.4, int(c), now)
-                lines.append((d, s, line.encode()))
-            client.send(lines)
+            n = len(chunk)
+            # one line per chunk: the windows as columns (the link service's batch format)
+            client.send_windows({"d": [d for d, _ in chunk], "s": [s for _, s in chunk],
+                                 "k": np.where(champ, "anomaly", "normal").tolist(),
+                                 "f": np.round(feats, 6).tolist(), "c": ["v1"] * n,
+                                 "cs": np.where(champ, 0.7, 0.4).tolist(), "cd": champ.astype(int).tolist(),
+                                 "t": [time.time()] * n})
         got = client.receive_acks()
         acked.extend(got)
         if got:
@@ -219,6 +220,7 @@ def run_scaleout(ids, forests, devices_n: int, gateways: int, per_device: int, w
                 svcs[names[0]] = start_service(spec_path, log, socks[names[0]], names[0])
             else:
                 cluster.restart("immediate")
+                events["server_down_s"] = round(time.time() - t0 - events[what], 3)
         for t in threads:
             t.join(timeout=900)
         t_last_ack = time.time()
@@ -229,6 +231,7 @@ def run_scaleout(ids, forests, devices_n: int, gateways: int, per_device: int, w
             svc.wait(timeout=30)
         out = {"devices": devices_n, "gateways": gateways, "uploads": total, "backend": "postgresql",
                **figures(kb, devices, per_device, acked_lists, t_last_ack - t0), **events,
+               "longest_ack_gap_s": round(float(np.diff(sorted(stop.get("ack_times", [t0]))).max(initial=0)), 3),
                "reconnects": sum(c.reconnects for c in clients)}
         kb.close()
         for c in clients:

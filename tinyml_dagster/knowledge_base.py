@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import psycopg
 from psycopg.types.numeric import NumericLoader
 
@@ -443,6 +444,104 @@ def valid_id(x) -> bool:
     return isinstance(x, str) and 0 < len(x) <= MAX_ID and x.isascii() and x.isprintable() and " " not in x
 
 
+@dataclass(frozen=True)
+class WindowBatch:
+    """Many feature windows as columns (one list per Upload field, row i is one upload): what a gateway ingests
+    in bulk without building an Upload per window. Every row is a window of one feature set."""
+
+    device_ids: list
+    seqs: list
+    kinds: list
+    features: list  # per row: its feature values
+    champion_ids: list
+    champion_scores: list
+    champion_decisions: list
+    window_starts: list
+    sent_ats: list
+    feature_set: str = "paper"
+
+    def __post_init__(self) -> None:
+        n = len(self.device_ids)
+        for name in ("seqs", "kinds", "features", "champion_ids", "champion_scores", "champion_decisions",
+                     "window_starts", "sent_ats"):
+            if len(getattr(self, name)) != n:
+                raise KnowledgeBaseError("window batch: column %s has %d values, device_ids %d"
+                                         % (name, len(getattr(self, name)), n))
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+    def upload(self, i: int) -> Upload:
+        """Row i as an Upload."""
+        f = self.features[i]
+        return Upload(self.device_ids[i], self.seqs[i], self.kinds[i], tuple(f) if isinstance(f, list) else f,
+                      self.champion_ids[i], self.champion_scores[i], self.champion_decisions[i],
+                      self.window_starts[i], sent_at=self.sent_ats[i], feature_set=self.feature_set)
+
+    def subset(self, rows: Sequence[int]) -> "WindowBatch":
+        """The batch of the given rows, in that order."""
+        return WindowBatch(*([col[i] for i in rows] for col in self._columns()), feature_set=self.feature_set)
+
+    @classmethod
+    def concat(cls, batches: Sequence["WindowBatch"]) -> "WindowBatch":
+        """One batch of the rows of batches of one feature set, in order."""
+        if len({b.feature_set for b in batches}) > 1:
+            raise KnowledgeBaseError("window batches of different feature sets cannot be joined")
+        if len(batches) == 1:
+            return batches[0]
+        return cls(*([x for b in batches for x in b._columns()[k]] for k in range(9)),
+                   feature_set=batches[0].feature_set if batches else "paper")
+
+    def _columns(self) -> tuple[list, ...]:
+        return (self.device_ids, self.seqs, self.kinds, self.features, self.champion_ids, self.champion_scores,
+                self.champion_decisions, self.window_starts, self.sent_ats)
+
+    def problems(self) -> dict[int, str]:
+        """{row: what is wrong with it (Upload.problem)} for the rows that cannot be stored; {} when all can."""
+        if self._all_storable():
+            return {}
+        return {i: reason for i in range(len(self)) if (reason := self.upload(i).problem()) is not None}
+
+    def feature_matrix(self) -> np.ndarray:
+        """(n, n_features) float64 features of a batch whose rows can all be stored."""
+        return np.asarray(self.features, dtype=np.float64).reshape(len(self), -1)
+
+    def _all_storable(self) -> bool:
+        """True only when Upload.problem() would pass every row (checked column by column); False when some row
+        may fail (problems() then asks each row)."""
+        from firmware import feature_sets
+
+        if not ({type(x) for x in self.device_ids} <= {str} and {type(x) for x in self.kinds} <= {str}
+                and {type(x) for x in self.champion_ids} <= {str, type(None)}):
+            return False
+        if not set(self.kinds) <= {"normal", "anomaly"}:
+            return False
+        try:
+            n_features = len(feature_sets.module(self.feature_set).FEATURE_NAMES)
+        except (ValueError, TypeError):
+            return False
+        if not all(map(valid_id, set(self.device_ids))) or not all(
+                c is None or valid_id(c) for c in set(self.champion_ids)):
+            return False
+        if {type(x) for x in self.seqs} != {int} or {type(x) for x in self.champion_decisions} != {int}:
+            return len(self) == 0
+        if not (0 <= min(self.seqs) and max(self.seqs) <= MAX_SEQ and set(self.champion_decisions) <= {0, 1}):
+            return False
+        if not {type(f) for f in self.features} <= {list, tuple} or not {
+                type(x) for f in self.features for x in f} <= {int, float}:
+            return False
+        try:
+            X = np.asarray(self.features, dtype=np.float64)
+            optional = [x for col in (self.champion_scores, self.window_starts, self.sent_ats) for x in col
+                        if x is not None]
+            if not {type(x) for x in optional} <= {int, float}:
+                return False
+            return X.shape == (len(self), n_features) and bool(np.isfinite(X).all()) and bool(
+                np.isfinite(np.asarray(optional, dtype=np.float64)).all())
+        except (ValueError, OverflowError):  # ragged rows, an int too large for a float64
+            return False
+
+
 @dataclass
 class IngestResult:
     """What one ingest committed: per upload its KB id and whether it was a retransmission."""
@@ -490,6 +589,9 @@ class KnowledgeBase:
         process's lock before sqlite3.OperationalError (psycopg.errors.LockNotAvailable)."""
         where = location(path)
         self._lock = threading.RLock()
+        self._tx_depth = 0  # transactions open on this connection (nested ones are savepoints)
+        self._staged = False  # the open transaction staged a batch already (see _ingest_staged)
+        self._pool_ids: dict[str, int] = {}  # pools' ids by their model ids (a pool row is never deleted)
         self._last_seq: dict[str, int] = {}
         self.postgres = is_url(where)
         if self.postgres:
@@ -505,6 +607,8 @@ class KnowledgeBase:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute("PRAGMA synchronous=%s" % synchronous)
                 self._conn.execute("PRAGMA foreign_keys=ON")
+                self._conn.execute("CREATE TEMP TABLE upload_batch (%s)" % ", ".join(
+                    "%s %s" % name_type for name_type in _UPLOAD_BATCH_COLUMNS))
             self.migrate()
         except BaseException:
             self._conn.close()
@@ -522,7 +626,8 @@ class KnowledgeBase:
         self.close()
 
     def transaction(self) -> "_Tx":
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); writers are serialised across processes."""
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error); writers are serialised across processes. Inside another
+        transaction of this manager: a savepoint, undone alone on error, committed with the outer one."""
         return _Tx(self)
 
     def schema_version(self) -> int:
@@ -625,34 +730,72 @@ class KnowledgeBase:
                 raise
         return result
 
+    def ingest_windows(self, batch: WindowBatch, now: float | None = None, gateway: str | None = None
+                       ) -> IngestResult:
+        """Store a WindowBatch in one transaction, as ingest() its rows (KnowledgeBaseError naming the first row
+        that cannot be stored; nothing stored then)."""
+        problems = batch.problems()
+        if problems:
+            row = min(problems)
+            batch.upload(row).validate()
+        now = time.time() if now is None else now
+        n = len(batch)
+        paper = batch.feature_set == "paper"
+        if paper:
+            f0, f1, f2 = batch.feature_matrix().T.tolist() if n else ([], [], [])
+            vectors = [None] * n
+        else:
+            f0 = f1 = f2 = [None] * n
+            vectors = [pack_features(f) for f in batch.features]
+        rows = list(zip(range(n), batch.device_ids, batch.seqs, batch.kinds, [now] * n, batch.sent_ats,
+                        batch.window_starts, f0, f1, f2, batch.champion_ids, batch.champion_scores,
+                        batch.champion_decisions, [None] * n, [batch.feature_set] * n, vectors))
+        return self._ingest_staged(rows, [], now, gateway)
+
     def _ingest_copy(self, uploads: list[Upload], now: float, gateway: str | None) -> IngestResult:
-        """PostgreSQL's ingest: the batch COPYed into a staging table and inserted by one statement, retransmissions
-        (and repeats inside the batch) recognised by the (device, upload number) key; the SQLite path's outcome."""
-        rows, forms = [], []
+        """PostgreSQL's ingest of Upload objects: their rows through _ingest_staged."""
+        rows = []
         for i, u in enumerate(uploads):
             paper = u.feature_set == "paper"
             f = u.features if u.features is not None and paper else (None, None, None)
             vector = None if paper or u.features is None else pack_features(u.features)
             rows.append((i, u.device_id, u.seq, u.kind, now, u.sent_at, u.window_start, *f, u.champion_id,
                          u.champion_score, u.champion_decision, u.window, u.feature_set, vector))
-            forms.append((u.kind, *f, u.champion_id, u.champion_score, u.champion_decision, u.window_start,
-                          u.model_blob, u.feature_set, vector))
+        models = [(u.device_id, u.seq, u.model_blob, u.window_from, u.window_to) for u in uploads
+                  if u.kind == "champion"]
+        return self._ingest_staged(rows, models, now, gateway)
+
+    def _ingest_staged(self, rows: list[tuple], models: list[tuple], now: float, gateway: str | None
+                       ) -> IngestResult:
+        """Ingest in bulk (PostgreSQL's, and SQLite's of a WindowBatch): rows (ord, then _UPLOAD_BATCH_TYPES'
+        columns) put into a staging table (COPY on PostgreSQL) and inserted by one statement, retransmissions (and
+        repeats inside the batch) recognised by the (device, upload number) key; models: (device, seq, blob,
+        window_from, window_to) of the champion uploads; the outcome of SQLite's ingest one upload at a time."""
         result = IngestResult()
         with self._lock, self.transaction():
             c = self._conn
-            c.copy_rows("upload_batch", rows)
-            c.execute(
+            if self._staged or not self.postgres:  # an earlier batch (PostgreSQL empties it at each commit)
+                c.execute("DELETE FROM upload_batch")
+            self._staged = True
+            self._last_seq.clear()  # the devices' upload numbers move on below, not through _touch_device
+            if self.postgres:
+                c.copy_rows("upload_batch", _UPLOAD_BATCH_COLUMNS, rows)
+            else:
+                c.executemany("INSERT INTO upload_batch VALUES (%s)" % ",".join("?" * len(_UPLOAD_BATCH_COLUMNS)),
+                              rows)
+            c.execute(  # WHERE true: SQLite's upsert after a SELECT needs a WHERE
                 "INSERT INTO devices (device_id, first_seen, last_seen, last_seq, gateway)"
                 " SELECT device_id, ?, ?, MAX(CASE WHEN kind = 'champion' THEN -1 ELSE seq END), ? FROM upload_batch"
-                " GROUP BY device_id ORDER BY device_id"
+                " WHERE true GROUP BY device_id ORDER BY device_id"
                 " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen, last_seq = excluded.last_seq,"
                 " gateway = COALESCE(devices.gateway, excluded.gateway) WHERE excluded.last_seq > devices.last_seq",
                 (now, now, gateway))
             new = {(d, s): uid for uid, d, s in c.execute(
                 "INSERT INTO uploads (" + _UPLOAD_COLUMNS + ") SELECT " + _UPLOAD_COLUMNS + " FROM upload_batch"
-                " ORDER BY ord ON CONFLICT (device_id, seq) DO NOTHING RETURNING id, device_id, seq").fetchall()}
+                " WHERE true ORDER BY ord ON CONFLICT (device_id, seq) DO NOTHING RETURNING id, device_id, seq"
+            ).fetchall()}
             stored = {}
-            if len(new) < len(uploads):  # retransmissions: compare each with what is stored under its number
+            if len(new) < len(rows):  # retransmissions: compare each with what is stored under its number
                 stored = {(r[0], r[1]): r[2:] for r in c.execute(
                     "SELECT u.device_id, u.seq, u.id, u.kind, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_id,"
                     " u.champion_score, u.champion_decision, u.window_start, m.blob, u.feature_set, u.features"
@@ -661,24 +804,32 @@ class KnowledgeBase:
                     " LEFT JOIN model_uploads m ON m.upload_id = u.id").fetchall()}
             with_champion = {r[0] for r in c.execute("SELECT DISTINCT device_id FROM champions WHERE device_id IN"
                                                      " (SELECT device_id FROM upload_batch)").fetchall()}
+            blobs = {(d, s): blob for d, s, blob, *_ in models}
             c.executemany(
                 "INSERT INTO model_uploads (upload_id, device_id, blob, window_from, window_to) VALUES (?,?,?,?,?)",
-                [(new[(u.device_id, u.seq)], u.device_id, u.model_blob, u.window_from, u.window_to)
-                 for u in uploads if u.kind == "champion" and (u.device_id, u.seq) in new])
-            for u, form in zip(uploads, forms):
-                uid = new.pop((u.device_id, u.seq), None)
+                [(new[(d, s)], d, blob, w_from, w_to) for d, s, blob, w_from, w_to in models if (d, s) in new])
+            reported = []  # the first champion a device reports, for devices without one
+            for _, device_id, seq, kind, _, _, window_start, *f, champion_id, score, decision, _, fs, vector in (
+                    rows):
+                uid = new.pop((device_id, seq), None)
                 if uid is None:
-                    first = stored[(u.device_id, u.seq)]
+                    first = stored[(device_id, seq)]
                     result.upload_ids.append(first[0])
                     result.duplicates.append(True)
-                    result.conflicts.append(tuple(first[1:]) != form)
+                    result.conflicts.append(tuple(first[1:]) != (
+                        kind, *f, champion_id, score, decision, window_start, blobs.get((device_id, seq)), fs, vector))
                     continue
                 result.upload_ids.append(uid)
                 result.duplicates.append(False)
                 result.conflicts.append(False)
-                if u.kind != "champion" and u.champion_id and u.device_id not in with_champion:
-                    with_champion.add(u.device_id)
-                    self._add_champion(u.device_id, u.champion_id, "reported", now, uid - 1)
+                if kind != "champion" and champion_id and device_id not in with_champion:
+                    with_champion.add(device_id)
+                    reported.append((device_id, champion_id, "reported", now, uid - 1))
+            if reported and self.postgres:
+                c.copy_rows("champions", _CHAMPION_COLUMNS, reported)
+            elif reported:
+                c.executemany("INSERT INTO champions (device_id, model_id, source, since, since_upload_id)"
+                              " VALUES (?,?,?,?,?)", reported)
         return result
 
     def _touch_device(self, device_id: str, seq: int, now: float, gateway: str | None = None) -> int:
@@ -772,14 +923,16 @@ class KnowledgeBase:
             where += " AND u.device_id IN (SELECT device_id FROM devices WHERE cohort %s)" % ("= ?" if cohort
                                                                                             else "IS NULL")
             params += [json.dumps(cohort, sort_keys=True)] if cohort else []
-        rows = self.query(
-            "SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
-            " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?" + where +
-            " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
-            " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
-            " ORDER BY u.id LIMIT ?",
-            (*params, limit),
-        )
+        sql = ("SELECT u.id, u.device_id, u.f_mean, u.f_skewness, u.f_kurtosis, u.champion_decision, u.features"
+               " FROM uploads u WHERE u.id > ? AND u.kind != 'champion' AND u.feature_set = ?" + where +
+               " AND NOT EXISTS (SELECT 1 FROM pool_decisions d WHERE d.upload_id = u.id)"
+               " AND NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.upload_id = u.id)"
+               " ORDER BY u.id LIMIT ?")
+        with self._lock:
+            if self.postgres:  # planned for this after_id: a plan for any after_id anti-joins every decision
+                rows = self._conn.execute(sql, (*params, limit), prepare=False).fetchall()
+            else:
+                rows = self._conn.execute(sql, (*params, limit)).fetchall()
         if feature_set == "paper":
             return [tuple(r[:6]) for r in rows]
         return [(r[0], r[1], *unpack_features(r[6]), r[5]) for r in rows]
@@ -914,7 +1067,7 @@ class KnowledgeBase:
                 " ON CONFLICT (device_id, reason) DO UPDATE SET count = upload_refusals.count + 1,"
                 " last_seq = excluded.last_seq,"
                 " last_at = excluded.last_at",
-                [(d, r, s if isinstance(s, int) and 0 <= s <= MAX_SEQ else None, now) for d, r, s in refusals],
+                [(d, r, s if _is_int(s) and 0 <= s <= MAX_SEQ else None, now) for d, r, s in refusals],
             )
 
     def refusals(self, device_id: str | None = None) -> dict[tuple[str, str], int]:
@@ -997,10 +1150,13 @@ class KnowledgeBase:
     def pool_id(self, model_ids: Sequence[str]) -> int:
         key = json.dumps(list(model_ids))
         with self._lock:
-            self._conn.execute(
-                "INSERT OR IGNORE INTO pools (model_ids, created_at) VALUES (?, ?)", (key, time.time())
-            )
-            return self._conn.execute("SELECT pool_id FROM pools WHERE model_ids=?", (key,)).fetchone()[0]
+            if key not in self._pool_ids:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO pools (model_ids, created_at) VALUES (?, ?)", (key, time.time())
+                )
+                self._pool_ids[key] = self._conn.execute("SELECT pool_id FROM pools WHERE model_ids=?",
+                                                         (key,)).fetchone()[0]
+            return self._pool_ids[key]
 
     def store_decisions(
         self, pool_id: int, model_ids: Sequence[str], rows: Sequence[tuple], now: float | None = None
@@ -1023,20 +1179,19 @@ class KnowledgeBase:
                 # another decider may have stored some meanwhile: skip those (the write lock is ours now)
                 done = {r[0] for r in c.execute(
                     "SELECT upload_id FROM pool_decisions WHERE upload_id BETWEEN ? AND ?", (min(ids), max(ids)))}
-                fresh = [r for r in rows if r[0] not in done]
-                c.executemany(
-                    "INSERT INTO pool_decisions (upload_id, pool_id, decided_at, votes_anomaly, votes_total,"
-                    " pool_anomaly, false_positive, scores) VALUES (?,?,?,?,?,?,?,?)",
-                    [(uid, pool_id, now, va, vt, pa, fp, blob) for uid, va, vt, pa, fp, blob, _ in fresh],
-                )
+                fresh = [r for r in rows if r[0] not in done] if done else list(rows)
+                decisions = [(uid, pool_id, now, va, vt, pa, fp, blob) for uid, va, vt, pa, fp, blob, _ in fresh]
+                if self.postgres:
+                    c.copy_rows("pool_decisions", _DECISION_COLUMNS, decisions)
+                else:
+                    c.executemany("INSERT INTO pool_decisions (upload_id, pool_id, decided_at, votes_anomaly,"
+                                  " votes_total, pool_anomaly, false_positive, scores) VALUES (?,?,?,?,?,?,?,?)",
+                                  decisions)
                 stored = len(fresh)
-                for uid, *_, mask in fresh:
-                    through = max(through, uid)
-                    for i in range(n):
-                        if mask[i]:
-                            agree[i] += 1
-                        else:
-                            disagree[i] += 1
+                if fresh:
+                    through = max(r[0] for r in fresh)
+                    agree = np.asarray([r[6] for r in fresh], dtype=bool).reshape(stored, n).sum(axis=0).tolist()
+                    disagree = [stored - a for a in agree]
             if stored:
                 c.executemany(
                     "INSERT INTO ranking (model_id, points, agree, disagree, updated_at) VALUES (?,?,?,?,?)"
@@ -1488,18 +1643,40 @@ class KnowledgeBase:
 
 
 class _Tx:
+    """A transaction; inside another one, a savepoint of it (undone alone on error, committed with the outer)."""
+
     def __init__(self, kb: KnowledgeBase):
         self.kb = kb
 
     def __enter__(self):
-        self.kb._conn.execute("BEGIN IMMEDIATE")
+        self.kb._lock.acquire()
+        try:
+            depth = self.kb._tx_depth
+            self.kb._conn.execute("SAVEPOINT tx%d" % depth if depth else "BEGIN IMMEDIATE")
+        except BaseException:
+            self.kb._lock.release()
+            raise
+        self.kb._tx_depth = depth + 1
         return self.kb._conn
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.kb._conn.execute("COMMIT")
-        else:
-            self.kb._conn.execute("ROLLBACK")
+        self.kb._tx_depth -= 1
+        depth = self.kb._tx_depth
+        if exc_type is not None:  # the rollback undid our view of the devices' upload numbers and new pools
+            self.kb._last_seq.clear()
+            self.kb._pool_ids.clear()
+        if not depth:
+            self.kb._staged = False
+        try:
+            if depth and exc_type is None:
+                self.kb._conn.execute("RELEASE tx%d" % depth)
+            elif depth:
+                self.kb._conn.execute("ROLLBACK TO tx%d" % depth)
+                self.kb._conn.execute("RELEASE tx%d" % depth)
+            else:
+                self.kb._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.kb._lock.release()
         return False
 
 
@@ -1580,9 +1757,10 @@ class _PgConnection:
             self.raw.close()
             raise
 
-    def execute(self, sql: str, params: Sequence = ()) -> _PgCursor:
+    def execute(self, sql: str, params: Sequence = (), prepare: bool | None = None) -> _PgCursor:
+        """prepare: None lets psycopg prepare a statement run often; False plans it for these parameters."""
         text, returns = _pg_sql(sql)
-        return _PgCursor(self.raw.execute(text, tuple(params)), returns)
+        return _PgCursor(self.raw.execute(text, tuple(params), prepare=prepare), returns)
 
     def executemany(self, sql: str, rows: Iterable[Sequence]) -> None:
         rows = [tuple(r) for r in rows]
@@ -1590,9 +1768,11 @@ class _PgConnection:
             with self.raw.cursor() as cur:
                 cur.executemany(_pg_sql(sql, many=True)[0], rows)
 
-    def copy_rows(self, table: str, rows: Sequence[Sequence]) -> None:
-        """COPY rows into a staging table (all its columns, in order)."""
-        with self.raw.cursor() as cur, cur.copy("COPY %s FROM STDIN" % table) as copy:
+    def copy_rows(self, table: str, columns: Sequence[tuple[str, str]], rows: Iterable[Sequence]) -> None:
+        """COPY rows of (name, SQL type) columns into a table, in PostgreSQL's binary format (no text to parse)."""
+        names = ", ".join(_RESERVED.sub(r'"\1"', name) for name, _ in columns)
+        with self.raw.cursor() as cur, cur.copy("COPY %s (%s) FROM STDIN (FORMAT BINARY)" % (table, names)) as copy:
+            copy.set_types([kind.lower() for _, kind in columns])
             for row in rows:
                 copy.write_row(row)
 
@@ -1613,6 +1793,12 @@ _UPLOAD_BATCH_TYPES = (
     ("f_skewness", "DOUBLE PRECISION"), ("f_kurtosis", "DOUBLE PRECISION"), ("champion_id", "TEXT"),
     ("champion_score", "DOUBLE PRECISION"), ("champion_decision", "BIGINT"), ("window", "BYTEA"),
     ("feature_set", "TEXT"), ("features", "BYTEA"))
+_UPLOAD_BATCH_COLUMNS = (("ord", "BIGINT"), *_UPLOAD_BATCH_TYPES)
+_CHAMPION_COLUMNS = (("device_id", "TEXT"), ("model_id", "TEXT"), ("source", "TEXT"), ("since", "DOUBLE PRECISION"),
+                     ("since_upload_id", "BIGINT"))
+_DECISION_COLUMNS = (("upload_id", "BIGINT"), ("pool_id", "BIGINT"), ("decided_at", "DOUBLE PRECISION"),
+                     ("votes_anomaly", "BIGINT"), ("votes_total", "BIGINT"), ("pool_anomaly", "BIGINT"),
+                     ("false_positive", "BIGINT"), ("scores", "BYTEA"))
 
 
 class _NumberLoader(NumericLoader):

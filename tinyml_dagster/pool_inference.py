@@ -129,14 +129,11 @@ class PoolInferenceEngine:
                 break
             last_id, full = rows[-1][0], len(rows) == batch
             rows, d = self._decide_rows(kb, self._usable(kb, rows))
-            ids = [r[0] for r in rows]
+            n = len(rows)
             scores32 = d.scores.astype("<f4")
-            va = d.votes.sum(axis=1)
-            out = [
-                (ids[i], int(va[i]), len(self.model_ids), int(d.pool_anomaly[i]), int(d.false_positive[i]),
-                 scores32[i].tobytes(), d.agree[i].tolist())
-                for i in range(len(ids))
-            ]
+            out = list(zip([r[0] for r in rows], d.votes.sum(axis=1).tolist(), [len(self.model_ids)] * n,
+                           d.pool_anomaly.astype(int).tolist(), d.false_positive.astype(int).tolist(),
+                           [row.tobytes() for row in scores32], d.agree.tolist()))
             decided += kb.store_decisions(pool_id, self.model_ids, out)
             anomalies += int(d.pool_anomaly.sum())
             fps += int(d.false_positive.sum())
@@ -151,6 +148,12 @@ class PoolInferenceEngine:
     def _usable(self, kb: KnowledgeBase, rows: list[tuple]) -> list[tuple]:
         """The rows the pool can score; the others (features that are not finite numbers, a champion decision
         that is not 0/1) are quarantined with the reason, so one row never stops the decisions on every other."""
+        try:  # the usual case, checked at once: every row finite, every champion decision 0, 1 or None
+            X = np.array([r[2:-1] for r in rows], dtype=np.float64)
+            if np.isfinite(X).all() and {r[-1] for r in rows} <= {None, 0, 1}:
+                return rows
+        except (TypeError, ValueError):
+            pass
         good, bad = [], {}
         for r in rows:
             try:

@@ -70,13 +70,14 @@ def test_socket_ingest_acks_after_commit_and_survives_sigkill(tmp_path):
         timer = threading.Timer(0.5, lambda: restarted.append(start_service(tmp_path)[0]))
         timer.start()
         c.send([line("d2", s) for s in range(1, 101)])  # reconnects once the service is back, resends
-        acked = drain(c, 100)
+        c.send_windows({"d": ["d3"] * 40, "s": list(range(1, 41)), "f": [[0.0, 0.1, 1.0]] * 40, "cd": [0] * 40})
+        acked = drain(c, 140)
         timer.join()
         p = restarted[0]
-        assert len(acked) == 100
-        assert c.reconnects >= 1 and not c.in_flight
-        assert kb.count_uploads(device_id="d2") == 100
-        assert kb.scalar("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM uploads)") == 150
+        assert len(acked) == 140
+        assert c.reconnects >= 1 and not c.in_flight and not c.batches
+        assert kb.count_uploads(device_id="d2") == 100 and kb.count_uploads(device_id="d3") == 40
+        assert kb.scalar("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM uploads)") == 190
     finally:
         for proc in [p] + restarted:
             if proc.poll() is None:

@@ -16,6 +16,8 @@ class IngestClient:
         self.socket_path = str(socket_path)
         self.connect_timeout = connect_timeout
         self.in_flight: dict[tuple[str, int], bytes] = {}
+        self.batches: dict[int, tuple[list[tuple[str, int]], bytes]] = {}  # batch id -> (its uploads, its line)
+        self._next_batch = 0
         self.reconnects = 0
         self.refused: list[tuple[tuple[str, int], str]] = []  # ((device_id, seq), reason) the service refused
         self.sock: socket.socket | None = None
@@ -42,8 +44,8 @@ class IngestClient:
             self.sock.close()
         self.reconnects += 1
         self._connect()
-        if self.in_flight:
-            self._sendall(b"".join(self.in_flight.values()))
+        if self.in_flight or self.batches:
+            self._sendall(b"".join([*self.in_flight.values(), *(line for _, line in self.batches.values())]))
 
     def _sendall(self, data: bytes) -> None:
         while True:
@@ -59,6 +61,23 @@ class IngestClient:
         for d, s_, line in lines:
             self.in_flight[(d, s_)] = line
         self._sendall(b"".join(line for _, _, line in lines))
+
+    def send_windows(self, windows: dict[str, list]) -> int:
+        """Send a batch of windows as columns (see windows_from_json: "d", "s" and any of "k", "f", "c", "cs",
+        "cd", "w", "t", each a list of one value per window); they stay in flight until the batch is acknowledged.
+        Returns the batch id."""
+        from tinyml_dagster.link_service.ingest import windows_to_json
+
+        self._next_batch += 1
+        line = windows_to_json(self._next_batch, windows)
+        self.batches[self._next_batch] = (list(zip(windows["d"], windows["s"])), line)
+        self._sendall(line)
+        return self._next_batch
+
+    @property
+    def pending(self) -> int:
+        """Uploads sent and not acknowledged yet (single ones and the windows of batches)."""
+        return len(self.in_flight) + sum(len(keys) for keys, _ in self.batches.values())
 
     def receive_acks(self) -> list[tuple[str, int]]:
         """Acks that arrived (waits up to 1 s); reconnects and resends when the service went away."""
@@ -80,6 +99,10 @@ class IngestClient:
                 key = (parts[1].decode(), int(parts[2]))
                 self.in_flight.pop(key, None)
                 acked.append(key)
+            elif parts[0] == b"acked" and len(parts) in (2, 3):  # acked <batch> [<refused row>,...]
+                keys, _ = self.batches.pop(int(parts[1]), ([], b""))
+                refused = {int(r) for r in parts[2].split(b",")} if len(parts) == 3 else ()
+                acked.extend(k for r, k in enumerate(keys) if r not in refused)
             elif parts[0] == b"refused" and len(parts) >= 3:
                 key = (parts[1].decode(errors="replace"), int(parts[2]) if parts[2].isdigit() else -1)
                 self.in_flight.pop(key, None)

@@ -1,10 +1,11 @@
-"""The ingest socket: a Unix socket taking one JSON upload per line and answering `ack <device_id> <seq>`.
+"""The ingest socket: a Unix socket taking one JSON upload (or one batch of windows) per line.
 
 It is a trusted local interface (mode 0600: the service's user only; traffic generators, other gateways that
 verified their devices): its lines carry no MAC, so it refuses the ids of the devices on this gateway's serial
-ports, whose uploads are authenticated. Answers: `ack <device_id> <seq>` once committed, `refused <device_id>
-<seq> <reason>` for an upload that will never be stored (do not resend it), `error <message>` for a line that is
-not an upload at all."""
+ports, whose uploads are authenticated. Answers: `ack <device_id> <seq>` once an upload is committed, `acked
+<batch> [<row>,<row>...]` once every window of a batch but the rows listed is committed, `refused <device_id>
+<seq> <reason>` for an upload (or row) that will never be stored (do not resend it), `error <message>` for a line
+that is neither."""
 
 from __future__ import annotations
 
@@ -14,18 +15,26 @@ import selectors
 import socket
 import threading
 
-from tinyml_dagster.knowledge_base import KnowledgeBaseError, Upload, valid_id
+from tinyml_dagster.knowledge_base import KnowledgeBaseError, Upload, WindowBatch, valid_id
 
 
-def upload_from_json(line: bytes | str) -> Upload:
-    """An upload from one JSON line: {"d": device, "s": seq, "k": kind, "f": [mean, skewness, kurtosis],
-    "c": champion id, "cs": champion score, "cd": champion decision 0/1, "w": window start, "t": sent at}."""
+def _json_object(line: bytes | str) -> dict:
     try:
         o = json.loads(line)
     except ValueError as e:
         raise KnowledgeBaseError("ingest line is not JSON: %s" % e) from None
     if not isinstance(o, dict):
         raise KnowledgeBaseError("ingest line is not a JSON object")
+    return o
+
+
+def upload_from_json(line: bytes | str) -> Upload:
+    """An upload from one JSON line: {"d": device, "s": seq, "k": kind, "f": [mean, skewness, kurtosis],
+    "c": champion id, "cs": champion score, "cd": champion decision 0/1, "w": window start, "t": sent at}."""
+    return _upload_from_object(_json_object(line))
+
+
+def _upload_from_object(o: dict) -> Upload:
     f = o.get("f")
     try:
         return Upload(
@@ -36,6 +45,49 @@ def upload_from_json(line: bytes | str) -> Upload:
         )
     except KeyError as e:
         raise KnowledgeBaseError("ingest line: missing field %s" % e) from None
+
+
+# a batch's columns: the single upload's fields, each a list with one value per window ("d" and "s" required)
+BATCH_COLUMNS = {"d": "device_ids", "s": "seqs", "k": "kinds", "f": "features", "c": "champion_ids",
+                 "cs": "champion_scores", "cd": "champion_decisions", "w": "window_starts", "t": "sent_ats"}
+BATCH_DEFAULTS = {"k": "normal"}  # a column left out: this value (else null) in every row
+
+
+def windows_from_json(line: bytes | str) -> tuple[int, WindowBatch]:
+    """(batch id, windows) from one JSON line {"b": batch id, "fs": feature set, "d": [devices], "s": [seqs], ...}
+    holding the fields of upload_from_json as columns (lists of one length; "k" defaults to "normal", the others
+    to null); a window that cannot be stored is refused on its own, the rest of the batch is stored."""
+    return _windows_from_object(_json_object(line))
+
+
+def _windows_from_object(o: dict) -> tuple[int, WindowBatch]:
+    b = o.get("b")
+    if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < 1 << 63:
+        raise KnowledgeBaseError("ingest batch: field b (the batch id) must be an int in 0..2**63-1")
+    unknown = sorted(set(o) - set(BATCH_COLUMNS) - {"b", "fs"})
+    if unknown:
+        raise KnowledgeBaseError("ingest batch %d: unknown field %s (known: b, fs, %s)"
+                                 % (b, unknown[0], ", ".join(BATCH_COLUMNS)))
+    for name in ("d", "s"):
+        if name not in o:
+            raise KnowledgeBaseError("ingest batch %d: missing field %s" % (b, name))
+    n = len(o["d"]) if isinstance(o["d"], list) else -1
+    columns = {}
+    for name, attr in BATCH_COLUMNS.items():
+        col = o.get(name, [BATCH_DEFAULTS.get(name)] * max(n, 0))
+        if not isinstance(col, list) or len(col) != n:
+            raise KnowledgeBaseError("ingest batch %d: field %s must be a list of one value per window (as d)"
+                                     % (b, name))
+        columns[attr] = col
+    fs = o.get("fs", "paper")
+    if not isinstance(fs, str):
+        raise KnowledgeBaseError("ingest batch %d: field fs (the feature set) must be a string" % b)
+    return b, WindowBatch(**columns, feature_set=fs)
+
+
+def windows_to_json(batch_id: int, windows: dict[str, list]) -> bytes:
+    """One batch line: windows holds BATCH_COLUMNS' keys, each a list of one value per window."""
+    return (json.dumps({"b": batch_id, **windows}, separators=(",", ":")) + "\n").encode()
 
 
 def upload_to_json(u: Upload) -> bytes:
@@ -149,13 +201,27 @@ class _SocketConn:
                 self._send(b"error line longer than %d bytes\n" % MAX_LINE)
                 continue
             try:
-                u = upload_from_json(line)
+                o = _json_object(line)
+                if "b" in o:
+                    self._submit_windows(*_windows_from_object(o))
+                    continue
+                u = _upload_from_object(o)
             except KnowledgeBaseError as e:
                 self._send(b"error %s\n" % str(e).encode())
                 continue
             owned = isinstance(u.device_id, str) and u.device_id in self.service.ports
             self.service.submit(u, self.ack, self.refuse, reason=PORT_OWNED if owned else None)
         return True
+
+    def _submit_windows(self, batch_id: int, batch: WindowBatch) -> None:
+        ports = self.service.ports
+        owned = ({i: PORT_OWNED for i, d in enumerate(batch.device_ids) if isinstance(d, str) and d in ports}
+                 if ports else {})
+        def acked(refused_rows: list[int]) -> None:
+            self._send(b"acked %d%s\n" % (batch_id, b" " + ",".join(map(str, refused_rows)).encode()
+                                            if refused_rows else b""))
+
+        self.service.submit_windows(batch, acked, self.refuse, owned)
 
     def ack(self, u: Upload, duplicate: bool) -> None:
         self._send(b"ack %s %d\n" % (u.device_id.encode(), u.seq))

@@ -7,12 +7,13 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from tinyml_dagster.knowledge_base import (DatabaseError, IngestResult, KnowledgeBase, KnowledgeBaseError,
-                                           UnstorableError, Upload, location, valid_id)
+                                           UnstorableError, Upload, WindowBatch, location, valid_id)
 
 log = logging.getLogger("tinyml_dagster.link_service")
 
@@ -22,7 +23,7 @@ PoolFactory = Callable[[], object]
 DECIDE_BATCH = 5000  # windows the pool decides per turn of the loop
 MAX_QUEUED = 200_000  # uploads waiting for the database; beyond, new ones are dropped unacknowledged
 DB_RETRY_MIN_S = 0.25  # after a database fault the loop retries after this, doubling up to DB_RETRY_MAX_S
-DB_RETRY_MAX_S = 2.0
+DB_RETRY_MAX_S = 0.5  # a retry is one connection attempt: a restarted database server is back in use within this
 REUSED = "upload number reused with different content"
 INVALID_ID = "(invalid id)"  # refusals of uploads without a usable device id are counted under this name
 
@@ -34,6 +35,19 @@ class _Item:
     refuse: Callable[[Upload, str], None] | None = None
     reason: str | None = None  # refused before it reached the door (e.g. a body that does not unpack)
     settles: bool = False  # a refusal settles the number for good (a port's device drops it): record it as a gap
+
+
+@dataclass
+class _WindowsItem:
+    """A batch of windows from the ingest socket: acked(refused rows) once every other row is committed."""
+
+    batch: WindowBatch
+    acked: Callable[[list[int]], None]  # with the rows refused
+    refuse: Callable[[Upload, str], None] | None = None
+    reasons: dict[int, str] = field(default_factory=dict)  # rows refused before they reached the door
+
+    def __len__(self) -> int:
+        return len(self.batch)
 
 
 def door_problem(u: Upload) -> str | None:
@@ -48,6 +62,14 @@ def door_problem(u: Upload) -> str | None:
         except KnowledgeBaseError as e:
             reason = str(e).split(":")[0] + ": not a champion (u16 length | config.json | compact forest)"
     return reason
+
+
+def _size(item: _Item | _WindowsItem) -> int:
+    return len(item) if isinstance(item, _WindowsItem) else 1
+
+
+def _no_ack(upload: Upload, duplicate: bool) -> None:
+    """The ack of a window of a batch: the batch is acknowledged as a whole."""
 
 
 def _transient(e: Exception) -> bool:
@@ -86,13 +108,15 @@ class LinkService:
         self.db_timeout_s = db_timeout_s  # a write waits this long for another process's lock, then retries later
         self.stop_event = threading.Event()
         self.ready = threading.Event()
-        self._q: queue.Queue[_Item] = queue.Queue()
+        self._q: queue.Queue[_Item | _WindowsItem] = queue.Queue()
+        self._queued = 0  # uploads in _q (a batch counts its windows)
         self._writes: queue.Queue[Callable[[KnowledgeBase], None]] = queue.Queue()  # the ports' gaps and alarms
         self._threads: list[threading.Thread] = []
         self._links: dict[str, object] = {}
         self._problems: dict[str, str] = {}
         self._refusals_logged: set[tuple[str, str]] = set()
         self._retry: list[_Item] = []
+        self._answers: list[Callable[[], None]] = []  # acks and refusals of the turn, sent once it is committed
         self._pool, self._pool_at, self._next_decide, self._next_deploy_check = None, 0.0, 0.0, 0.0
         self.counters = {"ingested": 0, "duplicates": 0, "rejected": 0, "decided": 0, "deploys": 0,
                          "dropped": 0}
@@ -121,7 +145,7 @@ class LinkService:
                     self._turn(kb)
                 except DatabaseError as e:  # locked, full, corrupted, gone: nothing acked, keep the ports up, retry
                     self._log_once("database", "Knowledge Base %s: %s: %s (nothing acknowledged; retrying with"
-                                   " backoff up to %.0f s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
+                                   " backoff up to %g s)" % (self.kb_path, type(e).__name__, e, DB_RETRY_MAX_S))
                     if kb is not None and not _transient(e):
                         kb.close()
                         kb = None
@@ -153,14 +177,32 @@ class LinkService:
         return kb
 
     def _turn(self, kb: KnowledgeBase) -> None:
-        """One turn of the loop: commit a batch (then acknowledge it), record gaps, decide, hand out deploys."""
+        """One turn of the loop: commit a batch with the pool's decisions on it (then acknowledge it), record gaps,
+        hand out deploys."""
         batch = self._retry or self._take_batch(timeout=0.05)
         self._retry = batch  # until committed: a database fault leaves it for the next turn
+        now = time.monotonic()
+        self._refresh_pool(now)
         if batch:
-            self._commit(kb, batch)
+            self._answers = []
+            with kb.transaction():  # one commit (and one turn of the writers' lock) for the batch and its decisions
+                self._commit(kb, batch)
+                self._decide(kb, now)
+            answers, self._answers = self._answers, []
+            for answer in answers:  # committed: acknowledge
+                try:
+                    answer()
+                except OSError:
+                    pass  # the sender went away; it retransmits and the KB recognises the repeat
+        elif now >= self._next_decide:
+            self._decide(kb, now)
         self._retry = []
         self._record_writes(kb)
-        now = time.monotonic()
+        if now >= self._next_deploy_check:
+            self._dispatch_deploys(kb)
+            self._next_deploy_check = now + 0.2
+
+    def _refresh_pool(self, now: float) -> None:
         if self.pool_factory is not None and (not self._pool_at or now - self._pool_at > self.pool_refresh_s):
             try:
                 self._pool = self.pool_factory()
@@ -170,23 +212,24 @@ class LinkService:
                     log.warning("pool unavailable (retrying every %.0f s): %s", self.pool_refresh_s, e)
                 self._pool = None
             self._pool_at = now
-        if self._pool is not None and (batch or now >= self._next_decide):
-            self._next_decide = now + 1.0
-            try:  # one batch a turn: a backlog of decisions never holds the acks of new uploads back
-                decided = self._pool.decide_pending(kb, batch=DECIDE_BATCH, max_batches=1).decided
-                self.counters["decided"] += decided
-                if decided >= DECIDE_BATCH:
-                    self._next_decide = now
-            except DatabaseError:
-                raise
-            except Exception as e:  # the rows it could not use are quarantined; anything else: next round
-                self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
-                               % (type(e).__name__, e))
-            else:
-                self._log_once("pool", None)
-        if now >= self._next_deploy_check:
-            self._dispatch_deploys(kb)
-            self._next_deploy_check = now + 0.2
+
+    def _decide(self, kb: KnowledgeBase, now: float) -> None:
+        """The pool decides one batch of the windows stored and not decided yet."""
+        if self._pool is None:
+            return
+        self._next_decide = now + 1.0
+        try:  # one batch a turn: a backlog of decisions never holds the acks of new uploads back for long
+            decided = self._pool.decide_pending(kb, batch=DECIDE_BATCH, max_batches=1).decided
+            self.counters["decided"] += decided
+            if decided >= DECIDE_BATCH:
+                self._next_decide = now
+        except DatabaseError:
+            raise
+        except Exception as e:  # the rows it could not use are quarantined; anything else: next round
+            self._log_once("pool", "pool decisions failed (retrying every second): %s: %s"
+                           % (type(e).__name__, e))
+        else:
+            self._log_once("pool", None)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -196,10 +239,22 @@ class LinkService:
                settles: bool = False) -> None:
         """Queue an upload; ack(upload, duplicate) is called once it is committed, refuse(upload, reason) when
         it will never be stored (reason: refused already)."""
-        if self._q.qsize() >= MAX_QUEUED:  # the database is down for long: not acknowledged, the sender resends
+        if self._queued >= MAX_QUEUED:  # the database is down for long: not acknowledged, the sender resends
             self.counters["dropped"] += 1
             return
         self._q.put(_Item(upload, ack, refuse, reason, settles))
+        self._queued += 1
+
+    def submit_windows(self, batch: WindowBatch, acked: Callable[[list[int]], None],
+                       refuse: Callable[[Upload, str], None] | None = None, reasons: dict[int, str] | None = None
+                       ) -> None:
+        """Queue a batch of windows; refuse(upload, reason) is called for each row that will never be stored
+        (reasons: rows refused already), then acked(those rows) once every other row is committed."""
+        if self._queued >= MAX_QUEUED:  # as submit: not acknowledged, the sender resends
+            self.counters["dropped"] += len(batch)
+            return
+        self._q.put(_WindowsItem(batch, acked, refuse, dict(reasons or {})))
+        self._queued += len(batch)
 
     def device_key(self, device_id: str) -> bytes | None:
         """The key of a device (None: the gateway holds none, so nothing of it can be verified)."""
@@ -265,22 +320,33 @@ class LinkService:
                 self._writes.put(write)
                 raise
 
-    def _take_batch(self, timeout: float) -> list[_Item]:
+    def _take_batch(self, timeout: float) -> list[_Item | _WindowsItem]:
+        """Queued items up to batch_max uploads (at least one item)."""
         try:
-            first = self._q.get(timeout=timeout)
+            batch = [self._q.get(timeout=timeout)]
         except queue.Empty:
             return []
-        batch = [first]
-        while len(batch) < self.batch_max:
+        size = _size(batch[0])
+        while size < self.batch_max:
             try:
                 batch.append(self._q.get_nowait())
             except queue.Empty:
                 break
+            size += _size(batch[-1])
+        self._queued -= size
         return batch
 
-    def _commit(self, kb: KnowledgeBase, batch: list[_Item]) -> None:
+    def _commit(self, kb: KnowledgeBase, batch: list[_Item | _WindowsItem]) -> None:
+        sets: dict[str, list[_WindowsItem]] = {}  # one transaction per feature set
+        for item in batch:
+            if isinstance(item, _WindowsItem):
+                sets.setdefault(item.batch.feature_set, []).append(item)
+        for items in sets.values():
+            self._commit_windows(kb, items)
         good, refused = [], []
         for item in batch:
+            if isinstance(item, _WindowsItem):
+                continue
             reason = item.reason or door_problem(item.upload)
             (good.append(item) if reason is None else refused.append((item, reason)))
         try:
@@ -294,10 +360,44 @@ class LinkService:
             if conflict:
                 continue
             self.counters["duplicates" if dup else "ingested"] += 1
-            try:
-                item.ack(item.upload, dup)
-            except OSError:
-                pass  # the sender went away; it retransmits and the KB recognises the repeat
+            self._answers.append(partial(item.ack, item.upload, dup))
+
+    def _commit_windows(self, kb: KnowledgeBase, items: list[_WindowsItem]) -> None:
+        """Commit the storable windows of the batches in one transaction, then refuse the others and acknowledge
+        each batch."""
+        refused: list[tuple[_Item, str]] = []
+        refused_rows: dict[int, list[int]] = {id(item): [] for item in items}
+        parts, origin = [], []  # origin: (item, row) of each row of the joined batch
+        for item in items:
+            reasons = {**item.batch.problems(), **item.reasons}
+            refused += [(_Item(item.batch.upload(i), _no_ack, item.refuse), r) for i, r in sorted(reasons.items())]
+            refused_rows[id(item)] += sorted(reasons)
+            keep = [i for i in range(len(item)) if i not in reasons]
+            parts.append(item.batch.subset(keep) if reasons else item.batch)
+            origin += [(item, i) for i in keep]
+        joined = WindowBatch.concat(parts)
+        try:
+            # committed when this returns
+            result = kb.ingest_windows(joined, gateway=self.gateway_id) if len(joined) else IngestResult()
+            kept = range(len(joined))
+        except (KnowledgeBaseError, *UnstorableError, OverflowError, TypeError):
+            singles = [_Item(joined.upload(j), _no_ack, item.refuse) for j, (item, _) in enumerate(origin)]
+            position = {id(single): j for j, single in enumerate(singles)}
+            stored, result = self._commit_one_by_one(kb, singles, refused)
+            kept = [position[id(single)] for single in stored]
+            for j in set(range(len(joined))) - set(kept):
+                refused_rows[id(origin[j][0])].append(origin[j][1])
+        reused = []
+        for j, conflict in zip(kept, result.conflicts):
+            if conflict:
+                item, row = origin[j]
+                reused.append((_Item(joined.upload(j), _no_ack, item.refuse), REUSED))
+                refused_rows[id(item)].append(row)
+        if refused or reused:
+            self._refuse(kb, refused, reused)
+        self.counters["ingested"] += result.stored
+        self.counters["duplicates"] += sum(result.duplicates) - sum(result.conflicts)
+        self._answers += [partial(item.acked, sorted(refused_rows[id(item)])) for item in items]
 
     def _commit_one_by_one(
         self, kb: KnowledgeBase, items: list[_Item], refused: list
@@ -332,10 +432,7 @@ class LinkService:
                 self._refusals_logged.add((device_id, reason))
                 log.warning("%s: upload %.40r refused: %s (counted in the KB, logged once)", device_id, seq, reason)
             if item.refuse is not None:
-                try:
-                    item.refuse(item.upload, reason)
-                except OSError:
-                    pass
+                self._answers.append(partial(item.refuse, item.upload, reason))
 
     def _dispatch_deploys(self, kb: KnowledgeBase) -> None:
         for device_id, link in self._links.items():
