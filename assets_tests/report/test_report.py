@@ -72,8 +72,8 @@ def test_detection_quality_separates_the_failing_bearing():
 def test_false_positive_episodes_from_a_real_knowledge_base(tmp_path):
     kb = KnowledgeBase(tmp_path / "kb.sqlite")
 
-    def window(seq, kind):
-        return Upload("dev-1", seq, kind, features=(0.0, 0.1, 0.2), champion_id="m", champion_score=0.7,
+    def window(seq, kind, champion="0"):  # champion: the version tag the device puts on what it scored
+        return Upload("dev-1", seq, kind, features=(0.0, 0.1, 0.2), champion_id=champion, champion_score=0.7,
                       champion_decision=int(kind == "anomaly"))
 
     kb.set_champion("dev-1", "first-model", source="device")
@@ -83,7 +83,7 @@ def test_false_positive_episodes_from_a_real_knowledge_base(tmp_path):
     kb.store_decisions(pool, ["p"], [(u, 0, 1, int(i == 9), int(i % 2 == 1 and i != 9), b"", [1])
                                      for i, u in enumerate(ids)])
     kb.set_champion("dev-1", "second-model", source="deploy")
-    ids = kb.ingest([window(10 + i, "anomaly" if i == 3 else "normal") for i in range(20)]).upload_ids
+    ids = kb.ingest([window(10 + i, "anomaly" if i == 3 else "normal", "1") for i in range(20)]).upload_ids
     kb.store_decisions(pool, ["p"], [(u, 0, 1, 0, int(i == 3), b"", [1]) for i, u in enumerate(ids)])
     kb.close()
     ep = generate.false_positive_episodes(tmp_path / "kb.sqlite")
