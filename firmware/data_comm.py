@@ -7,7 +7,10 @@ oldest normal upload (else its oldest) and counts it.
 Alarm events (ALARM) go first, from their own bounded box (persisted in alarms.bin), again every ack_timeout_ms
 until the gateway's ALARM_ACK; an alarm's clear replaces its raise not yet acknowledged; a full box drops its oldest
 alarm and counts it.
-Deploy messages go to firmware/transfer.py. Replies and control messages go before uploads.
+Deploy messages go to firmware/transfer.py. Replies and control messages go before uploads. While a deploy is
+under way (an accepted offer, a deploy message within the last 2 x ack_timeout_ms, no result yet) the bus is the
+deploy's: no alarm or upload is sent or sent again (the gateway acknowledges none of them meanwhile, and their
+resends would keep the half-duplex line busy under the deploy's frames).
 """
 
 import struct
@@ -109,6 +112,7 @@ class DataComm:
         self.alarm_outbox_max = alarm_outbox_max
         self.seq = 0
         self.busy_until = None  # ticks_ms when the link is free again
+        self.deploy_hold = None  # True: a deploy message just arrived; ticks_ms: uploads and alarms wait until then
         self.frames_in = 0
         self.frames_out = 0
         self.bad_messages = 0
@@ -268,6 +272,12 @@ class DataComm:
             t, b = self.control.pop(0)
             self._write(t, b, now)
             return True
+        if self.deploy_hold is True:
+            self.deploy_hold = ticks_add(now, 2 * self.ack_timeout_ms)
+        if self.deploy_hold is not None:
+            if ticks_diff(self.deploy_hold, now) > 0:
+                return False
+            self.deploy_hold = None
         for box, msg_type in ((self.alarm_box, messages.ALARM), (self.outbox, messages.UPLOAD)):
             for e in box:
                 if e[3] is None or ticks_diff(now, e[3]) >= self.ack_timeout_ms:
@@ -336,8 +346,11 @@ class DataComm:
             if self.transfer is None:
                 self.send(messages.ERROR, b"no transfer module")
                 return
-            for t, b in self.transfer.handle(msg_type, bytes(body), seq):
+            replies = self.transfer.handle(msg_type, bytes(body), seq)
+            for t, b in replies:
                 self.send(t, b)
+            done = [t for t, _ in replies if t == messages.DEPLOY_RESULT]
+            self.deploy_hold = None if done or self.transfer.state is None else True
         else:
             self.bad_messages += 1
 

@@ -201,6 +201,31 @@ def test_a_forged_offer_touches_neither_the_transfer_nor_the_flash():
     assert r.state["digest"] == "11" * 32
 
 
+def test_a_deploy_has_the_bus_no_upload_is_sent_again_under_it():
+    """Uploads the gateway has not acknowledged are due again, then an offer arrives: the device answers it and
+    sends nothing else until the deploy ends (its result) or falls silent for 2 x the ack timeout."""
+    root = scratch("deployhold")
+    makedirs(root + "/deploy")
+    with open(root + "/deploy/key", "wb") as f:
+        f.write(b"k" * 32)
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 60)), link)
+    _drain(dev)
+    assert dev.comm.outbox
+    for e in dev.comm.outbox:
+        e[3] = ticks_add(e[3], -CFG["ack_timeout_ms"])  # no UPLOAD_ACK within the ack timeout: all due again
+    body = struct.pack(messages.OFFER_FORMAT, b"\x11" * 32, 300, 1, 1) + struct.pack(messages.OFFER_FILE_FORMAT,
+                                                                                    b"\x22" * 8, 100)
+    before = len(_sent(link))
+    link.feed(frames.encode(messages.pack(messages.DEPLOY_OFFER, 9,
+                                          messages.seal(b"k" * 32, messages.TAG_OFFER, "dev-t", body))))
+    _drain(dev, 50, pause_ms=2)
+    assert [t for t, _ in _sent(link)[before:]] in ([messages.DEPLOY_HAVE], [messages.UPLOAD, messages.DEPLOY_HAVE])
+    dev.comm.deploy_hold = ticks_add(dev.comm.deploy_hold, -2 * CFG["ack_timeout_ms"])  # the deploy fell silent
+    _due(dev)
+    assert messages.UPLOAD in [t for t, _ in _sent(link)[before + 1:]]
+
+
 def _same_champion(dev, forest_bytes):
     """The device scores like the forest stored as forest_bytes (on windows with normal and spiky data)."""
     want = isoforest.load(forest_bytes, dev.inference.forest.grid)
