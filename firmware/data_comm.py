@@ -255,6 +255,12 @@ class DataComm:
         self.frames_out += 1
         self.busy_until = ticks_add(now, int(len(frame) * self.ms_per_byte) + 1)
 
+    def _tx_done(self):
+        """True when the link's UART has sent everything written to it (machine.UART.txdone where it has one): a
+        frame never queues behind others in the modem, where a reply would wait behind a backlog."""
+        txdone = getattr(self.link, "txdone", None)
+        return txdone is None or txdone()
+
     def service(self, now):
         """Send at most one frame if the link has finished the previous one; True when something was sent."""
         if self.busy_until is not None and ticks_diff(self.busy_until, now) > 0:
@@ -269,6 +275,8 @@ class DataComm:
         if not self.control:
             self._queue_gaps(now)
         if self.control:
+            if not self._tx_done():
+                return False
             t, b = self.control.pop(0)
             self._write(t, b, now)
             return True
@@ -281,6 +289,8 @@ class DataComm:
         for box, msg_type in ((self.alarm_box, messages.ALARM), (self.outbox, messages.UPLOAD)):
             for e in box:
                 if e[3] is None or ticks_diff(now, e[3]) >= self.ack_timeout_ms:
+                    if not self._tx_done():
+                        return False
                     if e[3] is not None:
                         self.retransmits += 1
                     elif msg_type == messages.UPLOAD:

@@ -226,6 +226,20 @@ def test_a_deploy_has_the_bus_no_upload_is_sent_again_under_it():
     assert messages.UPLOAD in [t for t, _ in _sent(link)[before + 1:]]
 
 
+def test_nothing_is_written_while_the_uart_still_sends():
+    """A UART with txdone() (machine.UART's): the next frame waits until the previous one has left it."""
+    root = scratch("txdone")
+    link = FakeUART()
+    dev = _device(root, samples_bytes(signal(50 * 60)), link)
+    link.txdone = lambda: False
+    while dev.data_in.uart.pos < len(dev.data_in.uart.rx):
+        dev.step()
+    assert len(link.tx) == 0 and dev.comm.outbox and all(e[3] is None for e in dev.comm.outbox)
+    link.txdone = lambda: True
+    _drain(dev)
+    assert [t for t, _ in _sent(link)][0] == messages.HELLO and all(e[3] is not None for e in dev.comm.outbox)
+
+
 def _same_champion(dev, forest_bytes):
     """The device scores like the forest stored as forest_bytes (on windows with normal and spiky data)."""
     want = isoforest.load(forest_bytes, dev.inference.forest.grid)

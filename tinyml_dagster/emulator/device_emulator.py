@@ -34,6 +34,7 @@ sys.path[:] = ['/flash']
 
 class HostUART:
     def __init__(self, name):
+        self.name = name
         self.read_name = name + '_read'
         self.write_name = name + '_write'
         self.size = b'%d'
@@ -51,6 +52,9 @@ class HostUART:
     def write(self, data):
         host.call(self.write_name, bytes(data))
         return len(data)
+
+    def txdone(self):
+        return host.call(self.name + '_txdone', b'') == '1'
 
 from firmware import device, _compat
 # the device's clock: VM instructions x the calibrated ns per instruction (tinyml_dagster.health.NS_PER_FUEL)
@@ -207,6 +211,9 @@ class DeviceEmulator:
             port.write(payload)
             return ""
 
+        def link_txdone(_: bytes) -> str:
+            return "1" if port.txdone() else "0"
+
         def running(_: bytes) -> str:
             return "1" if self._running.is_set() else "0"
 
@@ -218,7 +225,8 @@ class DeviceEmulator:
             return str(WATCHDOG_RESET if self.reboots else POWER_ON)
 
         host = {"data_read": self.feed.read_hex, "data_write": lambda p: "", "link_read": link_read,
-                "link_write": link_write, "running": running, "idle": idle, "reset_cause": reset_cause}
+                "link_write": link_write, "link_txdone": link_txdone, "running": running, "idle": idle,
+                "reset_cause": reset_cause}
         vm = MicroPythonVM(heap_bytes=self.heap_bytes, memory_bytes=max(VM_MEMORY_BYTES, 2 * self.heap_bytes),
                            flash_dir=self.flash, readonly_dirs={}, sys_path=("/flash",), host_functions=host,
                            timeout_s=None, fuel=2**62, stdout_path=self.root / "vm.stdout",

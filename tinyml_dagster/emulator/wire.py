@@ -101,6 +101,10 @@ class HalfDuplexWire:
                 pass  # already woken (or closing)
         return len(data)
 
+    def _device_txdone(self) -> bool:
+        with self._lock:
+            return not any(seg[1] == UP for seg in self._segments)
+
     # --- the wire
     def _schedule(self, direction: str, data: bytes, written: float) -> None:
         """Fix the wire slot of bytes written at `written` (real time): after the previous byte, and after the
@@ -233,3 +237,7 @@ class DevicePort:
 
     def write(self, data) -> int:
         return self.wire._device_write(bytes(data))
+
+    def txdone(self) -> bool:
+        """True when every byte the device wrote has crossed the wire (machine.UART.txdone)."""
+        return self.wire._device_txdone()
