@@ -1234,7 +1234,7 @@ class KnowledgeBase:
                       deploy_id: int | None = None) -> int:
         prior = self._conn.execute(
             "SELECT champion_id FROM uploads WHERE device_id=? AND id<=? AND kind != 'champion'"
-            " ORDER BY seq DESC LIMIT 1", (device_id, since_upload_id)).fetchone()
+            " ORDER BY id DESC LIMIT 1", (device_id, since_upload_id)).fetchone()
         cur = self._conn.execute(
             "INSERT INTO champions (device_id, model_id, source, since, since_upload_id, deploy_id, prior_scorer)"
             " VALUES (?,?,?,?,?,?,?)",
