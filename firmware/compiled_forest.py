@@ -21,7 +21,6 @@ import sys
 from firmware import isoforest
 
 TREES_PER_FUNCTION = 5
-Q_CENTRE = 32768  # a feature's centre when no tree splits on it
 SMALL_INT_MIN = -16  # MicroPython's one-byte integer constants: -16..47
 SMALL_INT_SPAN = 64
 
@@ -32,7 +31,7 @@ _SCORERS = {}
 
 
 def layout(forest):
-    """(centres, leaf offset): per feature the middle of its split range (Q_CENTRE when no split uses it); the
+    """(centres, leaf offset): per feature the middle of its split range (of the whole grid when no split uses it); the
     offset putting most leaf codes in -16..47."""
     nf = forest.nf
     counts = [0] * isoforest.LEAF_FLAG

@@ -359,7 +359,7 @@ class DataComm:
             replies = self.transfer.handle(msg_type, bytes(body), seq)
             for t, b in replies:
                 self.send(t, b)
-            done = [t for t, _ in replies if t == messages.DEPLOY_RESULT]
+            done = any(t == messages.DEPLOY_RESULT for t, _ in replies)
             self.deploy_hold = None if done or self.transfer.state is None else True
         else:
             self.bad_messages += 1

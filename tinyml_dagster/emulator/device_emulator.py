@@ -34,9 +34,9 @@ sys.path[:] = ['/flash']
 
 class HostUART:
     def __init__(self, name):
-        self.name = name
         self.read_name = name + '_read'
         self.write_name = name + '_write'
+        self.txdone_name = name + '_txdone'
         self.size = b'%d'
 
     def readinto(self, buf):
@@ -54,7 +54,7 @@ class HostUART:
         return len(data)
 
     def txdone(self):
-        return host.call(self.name + '_txdone', b'') == '1'
+        return host.call(self.txdone_name, b'') == '1'
 
 from firmware import device, _compat
 # the device's clock: VM instructions x the calibrated ns per instruction (tinyml_dagster.health.NS_PER_FUEL)
