@@ -321,15 +321,21 @@ def test_feature_set_from_config_then_from_the_champion():
     assert ups and all(len(u[5]) == 3 and u[6] == 0 for u in ups)
 
 
-def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
-    from firmware import feature_sets
-
-    root = scratch("alarm")
+def _alarming_device(name):
+    """(root, link, device) after 40 windows, every one anomalous for a threshold this low: the rule raised an
+    alarm once 4 windows were in its span."""
+    root = scratch(name)
     link = FakeUART()
-    # every window is anomalous for a threshold this low: the rule raises once 4 windows are in its span
     write_json(root + "/config.json", dict(CFG, threshold=0.01))
     dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
     _drain(dev)
+    return root, link, dev
+
+
+def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
+    from firmware import feature_sets
+
+    _, link, dev = _alarming_device("alarm")
     alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for t, b in _sent(link) if t == messages.ALARM]
     assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
     no, start, end, peak, code, version, champion = alarms[0]
@@ -347,11 +353,7 @@ def _alarms_sent(link):
 
 
 def test_an_alarm_is_sent_again_until_acknowledged_and_a_reboot_keeps_it():
-    root = scratch("alarmbox")
-    link = FakeUART()
-    write_json(root + "/config.json", dict(CFG, threshold=0.01))  # every window anomalous: an alarm is raised
-    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
-    _drain(dev)
+    root, link, dev = _alarming_device("alarmbox")
     raised = _alarms_sent(link)
     assert len(raised) == 1 and [e[0] for e in dev.comm.alarm_box] == [0]
     box = dev.comm.alarm_box[0]
@@ -376,11 +378,7 @@ def test_an_alarm_is_sent_again_until_acknowledged_and_a_reboot_keeps_it():
 
 
 def test_an_alarm_open_at_a_reboot_is_cleared_after_it_with_its_number():
-    root = scratch("alarmopen")
-    link = FakeUART()
-    write_json(root + "/config.json", dict(CFG, threshold=0.01))
-    dev = Device(FakeUART(samples_bytes(signal(50 * 40)), burst=128), link, root)
-    _drain(dev)
+    root, link, dev = _alarming_device("alarmopen")
     (raised,) = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
     link = FakeUART()
     dev = Device(FakeUART(samples_bytes(signal(50 * 6)), burst=128), link, root)
