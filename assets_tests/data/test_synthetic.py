@@ -103,6 +103,7 @@ def test_life_shape_healthy_then_bearings_3_and_4_degrade():
     assert np.median([rms(x)[6] for x in last]) > 0.18
     assert np.median([rms(x)[0] for x in last]) < 0.18
     assert synthetic.severity(0.69, 2.5) == 0.0 and synthetic.severity(1.0, 2.5) == 1.0
+    assert synthetic.spall(0.69, 2.5) == 0.0 and synthetic.spall(0.70, 2.5) == synthetic.SPALL_INITIAL
 
 
 def test_healthy_features_at_device_rates_match_the_real_files():
