@@ -105,6 +105,17 @@ def roc_auc(healthy: np.ndarray, eol: np.ndarray) -> float | None:
     return float(u / (len(healthy) * len(eol)))
 
 
+def rate_interval(k: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Exact (Clopper-Pearson) interval of a rate seen as k events in n trials: [low, high]; None when n is 0.
+
+    A held-out rate from few windows says little (1 of 50 is 2%, yet compatible with 0.05%): the interval says how
+    much."""
+    if n == 0:
+        return None
+    ci = scipy.stats.binomtest(k, n).proportion_ci(level, method="exact")
+    return [round(float(ci.low), 5), round(float(ci.high), 5)]
+
+
 def snapshot_alarms(file_index: np.ndarray, alarm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(file indices, alarm per snapshot): a snapshot alarms when >= SNAPSHOT_VOTE of its windows do."""
     files, inverse = np.unique(file_index, return_inverse=True)
@@ -659,6 +670,9 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
            "auc": roc_auc(smooth[heldout], smooth[degraded]) if lab.failing else None,
            "auc_window": roc_auc(s[heldout], s[degraded]) if lab.failing else None,
            "fa_rate_heldout": float(anomalous[heldout].mean()) if heldout.any() else None,
+           "fa_rate_heldout_ci95": rate_interval(int(anomalous[heldout].sum()), int(heldout.sum())),
+           "target_fa": cfg.target_fa if threshold_mode == "calibrated" else None,
+           "heldout_drift": healthy_drift(X, train, heldout, _feature_names(feature_set, ch)),
            "alarms_in_healthy": len(in_healthy), "alarms_after_recording_onset": len(unlabelled),
            "alarms_per_healthy_day": round(len(in_healthy) / healthy_days, 3) if healthy_days else None,
            "first_alarm_h_before_failure": None, "first_alarm_h_after_onset": None, "note": ch.note}
@@ -670,6 +684,16 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
             rec["first_alarm_h_before_failure"] = round(float(t_fail - ch.t[after[0]]) / 3600.0, 1)
             rec["first_alarm_h_after_onset"] = round(float(ch.t[after[0]] - t_onset) / 3600.0, 1)
     return rec
+
+
+def healthy_drift(X: np.ndarray, train: np.ndarray, heldout: np.ndarray, names: Sequence[str]) -> dict:
+    """Per feature: [median, 99th percentile] of the training windows, then of the held-out healthy ones; how far a
+    healthy part moves after the training windows (where held-out false alarms come from)."""
+    if not heldout.any():
+        return {}
+    q = [np.quantile(X[m], [0.5, 0.99], axis=0) for m in (train, heldout)]
+    return {name: [round(float(q[0][0, j]), 3), round(float(q[0][1, j]), 3),
+                   round(float(q[1][0, j]), 3), round(float(q[1][1, j]), 3)] for j, name in enumerate(names)}
 
 
 def training_windows(ch: Channel, train_fraction: float) -> np.ndarray:
@@ -736,7 +760,8 @@ def write_detection(records: list[dict], path: str | os.PathLike | None = None) 
 def detection_table(records: list[dict], model: str = "firmware") -> pd.DataFrame:
     """The records of one model as a table, one row per source, bearing, feature set and threshold mode."""
     cols = ["source", "bearing", "feature_set", "threshold_mode", "failing", "threshold", "auc", "auc_window",
-            "fa_rate_heldout", "alarms_in_healthy", "alarms_after_recording_onset", "alarms_per_healthy_day",
+            "fa_rate_heldout", "fa_rate_heldout_ci95", "alarms_in_healthy", "alarms_after_recording_onset",
+            "alarms_per_healthy_day",
             "first_alarm_h_before_failure", "first_alarm_h_after_onset"]
     df = pd.DataFrame([r for r in records if r["model"] == model])
     return df[cols] if len(df) else df

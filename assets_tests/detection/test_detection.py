@@ -36,6 +36,35 @@ def test_span_score_is_what_the_k_of_n_rule_acts_on():
     assert dq.roc_auc(smooth[:200], smooth[300:]) == 1.0
 
 
+def test_a_held_out_rate_comes_with_its_exact_interval():
+    assert dq.rate_interval(0, 0) is None
+    low, high = dq.rate_interval(0, 1722)
+    assert low == 0.0 and 0.0017 < high < 0.0022  # about 3 / n for none seen
+    low, high = dq.rate_interval(1, 50)  # 2% seen, compatible with a 0.5% rate
+    assert low < 0.005 < 0.02 < high
+    assert dq.rate_interval(28, 1722)[0] > 0.005  # 1.6% of 1,722 is not
+
+
+def test_the_report_shows_how_far_a_healthy_part_moved_when_its_held_out_windows_alarm():
+    from tinyml_dagster.report.generate import detection_markdown
+
+    rng = np.random.default_rng(1)
+    X = np.column_stack([rng.normal(0, 1, 2000), rng.normal(5, 1, 2000) + np.where(np.arange(2000) >= 1000, 2, 0)])
+    train = np.arange(2000) < 1000
+    drift = dq.healthy_drift(X, train, ~train, ("a", "b"))
+    assert abs(drift["a"][0] - drift["a"][2]) < 0.2 and abs(drift["b"][2] - drift["b"][0] - 2) < 0.2
+    assert drift["b"][1] > drift["b"][0] and dq.healthy_drift(X, train, np.zeros(2000, bool), ("a", "b")) == {}
+    record = {"source": "rig", "bearing": 3, "feature_set": "wear", "model": "firmware", "threshold_mode":
+              "calibrated", "failing": True, "auc": 0.99, "auc_window": 0.9, "fa_rate_heldout": 0.016,
+              "fa_rate_heldout_ci95": dq.rate_interval(28, 1722), "target_fa": 0.002, "heldout_drift": drift,
+              "alarms_in_healthy": 0, "alarms_after_recording_onset": 0, "first_alarm_h_before_failure": 50.0,
+              "first_alarm_h_after_onset": 3.0}
+    text = "\n".join(detection_markdown([record], None, []))
+    assert "the healthy part itself moved" in text and "| rig | 3 | b |" in text
+    calm = {**record, "fa_rate_heldout_ci95": dq.rate_interval(1, 1722)}
+    assert "the healthy part itself moved" not in "\n".join(detection_markdown([calm], None, []))
+
+
 def test_detection_records_and_json(tmp_path):
     cfg = dq.DetectionConfig(sources=("ims-set2-files",), sklearn=False, n_trees=20)
     records = dq.detection_records(cfg, log=lambda *_: None)
@@ -52,8 +81,8 @@ def test_detection_records_and_json(tmp_path):
     path = dq.write_detection(records, tmp_path / "detection.json")
     doc = json.loads(path.read_text())
     assert doc["default_feature_set"] == "wear" and len(doc["records"]) == len(records)
-    for key in ("source", "bearing", "feature_set", "failing", "auc", "fa_rate_heldout", "alarms_in_healthy",
-                "alarms_after_recording_onset", "first_alarm_h_before_failure"):
+    for key in ("source", "bearing", "feature_set", "failing", "auc", "fa_rate_heldout", "fa_rate_heldout_ci95",
+                "alarms_in_healthy", "alarms_after_recording_onset", "first_alarm_h_before_failure"):
         assert key in doc["records"][0]
     with pytest.raises(ValueError, match="unknown source 'ims-set9'"):
         dq.detection_records(dq.DetectionConfig(sources=("ims-set9",)), log=lambda *_: None)
