@@ -22,7 +22,9 @@ only 252 of its 2,156 files in its first quarter of time; every training window 
 with thresholds calibrated on cross-fitted scores of the training windows
 (training.crossfit_scores, a generalised Pareto tail for the target rate), the labels of BearingLabels (healthy:
 the recording before its first labelled onset, recording_onset; degraded: from the bearing's own onset) and the
-alarm rule of firmware/alarms.py; it writes data/bench/detection.json.
+alarm rule of firmware/alarms.py over alarm_span_s (the device's 600 s, or 6 snapshot intervals where snapshots are
+sparser); it writes data/bench/detection.json. A user's recording is a source too (`--recording spec.toml`): its
+monitored units through the device's extraction, labelled by the spec file's [labels] table (recording_labels).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -395,6 +398,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--detection", action="store_true",
                     help="judge the feature sets on whole lives (thresholds, alarms) "
                     "and write data/bench/detection.json")
+    ap.add_argument("--recording", metavar="SPEC", action="append", default=[],
+                    help="judge detection on this recording spec (its [labels] say which units fail and when) "
+                    "instead of the built-in sources; repeatable; implies --detection")
+    ap.add_argument("--train-fraction", type=float, default=DetectionConfig.train_fraction,
+                    help="share of each recording's windows, from its start, that trains the models")
+    ap.add_argument("--target-fa", type=float, default=DetectionConfig.target_fa,
+                    help="window false-alarm rate the thresholds are calibrated for")
+    ap.add_argument("--alarm-span-s", type=float, default=None,
+                    help="the alarm rule's span in seconds (default: the device's 600 s, or 6 snapshot intervals)")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the detection records (JSON)")
     args = ap.parse_args(argv)
     if args.build_real_excerpt:
         out = resources.files("tinyml_dagster").joinpath(REAL_EXCERPT)
@@ -404,14 +417,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = resources.files("tinyml_dagster").joinpath(PER_FILE_TABLES)
         print(build_per_file_tables(args.build_per_file_tables, Path(str(out))))
         return
-    if args.detection:
-        records = detection_records(DetectionConfig(synthetic_files=args.files, sklearn=not args.no_sklearn))
+    if args.detection or args.recording:
+        sources = tuple(RECORDING + str(spec) for spec in args.recording) or DetectionConfig.sources
+        try:
+            records = detection_records(DetectionConfig(
+                synthetic_files=args.files, sklearn=not args.no_sklearn, sources=sources,
+                train_fraction=args.train_fraction, target_fa=args.target_fa, alarm_span_s=args.alarm_span_s))
+        except (ValueError, OSError) as e:
+            ap.exit(2, f"error: {e}\n")
         for model in ("firmware", "sklearn"):
             table = detection_table(records, model)
             if len(table):
                 print(f"model: {model}")
                 print(table.to_string(index=False))
-        print(f"wrote {write_detection(records)}")
+        print(f"wrote {write_detection(records, args.out)}")
         return
     df = evaluate(QualityConfig(n_files=args.files, sklearn=not args.no_sklearn, real=not args.no_real))
     print(df.to_string(max_rows=40))
@@ -424,8 +443,10 @@ PER_FILE_TABLES = "data/ims_per_file_features.npz"
 PER_FILE_COLUMNS = ("std", "skew", "kurtosis", "crest", "rms")
 # the "wear" set's time-domain features, the part of it a per-file table of the 20 kHz signal can give
 WEAR_TIME_DOMAIN = ("log_rms", "crest", "skewness", "kurtosis")
-# on recordings of 1-s snapshots 10 min apart the rule's span must hold several snapshots: one hour (6 snapshots)
-SNAPSHOT_ALARM = {"span_s": 3600, "raise_fraction": 0.5, "clear_fraction": 0.1, "min_windows": 4}
+# the alarm rule of every source; its span from alarm_span_s unless DetectionConfig.alarm_span_s gives one
+ALARM_RULE = {"raise_fraction": 0.5, "clear_fraction": 0.1, "min_windows": 4}
+SNAPSHOTS_PER_SPAN = 6
+RECORDING = "recording:"  # a source "recording:<spec.toml>": a user's recording, labelled in the spec's [labels]
 
 
 @dataclass(frozen=True)
@@ -472,7 +493,8 @@ class DetectionConfig:
     n_trees: int = 50
     psi: int = PSI
     seed: int = 0
-    alarm: tuple = tuple(SNAPSHOT_ALARM.items())
+    alarm_span_s: float | None = None  # None: alarm_span_s of each recording
+    alarm: tuple = tuple(ALARM_RULE.items())
     synthetic_files: int = synthetic.FULL_FILES
     sklearn: bool = True
     sources: tuple[str, ...] = ("synthetic-2khz", "ims-set1-files", "ims-set2-files", "ims-set1-raw-2khz")
@@ -492,6 +514,16 @@ class Channel:
     healthy_until: int | None = None  # the first file of the recording with any bearing labelled degraded
     train_until_s: float | None = None  # the training windows' end (s from the start); None: training_windows
     lead_time: bool = True  # False when the recording holds nothing between its healthy and its failed files
+
+
+def alarm_span_s(ch: Channel) -> float:
+    """The alarm rule's span for a recording: the device's default (firmware/alarms.py), or longer where its
+    snapshots are sparse, so that the span holds SNAPSHOTS_PER_SPAN of them (snapshots 10 min apart: one hour)."""
+    from firmware.alarms import DEFAULTS
+
+    starts = ch.t[np.unique(ch.file, return_index=True)[1]]
+    gaps = np.diff(starts)
+    return float(max(DEFAULTS["span_s"], SNAPSHOTS_PER_SPAN * np.median(gaps) if len(gaps) else 0.0))
 
 
 def per_file_tables() -> dict[str, np.ndarray]:
@@ -613,6 +645,84 @@ def raw_segment_channels(excerpt: dict[str, np.ndarray] | None = None) -> list[C
     return out
 
 
+def recording_channels(spec_path: str | os.PathLike) -> list[Channel]:
+    """One Channel per monitored unit of a user's recording (a recording spec, tinyml_dagster.recordings), resampled
+    to the device's rate and windowed as the device does; labels from the spec file's [labels] table."""
+    import tomllib
+
+    from tinyml_dagster import recordings
+    from tinyml_dagster.features import FEATURE_SETS, feature_windows_frame
+    from tinyml_dagster.recordings.spec import device_rate, window_ms
+
+    spec = recordings.load_spec(spec_path)
+    rec = recordings.open_recording(spec)
+    units = recordings.monitored_units(spec, rec.channels)
+    rate = device_rate(spec)
+    group = subsampling.snapshots_per_window(rec.snapshot_samples, rec.rate_hz, spec.window_s)
+    signals, stamps = subsampling.subsample_recording(rec, (rate,), spec.window_s)
+    labels = recording_labels(tomllib.loads(Path(spec_path).read_text()).get("labels", {}), units, stamps,
+                              group, len(rec), f"{spec_path}: [labels]")
+    out = []
+    for k, unit in enumerate(units, start=1):
+        axes = [(name, rec.channels.index(name)) for name in unit]
+        frames = {name: feature_windows_frame(signals[rate], stamps, rate, k, axes=axes, window_ms=window_ms(spec),
+                                              feature_set=name) for name in FEATURE_SETS}
+        first = frames[next(iter(frames))]
+        t = (first.timestamp.to_numpy() - np.datetime64(stamps[0], "ns")) / np.timedelta64(1, "s")
+        out.append(Channel(f"{RECORDING}{Path(spec_path).stem}", k, labels[k], t.astype(np.float64),
+                           first.file_index.to_numpy(),
+                           {name: f[list(fs.names)].to_numpy(np.float64)
+                            for (name, f), fs in zip(frames.items(), FEATURE_SETS.values())},
+                           f"unit {'+'.join(unit)}: {rec.format} recording at {rec.rate_hz:g} Hz, the device's "
+                           f"feature extraction at {rate} Hz", recording_onset(labels)))
+    return out
+
+
+def recording_labels(table: dict, units: list[tuple[str, ...]], stamps: np.ndarray, group: int, n_snapshots: int,
+                     where: str) -> dict[int, BearingLabels]:
+    """Labels per unit (1-based) from a spec's [labels] table: "unit" = {onset = ..., failure = ...}, each a
+    snapshot index (0-based, in time order) or a time; units not in it never fail. ValueError naming what is wrong."""
+    names = ["+".join(u) for u in units]
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: must be a table of units, got {table!r}")
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: {', '.join(map(repr, unknown))}: not a monitored unit ({', '.join(names)})")
+    times = np.asarray(stamps, dtype="datetime64[ns]")
+
+    def group_of(value, key: str, unit: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, datetime)):
+            raise ValueError(f"{where}: {unit}.{key}: {value!r} is neither a snapshot index nor a time")
+        if isinstance(value, int):
+            if not 0 <= value < n_snapshots:
+                raise ValueError(f"{where}: {unit}.{key}: snapshot {value} is not in 0..{n_snapshots - 1}")
+            return min(value // group, len(times) - 1)
+        try:
+            when = np.datetime64(value.replace(tzinfo=None) if isinstance(value, datetime) else value, "ns")
+        except ValueError:
+            raise ValueError(f"{where}: {unit}.{key}: {value!r} is not an ISO time") from None
+        g = int(np.searchsorted(times, when))
+        if g >= len(times):
+            raise ValueError(f"{where}: {unit}.{key}: {value} is after the recording's last snapshot ({times[-1]})")
+        return g
+
+    labels = {}
+    for k, unit in enumerate(names, start=1):
+        entry = table.get(unit)
+        if entry is None:
+            labels[k] = BearingLabels(False)
+            continue
+        if not isinstance(entry, dict) or "onset" not in entry or set(entry) - {"onset", "failure"}:
+            raise ValueError(f"{where}: {unit}: give {{onset = ..., failure = ...}} (failure optional: the last "
+                             f"snapshot), each a snapshot index or a time; got {entry!r}")
+        onset = group_of(entry["onset"], "onset", unit)
+        failure = group_of(entry["failure"], "failure", unit) if "failure" in entry else len(times) - 1
+        if failure < onset:
+            raise ValueError(f"{where}: {unit}: failure ({entry.get('failure')}) comes before onset ({entry['onset']})")
+        labels[k] = BearingLabels(True, onset, failure)
+    return labels
+
+
 def span_score(t: np.ndarray, scores: np.ndarray, span_s: float, fraction: float) -> np.ndarray:
     """Per window, the score the k-of-n rule acts on: the k-th highest window score of the last span_s seconds
     (k = ceil(fraction * n) of its n windows). At least k of n windows are anomalous exactly when it exceeds the
@@ -653,7 +763,7 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
     healthy = ch.file < ch.healthy_until if ch.healthy_until is not None else np.ones(len(s), bool)
     heldout = healthy & ~train
     degraded = ch.file >= lab.onset if lab.failing else np.zeros(len(s), bool)
-    alarm = dict(cfg.alarm)
+    alarm = {**dict(cfg.alarm), "span_s": cfg.alarm_span_s or alarm_span_s(ch)}
     rule = AlarmRule(alarm)
     raises = [i for i in range(len(s)) if rule.push(float(ch.t[i]), float(s[i]), bool(anomalous[i])) == "raised"]
     smooth = span_score(ch.t, s, alarm["span_s"], alarm["raise_fraction"])
@@ -666,6 +776,7 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
     rec = {"source": ch.source, "bearing": ch.bearing, "feature_set": feature_set, "model": model,
            "threshold_mode": threshold_mode, "features": list(_feature_names(feature_set, ch)),
            "failing": lab.failing, "threshold": round(float(thr), 4), "healthy_until_file": ch.healthy_until,
+           "alarm_span_s": alarm["span_s"],
            "n_train": int(train.sum()), "n_heldout_healthy": int(heldout.sum()), "n_degraded": int(degraded.sum()),
            "auc": roc_auc(smooth[heldout], smooth[degraded]) if lab.failing else None,
            "auc_window": roc_auc(s[heldout], s[degraded]) if lab.failing else None,
@@ -729,9 +840,11 @@ def detection_records(cfg: DetectionConfig = DetectionConfig(), log=print) -> li
             channels += ims_file_channels(source)
         elif source == RAW_SOURCE:
             channels += raw_segment_channels()
+        elif source.startswith(RECORDING):
+            channels += recording_channels(source[len(RECORDING):])
         else:
             raise ValueError(f"unknown source {source!r}: one of synthetic-2khz, {', '.join(IMS_LABELS)}, "
-                             f"{RAW_SOURCE}")
+                             f"{RAW_SOURCE}, {RECORDING}<spec.toml>")
         log(f"detection: {source} features ready ({time.perf_counter() - t0:.1f} s)")
     records = []
     models = MODELS if cfg.sklearn else MODELS[:1]

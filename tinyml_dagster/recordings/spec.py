@@ -71,6 +71,10 @@ class RecordingSpec(dg.Config):
     contact_angle_deg: float = Field(default=0.0, description="Contact angle in degrees.")
 
 
+# tables a spec file may hold beside the recording's fields: [labels] (detection_quality.recording_labels)
+OTHER_TABLES = ("labels",)
+
+
 class SpecError(ValueError):
     """A spec that cannot be used; the message names the spec file and the field."""
 
@@ -84,7 +88,7 @@ def load_spec(path: str | os.PathLike) -> RecordingSpec:
         raise SpecError(f"{path}: spec file does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
-    fields = doc.get("recording", doc)
+    fields = doc["recording"] if "recording" in doc else {k: v for k, v in doc.items() if k not in OTHER_TABLES}
     spec = spec_from_dict(fields, str(path))
     if not Path(spec.path).is_absolute():
         spec = spec.model_copy(update={"path": str((path.parent / spec.path).resolve())})

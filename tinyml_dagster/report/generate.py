@@ -659,8 +659,10 @@ def detection_markdown(records: list[dict], device_bench: dict | None, headline:
          "onset. `auc`: degraded vs held-out healthy windows on the score the alarm acts on (the k-th highest "
          "window score of the alarm span); `auc_window`: on single windows; `fa_rate_heldout_ci95`: the exact "
          "(Clopper-Pearson) 95% interval of the held-out rate; alarms: firmware/alarms.py, span "
-         "3,600 s (6 snapshots), raised at 50% anomalous windows, cleared at 10%. IMS sources are per-file "
-         "features of the raw 20 kHz signal; the wear set there is its time-domain part (no bands).", ""]
+         "the device's 600 s or 6 snapshot intervals where snapshots are sparser (3,600 s on the IMS files and the "
+         "synthetic run, 1,800 s on the raw files), raised at 50% anomalous windows, cleared at 10%. IMS sources "
+         "are per-file features of the raw 20 kHz signal; the wear set there is its time-domain part (no bands).",
+         ""]
     for model in ("firmware", "sklearn"):
         rows = [r for r in records if r["model"] == model]
         if not rows:
