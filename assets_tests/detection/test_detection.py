@@ -60,9 +60,9 @@ def test_the_report_shows_how_far_a_healthy_part_moved_when_its_held_out_windows
               "alarms_in_healthy": 0, "alarms_after_recording_onset": 0, "first_alarm_h_before_failure": 50.0,
               "first_alarm_h_after_onset": 3.0}
     text = "\n".join(detection_markdown([record], None, []))
-    assert "the healthy part itself moved" in text and "| rig | 3 | b |" in text
+    assert "how the held-out part differs" in text and "| rig | 3 | b |" in text
     calm = {**record, "fa_rate_heldout_ci95": dq.rate_interval(1, 1722)}
-    assert "the healthy part itself moved" not in "\n".join(detection_markdown([calm], None, []))
+    assert "how the held-out part differs" not in "\n".join(detection_markdown([calm], None, []))
 
 
 def test_detection_records_and_json(tmp_path):

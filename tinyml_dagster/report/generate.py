@@ -678,7 +678,7 @@ def detection_markdown(records: list[dict], device_bench: dict | None, headline:
     if drifted:
         L += ["Held-out healthy windows flagged well above the calibrated target (the lower end of the interval "
               "above it). Each feature's median and 99th percentile in the training windows and in the held-out "
-              "healthy ones: the healthy part itself moved after the training windows.", ""]
+              "healthy ones, to show how the held-out part differs from what the models learned.", ""]
         rows = [{"source": r["source"], "bearing": r["bearing"], "feature": name, "train median": v[0],
                  "train p99": v[1], "held-out median": v[2], "held-out p99": v[3]}
                 for r in drifted for name, v in r["heldout_drift"].items()]
