@@ -665,14 +665,14 @@ def recording_channels(spec_path: str | os.PathLike) -> list[Channel]:
     out = []
     for k, unit in enumerate(units, start=1):
         axes = [(name, rec.channels.index(name)) for name in unit]
-        frames = {name: feature_windows_frame(signals[rate], stamps, rate, k, axes=axes, window_ms=window_ms(spec),
-                                              feature_set=name) for name in FEATURE_SETS}
-        first = frames[next(iter(frames))]
-        t = (first.timestamp.to_numpy() - np.datetime64(stamps[0], "ns")) / np.timedelta64(1, "s")
+        feats = {}
+        for name, fs in FEATURE_SETS.items():
+            frame = feature_windows_frame(signals[rate], stamps, rate, k, axes=axes, window_ms=window_ms(spec),
+                                          feature_set=name)  # every set's frame has the same rows, in time order
+            feats[name] = frame[list(fs.names)].to_numpy(np.float64)
+        t = (frame.timestamp.to_numpy() - np.datetime64(stamps[0], "ns")) / np.timedelta64(1, "s")
         out.append(Channel(f"{RECORDING}{Path(spec_path).stem}", k, labels[k], t.astype(np.float64),
-                           first.file_index.to_numpy(),
-                           {name: f[list(fs.names)].to_numpy(np.float64)
-                            for (name, f), fs in zip(frames.items(), FEATURE_SETS.values())},
+                           frame.file_index.to_numpy(), feats,
                            f"unit {'+'.join(unit)}: {rec.format} recording at {rec.rate_hz:g} Hz, the device's "
                            f"feature extraction at {rate} Hz", recording_onset(labels)))
     return out
@@ -874,8 +874,7 @@ def detection_table(records: list[dict], model: str = "firmware") -> pd.DataFram
     """The records of one model as a table, one row per source, bearing, feature set and threshold mode."""
     cols = ["source", "bearing", "feature_set", "threshold_mode", "failing", "threshold", "auc", "auc_window",
             "fa_rate_heldout", "fa_rate_heldout_ci95", "alarms_in_healthy", "alarms_after_recording_onset",
-            "alarms_per_healthy_day",
-            "first_alarm_h_before_failure", "first_alarm_h_after_onset"]
+            "alarms_per_healthy_day", "first_alarm_h_before_failure", "first_alarm_h_after_onset"]
     df = pd.DataFrame([r for r in records if r["model"] == model])
     return df[cols] if len(df) else df
 
