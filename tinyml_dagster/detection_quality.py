@@ -786,6 +786,7 @@ def judge(ch: Channel, feature_set: str, model: str, cfg: DetectionConfig, thres
            "heldout_drift": healthy_drift(X, train, heldout, _feature_names(feature_set, ch)),
            "alarms_in_healthy": len(in_healthy), "alarms_after_recording_onset": len(unlabelled),
            "alarms_per_healthy_day": round(len(in_healthy) / healthy_days, 3) if healthy_days else None,
+           "lead_time_measured": bool(lab.failing and ch.lead_time),
            "first_alarm_h_before_failure": None, "first_alarm_h_after_onset": None, "note": ch.note}
     if lab.failing and ch.lead_time:
         t_onset = ch.t[np.argmax(ch.file >= lab.onset)]

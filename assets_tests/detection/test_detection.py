@@ -107,6 +107,7 @@ def test_the_real_raw_files_through_the_devices_extraction_are_a_source():
     # the first 25 healthy files train, the other 25 are held out, the last 6 files are failed
     assert [(r["n_train"], r["n_heldout_healthy"], r["n_degraded"]) for r in wear] == [(50, 50, 12)] * 2
     assert all(r["auc_window"] > 0.9 and r["first_alarm_h_before_failure"] is None for r in wear)
+    assert not any(r["lead_time_measured"] for r in wear)
 
 
 def test_models_train_on_the_first_share_of_the_windows_and_only_healthy_ones():

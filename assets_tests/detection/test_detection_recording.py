@@ -46,6 +46,7 @@ def test_a_labelled_recording_is_judged_per_unit(rig):
     assert b3["failing"] and not b1["failing"] and b3["healthy_until_file"] == onset == b1["healthy_until_file"]
     assert b3["n_degraded"] == 4 * (N_FILES - onset)  # 2 windows of 500 ms per 1-s snapshot, 2 axes
     assert b3["auc"] > 0.9 and b3["first_alarm_h_before_failure"] > 0 and b3["alarms_in_healthy"] == 0
+    assert b3["lead_time_measured"] and not b1["lead_time_measured"]
     # snapshots ~3.6 h apart: the span holds 6 of them, not the device's 600 s
     gap = np.median(np.diff(np.array(synthetic.set1_timestamps(), "datetime64[s]")[synthetic.schedule(N_FILES)]))
     assert b3["alarm_span_s"] == pytest.approx(6 * gap / np.timedelta64(1, "s"))

@@ -687,9 +687,14 @@ def detection_markdown(records: list[dict], device_bench: dict | None, headline:
     fails = [r for r in records if r["model"] == "firmware" and r["feature_set"] == DEFAULT_FEATURE_SET
              and r["failing"]]
     if fails:
+        def lead(r: dict) -> str:
+            h = r["first_alarm_h_before_failure"]
+            if h is not None:
+                return f"first alarm {h} h before failure"
+            return "no alarm before failure" if r.get("lead_time_measured") else "no lead time (a gap in the recording)"
+
         headline.append("detection, default set (" + DEFAULT_FEATURE_SET + "): " + "; ".join(
-            f"{r['source']} b{r['bearing']} AUC {r['auc']:.3f}, first alarm {r['first_alarm_h_before_failure']} h "
-            "before failure" for r in fails))
+            f"{r['source']} b{r['bearing']} AUC {r['auc']:.3f}, {lead(r)}" for r in fails))
     fs = (device_bench or {}).get("feature_sets")
     if fs:
         costs = []
