@@ -660,8 +660,8 @@ def recording_channels(spec_path: str | os.PathLike) -> list[Channel]:
     rate = device_rate(spec)
     group = subsampling.snapshots_per_window(rec.snapshot_samples, rec.rate_hz, spec.window_s)
     signals, stamps = subsampling.subsample_recording(rec, (rate,), spec.window_s)
-    labels = recording_labels(tomllib.loads(Path(spec_path).read_text()).get("labels", {}), units, stamps,
-                              group, len(rec), f"{spec_path}: [labels]")
+    labels = recording_labels(tomllib.loads(Path(spec_path).read_text()).get("labels", {}), units, rec.timestamps,
+                              group, len(stamps), f"{spec_path}: [labels]")
     out = []
     for k, unit in enumerate(units, start=1):
         axes = [(name, rec.channels.index(name)) for name in unit]
@@ -678,33 +678,36 @@ def recording_channels(spec_path: str | os.PathLike) -> list[Channel]:
     return out
 
 
-def recording_labels(table: dict, units: list[tuple[str, ...]], stamps: np.ndarray, group: int, n_snapshots: int,
-                     where: str) -> dict[int, BearingLabels]:
+def recording_labels(table: dict, units: list[tuple[str, ...]], snapshot_times: np.ndarray, group: int,
+                     n_groups: int, where: str) -> dict[int, BearingLabels]:
     """Labels per unit (1-based) from a spec's [labels] table: "unit" = {onset = ..., failure = ...}, each a
-    snapshot index (0-based, in time order) or a time; units not in it never fail. ValueError naming what is wrong."""
+    snapshot index (0-based, in time order) or a time (the first snapshot at or after it); units not in it never
+    fail. A label falls in the window group holding its snapshot. ValueError naming what is wrong."""
     names = ["+".join(u) for u in units]
     if not isinstance(table, dict):
         raise ValueError(f"{where}: must be a table of units, got {table!r}")
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise ValueError(f"{where}: {', '.join(map(repr, unknown))}: not a monitored unit ({', '.join(names)})")
-    times = np.asarray(stamps, dtype="datetime64[ns]")
+    times = np.asarray(snapshot_times, dtype="datetime64[ns]")
 
     def group_of(value, key: str, unit: str) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, str, datetime)):
             raise ValueError(f"{where}: {unit}.{key}: {value!r} is neither a snapshot index nor a time")
         if isinstance(value, int):
-            if not 0 <= value < n_snapshots:
-                raise ValueError(f"{where}: {unit}.{key}: snapshot {value} is not in 0..{n_snapshots - 1}")
-            return min(value // group, len(times) - 1)
-        try:
-            when = np.datetime64(value.replace(tzinfo=None) if isinstance(value, datetime) else value, "ns")
-        except ValueError:
-            raise ValueError(f"{where}: {unit}.{key}: {value!r} is not an ISO time") from None
-        g = int(np.searchsorted(times, when))
-        if g >= len(times):
-            raise ValueError(f"{where}: {unit}.{key}: {value} is after the recording's last snapshot ({times[-1]})")
-        return g
+            if not 0 <= value < len(times):
+                raise ValueError(f"{where}: {unit}.{key}: snapshot {value} is not in 0..{len(times) - 1}")
+            snapshot = value
+        else:
+            try:
+                when = np.datetime64(value.replace(tzinfo=None) if isinstance(value, datetime) else value, "ns")
+            except ValueError:
+                raise ValueError(f"{where}: {unit}.{key}: {value!r} is not an ISO time") from None
+            snapshot = int(np.searchsorted(times, when))
+            if snapshot >= len(times):
+                raise ValueError(f"{where}: {unit}.{key}: {value} is after the recording's last snapshot "
+                                 f"({times[-1]})")
+        return min(snapshot // group, n_groups - 1)  # a last incomplete group is dropped: its snapshots go back one
 
     labels = {}
     for k, unit in enumerate(names, start=1):
@@ -716,7 +719,7 @@ def recording_labels(table: dict, units: list[tuple[str, ...]], stamps: np.ndarr
             raise ValueError(f"{where}: {unit}: give {{onset = ..., failure = ...}} (failure optional: the last "
                              f"snapshot), each a snapshot index or a time; got {entry!r}")
         onset = group_of(entry["onset"], "onset", unit)
-        failure = group_of(entry["failure"], "failure", unit) if "failure" in entry else len(times) - 1
+        failure = group_of(entry["failure"], "failure", unit) if "failure" in entry else n_groups - 1
         if failure < onset:
             raise ValueError(f"{where}: {unit}: failure ({entry.get('failure')}) comes before onset ({entry['onset']})")
         labels[k] = BearingLabels(True, onset, failure)
