@@ -102,13 +102,17 @@ def test_labels_of_snapshots_shorter_than_a_window_fall_in_their_window(tmp_path
     for k, x in enumerate(make_signal(n_snapshots=30)):
         write_snapshot(folder / f"acc_20240501_1000{k:02d}", "npy", x, 25600.0)
     spec = tmp_path / "short.toml"
-    spec.write_text('[recording]\npath = "short"\nrate_hz = 25600\nchannels = ["DE", "FE"]\n'
-                    'filename_format = "%Y%m%d_%H%M%S"\nfilename_regex = "\\\\d{8}_\\\\d{6}"\nrates_hz = [2000]\n'
-                    'window_s = 0.25\nmonitor = ["DE+FE"]\n\n[labels]\n"DE+FE" = {onset = 22}\n')
-    (unit,) = dq.recording_channels(spec)
+
+    def unit_with_onset(onset: str) -> dq.Channel:
+        spec.write_text('[recording]\npath = "short"\nrate_hz = 25600\nchannels = ["DE", "FE"]\n'
+                        'filename_format = "%Y%m%d_%H%M%S"\nfilename_regex = "\\\\d{8}_\\\\d{6}"\n'
+                        'rates_hz = [2000]\nwindow_s = 0.25\nmonitor = ["DE+FE"]\n\n[labels]\n'
+                        f'"DE+FE" = {{onset = {onset}}}\n')
+        (unit,) = dq.recording_channels(spec)
+        return unit
+
+    unit = unit_with_onset("22")
     assert len(np.unique(unit.file)) == 10 and unit.labels == dq.BearingLabels(True, 7, 9)
     assert unit.t[np.argmax(unit.file == 7)] == 21.0  # the window starts with snapshot 21, 21 s in
     for when in ("10:00:22", "10:00:21.5"):  # the snapshot at that time, or the first after it
-        spec.write_text(spec.read_text().replace("onset = 22", f'onset = "2024-05-01T{when}"'))
-        assert dq.recording_channels(spec)[0].labels == unit.labels
-        spec.write_text(spec.read_text().replace(f'onset = "2024-05-01T{when}"', "onset = 22"))
+        assert unit_with_onset(f'"2024-05-01T{when}"').labels == unit.labels
