@@ -201,10 +201,9 @@ class CompiledForest:
         """Sum over trees of the leaf codes (path lengths in 1/8 steps) for a quantised vector q."""
         return self._path_sum(self.groups, q, self._centres, self._offset)
 
-    def score_q(self, q):
-        """Anomaly score (0..1) of a quantised feature vector, with out-of-range isolation."""
-        p = isoforest.out_of_range_share(q, self.split_lo, self.split_hi)
-        return math.exp(self._k * isoforest.out_of_range_path_sum(self.path_sum(q), p, self.n_trees))
+    # the node walk's, on this forest's path_sum, split ranges, n_trees and _k: one formula for both
+    expected_path_sum = isoforest.Forest.expected_path_sum
+    score_q = isoforest.Forest.score_q
 
     def score(self, x):
         """Anomaly score (0..1) of a raw feature vector (floats, in the model's feature order)."""
