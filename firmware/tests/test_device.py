@@ -332,24 +332,30 @@ def _alarming_device(name):
     return root, link, dev
 
 
-def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
-    from firmware import feature_sets
-
-    _, link, dev = _alarming_device("alarm")
-    alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for t, b in _sent(link) if t == messages.ALARM]
-    assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
-    no, start, end, peak, code, version, champion = alarms[0]
-    assert no == 0 and end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
-    assert version == 0 and champion == "local-dev-t"
-    assert messages.unpack_alarm(messages.pack_alarm(7, 5, 9, 0.5, 1, 2, "m"))[:3] == (7, 5, 9)
-
-
 def _alarm_ack(no, end, status=messages.ALARM_STORED):
     return frames.encode(messages.pack(messages.ALARM_ACK, 3, struct.pack(messages.ALARM_ACK_FORMAT, no, end, status)))
 
 
 def _alarms_sent(link):
+    """The sealed ALARM bodies the device wrote to link."""
     return [b for t, b in _sent(link) if t == messages.ALARM]
+
+
+def _alarm_events(link):
+    """The ALARM events the device wrote to link, unpacked (messages.unpack_alarm)."""
+    return [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+
+
+def test_persistent_anomalies_raise_an_alarm_reported_to_the_gateway():
+    from firmware import feature_sets
+
+    _, link, dev = _alarming_device("alarm")
+    alarms = _alarm_events(link)
+    assert len(alarms) == 1 and dev.alarm.active and dev.state.data["alarms"] == 1
+    no, start, end, peak, code, version, champion = alarms[0]
+    assert no == 0 and end is None and 0.0 < peak <= 1.0 and code == feature_sets.CODES["paper"]
+    assert version == 0 and champion == "local-dev-t"
+    assert messages.unpack_alarm(messages.pack_alarm(7, 5, 9, 0.5, 1, 2, "m"))[:3] == (7, 5, 9)
 
 
 def test_an_alarm_is_sent_again_until_acknowledged_and_a_reboot_keeps_it():
@@ -379,13 +385,13 @@ def test_an_alarm_is_sent_again_until_acknowledged_and_a_reboot_keeps_it():
 
 def test_an_alarm_open_at_a_reboot_is_cleared_after_it_with_its_number():
     root, link, dev = _alarming_device("alarmopen")
-    (raised,) = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+    (raised,) = _alarm_events(link)
     link = FakeUART()
     dev = Device(FakeUART(samples_bytes(signal(50 * 6)), burst=128), link, root)
     assert dev.alarm.active and dev.alarm_no == raised[0]
     dev.inference.threshold = 0.999  # the machine is healthy again: no window is anomalous
     _drain(dev)
-    alarms = [messages.unpack_alarm(b[:-messages.MAC_SIZE]) for b in _alarms_sent(link)]
+    alarms = _alarm_events(link)
     # the clear of the same alarm (its number and start, an end) replaces its raise, never acknowledged
     assert {a[:2] for a in alarms} == {raised[:2]} and alarms[-1][2] is not None and not dev.alarm.active
     assert [e[:2] for e in dev.comm.alarm_box] == [[raised[0], alarms[-1][2]]]
@@ -393,7 +399,7 @@ def test_an_alarm_open_at_a_reboot_is_cleared_after_it_with_its_number():
     dev.inference.threshold = 0.01  # worn again: the next alarm takes the next number
     dev.data_in.uart.feed(samples_bytes(signal(50 * 8)))
     _drain(dev)
-    got = [messages.unpack_alarm(b[:-messages.MAC_SIZE])[:3] for b in _alarms_sent(link)]
+    got = [a[:3] for a in _alarm_events(link)]
     assert [g[0] for g in got[len(alarms):]] == [1], got
     dev = Device(FakeUART(), FakeUART(), root)
     assert dev.alarm_no == 1 and [e[0] for e in dev.comm.alarm_box] == [0, 1]

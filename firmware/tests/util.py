@@ -71,7 +71,6 @@ def samples_bytes(xs):
     return out
 
 
-
 def beyond_range(forest, rows):
     """How many rows lie beyond the forest's split ranges (out-of-range isolation applies to them)."""
     from firmware import isoforest
