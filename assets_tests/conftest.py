@@ -21,6 +21,18 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ims_files(tmp_path_factory) -> list[Path]:
+    """The first 5 files of the synthetic set 1, in the IMS format: what an emulated device samples."""
+    from tinyml_dagster import ims, synthetic
+
+    out = tmp_path_factory.mktemp("ims")
+    stamps = synthetic.set1_timestamps()
+    for i in range(5):
+        (out / stamps[i].strftime(ims.NAME_FORMAT)).write_bytes(synthetic.format_ims(synthetic.synthesize_file(i)))
+    return ims.list_ims_files(out)
+
+
+@pytest.fixture(scope="session")
 def postgres_cluster():
     """A throwaway PostgreSQL cluster for the session, in a temporary directory on a unix socket; skipped where the
     server is not installed, failed instead when TINYML_REQUIRE_POSTGRES is set (CI installs it)."""

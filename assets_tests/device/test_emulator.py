@@ -12,21 +12,11 @@ from pySerialTransfer import pySerialTransfer as txfer
 
 from firmware import features, messages
 from firmware.data_comm import unpack_hello
-from tinyml_dagster import ims, synthetic
 from tinyml_dagster.emulator import DeviceEmulator
 from tinyml_dagster.emulator.data_feed import DataFeed
 
 RATE = 500  # 2 windows of 250 samples per 1-s IMS file
 CFG = {"n_train": 4, "n_trees": 10, "psi": 4, "upload_every": 1, "outbox_max": 16}
-
-
-@pytest.fixture(scope="module")
-def ims_files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ims")
-    stamps = synthetic.set1_timestamps()
-    for i in range(5):
-        (out / stamps[i].strftime(ims.NAME_FORMAT)).write_bytes(synthetic.format_ims(synthetic.synthesize_file(i)))
-    return ims.list_ims_files(out)
 
 
 class Gateway:

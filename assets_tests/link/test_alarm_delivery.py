@@ -98,21 +98,15 @@ def test_a_lost_alarm_frame_and_a_lost_ack_are_made_good_and_the_alarm_is_stored
         port.close()
 
 
-def test_the_emulated_device_raises_an_alarm_whose_lost_frame_is_sent_again_and_stored_once(tmp_path):
-    from tinyml_dagster import ims, synthetic
+def test_the_emulated_device_raises_an_alarm_whose_lost_frame_is_sent_again_and_stored_once(tmp_path, ims_files):
     from tinyml_dagster.emulator import DeviceEmulator
     from tinyml_dagster.link.transport import LinkTiming
 
-    stamps = synthetic.set1_timestamps()
-    (tmp_path / "ims").mkdir()
-    for i in range(3):
-        (tmp_path / "ims" / stamps[i].strftime(ims.NAME_FORMAT)).write_bytes(
-            synthetic.format_ims(synthetic.synthesize_file(i)))
     flash = tmp_path / "dev-e" / "flash"
     (flash / "deploy").mkdir(parents=True)
     (flash / "deploy" / "key").write_bytes(KEY)
     # a threshold no window stays under: every window is anomalous and the alarm rule raises within a few windows
-    emu = DeviceEmulator("dev-e", flash_dir=flash, ims_files=ims.list_ims_files(tmp_path / "ims"), rate_hz=500,
+    emu = DeviceEmulator("dev-e", flash_dir=flash, ims_files=ims_files, rate_hz=500,
                          runtime="cpython", time_scale=20, turnaround_ms=10, loop_data=True,
                          config={"n_train": 4, "n_trees": 10, "psi": 4, "threshold": 0.01, "upload_every": 1}).start()
     try:
